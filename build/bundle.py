@@ -1,0 +1,75 @@
+"""Package pass: graphs, tokenizer and mel filters into a bundle folder with its manifest."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_asr import __version__
+from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+from .loaders import LoadedWhisper
+from .mel import mel_filters
+from .vocabulary import special_tokens, token_strings
+
+
+def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
+    """Whisper's start sequence for English transcription without timestamps."""
+    if multilingual:
+        return [special["sot"], special["english"], special["transcribe"], special["no_timestamps"]]
+    return [special["sot"], special["no_timestamps"]]
+
+
+def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, precision: str,
+                 name: str, extra: dict | None = None) -> dict:
+    """Write tokens, mel filters and the manifest next to the graphs already in `out_dir`.
+
+    `graphs` maps a role ("encoder", "decoder") to a file inside out_dir. Returns the manifest.
+    """
+    out_dir = Path(out_dir)
+    dims = loaded.model.dims
+    tokens = token_strings(loaded.tokenizer_json, dims.n_vocab)
+    special = special_tokens(tokens)
+    (out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
+    np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
+    files = {p.name: None for p in graphs.values()} | {"tokens.json": None, "mel_filters.npy": None}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "builder": f"edge-asr {__version__}",
+        "model": {
+            "family": "whisper",
+            "dims": dims.to_dict(),
+            "multilingual": dims.is_multilingual,
+            "parameters": loaded.model.parameter_count(),
+            "precision": precision,
+            "graphs": {role: p.name for role, p in graphs.items()},
+        },
+        "source": loaded.source,
+        "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": dims.n_mels,
+                     "chunk_seconds": 30, "mel_filters": "mel_filters.npy"},
+        "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
+        "decoder": {
+            "prompt": decoder_prompt(special, dims.is_multilingual),
+            "special_tokens": special,
+            "suppress_tokens": loaded.suppress_tokens,
+            "suppress_blank": loaded.suppress_blank_tokens,
+            "mode": "no-timestamps",
+        },
+        "files": {n: {"bytes": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in files},
+        "evaluation": {},
+    }
+    manifest.update(extra or {})
+    save_manifest(out_dir, manifest)
+    return manifest
+
+
+def save_manifest(out_dir: Path, manifest: dict) -> None:
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,106 @@
+"""Benchmark a bundle on folders of audio with references: WER, real-time factor, peak memory.
+
+A folder holds audio files and `refs.tsv` (id TAB reference text); audio is `<id>.<ext>` in any format
+soundfile reads, at any rate. Timing covers features + model + decoding (reading and resampling are
+excluded), after one warm-up utterance; RTF is the median over `runs` passes.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio
+from .errors import AudioError
+from .metrics import normalize, word_error_rate
+from .transcriber import Transcriber
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+
+
+@dataclass
+class Utterance:
+    uid: str
+    reference: str
+    audio: np.ndarray
+
+
+def load_speech_set(folder: str | Path) -> list[Utterance]:
+    folder = Path(folder)
+    refs = folder / "refs.tsv"
+    if not refs.exists():
+        raise AudioError(f"{folder}: no refs.tsv (expected lines of: id TAB reference text)")
+    items = []
+    for n, line in enumerate(refs.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise AudioError(f"{refs}:{n}: expected 'id<TAB>text'")
+        uid, text = line.split("\t", 1)
+        path = next((folder / (uid + e) for e in AUDIO_EXTENSIONS if (folder / (uid + e)).exists()), None)
+        if path is None:
+            raise AudioError(f"{folder}: no audio file for id {uid!r}")
+        items.append(Utterance(uid, text, load_audio(path)))
+    if not items:
+        raise AudioError(f"{refs}: no utterances listed")
+    return items
+
+
+def set_label(folder: str | Path) -> str:
+    parts = Path(folder).resolve().parts
+    return "/".join(parts[-2:])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3, progress=None) -> dict:
+    sets = {set_label(f): load_speech_set(f) for f in folders}
+    transcriber.transcribe(next(iter(sets.values()))[0].audio)  # warm-up: allocations, kernel selection
+    results, pooled_refs, pooled_hyps = {}, [], []
+    pooled_audio, pooled_wall, pooled_cpu = 0.0, [0.0] * runs, [0.0] * runs
+    for label, items in sets.items():
+        audio_s = sum(len(u.audio) for u in items) / SAMPLE_RATE
+        walls, cpus, hyps = [], [], []
+        for r in range(runs):
+            wall = cpu = 0.0
+            for u in items:
+                t = transcriber.transcribe(u.audio)
+                wall += t.wall_seconds
+                cpu += t.cpu_seconds
+                if r == 0:
+                    hyps.append(t.text)
+                if progress:
+                    progress()
+            walls.append(wall)
+            cpus.append(cpu)
+            pooled_wall[r] += wall
+            pooled_cpu[r] += cpu
+        refs = [u.reference for u in items]
+        results[label] = dict(
+            n=len(items), audio_s=round(audio_s, 1), words=sum(len(normalize(x).split()) for x in refs),
+            wer=round(word_error_rate(refs, hyps), 2),
+            rtf_wall=round(statistics.median(walls) / audio_s, 4), rtf_cpu=round(statistics.median(cpus) / audio_s, 4),
+            hypotheses={u.uid: h for u, h in zip(items, hyps)},
+        )
+        pooled_refs += refs
+        pooled_hyps += hyps
+        pooled_audio += audio_s
+    bundle = transcriber.bundle
+    return dict(
+        sets=results,
+        wer=round(word_error_rate(pooled_refs, pooled_hyps), 2),
+        words=sum(r["words"] for r in results.values()),
+        audio_s=round(pooled_audio, 1),
+        rtf_wall=round(statistics.median(pooled_wall) / pooled_audio, 4),
+        rtf_cpu=round(statistics.median(pooled_cpu) / pooled_audio, 4),
+        peak_rss_mb=round(peak_rss_mb()),
+        bundle_mb=round(bundle.size_bytes / 1e6, 2),
+        params=bundle.parameters,
+        bundle=bundle.manifest["name"],
+        runs=runs,
+    )

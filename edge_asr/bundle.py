@@ -1,0 +1,88 @@
+"""A bundle is a folder with `manifest.json` and the files it lists, each checked against its sha256.
+
+The manifest is the bundle's self-description: model family and dimensions, precision, provenance of
+the source weights, the frontend's parameters, the decoder's special and suppressed tokens, and any
+measurements recorded when it was built.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .tokenizer import Tokenizer
+
+FORMAT = "edge-asr-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise BundleError(f"{path}: no such bundle directory (build one with `edge-asr build`)")
+    if not manifest_path.exists():
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_path}: corrupt manifest ({e.__class__.__name__})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an edge-asr bundle (format {manifest.get('format')!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest['format_version']} is newer than this runtime reads")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Refuse a bundle whose files are missing or differ from what the manifest recorded."""
+    for name, info in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise BundleError(f"{path}: missing {name}; the bundle is incomplete")
+        if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
+            raise BundleError(f"{path}: {name} does not match its sha256 in the manifest; the bundle was modified")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    tokenizer: Tokenizer
+    mel_filters: np.ndarray
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        manifest = read_manifest(path)
+        if verify:
+            verify_files(path, manifest)
+        files = manifest["files"]
+        frontend = manifest["frontend"]
+        tokens = json.loads((path / manifest["tokenizer"]["tokens"]).read_text(encoding="utf-8"))
+        mel_filters = np.load(path / frontend["mel_filters"], allow_pickle=False).astype(np.float32)
+        assert frontend["mel_filters"] in files
+        return cls(path, manifest, Tokenizer(tokens, manifest["tokenizer"]["special"]), mel_filters)
+
+    def file(self, role: str) -> Path:
+        return self.path / self.manifest["model"]["graphs"][role]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(info["bytes"] for info in self.manifest["files"].values())
+
+    @property
+    def parameters(self) -> int:
+        return self.manifest["model"]["parameters"]

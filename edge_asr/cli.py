@@ -1,0 +1,255 @@
+"""The `edge-asr` command line: build, transcribe, bench, synth, info, demo.
+
+Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
+one line on stderr and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import EdgeAsrError
+from .paths import DEFAULT_BUNDLE, bundle_dir
+
+DEMO_SENTENCE = "Replace the hydraulic filter on press number four before the night shift."
+
+
+def _build_side():
+    """The build step needs torch and friends, which a device install does not have."""
+    try:
+        import edge_asr_build.pipeline as pipeline
+    except ImportError as e:
+        raise EdgeAsrError(f"this command needs the build step's dependencies ({e.name} is missing): "
+                           "pip install 'edge-asr[build]'") from None
+    return pipeline
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+
+
+def cmd_build(args) -> int:
+    pipeline = _build_side()
+    from edge_asr_build.loaders import SourceError
+
+    out = Path(args.out) if args.out else bundle_dir(f"{Path(args.source).name}-{args.precision}")
+    if out.exists() and not args.force and (out / "manifest.json").exists():
+        print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
+        print(out)
+        return 0
+    steps = 6 if args.precision == "int8" else 5
+    bar = _progress(steps - (0 if args.eval else 1), f"build {args.source} {args.precision}")
+    started = time.perf_counter()
+
+    def step(message: str):
+        if bar is not None:
+            bar.set_postfix_str(message)
+            bar.update(1) if bar.n or message.startswith("export") else None
+        else:
+            print(f"  {message}", file=sys.stderr)
+
+    try:
+        manifest = pipeline.build_whisper_bundle(
+            args.source, out, args.precision, tokenizer=args.tokenizer,
+            evaluate_on=args.eval, threads=args.threads, step=step,
+        )
+    except SourceError as e:
+        raise EdgeAsrError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+    line = f"built {out} ({size:.1f} MB, {manifest['model']['parameters'] / 1e6:.1f} M params"
+    if "synthetic" in manifest["evaluation"]:
+        ev = manifest["evaluation"]["synthetic"]
+        line += f", synthetic WER {ev['wer']:.2f}% on {ev['words']} words, RTF {ev['rtf_wall']:.3f}"
+    print(line + f") in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _transcriber(args):
+    from .transcriber import Transcriber
+
+    return Transcriber(args.bundle, threads=args.threads)
+
+
+def cmd_transcribe(args) -> int:
+    from .audio import load_audio
+
+    transcriber = _transcriber(args)
+    status = 0
+    for path in args.files:
+        try:
+            audio = load_audio(path)
+        except EdgeAsrError as e:
+            print(f"edge-asr: error: {e}", file=sys.stderr)
+            status = e.exit_code
+            continue
+        t = transcriber.transcribe(audio)
+        if args.json:
+            print(json.dumps({"file": str(path), "text": t.text, "duration_s": round(t.audio_seconds, 3),
+                              "processing_s": round(t.wall_seconds, 4), "cpu_s": round(t.cpu_seconds, 4),
+                              "rtf": round(t.rtf, 4), "rtf_cpu": round(t.rtf_cpu, 4)}), flush=True)
+        else:
+            prefix = f"{path}: " if len(args.files) > 1 else ""
+            print(f"{prefix}{t.text}", flush=True)
+            print(f"  [{t.audio_seconds:.2f} s audio, {t.wall_seconds:.3f} s, RTF {t.rtf:.3f}]", file=sys.stderr)
+    return status
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    transcriber = _transcriber(args)
+    result = run_bench(transcriber, args.dirs, runs=args.runs)
+    if args.json:
+        if not args.hypotheses:
+            for s in result["sets"].values():
+                s.pop("hypotheses")
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"bundle {result['bundle']}: {result['bundle_mb']:.1f} MB, {result['params'] / 1e6:.2f} M params, "
+          f"{args.threads} threads, RTF median of {args.runs} runs")
+    print(f"{'set':22s} {'n':>4s} {'audio_s':>8s} {'words':>6s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s}")
+    for label, s in result["sets"].items():
+        print(f"{label:22s} {s['n']:4d} {s['audio_s']:8.1f} {s['words']:6d} {s['wer']:7.2f} {s['rtf_wall']:9.4f} {s['rtf_cpu']:8.4f}")
+    if len(result["sets"]) > 1:
+        n = sum(s["n"] for s in result["sets"].values())
+        print(f"{'pooled':22s} {n:4d} {result['audio_s']:8.1f} {result['words']:6d} {result['wer']:7.2f} "
+              f"{result['rtf_wall']:9.4f} {result['rtf_cpu']:8.4f}")
+    print(f"peak RSS {result['peak_rss_mb']} MB")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{m['name']}  ({bundle.path})")
+    print(f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
+          f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
+    print(f"  source     {m['source']['format']} {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
+    for name, f in m["files"].items():
+        print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
+    for name, ev in m.get("evaluation", {}).items():
+        print(f"  evaluation {name}: WER {ev['wer']:.2f}% on {ev['words']} words ({ev.get('description', ev['set'])})")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    _build_side()
+    from edge_asr_build.synth import synthetic_set
+
+    print(synthetic_set(args.count, seed=args.seed, voice=args.voice, folder=Path(args.out)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build the default bundle once (cached), speak a sentence, transcribe it, report RTF."""
+    _build_side()
+    from edge_asr_build.synth import synthesize, write_wav
+
+    from .audio import load_audio
+    from .paths import home
+
+    default = bundle_dir(DEFAULT_BUNDLE)
+    if not (default / "manifest.json").exists():
+        print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
+        cmd_build(argparse.Namespace(source="tiny.en", precision="int8", out=str(default), force=True,
+                                     tokenizer=None, eval=12, threads=args.threads))
+    wav = home() / "demo" / "maintenance.wav"
+    if not wav.exists():
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(wav, synthesize(DEMO_SENTENCE))
+    args.bundle = str(default)
+    t = _transcriber(args).transcribe(load_audio(wav))
+    print(f"audio:      {wav} ({t.audio_seconds:.2f} s, synthesized)")
+    print(f"reference:  {DEMO_SENTENCE}")
+    print(f"transcript: {t.text}")
+    print(f"RTF:        {t.rtf:.3f} wall, {t.rtf_cpu:.3f} CPU ({t.wall_seconds * 1000:.0f} ms, {args.threads} threads)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-asr", description="Offline speech recognition for edge devices.")
+    parser.add_argument("--version", action="version", version=f"edge-asr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_threads(p):
+        p.add_argument("--threads", type=int, default=2, help="CPU threads for inference (default 2)")
+        return p
+
+    def with_bundle(p):
+        p.add_argument("--bundle", default=str(bundle_dir(DEFAULT_BUNDLE)),
+                       help=f"bundle directory (default: {bundle_dir(DEFAULT_BUNDLE)})")
+        return with_threads(p)
+
+    p = with_threads(sub.add_parser("build", help="build a bundle from a pretrained Whisper (needs [build])"))
+    p.add_argument("--source", default="tiny.en",
+                   help="'tiny.en' (embedded), a CTranslate2 dir, an openai-whisper .pt, a Hugging Face dir or hub id")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--out", help="bundle directory (default: $EDGE_ASR_HOME/bundles/NAME-PRECISION)")
+    p.add_argument("--tokenizer", help="tokenizer.json, for checkpoints that carry none")
+    p.add_argument("--eval", type=int, default=12, metavar="N",
+                   help="record WER on N synthesized sentences in the manifest (0: skip)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
+    p.set_defaults(func=cmd_build)
+
+    p = with_bundle(sub.add_parser("transcribe", help="transcribe audio files"))
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per file, with timings and RTF")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = with_bundle(sub.add_parser("bench", help="WER, RTF and peak memory on folders with refs.tsv"))
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--runs", type=int, default=3, help="timed passes; RTF is their median (default 3)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--hypotheses", action="store_true", help="with --json: include every hypothesis")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="show a bundle's manifest")
+    p.add_argument("--bundle", default=str(bundle_dir(DEFAULT_BUNDLE)))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synth", help="synthesize a speech set (audio + refs.tsv) for bench (needs [build])")
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voice", help="piper voice .onnx (default: en_US-joe-medium)")
+    p.set_defaults(func=cmd_synth)
+
+    p = with_threads(sub.add_parser("demo", help="build the default bundle and transcribe a synthesized sentence"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", 1) < 1:
+        print("edge-asr: error: --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except EdgeAsrError as e:
+        print(f"edge-asr: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

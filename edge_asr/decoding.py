@@ -1,0 +1,47 @@
+"""Greedy decoding in Whisper's no-timestamps mode, with Whisper's token suppression rules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class DecodingOptions:
+    max_new_tokens: int = 224  # openai-whisper's sample_len: half the text context
+
+
+class GreedyDecoder:
+    def __init__(self, model, decoder_config: dict, options: DecodingOptions | None = None):
+        self.model = model
+        self.options = options or DecodingOptions()
+        special = decoder_config["special_tokens"]
+        self.eot = special["eot"]
+        self.prompt = list(decoder_config["prompt"])
+        # Never emitted: non-speech symbols, task/control tokens, and timestamps (no-timestamps mode).
+        suppress = set(decoder_config["suppress_tokens"])
+        suppress.update(special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
+                                             "no_timestamps") if k in special)
+        n_vocab = decoder_config["n_vocab"]
+        self.suppress_mask = np.zeros(n_vocab, dtype=bool)
+        self.suppress_mask[sorted(suppress)] = True
+        self.suppress_mask[special["timestamp_begin"]:] = True
+        # At the first position also the blank and end-of-text: an empty transcript is never the guess.
+        self.first_mask = self.suppress_mask.copy()
+        self.first_mask[list(decoder_config["suppress_blank"]) + [self.eot]] = True
+
+    def decode(self, mel: np.ndarray) -> list[int]:
+        """Token ids (without prompt and end-of-text) for one 30 s window of log-mel features."""
+        cross_k, cross_v = self.model.encode(mel)
+        self_k, self_v = self.model.empty_cache()
+        logits, self_k, self_v = self.model.decode(self.prompt, self_k, self_v, cross_k, cross_v)
+        mask = self.first_mask
+        tokens: list[int] = []
+        for _ in range(self.options.max_new_tokens):
+            token = int(np.argmax(np.where(mask, -np.inf, logits)))
+            if token == self.eot:
+                break
+            tokens.append(token)
+            mask = self.suppress_mask
+            logits, self_k, self_v = self.model.decode([token], self_k, self_v, cross_k, cross_v)
+        return tokens

@@ -1,0 +1,48 @@
+"""Log-mel features exactly as Whisper computes them, in numpy.
+
+The mel filterbank comes from the bundle (`mel_filters.npy`), so neither librosa nor torch is needed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SECONDS = 30
+SAMPLE_RATE = 16000
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in one 30 s window
+
+# torch.hann_window(N_FFT) is periodic: the symmetric window of N_FFT + 1 points without its last point.
+_HANN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+
+
+def power_spectrogram(audio: np.ndarray) -> np.ndarray:
+    """|STFT|² with torch.stft's defaults (center=True, reflect padding), last frame dropped: (201, T)."""
+    padded = np.pad(audio.astype(np.float32, copy=False), N_FFT // 2, mode="reflect")
+    n_frames = 1 + (len(padded) - N_FFT) // HOP_LENGTH
+    frames = np.lib.stride_tricks.as_strided(
+        padded, shape=(n_frames - 1, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
+    )
+    spectrum = np.fft.rfft(frames * _HANN, axis=-1)
+    return (spectrum.real**2 + spectrum.imag**2).T.astype(np.float32)
+
+
+def log_mel_spectrogram(audio: np.ndarray, mel_filters: np.ndarray, padding: int = 0) -> np.ndarray:
+    """Whisper's normalized log-mel spectrogram (n_mels, T) of 16 kHz mono float32 audio.
+
+    `padding` zero samples are appended first, as Whisper does with 30 s so that the last window is full.
+    """
+    if padding:
+        audio = np.pad(audio, (0, padding))
+    mel = mel_filters @ power_spectrogram(audio)
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:
+    """Cut or zero-pad the time axis to `length` frames (the encoder's fixed window)."""
+    if mel.shape[-1] >= length:
+        return mel[..., :length]
+    return np.pad(mel, [(0, 0)] * (mel.ndim - 1) + [(0, length - mel.shape[-1])])

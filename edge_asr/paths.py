@@ -1,0 +1,15 @@
+"""Where edge-asr keeps what it builds: $EDGE_ASR_HOME, by default ~/.cache/edge-asr."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_BUNDLE = "tiny.en-int8"
+
+
+def home() -> Path:
+    return Path(os.environ.get("EDGE_ASR_HOME") or Path.home() / ".cache" / "edge-asr")
+
+
+def bundle_dir(name: str = DEFAULT_BUNDLE) -> Path:
+    return home() / "bundles" / name

@@ -1,0 +1,56 @@
+"""Audio in, text out: frontend -> ONNX model -> greedy decoder -> detokenizer, timed for RTF."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backend import OnnxWhisper
+from .bundle import Bundle
+from .decoding import DecodingOptions, GreedyDecoder
+from .frontend import HOP_LENGTH, N_FFT, N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+
+
+@dataclass
+class Transcript:
+    text: str
+    audio_seconds: float
+    wall_seconds: float
+    cpu_seconds: float
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: processing seconds per second of audio (below 1 is faster than real time)."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+    @property
+    def rtf_cpu(self) -> float:
+        return self.cpu_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+class Transcriber:
+    def __init__(self, bundle: str | Path | Bundle, threads: int = 2, options: DecodingOptions | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.model = OnnxWhisper(self.bundle, threads)
+        decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
+        self.decoder = GreedyDecoder(self.model, decoder_config, options)
+        self.tokenizer = self.bundle.tokenizer
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Transcribe 16 kHz mono float32 audio of any length, in consecutive 30 s windows."""
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        n_content = len(audio) // HOP_LENGTH
+        # A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does.
+        mel = log_mel_spectrogram(audio, self.bundle.mel_filters, padding=N_FFT)[:, :n_content]
+        texts = []
+        for seek in range(0, n_content, N_FRAMES):
+            tokens = self.decoder.decode(pad_or_trim(mel[:, seek : seek + N_FRAMES]))
+            texts.append(self.tokenizer.decode(tokens).strip())
+        return Transcript(
+            text=" ".join(t for t in texts if t),
+            audio_seconds=len(audio) / SAMPLE_RATE,
+            wall_seconds=time.perf_counter() - start_wall,
+            cpu_seconds=time.process_time() - start_cpu,
+        )

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real tiny.en model, bundles built from it, and synthesized speech.
+
+Everything is made here from installed packages (the embedded tiny.en weights, a piper voice); no test
+reads recorded data from outside the repository.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+SENTENCES = [
+    "Replace the hydraulic filter on press number four before the night shift.",
+    "The coolant hose on the north conveyor is leaking again.",
+    "Call the supervisor and stop the packaging line.",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """Keep caches (synthesized sets, bundles) out of the user's home."""
+    home = tmp_path_factory.mktemp("edge_asr_home")
+    old = os.environ.get("EDGE_ASR_HOME")
+    os.environ["EDGE_ASR_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("EDGE_ASR_HOME", None)
+    else:
+        os.environ["EDGE_ASR_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from edge_asr_build.loaders import load_whisper
+
+    return load_whisper("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def speech() -> list[tuple[str, np.ndarray]]:
+    """(text, 16 kHz audio) for a few maintenance sentences spoken by the default piper voice."""
+    from edge_asr_build.synth import synthesize
+
+    return [(text, synthesize(text)) for text in SENTENCES]
+
+
+def _build(tmp_path_factory, precision: str):
+    from edge_asr_build.pipeline import build_whisper_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / f"tiny.en-{precision}"
+    build_whisper_bundle("tiny.en", out, precision, evaluate_on=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_int8(tmp_path_factory):
+    return _build(tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32(tmp_path_factory):
+    return _build(tmp_path_factory, "fp32")
+
+
+@pytest.fixture(scope="session")
+def transcriber_int8(bundle_int8):
+    from edge_asr import Transcriber
+
+    return Transcriber(bundle_int8, threads=2)
