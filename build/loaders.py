@@ -58,6 +58,15 @@ def embedded_model_dir(name: str = DEFAULT_SOURCE) -> Path:
     raise SourceError(f"no embedded model named {name!r}; embedded: tiny.en")
 
 
+def check_source(source: str | Path) -> None:
+    """Fail early, before any work starts, on a source that cannot be a model."""
+    text = str(source)
+    if text == DEFAULT_SOURCE:
+        embedded_model_dir(text)
+    elif not Path(text).expanduser().exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise SourceError(f"{text}: no such file or directory")
+
+
 def load_whisper(source: str | Path, tokenizer: str | Path | None = None) -> LoadedWhisper:
     """Load a Whisper model from a name of an embedded model, a directory, a `.pt` file or a hub id."""
     text = str(source)

@@ -28,44 +28,52 @@ def _build_side():
     return pipeline
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+class StepProgress:
+    """Progress of a multi-step job: a bar on a terminal, one line per step in logs."""
+
+    def __init__(self, total: int, desc: str):
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+
+    def __call__(self, message: str) -> None:
+        if self.bar is None:
+            print(f"  {message}", file=sys.stderr, flush=True)
+            return
+        if self.bar.postfix:  # the previous step is done
+            self.bar.update(1)
+        self.bar.set_postfix_str(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_build(args) -> int:
     pipeline = _build_side()
-    from edge_asr_build.loaders import SourceError
+    from edge_asr_build import loaders
 
     out = Path(args.out) if args.out else bundle_dir(f"{Path(args.source).name}-{args.precision}")
     if out.exists() and not args.force and (out / "manifest.json").exists():
         print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
         print(out)
         return 0
-    steps = 6 if args.precision == "int8" else 5
-    bar = _progress(steps - (0 if args.eval else 1), f"build {args.source} {args.precision}")
-    started = time.perf_counter()
-
-    def step(message: str):
-        if bar is not None:
-            bar.set_postfix_str(message)
-            bar.update(1) if bar.n or message.startswith("export") else None
-        else:
-            print(f"  {message}", file=sys.stderr)
-
     try:
-        manifest = pipeline.build_whisper_bundle(
-            args.source, out, args.precision, tokenizer=args.tokenizer,
-            evaluate_on=args.eval, threads=args.threads, step=step,
-        )
-    except SourceError as e:
+        loaders.check_source(args.source)
+        progress = StepProgress(5 + (args.precision == "int8") + bool(args.eval), f"build {args.source}")
+        started = time.perf_counter()
+        try:
+            manifest = pipeline.build_whisper_bundle(
+                args.source, out, args.precision, tokenizer=args.tokenizer,
+                evaluate_on=args.eval, threads=args.threads, step=progress,
+            )
+        finally:
+            progress.close()
+    except loaders.SourceError as e:
         raise EdgeAsrError(str(e)) from None
-    finally:
-        if bar is not None:
-            bar.close()
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     line = f"built {out} ({size:.1f} MB, {manifest['model']['parameters'] / 1e6:.1f} M params"
     if "synthetic" in manifest["evaluation"]:

@@ -10,7 +10,8 @@ import numpy as np
 from .backend import OnnxWhisper
 from .bundle import Bundle
 from .decoding import DecodingOptions, GreedyDecoder
-from .frontend import HOP_LENGTH, N_FFT, N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from .frontend import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from .segmenter import split_at_pauses
 
 
 @dataclass
@@ -39,18 +40,21 @@ class Transcriber:
         self.tokenizer = self.bundle.tokenizer
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
-        """Transcribe 16 kHz mono float32 audio of any length, in consecutive 30 s windows."""
+        """Transcribe 16 kHz mono float32 audio of any length, in windows of at most 30 s cut at pauses."""
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        n_content = len(audio) // HOP_LENGTH
-        # A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does.
-        mel = log_mel_spectrogram(audio, self.bundle.mel_filters, padding=N_FFT)[:, :n_content]
-        texts = []
-        for seek in range(0, n_content, N_FRAMES):
-            tokens = self.decoder.decode(pad_or_trim(mel[:, seek : seek + N_FRAMES]))
-            texts.append(self.tokenizer.decode(tokens).strip())
+        texts = [self.transcribe_window(audio[a:b]) for a, b in split_at_pauses(audio, N_SAMPLES)]
         return Transcript(
             text=" ".join(t for t in texts if t),
             audio_seconds=len(audio) / SAMPLE_RATE,
             wall_seconds=time.perf_counter() - start_wall,
             cpu_seconds=time.process_time() - start_cpu,
         )
+
+    def transcribe_window(self, audio: np.ndarray) -> str:
+        """Text of at most 30 s of audio."""
+        n_frames = len(audio) // HOP_LENGTH
+        if n_frames == 0:
+            return ""
+        # A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does.
+        mel = log_mel_spectrogram(audio, self.bundle.mel_filters, padding=N_FFT)[:, :n_frames]
+        return self.tokenizer.decode(self.decoder.decode(pad_or_trim(mel))).strip()

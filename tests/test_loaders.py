@@ -85,7 +85,7 @@ class _Payload:
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"dims": _Payload()}, f)
+        pickle.dump({"dims": _Payload()}, f, protocol=2)
     with pytest.raises(SourceError, match="not an openai-whisper checkpoint"):
         load_whisper(path)
 

@@ -1,0 +1,64 @@
+"""Exported graphs compute what the PyTorch model computes."""
+import numpy as np
+import pytest
+import torch
+
+from edge_asr.backend import OnnxWhisper
+from edge_asr.bundle import Bundle
+from edge_asr.frontend import log_mel_spectrogram, pad_or_trim
+from edge_asr_build.mel import mel_filters
+
+
+@pytest.fixture(scope="module")
+def mel(speech):
+    audio = speech[1][1]
+    return pad_or_trim(log_mel_spectrogram(audio, mel_filters(), padding=400)[:, : len(audio) // 160])
+
+
+def _torch_reference(model, mel, tokens):
+    with torch.no_grad():
+        features = model.encoder(torch.from_numpy(mel)[None])
+        cross_k, cross_v = model.decoder.cross_kv(features)
+        logits = model.decoder(torch.tensor([tokens]), features)[0]
+    return cross_k.numpy(), cross_v.numpy(), logits.numpy()
+
+
+def _onnx_steps(onnx_model, mel, tokens, prompt_len):
+    cross_k, cross_v = onnx_model.encode(mel)
+    k, v = onnx_model.empty_cache()
+    logits, k, v = onnx_model.decode(tokens[:prompt_len], k, v, cross_k, cross_v)
+    steps = [logits]
+    for t in tokens[prompt_len:]:
+        logits, k, v = onnx_model.decode([t], k, v, cross_k, cross_v)
+        steps.append(logits)
+    return cross_k, cross_v, np.stack(steps), k
+
+
+TOKENS = [50257, 50362, 464, 4063, 3075, 319, 262, 5093, 750, 9408, 318]
+
+
+def test_fp32_onnx_matches_torch(tiny, bundle_fp32, mel):
+    ref_k, ref_v, ref_logits = _torch_reference(tiny.model, mel, TOKENS)
+    cross_k, cross_v, logits, cache = _onnx_steps(OnnxWhisper(Bundle.load(bundle_fp32)), mel, TOKENS, 2)
+    assert np.abs(cross_k - ref_k).max() < 1e-3 and np.abs(cross_v - ref_v).max() < 1e-3
+    assert np.abs(logits - ref_logits[1:]).max() < 1e-3  # every decoding step, through the KV cache
+    assert cache.shape == (4, 1, len(TOKENS), 384)
+
+
+def test_int8_onnx_stays_close_to_torch(tiny, bundle_int8, mel):
+    _, _, ref_logits = _torch_reference(tiny.model, mel, TOKENS)
+    _, _, logits, _ = _onnx_steps(OnnxWhisper(Bundle.load(bundle_int8)), mel, TOKENS, 2)
+    # int8 moves logits, but the ranking that greedy decoding uses is kept at (almost) every step.
+    agree = (logits.argmax(-1) == ref_logits[1:].argmax(-1)).mean()
+    assert agree >= 0.9
+    assert np.corrcoef(logits.ravel(), ref_logits[1:].ravel())[0, 1] > 0.99
+
+
+def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
+    int8, fp32 = Bundle.load(bundle_int8), Bundle.load(bundle_fp32)
+    assert int8.size_bytes < 0.35 * fp32.size_bytes
+    m = int8.manifest
+    assert m["model"]["precision"] == "int8" and m["model"]["parameters"] == 37_184_256
+    assert m["decoder"]["prompt"] == [50257, 50362]
+    assert set(m["files"]) == {"encoder.int8.onnx", "decoder.int8.onnx", "tokens.json", "mel_filters.npy"}
+    assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64

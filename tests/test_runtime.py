@@ -1,0 +1,83 @@
+"""The runtime end to end: transcripts, WER on synthesized speech, RTF reporting, isolation from torch."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+from edge_asr.audio import load_audio
+from edge_asr.metrics import word_error_rate
+
+
+def test_transcribes_synthesized_speech(transcriber_int8, speech):
+    refs, hyps = [], []
+    for text, audio in speech:
+        t = transcriber_int8.transcribe(audio)
+        refs.append(text)
+        hyps.append(t.text)
+        assert t.audio_seconds == len(audio) / 16000 and 0 < t.rtf < 1
+    assert word_error_rate(refs, hyps) <= 10.0, hyps
+
+
+def test_long_audio_is_transcribed_window_by_window(transcriber_int8, speech):
+    pause = np.zeros(16000 * 4, np.float32)
+    audio = np.concatenate([x for _, a in speech for x in (a, pause)] * 3)  # about 45 s: two windows
+    assert len(audio) > 16000 * 31
+    t = transcriber_int8.transcribe(audio)
+    refs = " ".join(text for text, _ in speech * 3)
+    assert word_error_rate([refs], [t.text]) <= 15.0, t.text
+
+
+def test_silence_gives_little_or_no_text(transcriber_int8):
+    assert len(transcriber_int8.transcribe(np.zeros(16000 * 2, np.float32)).text.split()) <= 3
+
+
+def test_odd_sample_rates_and_stereo_are_resampled(tmp_path, transcriber_int8, speech):
+    import soxr
+
+    text, audio = speech[0]
+    for rate in (8000, 22050, 44100):
+        stereo = np.stack([soxr.resample(audio, 16000, rate)] * 2, axis=1)
+        path = tmp_path / f"clip_{rate}.flac"
+        sf.write(path, stereo, rate)
+        loaded = load_audio(path)
+        assert abs(len(loaded) - len(audio)) < 16000 * 0.01
+        assert word_error_rate([text], [transcriber_int8.transcribe(loaded).text]) <= 15.0
+
+
+def test_runtime_needs_neither_torch_nor_librosa(bundle_int8, tmp_path, speech):
+    """Import and run the runtime in a process where importing torch or librosa fails."""
+    wav = tmp_path / "utt.wav"
+    sf.write(wav, speech[0][1], 16000)
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'librosa', 'edge_asr_build'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from edge_asr.cli import main
+code = main(['transcribe', '--json', '--bundle', {str(bundle_int8)!r}, {str(wav)!r}])
+assert not any(m.split('.')[0] in ('torch', 'librosa') for m in sys.modules), 'heavy module imported'
+sys.exit(code)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "hydraulic filter" in result["text"].lower()
+    assert set(result) >= {"duration_s", "processing_s", "rtf"} and result["rtf"] > 0
+
+
+def test_long_audio_is_cut_in_pauses():
+    from edge_asr.segmenter import split_at_pauses
+
+    rng = np.random.default_rng(0)
+    tone = lambda s: 0.3 * rng.standard_normal(int(16000 * s)).astype(np.float32)  # noqa: E731
+    quiet = lambda s: np.zeros(int(16000 * s), np.float32)  # noqa: E731
+    audio = np.concatenate([tone(12), quiet(1), tone(10), quiet(1), tone(14), quiet(1), tone(20)])
+    bounds = split_at_pauses(audio, 30 * 16000)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(audio)
+    assert all(b - a <= 30 * 16000 for a, b in bounds)
+    for _, cut in bounds[:-1]:
+        assert np.abs(audio[cut - 800 : cut + 800]).max() == 0  # every cut inside a pause
