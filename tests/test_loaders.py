@@ -52,12 +52,11 @@ def test_kv_cache_decoding_equals_teacher_forcing(tiny, mel):
     with torch.no_grad():
         features = model.encoder(torch.from_numpy(mel)[None])
         full = model.decoder(torch.tensor([tokens]), features)
-        cross_k, cross_v = model.decoder.cross_kv(features)
-        k, v = model.empty_cache()
-        logits, k, v = model.decoder.forward_cached(torch.tensor([tokens[:2]]), k, v, cross_k, cross_v)
+        cross = model.decoder.cross_kv(features)
+        logits, cache = model.decoder.forward_cached(torch.tensor([tokens[:2]]), model.empty_cache(), cross)
         steps = [logits]
         for t in tokens[2:-1]:
-            logits, k, v = model.decoder.forward_cached(torch.tensor([[t]]), k, v, cross_k, cross_v)
+            logits, cache = model.decoder.forward_cached(torch.tensor([[t]]), cache, cross)
             steps.append(logits)
     assert torch.allclose(torch.cat(steps), full[0, 1:-1], atol=1e-3)
 
