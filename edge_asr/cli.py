@@ -52,24 +52,18 @@ class StepProgress:
             self.bar.close()
 
 
-def cmd_build(args) -> int:
+def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int) -> dict:
+    """Run the build step with progress on stderr and a one-line summary; returns the manifest."""
     pipeline = _build_side()
     from edge_asr_build import loaders
 
-    out = Path(args.out) if args.out else bundle_dir(f"{Path(args.source).name}-{args.precision}")
-    if out.exists() and not args.force and (out / "manifest.json").exists():
-        print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
-        print(out)
-        return 0
     try:
-        loaders.check_source(args.source)
-        progress = StepProgress(5 + (args.precision == "int8") + bool(args.eval), f"build {args.source}")
+        loaders.check_source(source)
+        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on), f"build {source}")
         started = time.perf_counter()
         try:
-            manifest = pipeline.build_whisper_bundle(
-                args.source, out, args.precision, tokenizer=args.tokenizer,
-                evaluate_on=args.eval, threads=args.threads, step=progress,
-            )
+            manifest = pipeline.build_whisper_bundle(source, out, precision, tokenizer=tokenizer,
+                                                     evaluate_on=evaluate_on, threads=threads, step=progress)
         finally:
             progress.close()
     except loaders.SourceError as e:
@@ -80,6 +74,15 @@ def cmd_build(args) -> int:
         ev = manifest["evaluation"]["synthetic"]
         line += f", synthetic WER {ev['wer']:.2f}% on {ev['words']} words, RTF {ev['rtf_wall']:.3f}"
     print(line + f") in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return manifest
+
+
+def cmd_build(args) -> int:
+    out = Path(args.out) if args.out else bundle_dir(f"{Path(args.source).name}-{args.precision}")
+    if (out / "manifest.json").exists() and not args.force:
+        print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
+    else:
+        build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads)
     print(out)
     return 0
 
@@ -176,8 +179,7 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not (default / "manifest.json").exists():
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        cmd_build(argparse.Namespace(source="tiny.en", precision="int8", out=str(default), force=True,
-                                     tokenizer=None, eval=12, threads=args.threads))
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads)
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
