@@ -10,7 +10,6 @@ suppression lists, and provenance (path and sha256 of the weights) for the bundl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edge_asr.bundle import sha256_file
 
 from .vocabulary import non_speech_tokens
 from .whisper_model import ModelDimensions, Whisper
@@ -37,14 +38,6 @@ class LoadedWhisper:
     suppress_tokens: list[int]
     suppress_blank_tokens: list[int]
     source: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def embedded_model_dir(name: str = DEFAULT_SOURCE) -> Path:
