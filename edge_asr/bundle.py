@@ -69,12 +69,13 @@ class Bundle:
         manifest = read_manifest(path)
         if verify:
             verify_files(path, manifest)
-        files = manifest["files"]
-        frontend = manifest["frontend"]
-        tokens = json.loads((path / manifest["tokenizer"]["tokens"]).read_text(encoding="utf-8"))
+        frontend, tokenizer = manifest["frontend"], manifest["tokenizer"]
+        unlisted = {frontend["mel_filters"], tokenizer["tokens"], *manifest["model"]["graphs"].values()} - set(manifest["files"])
+        if unlisted:  # a file without a checksum could be swapped unnoticed
+            raise BundleError(f"{path}: manifest lists no checksum for {', '.join(sorted(unlisted))}")
+        tokens = json.loads((path / tokenizer["tokens"]).read_text(encoding="utf-8"))
         mel_filters = np.load(path / frontend["mel_filters"], allow_pickle=False).astype(np.float32)
-        assert frontend["mel_filters"] in files
-        return cls(path, manifest, Tokenizer(tokens, manifest["tokenizer"]["special"]), mel_filters)
+        return cls(path, manifest, Tokenizer(tokens, tokenizer["special"]), mel_filters)
 
     def file(self, role: str) -> Path:
         return self.path / self.manifest["model"]["graphs"][role]
