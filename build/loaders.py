@@ -25,6 +25,7 @@ from .vocabulary import non_speech_tokens
 from .whisper_model import ModelDimensions, Whisper
 
 DEFAULT_SOURCE = "tiny.en"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name on the Hugging Face hub
 
 
 class SourceError(Exception):
@@ -56,7 +57,7 @@ def check_source(source: str | Path) -> None:
     text = str(source)
     if text == DEFAULT_SOURCE:
         embedded_model_dir(text)
-    elif not Path(text).expanduser().exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    elif not Path(text).expanduser().exists() and not HUB_ID.fullmatch(text):
         raise SourceError(f"{text}: no such file or directory")
 
 
@@ -76,7 +77,7 @@ def load_whisper(source: str | Path, tokenizer: str | Path | None = None) -> Loa
         raise SourceError(f"{path}: neither a CTranslate2 model (model.bin) nor a Hugging Face model (config.json)")
     if path.exists():
         raise SourceError(f"{path}: unsupported model file (expected an openai-whisper .pt or a model directory)")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if HUB_ID.fullmatch(text):
         return load_hf(_download_hf(text))
     raise SourceError(f"{text}: no such file or directory")
 

@@ -41,6 +41,16 @@ def log_mel_spectrogram(audio: np.ndarray, mel_filters: np.ndarray, padding: int
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
+def window_features(audio: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
+    """Encoder input for at most 30 s of audio: log-mel of its frames, zero-padded to 3000 frames.
+
+    A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does; the
+    frames beyond the audio are then zeros in the log-mel domain, as in openai-whisper's transcribe.
+    """
+    n_frames = len(audio) // HOP_LENGTH
+    return pad_or_trim(log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames])
+
+
 def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:
     """Cut or zero-pad the time axis to `length` frames (the encoder's fixed window)."""
     if mel.shape[-1] >= length:

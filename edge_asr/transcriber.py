@@ -10,7 +10,7 @@ import numpy as np
 from .backend import OnnxWhisper
 from .bundle import Bundle
 from .decoding import DecodingOptions, GreedyDecoder
-from .frontend import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from .frontend import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, window_features
 from .segmenter import split_at_pauses
 
 
@@ -52,9 +52,6 @@ class Transcriber:
 
     def transcribe_window(self, audio: np.ndarray) -> str:
         """Text of at most 30 s of audio."""
-        n_frames = len(audio) // HOP_LENGTH
-        if n_frames == 0:
+        if len(audio) < HOP_LENGTH:
             return ""
-        # A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does.
-        mel = log_mel_spectrogram(audio, self.bundle.mel_filters, padding=N_FFT)[:, :n_frames]
-        return self.tokenizer.decode(self.decoder.decode(pad_or_trim(mel))).strip()
+        return self.tokenizer.decode(self.decoder.decode(window_features(audio, self.bundle.mel_filters))).strip()
