@@ -1,9 +1,9 @@
 """Export pass: a `Whisper` module to two ONNX graphs that a torch-free runtime can drive.
 
-  encoder.onnx  mel (B, n_mels, 3000) -> cross_k_i (B, H, head_dim, 1500), cross_v_i (B, H, 1500, head_dim)
+  encoder.onnx  mel (B, n_mels, 3000) -> cross_k_i (B, H, qk_dim, 1500), cross_v_i (B, H, 1500, vo_dim)
       The audio encoder plus every decoder layer's cross-attention key/value projection: those depend on
       the audio alone, so they are computed once per window, not once per token.
-  decoder.onnx  tokens (B, T), self_k_i (B, H, head_dim, P), self_v_i (B, H, P, head_dim), cross_k_i, cross_v_i
+  decoder.onnx  tokens (B, T), self_k_i (B, H, qk_dim, P), self_v_i (B, H, P, vo_dim), cross_k_i, cross_v_i
                 -> logits (B, n_vocab) of the last token, new_self_k_i, new_self_v_i extended to P + T
       Incremental decoding with an explicit self-attention KV cache; P = 0 on the first call.
 
@@ -105,11 +105,13 @@ def export_encoder(model: Whisper, path: Path) -> Path:
 
 def export_decoder(model: Whisper, path: Path) -> Path:
     dims = model.dims
-    head_dim = dims.n_text_state // dims.n_text_head
-    # Trace with a non-empty cache and two new tokens so that every length stays symbolic.
-    cache = [torch.zeros(1, dims.n_text_head, head_dim, 3), torch.zeros(1, dims.n_text_head, 3, head_dim)]
-    cross = [torch.zeros(1, dims.n_text_head, head_dim, dims.n_audio_ctx),
-             torch.zeros(1, dims.n_text_head, dims.n_audio_ctx, head_dim)]
+    # Trace with a non-empty cache and two new tokens so that every length stays symbolic. Head widths
+    # come from each layer: a compressed model may have factored them to different ranks.
+    cache, cross = [], []
+    for block in model.decoder.blocks:
+        a, c = block.attn, block.cross_attn
+        cache += [torch.zeros(1, a.n_head, a.qk_dim, 3), torch.zeros(1, a.n_head, 3, a.vo_dim)]
+        cross += [torch.zeros(1, c.n_head, c.qk_dim, dims.n_audio_ctx), torch.zeros(1, c.n_head, dims.n_audio_ctx, c.vo_dim)]
     tokens = torch.zeros(1, 2, dtype=torch.long)
     self_names, cross_names = cache_names("self", dims.n_text_layer), cache_names("cross", dims.n_text_layer)
     new_names = ["new_" + name for name in self_names]
@@ -119,6 +121,6 @@ def export_decoder(model: Whisper, path: Path) -> Path:
     axes |= {n: {0: "batch", length_axis(n): "n_past"} for n in self_names}
     axes |= {n: {0: "batch", length_axis(n): "n_total"} for n in new_names}
     axes |= {n: {0: "batch", length_axis(n): "n_audio"} for n in cross_names}
-    _export(DecoderGraph(prepare_for_export(model)), (tokens, *cache * dims.n_text_layer, *cross * dims.n_text_layer),
+    _export(DecoderGraph(prepare_for_export(model)), (tokens, *cache, *cross),
             path, ["tokens", *self_names, *cross_names], ["logits", *new_names], axes)
     return path

@@ -69,6 +69,8 @@ def load_whisper(source: str | Path, tokenizer: str | Path | None = None) -> Loa
         return load_ct2(embedded_model_dir(text))
     if path.is_file() and path.suffix == ".pt":
         return load_openai_checkpoint(path, tokenizer)
+    if path.is_file() and path.suffix in (".json", ".safetensors"):
+        return load_compressed_checkpoint(path)
     if path.is_dir():
         if (path / "model.bin").exists():
             return load_ct2(path)
@@ -331,6 +333,33 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
         source={"format": "huggingface", "path": str(model_dir.resolve()), "weights": weights.name,
                 "sha256": sha256_file(weights)},
     )
+
+
+# --- compressed checkpoints (written by the compress and recover passes) -----------------------------
+
+
+def load_compressed_checkpoint(path: Path) -> LoadedWhisper:
+    """A factored model saved by `compress.save_compressed`; tokenizer and decoding rules come from the
+    source it was compressed from, which its JSON names."""
+    from .compress import checkpoint_files, load_compressed
+
+    weights, meta_path = checkpoint_files(path)
+    if not meta_path.exists() or not weights.exists():
+        raise SourceError(f"{path}: a compressed model needs both {meta_path.name} and {weights.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        teacher_source = meta["teacher"]
+    except (ValueError, KeyError):
+        raise SourceError(f"{meta_path}: not a compressed edge-asr model (no teacher named)") from None
+    teacher = load_whisper(teacher_source)
+    try:
+        model, _ = load_compressed(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SourceError(f"{path}: cannot load the compressed model ({str(e).splitlines()[0][:160]})") from None
+    source = {"format": "edge-asr-compressed", "path": str(weights.resolve()), "weights": weights.name,
+              "sha256": sha256_file(weights), "teacher": teacher.source,
+              "compression": meta.get("compression"), "recovery": meta.get("recovery")}
+    return LoadedWhisper(model, teacher.tokenizer_json, teacher.suppress_tokens, teacher.suppress_blank_tokens, source)
 
 
 # --- common --------------------------------------------------------------------------------------

@@ -1,21 +1,27 @@
-"""The build step end to end: load -> export -> quantize -> package -> evaluate.
+"""The build step end to end: load -> [compress -> recover] -> export -> quantize -> package -> evaluate.
 
 Each pass is its own module and usable alone; this file only strings them together, writes into a
 temporary folder and moves the finished bundle into place, so a half-built bundle is never used.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from edge_asr.bundle import Bundle
 
 from .bundle import save_manifest, write_bundle
+from .compress import DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, save_compressed
 from .export import export_decoder, export_encoder
-from .loaders import load_whisper
+from .loaders import DEFAULT_SOURCE, load_whisper
 from .quantize import BLOCKWISE, quantize_int8
+from .recover import RecoveryConfig, audio_files, decoding_rules, prepare_windows, recover, synthesized_audio
 
 PRECISIONS = ("int8", "fp32")
 
@@ -76,3 +82,93 @@ def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:
     result = run_bench(Transcriber(Bundle.load(bundle_dir), threads), [folder], runs=1)
     return {"set": folder.name, "description": f"{count} maintenance sentences (seed 0), piper en_US-joe-medium",
             "wer": result["wer"], "words": result["words"], "rtf_wall": result["rtf_wall"], "threads": threads}
+
+
+# --- compression and recovery ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompactRecipe:
+    """How the default compact model is made from its source: compress, then recover on synthesized speech.
+
+    Chosen on synthesized held-out sentences only. Everything is seeded, so the same recipe gives the
+    same model; its hash names the cached checkpoint.
+    """
+
+    keep: float = 0.55
+    parts: tuple[str, ...] = DEFAULT_PARTS
+    attention: str = "joint"
+    frequent_tokens: int = 4000
+    sentences: int = 400
+    data_seed: int = 1
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+
+    def key(self, source_sha256: str) -> str:
+        text = json.dumps({"recipe": asdict(self), "source": source_sha256, "version": 1}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def compress_checkpoint(source: str, out: Path, keep: float | None = None, energy: float | None = None,
+                        parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000,
+                        step: Callable[[str], None] = lambda message: None) -> tuple[Path, CompressionReport]:
+    """Load `source`, compress it and save the factored model (out.safetensors + out.json)."""
+    step(f"load {source}")
+    loaded = load_whisper(source)
+    step("factor (SVD)")
+    model, report = compress_whisper(loaded.model, keep=keep, energy=energy, parts=parts, attention=attention,
+                                     frequent_tokens=frequent_tokens)
+    teacher = source if source == DEFAULT_SOURCE or not Path(source).exists() else str(Path(source).resolve())
+    return save_compressed(model, Path(out), {"teacher": teacher, "compression": report.to_dict()}), report
+
+
+def recover_checkpoint(checkpoint: Path, out: Path, audio: Path | None = None, sentences: int = 400,
+                       data_seed: int = 1, config: RecoveryConfig | None = None,
+                       step: Callable[[str], None] = lambda message: None) -> tuple[Path, dict]:
+    """Fine-tune a compressed checkpoint against its teacher on `audio` (a folder) or, without one, on
+    `sentences` synthesized dictation sentences; saves out.safetensors + out.json."""
+    import torch
+
+    config = config or RecoveryConfig()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    student = load_whisper(checkpoint)
+    meta = json.loads(checkpoint_files(checkpoint)[1].read_text())
+    teacher = load_whisper(meta["teacher"])
+    if audio is None:
+        step(f"synthesize {sentences} sentences")
+        audio = synthesized_audio(sentences, data_seed)
+    files = audio_files(Path(audio))
+    step(f"pseudo-label {len(files)} files with the teacher")
+    windows = prepare_windows(teacher.model, files, decoding_rules(teacher), config.seed, config.max_tokens,
+                              keep_features=not any(k.startswith("encoder") for k in _structure_paths(student.model)))
+    step("recover (distillation)")
+    summary = recover(student.model, teacher.model, windows, config, log=lambda m: print(m, file=sys.stderr))
+    summary["audio"] = str(audio)
+    return save_compressed(student.model, Path(out), {"teacher": meta["teacher"], "compression": meta.get("compression"),
+                                                      "recovery": summary}), summary
+
+
+def _structure_paths(model) -> list[str]:
+    structure = getattr(model, "compression", None) or {}
+    return list(structure.get("twins", {})) + list(structure.get("linear", {}))
+
+
+def compact_checkpoint(source: str = DEFAULT_SOURCE, recipe: CompactRecipe | None = None,
+                       step: Callable[[str], None] = lambda message: None) -> Path:
+    """The compressed and recovered model of `source` by `recipe`, made once and cached."""
+    from edge_asr.paths import home
+
+    recipe = recipe or CompactRecipe()
+    source_sha = load_whisper(source).source["sha256"]
+    weights, description = checkpoint_files(home() / "models" / f"{Path(str(source)).name}-compact-{recipe.key(source_sha)}")
+    if description.exists() and weights.exists():
+        return description
+    home().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home(), prefix=".compact.") as tmp:
+        compressed, _ = compress_checkpoint(source, Path(tmp) / "compressed", keep=recipe.keep, parts=recipe.parts,
+                                            attention=recipe.attention, frequent_tokens=recipe.frequent_tokens, step=step)
+        recovered, _ = recover_checkpoint(compressed, Path(tmp) / "recovered", sentences=recipe.sentences,
+                                          data_seed=recipe.data_seed, config=recipe.recovery, step=step)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        recovered_weights, recovered_description = checkpoint_files(recovered)
+        shutil.move(recovered_weights, weights)
+        shutil.move(recovered_description, description)  # last: its presence means complete
+    return description

@@ -60,6 +60,34 @@ def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> N
     sf.write(str(path), audio, rate, subtype="PCM_16")
 
 
+def speech_set(texts: list[str], folder: Path, voice: str | Path | None = None,
+               length_scales: list[float] | None = None, progress: bool = False) -> Path:
+    """Speak `texts` into `folder` (utt0000.wav … and refs.tsv), once: a complete folder is reused.
+
+    With `length_scales`, utterance i is spoken at length_scale length_scales[i % len]: a deterministic
+    variety of speaking rates.
+    """
+    folder = Path(folder)
+    if (folder / "refs.tsv").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    voice_path = Path(voice or default_voice_path())
+    items = list(enumerate(texts))
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="synthesize", unit="utt")
+    lines = []
+    for i, text in items:
+        uid = f"utt{i:04d}"
+        scale = length_scales[i % len(length_scales)] if length_scales else None
+        write_wav(folder / f"{uid}.wav", synthesize(text, voice_path, length_scale=scale))
+        lines.append(f"{uid}\t{text}")
+    (folder / "refs.tsv.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "refs.tsv.tmp").replace(folder / "refs.tsv")  # written last: its presence means complete
+    return folder
+
+
 def synthetic_set(count: int, seed: int = 0, voice: str | Path | None = None, folder: Path | None = None) -> Path:
     """A folder of `count` synthesized maintenance sentences with refs.tsv, made once and cached."""
     from edge_asr.paths import home
@@ -68,14 +96,4 @@ def synthetic_set(count: int, seed: int = 0, voice: str | Path | None = None, fo
 
     voice_path = Path(voice or default_voice_path())
     folder = Path(folder or home() / "synth" / f"maintenance-{voice_path.stem}-seed{seed}-n{count}")
-    if (folder / "refs.tsv").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, text in enumerate(maintenance_sentences(count, seed)):
-        uid = f"utt{i:04d}"
-        write_wav(folder / f"{uid}.wav", synthesize(text, voice_path))
-        lines.append(f"{uid}\t{text}")
-    (folder / "refs.tsv.tmp").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "refs.tsv.tmp").replace(folder / "refs.tsv")  # written last: its presence means complete
-    return folder
+    return speech_set(maintenance_sentences(count, seed), folder, voice_path)

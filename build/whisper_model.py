@@ -62,26 +62,38 @@ class TokenEmbedding(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Attention with tensors kept in head layout: queries and values (B, H, T, head_dim), keys
     transposed (B, H, head_dim, S). In that layout cached keys/values are appended along one axis and used
-    without any transpose, which is what keeps a decoding step cheap."""
+    without any transpose, which is what keeps a decoding step cheap.
 
-    def __init__(self, n_state: int, n_head: int):
+    The query/key head width (`qk_dim`) and the value/output head width (`vo_dim`) are separate: a
+    compressed model factors each pair of "product twins" (W_q W_k^T and W_v W_o per head) to its own
+    rank. The score scale stays that of the original heads, because the factored product keeps the
+    original bilinear form's magnitude.
+    """
+
+    factored = False  # set on modules made by the compression pass
+
+    def __init__(self, n_state: int, n_head: int, qk_dim: int | None = None, vo_dim: int | None = None):
         super().__init__()
+        head_dim = n_state // n_head
         self.n_head = n_head
-        self.query = nn.Linear(n_state, n_state)
-        self.key = nn.Linear(n_state, n_state, bias=False)
-        self.value = nn.Linear(n_state, n_state)
-        self.out = nn.Linear(n_state, n_state)
+        self.qk_dim = qk_dim or head_dim
+        self.vo_dim = vo_dim or head_dim
+        self.scale = head_dim ** -0.5
+        self.query = nn.Linear(n_state, n_head * self.qk_dim)
+        self.key = nn.Linear(n_state, n_head * self.qk_dim, bias=False)
+        self.value = nn.Linear(n_state, n_head * self.vo_dim)
+        self.out = nn.Linear(n_head * self.vo_dim, n_state)
 
     def heads(self, x: Tensor) -> Tensor:
-        """(B, T, n_state) -> (B, H, T, head_dim)."""
+        """(B, T, H * dim) -> (B, H, T, dim)."""
         return x.unflatten(-1, (self.n_head, -1)).transpose(1, 2)
 
     def project_query(self, x: Tensor) -> Tensor:
         # Whisper scales q and k each by head_dim**-0.25; the whole head_dim**-0.5 on q is the same.
-        return self.heads(self.query(x)) * (x.shape[-1] // self.n_head) ** -0.5
+        return self.heads(self.query(x)) * self.scale
 
     def project_key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys transposed (B, H, head_dim, S) and values (B, H, S, head_dim)."""
+        """Keys transposed (B, H, qk_dim, S) and values (B, H, S, vo_dim)."""
         return self.heads(self.key(x)).transpose(-1, -2), self.heads(self.value(x))
 
     def attend(self, q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -211,10 +223,11 @@ class Whisper(nn.Module):
 
     def empty_cache(self, batch: int = 1) -> list[KeyValue]:
         """The self-attention cache before the first token: zero-length keys and values per block."""
-        head_dim = self.dims.n_text_state // self.dims.n_text_head
-        k_t = torch.zeros(batch, self.dims.n_text_head, head_dim, 0)
-        v = torch.zeros(batch, self.dims.n_text_head, 0, head_dim)
-        return [(k_t, v) for _ in range(self.dims.n_text_layer)]
+        cache = []
+        for block in self.decoder.blocks:
+            attn = block.attn
+            cache.append((torch.zeros(batch, attn.n_head, attn.qk_dim, 0), torch.zeros(batch, attn.n_head, 0, attn.vo_dim)))
+        return cache
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

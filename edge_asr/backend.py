@@ -36,11 +36,10 @@ class OnnxWhisper:
         names = [i.name for i in self.decoder.get_inputs()]
         self.self_names = [n for n in names if n.startswith("self_")]
         self.cross_names = [n for n in names if n.startswith("cross_")]
-        dims = bundle.manifest["model"]["dims"]
-        head_dim = dims["n_text_state"] // dims["n_text_head"]
-        empty_k = np.zeros((1, dims["n_text_head"], head_dim, 0), dtype=np.float32)
-        empty_v = np.zeros((1, dims["n_text_head"], 0, head_dim), dtype=np.float32)
-        self._empty = [empty_k if "_k_" in n else empty_v for n in self.self_names]
+        # Head widths per layer come from the graph itself: a compressed model's layers may differ.
+        # An empty cache has batch 1 and length 0; every other axis is fixed in the graph.
+        self._empty = [np.zeros([d if isinstance(d, int) else 0 for d in [1, *i.shape[1:]]], dtype=np.float32)
+                       for i in self.decoder.get_inputs() if i.name.startswith("self_")]
 
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
         return self.encoder.run(self.cross_names, {"mel": mel[None]})

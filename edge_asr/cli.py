@@ -1,4 +1,4 @@
-"""The `edge-asr` command line: build, transcribe, bench, synth, info, demo.
+"""The `edge-asr` command line: build, compress, recover, transcribe, bench, synth, info, demo.
 
 Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
 one line on stderr and a non-zero exit status, never a traceback.
@@ -52,21 +52,32 @@ class StepProgress:
             self.bar.close()
 
 
-def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int) -> dict:
-    """Run the build step with progress on stderr and a one-line summary; returns the manifest."""
+def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int,
+                 compact: bool = False) -> dict:
+    """Run the build step with progress on stderr and a one-line summary; returns the manifest.
+
+    With `compact`, the source is first compressed and recovered by the default recipe (cached)."""
     pipeline = _build_side()
     from edge_asr_build import loaders
 
+    started = time.perf_counter()
     try:
         loaders.check_source(source)
-        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on), f"build {source}")
-        started = time.perf_counter()
+        if compact:
+            print(f"compressing {source} and recovering it against the original (first time only; "
+                  "about 15 minutes on 2 CPU cores)", file=sys.stderr)
+            progress = StepProgress(5, f"compact {source}")
+            try:
+                source = str(pipeline.compact_checkpoint(source, step=progress))
+            finally:
+                progress.close()
+        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on), f"build {Path(source).name}")
         try:
-            manifest = pipeline.build_whisper_bundle(source, out, precision, tokenizer=tokenizer,
+            manifest = pipeline.build_whisper_bundle(source, out, precision, name=out.name, tokenizer=tokenizer,
                                                      evaluate_on=evaluate_on, threads=threads, step=progress)
         finally:
             progress.close()
-    except loaders.SourceError as e:
+    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     line = f"built {out} ({size:.1f} MB, {manifest['model']['parameters'] / 1e6:.1f} M params"
@@ -78,12 +89,52 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
 
 
 def cmd_build(args) -> int:
-    out = Path(args.out) if args.out else bundle_dir(f"{Path(args.source).name}-{args.precision}")
+    name = f"{Path(args.source).stem if args.source.endswith('.json') else Path(args.source).name}"
+    name += f"{'-compact' if args.compact else ''}-{args.precision}"
+    out = Path(args.out) if args.out else bundle_dir(name)
     if (out / "manifest.json").exists() and not args.force:
         print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
     else:
-        build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads)
+        build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads, compact=args.compact)
     print(out)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    pipeline = _build_side()
+    from edge_asr_build import loaders
+
+    parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else pipeline.DEFAULT_PARTS
+    try:
+        loaders.check_source(args.source)
+        path, report = pipeline.compress_checkpoint(args.source, Path(args.out), keep=args.keep, energy=args.energy,
+                                                    parts=parts, attention=args.attention,
+                                                    frequent_tokens=args.frequent_tokens)
+    except (loaders.SourceError, ValueError) as e:
+        raise EdgeAsrError(str(e)) from None
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    print(path, file=sys.stderr)
+    return 0
+
+
+def cmd_recover(args) -> int:
+    pipeline = _build_side()
+    from edge_asr_build import loaders
+    from edge_asr_build.recover import RecoveryConfig
+
+    config = RecoveryConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, device=args.device)
+    progress = StepProgress(3, "recover")
+    try:
+        path, summary = pipeline.recover_checkpoint(Path(args.checkpoint), Path(args.out),
+                                                    Path(args.audio) if args.audio else None,
+                                                    sentences=args.sentences, config=config, step=progress)
+    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+        raise EdgeAsrError(str(e)) from None
+    finally:
+        progress.close()
+    print(f"recovered in {summary['seconds']:.0f} s: loss {summary['loss_first_epoch']:.3f} (first epoch) -> "
+          f"{summary['loss_last_epoch']:.3f} (last)", file=sys.stderr)
+    print(path)
     return 0
 
 
@@ -179,7 +230,7 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not (default / "manifest.json").exists():
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads)
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads, compact=True)
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +267,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=12, metavar="N",
                    help="record WER on N synthesized sentences in the manifest (0: skip)")
     p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
+    p.add_argument("--compact", action="store_true",
+                   help="compress and recover the source first (the default bundle's recipe; cached)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")
+    p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--keep", type=float, help="fraction of all parameters to keep, e.g. 0.55")
+    target.add_argument("--energy", type=float, help="share of each matrix's singular-value energy to keep, e.g. 0.95")
+    p.add_argument("--parts", help="comma-separated: encoder-attention, encoder-mlp, decoder-attention, decoder-mlp, "
+                                   "embedding (default: decoder-attention,decoder-mlp,embedding)")
+    p.add_argument("--attention", choices=["joint", "independent"], default="joint",
+                   help="product twins factored jointly per head, or each attention matrix alone")
+    p.add_argument("--frequent-tokens", type=int, default=4000, help="token ids kept exact in the embedding")
+    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("recover", help="fine-tune a compressed model against its original (needs [build])")
+    p.add_argument("checkpoint", help="OUT.json written by `edge-asr compress`")
+    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--audio", help="folder of unlabeled speech (default: synthesized dictation sentences)")
+    p.add_argument("--sentences", type=int, default=400, help="synthesized sentences when no --audio (default 400)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.set_defaults(func=cmd_recover)
 
     p = with_bundle(sub.add_parser("transcribe", help="transcribe audio files"))
     p.add_argument("files", nargs="+", metavar="FILE")

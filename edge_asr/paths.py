@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_BUNDLE = "tiny.en-int8"
+# The default: tiny.en compressed and recovered by the build step's compact recipe, then int8.
+DEFAULT_BUNDLE = "tiny.en-compact-int8"
 
 
 def home() -> Path:
