@@ -88,10 +88,9 @@ def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:
 
 @dataclass(frozen=True)
 class CompactRecipe:
-    """How the default compact model is made from its source: compress, then recover on synthesized speech.
-
-    Chosen on synthesized held-out sentences only. Everything is seeded, so the same recipe gives the
-    same model; its hash names the cached checkpoint.
+    """How `build --compact` makes a compact model from its source: compress, then recover on synthesized
+    speech. Chosen on synthesized held-out sentences only (same voice, other sentences). Everything is
+    seeded, so the same recipe gives the same model; its hash names the cached checkpoint.
     """
 
     keep: float = 0.55

@@ -230,7 +230,7 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not (default / "manifest.json").exists():
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads, compact=True)
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads)
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record WER on N synthesized sentences in the manifest (0: skip)")
     p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
     p.add_argument("--compact", action="store_true",
-                   help="compress and recover the source first (the default bundle's recipe; cached)")
+                   help="experimental: compress the source to 55%% of its parameters and recover it on synthesized "
+                        "speech first (cached); see the README for its measured WER")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The default: tiny.en compressed and recovered by the build step's compact recipe, then int8.
-DEFAULT_BUNDLE = "tiny.en-compact-int8"
+# The default: tiny.en, int8. The compact recipe (`build --compact`) does not yet hold its WER on recorded speech.
+DEFAULT_BUNDLE = "tiny.en-int8"
 
 
 def home() -> Path:

@@ -107,3 +107,21 @@ def test_bench_json_on_synthesized_set(bundle_int8, tmp_path, speech):
 
 def test_bench_folder_without_refs(bundle_int8, tmp_path):
     assert_one_line_error(run_cli("bench", "--bundle", bundle_int8, tmp_path), "no refs.tsv")
+
+
+def test_compress_refuses_bad_targets(tmp_path, capsys):
+    from edge_asr.cli import main
+
+    assert main(["compress", "--keep", "0.05", "--parts", "embedding", "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-asr: error:") and "\n" not in err
+    assert main(["compress", "--keep", "0.5", "--parts", "mlp", "--out", str(tmp_path / "m")]) == 1
+    assert "unknown parts" in capsys.readouterr().err
+
+
+def test_recover_without_checkpoint(tmp_path, capsys):
+    from edge_asr.cli import main
+
+    assert main(["recover", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "m")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-asr: error:") and "\n" not in err
