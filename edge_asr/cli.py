@@ -1,4 +1,5 @@
-"""The `edge-asr` command line: build, compress, recover, transcribe, bench, synth, info, demo.
+"""The `edge-asr` command line: build, compress, recover, transcribe, listen, daemon, devices, bench,
+synth, info, demo.
 
 Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
 one line on stderr and a non-zero exit status, never a traceback.
@@ -168,6 +169,66 @@ def cmd_transcribe(args) -> int:
     return status
 
 
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:05.2f}"
+
+
+def cmd_listen(args) -> int:
+    from .endpointer import Endpointer
+    from .sources import FileSource, MicrophoneSource
+    from .stream import StreamRecognizer
+    from .vad import make_vad
+
+    source = FileSource(args.file, realtime=args.realtime) if args.file else MicrophoneSource(args.device, args.rate)
+    transcriber = _transcriber(args)
+    tty = sys.stderr.isatty() and not args.json
+
+    def on_partial(p):
+        if tty:
+            print(f"\r\033[K… {p.text[-150:]}", end="", file=sys.stderr, flush=True)
+
+    def on_final(f):
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr)
+        if args.json:
+            print(json.dumps(f.to_dict(), ensure_ascii=False), flush=True)
+        else:
+            print(f"[{_clock(f.start_s)} - {_clock(f.end_s)}] {f.text}", flush=True)
+
+    endpointer = Endpointer(make_vad(args.vad), args.min_silence, args.max_utterance, args.pre_roll)
+    recognizer = StreamRecognizer(transcriber, endpointer, args.partial_interval or None, on_partial, on_final)
+    if not args.file:
+        print(f"listening on {source.name} ({source.rate} Hz); Ctrl-C to stop", file=sys.stderr)
+    try:
+        for block in source:
+            recognizer.feed(block)
+    except KeyboardInterrupt:
+        pass
+    recognizer.finish()
+    c = recognizer.counters
+    print(f"{c.utterances} utterances, {c.audio_s:.1f} s audio, {c.processing_s:.1f} s processing, "
+          f"RTF {c.rtf:.3f}, {source.dropped_frames} dropped frames", file=sys.stderr)
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .sources import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no input devices found", file=sys.stderr)
+        return 1
+    for d in devices:
+        print(f"{d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['default_rate']} Hz)")
+    return 0
+
+
+def cmd_daemon(args) -> int:
+    from .daemon import Daemon, load_config
+
+    return Daemon(load_config(args.config)).run()
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -301,6 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file, with timings and RTF")
     p.set_defaults(func=cmd_transcribe)
+
+    p = with_bundle(sub.add_parser("listen", help="live transcription from the microphone or a file as a stream"))
+    p.add_argument("--file", help="stream this audio file ('-': stdin) instead of the microphone")
+    p.add_argument("--realtime", action="store_true", help="with --file: play it at real-time pace")
+    p.add_argument("--device", help="input device (index or name; see `edge-asr devices`)")
+    p.add_argument("--rate", type=int, help="device sample rate (default: the device's own); resampled to 16 kHz")
+    p.add_argument("--vad", choices=["energy", "silero"], default="energy", help="voice activity detector")
+    p.add_argument("--min-silence", type=float, default=0.5, help="seconds of silence that end an utterance")
+    p.add_argument("--max-utterance", type=float, default=20.0, help="longer speech is split at its quietest point")
+    p.add_argument("--pre-roll", type=float, default=0.3, help="seconds of audio kept before speech onset")
+    p.add_argument("--partial-interval", type=float, default=1.0,
+                   help="re-decode the growing utterance every N seconds of audio (0: no partials)")
+    p.add_argument("--json", action="store_true", help="finals as JSON lines with timings")
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("devices", help="list audio input devices")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("daemon", help="run as a service: TOML config, JSONL output, status endpoint")
+    p.add_argument("--config", required=True, help="TOML file (example: firmware_tools/edge-asr.toml)")
+    p.set_defaults(func=cmd_daemon)
 
     p = with_bundle(sub.add_parser("bench", help="WER, RTF and peak memory on folders with refs.tsv"))
     p.add_argument("dirs", nargs="+", metavar="DIR")

@@ -1,0 +1,145 @@
+"""`edge-asr daemon`: listen continuously, write finals to sinks, serve status, stop cleanly.
+
+Configuration is TOML (see firmware_tools/edge-asr.toml). SIGTERM and SIGINT stop taking new speech:
+the utterance in flight is finished and written, then the process exits 0. SIGHUP reopens the JSONL
+file (for logrotate). A status endpoint (HTTP on 127.0.0.1, or a Unix socket) serves the counters and
+the latest transcripts as JSON.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import tomllib
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .endpointer import Endpointer
+from .errors import EdgeAsrError
+from .paths import bundle_dir
+from .sinks import JsonlSink, StdoutSink
+from .sources import FileSource, MicrophoneSource
+from .stream import StreamRecognizer
+from .vad import make_vad
+
+DEFAULTS = {
+    "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
+    "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
+    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0},
+    "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
+    "status": {"listen": "127.0.0.1:8765"},
+}
+
+
+def load_config(path: str | Path) -> dict:
+    try:
+        user = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeAsrError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EdgeAsrError(f"{path}: not valid TOML ({e})") from None
+    config = {}
+    for section, defaults in DEFAULTS.items():
+        given = user.get(section, {})
+        unknown = set(given) - set(defaults)
+        if unknown:
+            raise EdgeAsrError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+        config[section] = defaults | given
+    unknown_sections = set(user) - set(DEFAULTS)
+    if unknown_sections:
+        raise EdgeAsrError(f"{path}: unknown section(s): {', '.join(sorted(unknown_sections))}")
+    return config
+
+
+def _status_handler(daemon: "Daemon"):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            body = json.dumps(daemon.status()).encode()
+            self.send_response(200 if self.path in ("/", "/status", "/health") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # keep the daemon's output for transcripts and errors
+            pass
+
+    return Handler
+
+
+class Daemon:
+    def __init__(self, config: dict):
+        from .transcriber import Transcriber
+
+        self.config = config
+        model = config["model"]
+        self.transcriber = Transcriber(model["bundle"] or bundle_dir(), threads=model["threads"])
+        vad = config["vad"]
+        self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])
+        self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,
+                                           on_final=self._record)
+        out = config["output"]
+        self.sinks = ([JsonlSink(out["jsonl"], out["max_bytes"], out["backups"])] if out["jsonl"] else [])
+        self.sinks += [StdoutSink()] if out["stdout"] else []
+        if not self.sinks:
+            raise EdgeAsrError("no output: set [output] jsonl = PATH and/or stdout = true")
+        self.started = time.time()
+        self.stopping = False
+        self.source = None
+
+    def _record(self, final) -> None:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")} | final.to_dict()
+        for sink in self.sinks:
+            sink.write(record)
+
+    def status(self) -> dict:
+        counters = self.recognizer.counters
+        counters.dropped_frames = self.source.dropped_frames if self.source else 0
+        return {"state": "stopping" if self.stopping else "listening", "uptime_s": round(time.time() - self.started, 1),
+                "source": self.source.name if self.source else None} | counters.to_dict()
+
+    def _make_source(self):
+        inp = self.config["input"]
+        if inp["source"] == "microphone":
+            return MicrophoneSource(inp["device"], inp["rate"])
+        return FileSource(inp["source"], realtime=inp["realtime"])
+
+    def _serve_status(self):
+        listen = self.config["status"]["listen"]
+        if not listen:
+            return None
+        host, _, port = listen.rpartition(":")
+        try:
+            server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), _status_handler(self))
+        except (OSError, ValueError) as e:
+            raise EdgeAsrError(f"status endpoint {listen}: cannot listen ({e})") from None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _reopen(self, signum, frame) -> None:
+        for sink in self.sinks:
+            sink.reopen()
+
+    def run(self) -> int:
+        self.source = self._make_source()
+        server = self._serve_status()
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reopen)
+        try:
+            for block in self.source:
+                self.recognizer.feed(block)
+                if self.stopping and not self.recognizer.in_speech:
+                    break
+            self.recognizer.finish()
+        finally:
+            for sink in self.sinks:
+                sink.close()
+            if server:
+                server.shutdown()
+        return 0

@@ -1,0 +1,136 @@
+"""Audio sources for streaming: the microphone, or a file / stdin played as a stream.
+
+Every source yields blocks of 16 kHz mono float32 samples and counts the input frames it had to drop.
+A file source can be paced at real time (what a microphone would deliver, for tests and latency
+measurements without hardware) or read as fast as the recognizer takes it.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio, resample
+from .errors import AudioError
+
+BLOCK_SECONDS = 0.1
+
+
+class AudioSource:
+    """Iterate for blocks of 16 kHz mono float32 audio; `stop()` ends the iteration at the next block."""
+
+    dropped_frames = 0
+    name = "audio"
+
+    def __init__(self):
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class FileSource(AudioSource):
+    """A file (or '-' for WAV/FLAC on stdin) played as a stream, optionally at real-time pace."""
+
+    def __init__(self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS):
+        super().__init__()
+        self.name = path
+        self.audio = self._read_stdin() if path == "-" else load_audio(path)
+        self.realtime = realtime
+        self.block = int(block_seconds * SAMPLE_RATE)
+
+    @staticmethod
+    def _read_stdin() -> np.ndarray:
+        import soundfile as sf
+
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise AudioError("stdin: no audio")
+        try:
+            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except Exception as e:  # libsndfile's errors have no common base class across versions
+            raise AudioError(f"stdin: not a readable audio stream ({str(e).splitlines()[0][:100]})") from None
+        return resample(audio.mean(axis=1), rate)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        start = time.monotonic()
+        for offset in range(0, len(self.audio), self.block):
+            if self._stopped:
+                return
+            if self.realtime:
+                # Deliver each block when its last sample would have been recorded, on an absolute
+                # schedule: time spent downstream is caught up, never added up.
+                due = start + (offset + self.block) / SAMPLE_RATE
+                time.sleep(max(0.0, due - time.monotonic()))
+            yield self.audio[offset: offset + self.block]
+
+
+def _sounddevice():
+    try:
+        import sounddevice
+    except ImportError:
+        raise AudioError("microphone input needs sounddevice: pip install 'edge-asr[mic]'") from None
+    except OSError as e:  # the PortAudio library itself is missing
+        raise AudioError(f"no audio system ({e}); install PortAudio (e.g. apt install libportaudio2)") from None
+    return sounddevice
+
+
+def list_input_devices() -> list[dict]:
+    sd = _sounddevice()
+    return [{"index": i, "name": d["name"], "channels": d["max_input_channels"],
+             "default_rate": int(d["default_samplerate"])}
+            for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
+
+
+class MicrophoneSource(AudioSource):
+    """Blocks from an input device, resampled to 16 kHz. The audio callback only queues; a full queue
+    (the recognizer fell behind by more than `buffer_seconds`) drops blocks and counts their frames."""
+
+    def __init__(self, device: str | int | None = None, rate: int | None = None,
+                 block_seconds: float = BLOCK_SECONDS, buffer_seconds: float = 30.0):
+        super().__init__()
+        label = "the default input" if device is None else f"input device {device!r}"
+        try:
+            sd = _sounddevice()
+        except AudioError as e:
+            raise AudioError(f"{label}: {e}; see `edge-asr devices`") from None
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        try:
+            info = sd.query_devices(device, "input")
+        except (ValueError, sd.PortAudioError) as e:
+            raise AudioError(f"{label}: not available ({e}); see `edge-asr devices`") from None
+        self.name = info["name"]
+        self.rate = int(rate or info["default_samplerate"])
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(buffer_seconds / block_seconds)))
+        try:
+            self.stream = sd.InputStream(device=device, channels=1, samplerate=self.rate, dtype="float32",
+                                         blocksize=int(block_seconds * self.rate), callback=self._callback)
+        except (ValueError, sd.PortAudioError) as e:
+            raise AudioError(f"{label} ({self.name}): cannot record at {self.rate} Hz ({e}); "
+                             "see `edge-asr devices`") from None
+
+    def _callback(self, data, frames, time_info, status) -> None:
+        try:
+            self.queue.put_nowait(data[:, 0].copy())
+        except queue.Full:
+            self.dropped_frames += frames
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        import soxr
+
+        resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        with self.stream:
+            while not self._stopped:
+                try:
+                    block = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                yield block if self.rate == SAMPLE_RATE else resampler.resample_chunk(block)

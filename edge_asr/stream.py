@@ -1,0 +1,124 @@
+"""Streaming recognition: source blocks -> endpointer -> transcriber -> partial and final events.
+
+While an utterance grows, it is re-decoded every `partial_interval` seconds of audio; the words that
+two successive partials agree on are reported as the stable prefix. At each endpoint the utterance is
+decoded once more, and that final is what sinks record. Every final carries the wall-clock time it was
+produced, so that latency from the end of speech can be measured against the source's clock.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from .audio import SAMPLE_RATE
+from .endpointer import Endpointer, Utterance
+
+
+@dataclass
+class Partial:
+    text: str
+    stable: str
+    start_s: float
+
+
+@dataclass
+class Final:
+    text: str
+    start_s: float
+    end_s: float
+    last_speech_s: float
+    processing_s: float
+    emitted: float            # time.monotonic() when the text was ready
+    forced_cut: bool = False
+
+    @property
+    def rtf(self) -> float:
+        return self.processing_s / max(1e-9, self.end_s - self.start_s)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("emitted")
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} | {"rtf": round(self.rtf, 4)}
+
+
+@dataclass
+class Counters:
+    audio_s: float = 0.0
+    processing_s: float = 0.0
+    utterances: int = 0
+    partials: int = 0
+    dropped_frames: int = 0
+    latest: list = field(default_factory=list)
+
+    @property
+    def rtf(self) -> float:
+        return self.processing_s / self.audio_s if self.audio_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"audio_s": round(self.audio_s, 2), "processing_s": round(self.processing_s, 3),
+                "rtf": round(self.rtf, 4), "utterances": self.utterances, "partials": self.partials,
+                "dropped_frames": self.dropped_frames, "latest": self.latest}
+
+
+def _common_prefix(a: str, b: str) -> str:
+    words = []
+    for x, y in zip(a.split(), b.split()):
+        if x != y:
+            break
+        words.append(x)
+    return " ".join(words)
+
+
+class StreamRecognizer:
+    def __init__(self, transcriber, endpointer: Endpointer, partial_interval: float | None = 1.0,
+                 on_partial=lambda p: None, on_final=lambda f: None, keep_latest: int = 10):
+        self.transcriber, self.endpointer = transcriber, endpointer
+        self.partial_interval = partial_interval
+        self.on_partial, self.on_final = on_partial, on_final
+        self.counters = Counters()
+        self.keep_latest = keep_latest
+        self._last_partial_at = 0.0
+        self._previous_partial = ""
+
+    @property
+    def in_speech(self) -> bool:
+        return self.endpointer.in_speech
+
+    def feed(self, block) -> list[Final]:
+        self.counters.audio_s += len(block) / SAMPLE_RATE
+        finals = [self._final(u) for u in self.endpointer.feed(block)]
+        if self.partial_interval and self.endpointer.in_speech:
+            current = self.endpointer.current()
+            if len(current) / SAMPLE_RATE - self._last_partial_at >= self.partial_interval:
+                self._partial(current)
+        return finals
+
+    def finish(self) -> list[Final]:
+        """End of input: decode the utterance in flight."""
+        return [self._final(u) for u in self.endpointer.flush()]
+
+    def _timed(self, audio) -> tuple[str, float]:
+        start = time.perf_counter()
+        text = self.transcriber.transcribe(audio).text
+        spent = time.perf_counter() - start
+        self.counters.processing_s += spent
+        return text, spent
+
+    def _partial(self, audio) -> None:
+        text, _ = self._timed(audio)
+        self._last_partial_at = len(audio) / SAMPLE_RATE
+        partial = Partial(text, _common_prefix(self._previous_partial, text), self.endpointer.time_s - len(audio) / SAMPLE_RATE)
+        self._previous_partial = text
+        self.counters.partials += 1
+        self.on_partial(partial)
+
+    def _final(self, utterance: Utterance) -> Final:
+        text, spent = self._timed(utterance.audio)
+        final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
+                      utterance.forced)
+        self._last_partial_at, self._previous_partial = 0.0, ""
+        if text:
+            self.counters.utterances += 1
+            self.counters.latest = (self.counters.latest + [final.to_dict()])[-self.keep_latest:]
+            self.on_final(final)
+        return final

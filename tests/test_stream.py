@@ -1,0 +1,147 @@
+"""Streaming: endpointing, the file source, the daemon's sinks and its signal handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_asr.endpointer import Endpointer
+from edge_asr.metrics import word_error_rate
+from edge_asr.sinks import JsonlSink
+from edge_asr.vad import EnergyVad
+
+PAUSE = 1.2
+
+
+@pytest.fixture(scope="module")
+def stream(speech):
+    """The synthesized sentences joined by pauses: (audio, texts, [(speech_start_s, speech_end_s)])."""
+    parts, spans, t = [np.zeros(8000, np.float32)], [], 0.5
+    for _, audio in speech:
+        voiced = np.flatnonzero(np.abs(audio) > 0.01)
+        spans.append((t + voiced[0] / 16000, t + voiced[-1] / 16000))
+        parts += [audio, np.zeros(int(PAUSE * 16000), np.float32)]
+        t += len(audio) / 16000 + PAUSE
+    return np.concatenate(parts), [text for text, _ in speech], spans
+
+
+def test_endpointer_finds_each_sentence(stream):
+    audio, texts, spans = stream
+    endpointer = Endpointer(EnergyVad(), min_silence=0.5)
+    utterances = []
+    for i in range(0, len(audio), 1600):
+        utterances += endpointer.feed(audio[i:i + 1600])
+    utterances += endpointer.flush()
+    assert len(utterances) == len(texts)
+    for u, (start, end) in zip(utterances, spans):
+        assert u.start_s <= start and abs(u.last_speech_s - end) < 0.15
+        assert u.end_s - u.last_speech_s <= 0.25  # the tail kept after speech
+        assert 0.5 <= (u.start_s + len(u.audio) / 16000 + 0.5) - u.last_speech_s  # cut after min_silence
+
+
+def test_long_speech_is_split_below_the_maximum(speech):
+    audio = np.concatenate([a for _, a in speech] * 3)  # ~25 s with only short gaps
+    endpointer = Endpointer(EnergyVad(), min_silence=2.0, max_utterance=8.0)
+    utterances = endpointer.feed(audio) + endpointer.flush()
+    assert len(utterances) >= 3
+    assert all(len(u.audio) / 16000 <= 8.0 + 1e-6 for u in utterances)
+    assert any(u.forced for u in utterances)
+    assert abs(sum(len(u.audio) for u in utterances) / 16000 - len(audio) / 16000) < 1.0
+
+
+def test_stream_transcript_matches_sentences(transcriber_int8, stream, tmp_path):
+    from edge_asr.sources import FileSource
+    from edge_asr.stream import StreamRecognizer
+    from edge_asr_build.synth import write_wav
+
+    audio, texts, _ = stream
+    write_wav(tmp_path / "stream.wav", audio)
+    source = FileSource(str(tmp_path / "stream.wav"))
+    partials = []
+    recognizer = StreamRecognizer(transcriber_int8, Endpointer(EnergyVad()), 1.0, on_partial=partials.append)
+    finals = [f for block in source for f in recognizer.feed(block)] + recognizer.finish()
+    assert len(finals) == len(texts) and source.dropped_frames == 0
+    assert word_error_rate(texts, [f.text for f in finals]) < 10
+    assert partials and all(p.text.startswith(p.stable) for p in partials)
+    assert recognizer.counters.utterances == len(texts) and 0 < recognizer.counters.rtf < 1
+
+
+def test_jsonl_sink_rotates_and_keeps_whole_lines(tmp_path):
+    sink = JsonlSink(tmp_path / "t.jsonl", max_bytes=200, backups=2)
+    for i in range(20):
+        sink.write({"i": i, "text": "x" * 30})
+    sink.close()
+    files = sorted(tmp_path.glob("t.jsonl*"))
+    assert [f.name for f in files] == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert max(r["i"] for r in lines) == 19 and all(f.stat().st_size <= 200 for f in files)
+
+
+def _daemon(tmp_path, wav, bundle):
+    config = tmp_path / "edge-asr.toml"
+    config.write_text(f'[input]\nsource = "{wav}"\nrealtime = true\n[model]\nbundle = "{bundle}"\n'
+                      f'[output]\njsonl = "{tmp_path / "out.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n')
+    return subprocess.Popen([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(path, n, process, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return time.monotonic()
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} lines in {path}")
+
+
+@pytest.fixture(scope="module")
+def stream_wav(stream, tmp_path_factory):
+    from edge_asr_build.synth import write_wav
+
+    path = tmp_path_factory.mktemp("stream") / "stream.wav"
+    write_wav(path, stream[0])
+    return path
+
+
+def test_sigterm_finishes_the_utterance_in_flight(tmp_path, stream_wav, stream, bundle_int8):
+    _, texts, spans = stream
+    process = _daemon(tmp_path, stream_wav, bundle_int8)
+    first = _wait_for_lines(tmp_path / "out.jsonl", 1, process)
+    # The first final arrives ~0.5 s after its speech ended; the second sentence starts PAUSE later.
+    time.sleep(max(0.0, (spans[1][0] - spans[0][1]) - 0.5) + 1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 2  # the utterance in flight was finished; nothing new was started
+    assert word_error_rate(texts[:2], [r["text"] for r in records]) < 15
+    assert time.monotonic() - first < spans[1][1] - spans[0][1] + 5
+
+
+def test_sigkill_leaves_only_whole_lines(tmp_path, stream_wav, bundle_int8):
+    process = _daemon(tmp_path, stream_wav, bundle_int8)
+    _wait_for_lines(tmp_path / "out.jsonl", 1, process)
+    time.sleep(1.5)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["text"] for line in lines)
+
+
+def test_config_errors_are_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[vad]\nmin_silence_ms = 500\n")
+    out = subprocess.run([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "min_silence_ms" in out.stderr
+
+
+def test_missing_microphone_is_one_line(bundle_int8):
+    out = subprocess.run([sys.executable, "-m", "edge_asr", "listen", "--bundle", str(bundle_int8),
+                          "--device", "no-such-device-xyz"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0
+    assert "edge-asr devices" in out.stderr and "Traceback" not in out.stderr
