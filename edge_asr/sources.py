@@ -39,12 +39,15 @@ class AudioSource:
 class FileSource(AudioSource):
     """A file (or '-' for WAV/FLAC on stdin) played as a stream, optionally at real-time pace."""
 
-    def __init__(self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS):
+    def __init__(self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS,
+                 buffer_seconds: float = 30.0):
         super().__init__()
         self.name = path
         self.audio = self._read_stdin() if path == "-" else load_audio(path)
         self.realtime = realtime
         self.block = int(block_seconds * SAMPLE_RATE)
+        self.buffer_seconds = buffer_seconds  # as much as a microphone source queues before dropping
+        self.started = None                   # time.monotonic() of the stream's first sample
 
     @staticmethod
     def _read_stdin() -> np.ndarray:
@@ -60,15 +63,20 @@ class FileSource(AudioSource):
         return resample(audio.mean(axis=1), rate)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        start = time.monotonic()
+        self.started = time.monotonic()
         for offset in range(0, len(self.audio), self.block):
             if self._stopped:
                 return
             if self.realtime:
                 # Deliver each block when its last sample would have been recorded, on an absolute
-                # schedule: time spent downstream is caught up, never added up.
-                due = start + (offset + self.block) / SAMPLE_RATE
-                time.sleep(max(0.0, due - time.monotonic()))
+                # schedule: time spent downstream is caught up, never added up. A consumer more than
+                # buffer_seconds behind loses the block, as it would lose microphone input.
+                due = self.started + (offset + self.block) / SAMPLE_RATE
+                lag = time.monotonic() - due
+                if lag > self.buffer_seconds:
+                    self.dropped_frames += min(self.block, len(self.audio) - offset)
+                    continue
+                time.sleep(max(0.0, -lag))
             yield self.audio[offset: offset + self.block]
 
 

@@ -145,3 +145,26 @@ def test_missing_microphone_is_one_line(bundle_int8):
                           "--device", "no-such-device-xyz"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0
     assert "edge-asr devices" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_status_endpoint_serves_counters(tmp_path, stream_wav, bundle_int8):
+    import urllib.request
+
+    from edge_asr.daemon import Daemon, load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[input]\nsource = "{stream_wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
+                      f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n')
+    daemon = Daemon(load_config(config))
+    daemon.source = daemon._make_source()
+    server = daemon._serve_status()
+    try:
+        for block in daemon.source:
+            daemon.recognizer.feed(block)
+        daemon.recognizer.finish()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/status", timeout=10) as r:
+            status = json.loads(r.read())
+    finally:
+        server.shutdown()
+    assert status["utterances"] == 3 and status["dropped_frames"] == 0
+    assert status["audio_s"] > 10 and 0 < status["rtf"] < 1 and len(status["latest"]) == 3
