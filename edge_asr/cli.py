@@ -17,6 +17,8 @@ from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
 
 DEMO_SENTENCE = "Replace the hydraulic filter on press number four before the night shift."
+DEMO_STREAM = ["The coolant pump on line two is running hot.", "Order a new drive belt for the north conveyor.",
+               "Mark the inspection as done."]
 
 
 def _build_side():
@@ -302,7 +304,37 @@ def cmd_demo(args) -> int:
     print(f"reference:  {DEMO_SENTENCE}")
     print(f"transcript: {t.text}")
     print(f"RTF:        {t.rtf:.3f} wall, {t.rtf_cpu:.3f} CPU ({t.wall_seconds * 1000:.0f} ms, {args.threads} threads)")
+    _demo_stream(args, home() / "demo")
     return 0
+
+
+def _demo_stream(args, folder: Path) -> None:
+    """Live: three dictated sentences with pauses, played at real-time pace through the streaming path."""
+    import numpy as np
+    from edge_asr_build.synth import synthesize, write_wav
+
+    from .endpointer import Endpointer
+    from .sources import FileSource
+    from .stream import StreamRecognizer
+    from .vad import EnergyVad
+
+    wav = folder / "stream.wav"
+    if not wav.exists():
+        pause = np.zeros(24000, dtype=np.float32)
+        write_wav(wav, np.concatenate([pause] + [x for text in DEMO_STREAM for x in (synthesize(text), pause)]))
+    source = FileSource(str(wav), realtime=True)
+
+    def on_final(f):
+        print(f"  [{_clock(f.start_s)} - {_clock(f.end_s)}] {f.text}  "
+              f"(final {f.emitted - source.started - f.last_speech_s:.2f} s after speech ended, RTF {f.rtf:.3f})")
+
+    print(f"live:       {wav} as a real-time stream ({len(source.audio) / 16000:.1f} s), min silence 0.5 s")
+    recognizer = StreamRecognizer(_transcriber(args), Endpointer(EnergyVad(), min_silence=0.5), None, on_final=on_final)
+    for block in source:
+        recognizer.feed(block)
+    recognizer.finish()
+    c = recognizer.counters
+    print(f"            {c.utterances} utterances, RTF {c.rtf:.3f}, {source.dropped_frames} dropped frames")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", help="piper voice .onnx (default: en_US-joe-medium)")
     p.set_defaults(func=cmd_synth)
 
-    p = with_threads(sub.add_parser("demo", help="build the default bundle and transcribe a synthesized sentence"))
+    p = with_threads(sub.add_parser("demo", help="build the default bundle, transcribe a synthesized sentence, "
+                                                 "then a synthesized live stream"))
     p.set_defaults(func=cmd_demo)
     return parser
 
