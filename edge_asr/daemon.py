@@ -2,8 +2,8 @@
 
 Configuration is TOML (see firmware_tools/edge-asr.toml). SIGTERM and SIGINT stop taking new speech:
 the utterance in flight is finished and written, then the process exits 0. SIGHUP reopens the JSONL
-file (for logrotate). A status endpoint (HTTP on 127.0.0.1, or a Unix socket) serves the counters and
-the latest transcripts as JSON.
+file (for logrotate). A status endpoint (HTTP on 127.0.0.1 by default) serves the counters and the latest
+transcripts as JSON.
 """
 from __future__ import annotations
 

@@ -40,7 +40,6 @@ def test_endpointer_finds_each_sentence(stream):
     for u, (start, end) in zip(utterances, spans):
         assert u.start_s <= start and abs(u.last_speech_s - end) < 0.15
         assert u.end_s - u.last_speech_s <= 0.25  # the tail kept after speech
-        assert 0.5 <= (u.start_s + len(u.audio) / 16000 + 0.5) - u.last_speech_s  # cut after min_silence
 
 
 def test_long_speech_is_split_below_the_maximum(speech):
