@@ -22,6 +22,15 @@ def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
     return [special["sot"], special["no_timestamps"]]
 
 
+def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
+    """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
+    dims = loaded.model.dims
+    special = special or special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
+    return {"prompt": decoder_prompt(special, dims.is_multilingual), "special_tokens": special,
+            "suppress_tokens": loaded.suppress_tokens, "suppress_blank": loaded.suppress_blank_tokens,
+            "mode": "no-timestamps"}
+
+
 def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, precision: str,
                  name: str, extra: dict | None = None) -> dict:
     """Write tokens, mel filters and the manifest next to the graphs already in `out_dir`.
@@ -53,13 +62,7 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
         "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": dims.n_mels,
                      "chunk_seconds": 30, "mel_filters": "mel_filters.npy"},
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
-        "decoder": {
-            "prompt": decoder_prompt(special, dims.is_multilingual),
-            "special_tokens": special,
-            "suppress_tokens": loaded.suppress_tokens,
-            "suppress_blank": loaded.suppress_blank_tokens,
-            "mode": "no-timestamps",
-        },
+        "decoder": decoder_section(loaded, special),
         "files": {n: {"bytes": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in files},
         "evaluation": {},
     }

@@ -17,11 +17,13 @@ from typing import Callable
 from edge_asr.bundle import Bundle
 
 from .bundle import save_manifest, write_bundle
-from .compress import DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, save_compressed
+from .compress import (DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, load_compressed,
+                       save_compressed)
 from .export import export_decoder, export_encoder
 from .loaders import DEFAULT_SOURCE, load_whisper
 from .quantize import BLOCKWISE, quantize_int8
-from .recover import RecoveryConfig, audio_files, decoding_rules, prepare_windows, recover, synthesized_audio
+from .recover import (RecoveryConfig, audio_files, decoding_rules, encoder_is_factored, prepare_windows, recover,
+                      synthesized_audio)
 
 PRECISIONS = ("int8", "fp32")
 
@@ -102,7 +104,7 @@ class CompactRecipe:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     def key(self, source_sha256: str) -> str:
-        text = json.dumps({"recipe": asdict(self), "source": source_sha256, "version": 1}, sort_keys=True)
+        text = json.dumps({"recipe": asdict(self), "source": source_sha256, "version": 2}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -124,30 +126,22 @@ def recover_checkpoint(checkpoint: Path, out: Path, audio: Path | None = None, s
                        step: Callable[[str], None] = lambda message: None) -> tuple[Path, dict]:
     """Fine-tune a compressed checkpoint against its teacher on `audio` (a folder) or, without one, on
     `sentences` synthesized dictation sentences; saves out.safetensors + out.json."""
-    import torch
-
     config = config or RecoveryConfig()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    student = load_whisper(checkpoint)
     meta = json.loads(checkpoint_files(checkpoint)[1].read_text())
     teacher = load_whisper(meta["teacher"])
+    student, _ = load_compressed(checkpoint)
     if audio is None:
         step(f"synthesize {sentences} sentences")
         audio = synthesized_audio(sentences, data_seed)
     files = audio_files(Path(audio))
     step(f"pseudo-label {len(files)} files with the teacher")
     windows = prepare_windows(teacher.model, files, decoding_rules(teacher), config.seed, config.max_tokens,
-                              keep_features=not any(k.startswith("encoder") for k in _structure_paths(student.model)))
+                              keep_features=not encoder_is_factored(student))
     step("recover (distillation)")
-    summary = recover(student.model, teacher.model, windows, config, log=lambda m: print(m, file=sys.stderr))
+    summary = recover(student, teacher.model, windows, config, log=lambda m: print(m, file=sys.stderr))
     summary["audio"] = str(audio)
-    return save_compressed(student.model, Path(out), {"teacher": meta["teacher"], "compression": meta.get("compression"),
-                                                      "recovery": summary}), summary
-
-
-def _structure_paths(model) -> list[str]:
-    structure = getattr(model, "compression", None) or {}
-    return list(structure.get("twins", {})) + list(structure.get("linear", {}))
+    return save_compressed(student, Path(out), {"teacher": meta["teacher"], "compression": meta.get("compression"),
+                                                "recovery": summary}), summary
 
 
 def compact_checkpoint(source: str = DEFAULT_SOURCE, recipe: CompactRecipe | None = None,

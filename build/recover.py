@@ -86,59 +86,59 @@ def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(audio, -1, 1).astype(np.float32)
 
 
-@torch.no_grad()
-def greedy_tokens(model: Whisper, features: Tensor, prompt: list[int], eot: int, suppress: list[int],
-                  suppress_blank: list[int], max_tokens: int) -> list[int]:
-    """The teacher's transcript of one window, with the runtime's decoding rules (no timestamps)."""
-    cross = model.decoder.cross_kv(features[None])
-    logits, cache = model.decoder.forward_cached(torch.tensor([prompt]), model.empty_cache(), cross)
-    out: list[int] = []
-    for step in range(max_tokens):
-        logits = logits[0].clone()
-        logits[suppress] = -math.inf
-        if step == 0:
-            logits[suppress_blank] = -math.inf
-        token = int(logits.argmax())
-        if token == eot:
-            break
-        out.append(token)
-        logits, cache = model.decoder.forward_cached(torch.tensor([[token]]), cache, cross)
-    return out
+class TorchWhisper:
+    """A torch `Whisper` behind the runtime backend's interface (encode / empty_cache / decode), so that
+    the teacher's pseudo-labels come from the runtime's own `GreedyDecoder` and its suppression rules.
+    `features` holds the encoder output of the last `encode`."""
+
+    def __init__(self, model: Whisper):
+        self.model = model
+        self.features: Tensor | None = None
+
+    @torch.no_grad()
+    def encode(self, mel: np.ndarray) -> list:
+        self.features = self.model.encoder(torch.from_numpy(mel)[None])
+        return self.model.decoder.cross_kv(self.features)
+
+    def empty_cache(self) -> list:
+        return self.model.empty_cache()
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], cache: list, cross: list) -> tuple[np.ndarray, list]:
+        logits, cache = self.model.decoder.forward_cached(torch.tensor([tokens]), cache, cross)
+        return logits[0].numpy(), cache
 
 
 def prepare_windows(teacher: Whisper, files: list[Path], decoding: dict, seed: int, max_tokens: int,
                     keep_features: bool) -> list[Window]:
-    """Mel windows of (augmented) audio, with the teacher's pseudo-labels and, if asked, its encoder output."""
+    """Mel windows of (augmented) audio, with the teacher's pseudo-labels and, if asked, its encoder output.
+    `decoding` is a bundle's decoder section with n_vocab (`decoding_rules`)."""
     from tqdm import tqdm
 
     from edge_asr.audio import load_audio
+    from edge_asr.decoding import DecodingOptions, GreedyDecoder
     from edge_asr.frontend import window_features
 
     from .mel import mel_filters
 
     filters = mel_filters(16000, 400, teacher.dims.n_mels)
     rng = np.random.default_rng(seed)
-    prompt, eot = decoding["prompt"], decoding["eot"]
+    backend = TorchWhisper(teacher)
+    decoder = GreedyDecoder(backend, decoding, DecodingOptions(max_new_tokens=max_tokens))
     windows = []
     for path in tqdm(files, desc="pseudo-label", unit="file"):
-        audio = load_audio(path)[: 30 * 16000]
-        mel = torch.from_numpy(window_features(augment(audio, rng), filters))
-        with torch.no_grad():
-            features = teacher.encoder(mel[None])[0]
-        label = greedy_tokens(teacher, features, prompt, eot, decoding["suppress"], decoding["suppress_blank"], max_tokens)
-        windows.append(Window(mel, prompt + label + [eot], len(prompt), features.half() if keep_features else None))
+        mel = window_features(augment(load_audio(path)[: 30 * 16000], rng), filters)
+        label = decoder.decode(mel)
+        features = backend.features[0].half() if keep_features else None
+        windows.append(Window(torch.from_numpy(mel), decoder.prompt + label + [decoder.eot], len(decoder.prompt), features))
     return windows
 
 
 def decoding_rules(loaded) -> dict:
-    """Prompt, end-of-text id and suppression lists of a `LoadedWhisper`, as the runtime applies them."""
-    from .bundle import decoder_prompt
-    from .vocabulary import special_tokens, token_strings
+    """The decoder section a bundle of `loaded` would carry, with n_vocab: the runtime decoder's config."""
+    from .bundle import decoder_section
 
-    dims = loaded.model.dims
-    special = special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
-    return {"prompt": decoder_prompt(special, dims.is_multilingual), "eot": special["eot"],
-            "suppress": loaded.suppress_tokens, "suppress_blank": loaded.suppress_blank_tokens}
+    return decoder_section(loaded) | {"n_vocab": loaded.model.dims.n_vocab}
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -156,26 +156,24 @@ def factor_parameters(model: Whisper) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in params}.values())
 
 
-def _encoder_changed(student: Whisper) -> bool:
-    return any(p.requires_grad for p in student.encoder.parameters())
+def encoder_is_factored(model: Whisper) -> bool:
+    """Whether compression touched the encoder: then it trains too, and its output cannot be cached."""
+    factors = {id(p) for p in factor_parameters(model)}
+    return any(id(p) in factors for p in model.encoder.parameters())
 
 
-def _batch_tokens(windows: list[Window]) -> tuple[Tensor, Tensor]:
-    """Inputs (B, L) and a mask (B, L) of the positions whose next token is part of the label."""
+def _batch(windows: list[Window]) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-forcing inputs (B, L), next-token targets (B, L), and a mask (B, L) of the positions whose
+    next token is part of the label (the pseudo-label and its end of text, not the prompt or padding)."""
     length = max(len(w.tokens) for w in windows) - 1
     inputs = torch.zeros(len(windows), length, dtype=torch.long)
+    targets = torch.zeros(len(windows), length, dtype=torch.long)
     mask = torch.zeros(len(windows), length, dtype=torch.bool)
     for i, w in enumerate(windows):
         inputs[i, : len(w.tokens) - 1] = torch.tensor(w.tokens[:-1])
-        mask[i, w.prompt_len - 1: len(w.tokens) - 1] = True
-    return inputs, mask
-
-
-def _targets(windows: list[Window], length: int) -> Tensor:
-    targets = torch.zeros(len(windows), length, dtype=torch.long)
-    for i, w in enumerate(windows):
         targets[i, : len(w.tokens) - 1] = torch.tensor(w.tokens[1:])
-    return targets
+        mask[i, w.prompt_len - 1: len(w.tokens) - 1] = True
+    return inputs, targets, mask
 
 
 def recover(student: Whisper, teacher: Whisper, windows: list[Window], config: RecoveryConfig,
@@ -192,7 +190,7 @@ def recover(student: Whisper, teacher: Whisper, windows: list[Window], config: R
     for p in trainable:
         p.requires_grad_(True)
     student.to(device)
-    encoder_trained = _encoder_changed(student)
+    encoder_trained = encoder_is_factored(student)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = math.ceil(len(windows) / config.batch_size)
@@ -207,9 +205,7 @@ def recover(student: Whisper, teacher: Whisper, windows: list[Window], config: R
     for epoch in range(config.epochs):
         for batch_ids in np.array_split(rng.permutation(len(windows)), steps_per_epoch):
             batch = [windows[i] for i in batch_ids]
-            inputs, mask = _batch_tokens(batch)
-            targets = _targets(batch, inputs.shape[1])
-            inputs, mask, targets = inputs.to(device), mask.to(device), targets.to(device)
+            inputs, targets, mask = (t.to(device) for t in _batch(batch))
             loss = torch.zeros((), device=device)
             with torch.no_grad():
                 if batch[0].teacher_features is not None:
