@@ -66,12 +66,17 @@ class ArraySource:
                 yield self.audio[i:i + 1600]
 
 
-def run_stream(transcriber, source, args):
+def make_recognizer(transcriber, args):
+    """Finals only (no partials): what a daemon does."""
     from edge_asr.endpointer import Endpointer
     from edge_asr.stream import StreamRecognizer
     from edge_asr.vad import make_vad
 
-    recognizer = StreamRecognizer(transcriber, Endpointer(make_vad(args.vad), args.min_silence), None)
+    return StreamRecognizer(transcriber, Endpointer(make_vad(args.vad), args.min_silence), None)
+
+
+def run_stream(transcriber, source, args):
+    recognizer = make_recognizer(transcriber, args)
     finals = [f for block in source for f in recognizer.feed(block)] + recognizer.finish()
     return [f for f in finals if f.text], recognizer
 
@@ -132,11 +137,7 @@ def main() -> int:
 
     if args.soak:
         repeats = max(1, round(args.soak * 60 / (len(audio) / SAMPLE_RATE)))
-        from edge_asr.endpointer import Endpointer
-        from edge_asr.stream import StreamRecognizer
-        from edge_asr.vad import make_vad
-
-        recognizer = StreamRecognizer(transcriber, Endpointer(make_vad(args.vad), args.min_silence), None)
+        recognizer = make_recognizer(transcriber, args)
         samples, next_mark, started = [], 0.0, time.monotonic()
         for block in ArraySource(audio, repeats):
             recognizer.feed(block)

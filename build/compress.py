@@ -229,7 +229,7 @@ def _mlp_linears(model: Whisper, parts) -> dict[str, nn.Linear]:
 def _linear_group(name: str, linear: nn.Linear) -> Group:
     s = torch.linalg.svdvals(linear.weight.detach().double()).numpy()
     n_out, n_in = linear.weight.shape
-    return Group(name, "linear", s ** 2, n_in + n_out, n_in * n_out + 0, (n_in * n_out) // (n_in + n_out))
+    return Group(name, "linear", s ** 2, n_in + n_out, n_in * n_out, (n_in * n_out) // (n_in + n_out))
 
 
 def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000) -> list[Group]:
@@ -423,8 +423,7 @@ def load_compressed(path: Path) -> tuple[Whisper, dict]:
     if meta.get("structure"):
         apply_structure(model, meta["structure"], weights_from_svd=False)
     state = load_file(str(weights))
-    model.load_state_dict(state, strict=False)
-    missing = set(model.state_dict()) - set(state)
+    missing = model.load_state_dict(state, strict=False).missing_keys
     if missing:
         raise ValueError(f"{path}: weights missing for {sorted(missing)[:3]}")
     return model.eval(), meta

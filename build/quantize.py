@@ -52,27 +52,26 @@ def quantize_int8(source: Path, target: Path, blockwise: str | None, block_size:
             str(source), str(dynamic), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
             weight_type=QuantType.QInt8, nodes_to_exclude=blockwise_nodes, extra_options={"MatMulConstBOnly": True},
         )
+        model = onnx.load(str(dynamic))
         if blockwise_nodes:
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(dynamic)), bits=8, block_size=block_size, is_symmetric=True,
+            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
                                              accuracy_level=4, nodes_to_include=blockwise_nodes)
             quantizer.process()
-            quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
-        else:
-            dynamic.replace(target)
-    store_float16(target, FLOAT16)
+            quantizer.model.topological_sort()
+            model = quantizer.model.model
+    store_float16(model, FLOAT16)
+    onnx.save(model, str(target))
     return target
 
 
-def store_float16(path: Path, pattern: str) -> None:
-    """Store the float32 initializers whose names match `pattern` as float16, each followed by a Cast
-    back to float32 (which ONNX Runtime folds into a constant when it loads the graph)."""
-    import onnx
+def store_float16(model, pattern: str) -> None:
+    """Store the float32 initializers of `model` (an onnx ModelProto, changed in place) whose names match
+    `pattern` as float16, each followed by a Cast back to float32 (which ONNX Runtime folds into a
+    constant when it loads the graph)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(path))
     for init in [i for i in model.graph.initializer if re.search(pattern, i.name) and i.data_type == TensorProto.FLOAT]:
         half = numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name + "_fp16")
         model.graph.initializer.remove(init)
         model.graph.initializer.append(half)
         model.graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
-    onnx.save(model, str(path))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, load_audio, resample
+from .audio import SAMPLE_RATE, decode_audio, load_audio
 from .errors import AudioError
 
 BLOCK_SECONDS = 0.1
@@ -51,16 +51,10 @@ class FileSource(AudioSource):
 
     @staticmethod
     def _read_stdin() -> np.ndarray:
-        import soundfile as sf
-
         data = sys.stdin.buffer.read()
         if not data:
             raise AudioError("stdin: no audio")
-        try:
-            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # libsndfile's errors have no common base class across versions
-            raise AudioError(f"stdin: not a readable audio stream ({str(e).splitlines()[0][:100]})") from None
-        return resample(audio.mean(axis=1), rate)
+        return decode_audio(io.BytesIO(data), "stdin")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         self.started = time.monotonic()
