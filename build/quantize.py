@@ -75,3 +75,15 @@ def store_float16(model, pattern: str) -> None:
         model.graph.initializer.remove(init)
         model.graph.initializer.append(half)
         model.graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+
+
+def quantize_lstm_int8(source: Path, target: Path) -> Path:
+    """int8 weights for an LSTM-CTC graph: every weight MatMul, those inside the time loop (a Scan
+    subgraph) included, dynamic int8 per output channel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8,
+                     extra_options={"MatMulConstBOnly": True, "EnableSubgraph": True})
+    return Path(target)

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs the bundle's encoder and cached decoder graphs."""
+"""ONNX Runtime backends: Whisper's encoder and cached decoder graphs, and the LSTM-CTC streaming graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,3 +54,26 @@ class OnnxWhisper:
         feeds.update(zip(self.cross_names, cross))
         logits, *cache = self.decoder.run(None, feeds)
         return logits[0], cache
+
+
+class OnnxLstmCtc:
+    """features (T, n_mels) + state -> log-probabilities (T // stack, n_symbols) + the state after them.
+
+    The state is the graph's own list of (h, c) per layer, in its input order; zeros start an utterance."""
+
+    def __init__(self, bundle: Bundle, threads: int = 2):
+        self.session = _session(bundle.file("acoustic"), threads)
+        inputs = self.session.get_inputs()
+        self.state_names = [i.name for i in inputs[1:]]
+        self.output_names = ["log_probs"] + [f"{n}_out" for n in self.state_names]
+        self._initial = [np.zeros(i.shape, dtype=np.float32) for i in inputs[1:]]
+        self.stack = int(bundle.manifest["frontend"]["stack"])
+
+    def initial_state(self) -> list[np.ndarray]:
+        return list(self._initial)
+
+    def run(self, features: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"features": features}
+        feeds.update(zip(self.state_names, state))
+        log_probs, *state = self.session.run(self.output_names, feeds)
+        return log_probs, state

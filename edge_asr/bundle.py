@@ -60,7 +60,7 @@ def verify_files(path: Path, manifest: dict) -> None:
 class Bundle:
     path: Path
     manifest: dict
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None   # Whisper's byte-level BPE; None for character models (lstm-ctc)
     mel_filters: np.ndarray
 
     @classmethod
@@ -70,12 +70,20 @@ class Bundle:
         if verify:
             verify_files(path, manifest)
         frontend, tokenizer = manifest["frontend"], manifest["tokenizer"]
-        unlisted = {frontend["mel_filters"], tokenizer["tokens"], *manifest["model"]["graphs"].values()} - set(manifest["files"])
+        listed = {frontend["mel_filters"], *manifest["model"]["graphs"].values()}
+        listed |= {tokenizer["tokens"]} if "tokens" in tokenizer else set()
+        unlisted = listed - set(manifest["files"])
         if unlisted:  # a file without a checksum could be swapped unnoticed
             raise BundleError(f"{path}: manifest lists no checksum for {', '.join(sorted(unlisted))}")
-        tokens = json.loads((path / tokenizer["tokens"]).read_text(encoding="utf-8"))
         mel_filters = np.load(path / frontend["mel_filters"], allow_pickle=False).astype(np.float32)
+        if tokenizer.get("type") != "byte-level-bpe":
+            return cls(path, manifest, None, mel_filters)
+        tokens = json.loads((path / tokenizer["tokens"]).read_text(encoding="utf-8"))
         return cls(path, manifest, Tokenizer(tokens, tokenizer["special"]), mel_filters)
+
+    @property
+    def family(self) -> str:
+        return self.manifest["model"].get("family", "whisper")
 
     def file(self, role: str) -> Path:
         return self.path / self.manifest["model"]["graphs"][role]

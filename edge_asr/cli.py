@@ -1,5 +1,5 @@
-"""The `edge-asr` command line: build, compress, recover, transcribe, listen, daemon, devices, bench,
-synth, info, demo.
+"""The `edge-asr` command line: build, compress, recover, lstm (train, compress, build), transcribe,
+listen, daemon, devices, bench, synth, info, demo.
 
 Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
 one line on stderr and a non-zero exit status, never a traceback.
@@ -141,10 +141,89 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def _transcriber(args):
-    from .transcriber import Transcriber
+def _lstm_side():
+    _build_side()
+    import edge_asr_build.lstm_recipe as recipe
 
-    return Transcriber(args.bundle, threads=args.threads)
+    return recipe
+
+
+def cmd_lstm_train(args) -> int:
+    recipe = _lstm_side()
+    hidden = [int(h) for h in args.hidden.split(",")]
+    config = recipe.LstmRecipe(utterances=args.utterances, copies=args.copies, hidden=hidden, epochs=args.epochs,
+                               lr=args.lr, seed=args.seed)
+    for folder in args.audio or []:
+        if not Path(folder).is_dir():
+            raise EdgeAsrError(f"{folder}: not a folder of audio")
+    path = recipe.train_lstm(Path(args.out), config, [Path(a) for a in args.audio or []], args.teacher, args.threads,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(path)
+    return 0
+
+
+def _lstm_checkpoint(path: str) -> Path:
+    from edge_asr_build.lstm import is_lstm_checkpoint
+
+    if not is_lstm_checkpoint(path):
+        raise EdgeAsrError(f"{path}: not an LSTM-CTC checkpoint (expected the .json or .safetensors written by "
+                           "`edge-asr lstm train`)")
+    return Path(path).with_suffix(".safetensors")
+
+
+def cmd_lstm_compress(args) -> int:
+    recipe = _lstm_side()
+    source = _lstm_checkpoint(args.source)
+    if not 0 < args.ratio < 1:
+        raise EdgeAsrError("--ratio must be between 0 and 1")
+    path = recipe.compress_and_recover(source, Path(args.out), args.ratio, args.epochs, args.lr, args.kd_weight,
+                                       threads=args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(path)
+    return 0
+
+
+def cmd_lstm_build(args) -> int:
+    _lstm_side()
+    from edge_asr_build.lstm_bundle import build_lstm_bundle
+
+    source = _lstm_checkpoint(args.source)
+    out = Path(args.out) if args.out else bundle_dir(f"{source.stem}-{args.precision}")
+    progress = StepProgress(4 if args.eval else 3, f"build {out.name}")
+    try:
+        manifest = build_lstm_bundle(source, out, args.precision, out.name, args.eval, args.threads, step=progress)
+    finally:
+        progress.close()
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+    held_out = manifest["evaluation"].get("held_out_synthetic")
+    print(f"built {out} ({size:.2f} MB, {manifest['model']['parameters'] / 1e6:.2f} M params"
+          + (f", held-out synthesized WER {held_out['wer']:.2f}%" if held_out else "") + ")")
+    return 0
+
+
+def ctc_options(beam: int = 0, bias_words: str | None = None, bias: float = 1.0):
+    """Decoding options of LSTM-CTC bundles; `bias_words` is comma-separated words or @FILE (one per line).
+    None keeps the bundle's defaults."""
+    from .ctc_transcriber import CtcOptions
+
+    if not beam and not bias_words:
+        return None
+    words = []
+    if bias_words:
+        if bias_words.startswith("@"):
+            try:
+                words = Path(bias_words[1:]).read_text(encoding="utf-8").split()
+            except OSError as e:
+                raise EdgeAsrError(f"{bias_words[1:]}: cannot read the word list ({e.strerror})") from None
+        else:
+            words = [w.strip() for w in bias_words.split(",") if w.strip()]
+    return CtcOptions(beam=beam, bias_words=[w.lower() for w in words], bias=bias)
+
+
+def _transcriber(args):
+    from .transcriber import load_transcriber
+
+    options = ctc_options(getattr(args, "beam", 0), getattr(args, "bias_words", None), getattr(args, "bias", 1.0))
+    return load_transcriber(args.bundle, threads=args.threads, ctc_options=options)
 
 
 def cmd_transcribe(args) -> int:
@@ -264,8 +343,14 @@ def cmd_info(args) -> int:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{m['name']}  ({bundle.path})")
-    print(f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
-          f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
+    if bundle.family == "lstm-ctc":
+        c = m["model"]["config"]
+        layers = ", ".join(f"{h}" + (f"/p{p}" if p else "") for h, p in zip(c["hidden"], c["proj"]))
+        print(f"  model      lstm-ctc {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
+              f"layers {layers}, {len(m['tokenizer']['alphabet']) - 1} characters")
+    else:
+        print(f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
+              f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
     print(f"  source     {m['source']['format']} {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
     for name, f in m["files"].items():
         print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
@@ -349,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_bundle(p):
         p.add_argument("--bundle", default=str(bundle_dir(DEFAULT_BUNDLE)),
                        help=f"bundle directory (default: {bundle_dir(DEFAULT_BUNDLE)})")
+        ctc = p.add_argument_group("LSTM-CTC bundles")
+        ctc.add_argument("--beam", type=int, default=0, help="prefix beam width for finals (default: greedy)")
+        ctc.add_argument("--bias-words", metavar="WORDS",
+                         help="favour these words: comma-separated, or @FILE with one word per line")
+        ctc.add_argument("--bias", type=float, default=1.0, help="bonus per character of a favoured word (nats)")
         return with_threads(p)
 
     p = with_threads(sub.add_parser("build", help="build a bundle from a pretrained Whisper (needs [build])"))
@@ -389,6 +479,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.set_defaults(func=cmd_recover)
+
+    lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, compress, build (needs [build])")
+    lstm_sub = lstm.add_subparsers(dest="lstm_command", required=True, metavar="STEP")
+    p = with_threads(lstm_sub.add_parser("train", help="train on synthesized speech (and teacher-labelled audio)"))
+    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--utterances", type=int, default=7000, help="synthesized training utterances (default 7000)")
+    p.add_argument("--copies", type=int, default=2, help="augmented copies of each (default 2)")
+    p.add_argument("--hidden", default="256,256,256", help="hidden units per layer (default 256,256,256)")
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--audio", action="append", metavar="DIR",
+                   help="folder of your own recordings, labelled by the Whisper teacher (repeatable)")
+    p.add_argument("--teacher", help="Whisper bundle that labels --audio (default: the default bundle)")
+    p.set_defaults(func=cmd_lstm_train)
+    p = with_threads(lstm_sub.add_parser("compress", help="joint SVD of recurrent and next-layer matrices, "
+                                                          "then recovery against the uncompressed model"))
+    p.add_argument("source", help="checkpoint from `edge-asr lstm train` (.json or .safetensors)")
+    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--ratio", type=float, default=1 / 3, help="share of LSTM matrix parameters to keep (default 1/3)")
+    p.add_argument("--epochs", type=int, default=3, help="recovery epochs (default 3; 0: SVD only)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of KL to the uncompressed model")
+    p.set_defaults(func=cmd_lstm_compress)
+    p = with_threads(lstm_sub.add_parser("build", help="export a checkpoint as a streaming bundle"))
+    p.add_argument("source", help="checkpoint (.json or .safetensors)")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--out", help="bundle directory (default: $EDGE_ASR_HOME/bundles/NAME-PRECISION)")
+    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the held-out evaluation")
+    p.set_defaults(func=cmd_lstm_build)
 
     p = with_bundle(sub.add_parser("transcribe", help="transcribe audio files"))
     p.add_argument("files", nargs="+", metavar="FILE")

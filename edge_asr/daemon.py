@@ -27,7 +27,7 @@ from .vad import make_vad
 DEFAULTS = {
     "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
     "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
-    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0},
+    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "beam": 0, "bias_words": []},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
 }
@@ -71,11 +71,14 @@ def _status_handler(daemon: "Daemon"):
 
 class Daemon:
     def __init__(self, config: dict):
-        from .transcriber import Transcriber
+        from .ctc_transcriber import CtcOptions
+        from .transcriber import load_transcriber
 
         self.config = config
         model = config["model"]
-        self.transcriber = Transcriber(model["bundle"] or bundle_dir(), threads=model["threads"])
+        options = (CtcOptions(beam=model["beam"], bias_words=[w.lower() for w in model["bias_words"]])
+                   if model["beam"] or model["bias_words"] else None)
+        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"], options)
         vad = config["vad"]
         self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])
         self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,

@@ -56,3 +56,33 @@ def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:
     if mel.shape[-1] >= length:
         return mel[..., :length]
     return np.pad(mel, [(0, 0)] * (mel.ndim - 1) + [(0, length - mel.shape[-1])])
+
+
+# --- streaming features, for frame-synchronous models (LSTM-CTC) ------------------------------------------------
+# Whisper's features need the whole window (centered frames, a clamp relative to the window's maximum). A
+# streaming model needs each frame to depend only on the samples it covers: frame t is samples
+# [160 t, 160 t + 400), uncentered, and the log has a fixed floor. Chunked and whole audio then give the
+# same frames exactly.
+
+def frame_log_mel(audio: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
+    """log10 mel power (T, n_mels) of every full 25 ms frame of 16 kHz audio, 10 ms apart."""
+    if len(audio) < N_FFT:
+        return np.zeros((0, mel_filters.shape[0]), dtype=np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(audio.astype(np.float32, copy=False), N_FFT)[::HOP_LENGTH]
+    spectrum = np.fft.rfft(frames * _HANN, axis=-1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    return np.log10(np.maximum(power @ mel_filters.T, 1e-10)).astype(np.float32)
+
+
+class LogMelStream:
+    """Feed audio in blocks of any size; get the frames that became complete."""
+
+    def __init__(self, mel_filters: np.ndarray):
+        self.mel_filters = mel_filters
+        self.pending = np.zeros(0, dtype=np.float32)
+
+    def accept(self, samples: np.ndarray) -> np.ndarray:
+        audio = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
+        n = 0 if len(audio) < N_FFT else 1 + (len(audio) - N_FFT) // HOP_LENGTH
+        self.pending = audio[n * HOP_LENGTH:]
+        return frame_log_mel(audio[: (n - 1) * HOP_LENGTH + N_FFT] if n else audio[:0], self.mel_filters)

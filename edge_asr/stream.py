@@ -1,8 +1,10 @@
 """Streaming recognition: source blocks -> endpointer -> transcriber -> partial and final events.
 
-While an utterance grows, it is re-decoded every `partial_interval` seconds of audio; the words that
-two successive partials agree on are reported as the stable prefix. At each endpoint the utterance is
-decoded once more, and that final is what sinks record. Every final carries the wall-clock time it was
+For Whisper, a growing utterance is re-decoded every `partial_interval` seconds of audio; the words
+that two successive partials agree on are reported as the stable prefix. At each endpoint the utterance
+is decoded once more, and that final is what sinks record. A streaming model (LSTM-CTC, whose
+transcriber has `stream()`) is instead fed each new block once, carrying its state: a partial is out as
+soon as its characters are, and the final only adds the end of the utterance. Every final carries the wall-clock time it was
 produced, so that latency from the end of speech can be measured against the source's clock.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Partial:
     text: str
     stable: str
     start_s: float
+    emitted: float = 0.0      # time.monotonic() when the text was ready
 
 
 @dataclass
@@ -79,6 +82,8 @@ class StreamRecognizer:
         self.keep_latest = keep_latest
         self._last_partial_at = 0.0
         self._previous_partial = ""
+        self.incremental = hasattr(transcriber, "stream")
+        self._stream, self._fed = None, 0  # the streaming model's utterance in flight, and samples fed to it
 
     @property
     def in_speech(self) -> bool:
@@ -87,7 +92,9 @@ class StreamRecognizer:
     def feed(self, block) -> list[Final]:
         self.counters.audio_s += len(block) / SAMPLE_RATE
         finals = [self._final(u) for u in self.endpointer.feed(block)]
-        if self.partial_interval and self.endpointer.in_speech:
+        if self.incremental and self.endpointer.in_speech:
+            self._advance(self.endpointer.current())
+        elif self.partial_interval and self.endpointer.in_speech:
             current = self.endpointer.current()
             if len(current) / SAMPLE_RATE - self._last_partial_at >= self.partial_interval:
                 self._partial(current)
@@ -107,13 +114,42 @@ class StreamRecognizer:
     def _partial(self, audio) -> None:
         text, _ = self._timed(audio)
         self._last_partial_at = len(audio) / SAMPLE_RATE
-        partial = Partial(text, _common_prefix(self._previous_partial, text), self.endpointer.time_s - len(audio) / SAMPLE_RATE)
+        self._emit_partial(text, len(audio))
+
+    def _emit_partial(self, text: str, n_samples: int) -> None:
+        partial = Partial(text, _common_prefix(self._previous_partial, text),
+                          self.endpointer.time_s - n_samples / SAMPLE_RATE, time.monotonic())
         self._previous_partial = text
         self.counters.partials += 1
         self.on_partial(partial)
 
+    def _advance(self, current) -> None:
+        """Feed the streaming model what the utterance gained since the last block."""
+        start = time.perf_counter()
+        if self._stream is None:
+            self._stream, self._fed = self.transcriber.stream(), 0
+        text = self._stream.accept(current[self._fed:])
+        self._fed = len(current)
+        self.counters.processing_s += time.perf_counter() - start
+        if text and text != self._previous_partial:
+            self._emit_partial(text, len(current))
+
+    def _final_text(self, utterance: Utterance) -> tuple[str, float]:
+        stream, fed = self._stream, self._fed
+        self._stream, self._fed = None, 0
+        if stream is None or utterance.forced:
+            # A forced cut ends before what the stream was fed; its rest starts the next utterance.
+            return self._timed(utterance.audio)
+        # Cut at silence: what was fed is the utterance (plus at most its trailing silence); add the rest.
+        start = time.perf_counter()
+        stream.accept(utterance.audio[fed:])
+        text = stream.finish()
+        spent = time.perf_counter() - start
+        self.counters.processing_s += spent
+        return text, spent
+
     def _final(self, utterance: Utterance) -> Final:
-        text, spent = self._timed(utterance.audio)
+        text, spent = self._final_text(utterance) if self.incremental else self._timed(utterance.audio)
         final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
                       utterance.forced)
         self._last_partial_at, self._previous_partial = 0.0, ""

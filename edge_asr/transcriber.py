@@ -55,3 +55,13 @@ class Transcriber:
         if len(audio) < HOP_LENGTH:
             return ""
         return self.tokenizer.decode(self.decoder.decode(window_features(audio, self.bundle.mel_filters))).strip()
+
+
+def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, ctc_options=None):
+    """The transcriber a bundle's model family needs: Whisper's, or the streaming LSTM-CTC one."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    if bundle.family == "lstm-ctc":
+        from .ctc_transcriber import CtcTranscriber
+
+        return CtcTranscriber(bundle, threads, ctc_options)
+    return Transcriber(bundle, threads)

@@ -1,0 +1,107 @@
+"""LSTM-CTC recipes, each pass usable alone: train from synthesized speech, compress by joint SVD and
+recover against the uncompressed model, export a bundle (float32 or int8)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .ctc_data import held_out_corpus, read_corpus, training_corpus
+from .ctc_train import TrainConfig, evaluate, normalization, prepare_features, teacher_transcripts, train_ctc
+from .lstm import LstmConfig, LstmCtc, compress_lstm, lstm_matrix_params, load_lstm, save_lstm
+
+
+@dataclass
+class LstmRecipe:
+    utterances: int = 7000          # synthesized training utterances (40% digits, 20% numbers and commands)
+    copies: int = 2                 # augmented versions of each
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    epochs: int = 7
+    lr: float = 2e-3
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, seed=self.seed)
+
+
+def _features_cache() -> Path:
+    from edge_asr.paths import home
+
+    return home() / "features"
+
+
+def held_out_examples(progress: bool = True):
+    return prepare_features(read_corpus(held_out_corpus(progress=progress)), copies=0, clean_copy=True,
+                            cache=_features_cache(), progress=progress)
+
+
+def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teacher_bundle: Path | None = None,
+               threads: int = 2, log=print) -> Path:
+    """Synthesize (once), featurize (once), train; write `out` (.safetensors + .json). Audio folders without
+    transcripts are labelled by the Whisper teacher and added to the training set."""
+    torch.set_num_threads(threads)
+    start = time.time()
+    items = read_corpus(training_corpus(recipe.utterances, recipe.seed))
+    for folder in audio_dirs:
+        from .recover import audio_files
+
+        labelled = teacher_transcripts(audio_files(Path(folder)), teacher_bundle, threads)
+        log(f"{folder}: {len(labelled)} files labelled by the teacher")
+        items += labelled
+    examples = prepare_features(items, recipe.copies, recipe.seed, cache=_features_cache())
+    held_out = held_out_examples()
+    hours = sum(len(e.features) for e in examples) / 100 / 3600
+    log(f"training on {len(examples)} utterances ({hours:.1f} h with augmentation), held out {len(held_out)}")
+    model = LstmCtc(LstmConfig(hidden=list(recipe.hidden), proj=[0] * len(recipe.hidden)))
+    model.set_normalization(*normalization(examples))
+    def keep(partial: LstmCtc, history: list[dict]) -> None:  # an interrupted run keeps its last epoch
+        save_lstm(partial, Path(out).with_name(Path(out).stem + ".partial"), {"recipe": asdict(recipe), "history": history})
+        partial.train()
+
+    history = train_ctc(model, examples, recipe.train_config(), held_out=held_out, log=log, on_epoch=keep)
+    model.cpu().eval()
+    return save_lstm(model, out, {
+        "recipe": asdict(recipe), "history": history, "audio_dirs": [str(d) for d in audio_dirs],
+        "training_hours": round(hours, 2), "held_out_wer": history[-1].get("held_out_wer"),
+        "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters()),
+        "lstm_matrix_parameters": lstm_matrix_params(model),
+    })
+
+
+def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: int = 3, lr: float = 1e-3,
+                         kd_weight: float = 1.0, recipe: LstmRecipe | None = None, threads: int = 2,
+                         log=print) -> Path:
+    """Joint SVD of `source` to `ratio` of its LSTM matrices, then recovery fine-tuning: CTC on the training
+    labels plus KL to the uncompressed model's frame posteriors."""
+    torch.set_num_threads(threads)
+    teacher, meta = load_lstm(source)
+    recipe = recipe or LstmRecipe(**meta.get("recipe", {}))
+    student, groups = compress_lstm(teacher, ratio=ratio)
+    before, after = lstm_matrix_params(teacher), lstm_matrix_params(student)
+    ranks = {g.name: g.rank for g in groups}
+    log(f"joint SVD: {before:,} -> {after:,} LSTM matrix parameters ({after / before:.3f}), ranks {ranks}")
+    held_out = held_out_examples()
+    wer_teacher, wer_svd = evaluate(teacher, held_out), evaluate(student, held_out)
+    log(f"held-out WER: uncompressed {wer_teacher:.2f}, after SVD {wer_svd:.2f}")
+    examples = prepare_features(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe.copies,
+                                recipe.seed, cache=_features_cache()) if epochs else []
+    config = TrainConfig(epochs=epochs, lr=lr, kd_weight=kd_weight, seed=recipe.seed + 1)
+    history = train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log) if epochs else [
+        {"epoch": 0, "held_out_wer": round(wer_svd, 2)}]
+    student.cpu().eval()
+    return save_lstm(student, out, {
+        "recipe": asdict(recipe), "teacher": str(source), "compression": {
+            "ratio_target": ratio, "ranks": ranks, "lstm_matrix_parameters_before": before,
+            "lstm_matrix_parameters_after": after, "held_out_wer_teacher": round(wer_teacher, 2),
+            "held_out_wer_after_svd": round(wer_svd, 2)},
+        "recovery": config.to_dict(), "history": history, "held_out_wer": history[-1].get("held_out_wer"),
+        "parameters": sum(p.numel() for p in student.parameters()), "lstm_matrix_parameters": after,
+    })
+
+
+def describe(path: Path) -> str:
+    return json.dumps({k: v for k, v in json.loads(Path(path).with_suffix(".json").read_text()).items()
+                       if k != "history"}, indent=2)

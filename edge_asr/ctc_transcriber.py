@@ -1,0 +1,91 @@
+"""Audio in, text out for LSTM-CTC bundles, whole or as a stream: streaming log-mel -> stateful ONNX model
+-> CTC decoder.
+
+The model carries its state from one chunk to the next, so a stream costs the same per second however long
+it runs, and a partial is ready as soon as the frames that hold a character have arrived. A whole file is
+the same stream fed at once: both give the same frames, the same states and the same text.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import OnnxLstmCtc
+from .bundle import Bundle
+from .ctc import WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
+from .frontend import SAMPLE_RATE, LogMelStream
+from .transcriber import Transcript
+
+# Silence fed after the last sample: a unidirectional model emits a character a few frames after it
+# heard it, and the end of a file is not the end of what the model has to say.
+TAIL_SECONDS = 0.3
+
+
+@dataclass
+class CtcOptions:
+    beam: int = 0                   # 0: greedy; otherwise the prefix beam width for finals
+    bias_words: list[str] = field(default_factory=list)
+    bias: float = 1.0               # nats per character of a listed word
+
+
+class CtcTranscriber:
+    def __init__(self, bundle: str | Bundle, threads: int = 2, options: CtcOptions | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.model = OnnxLstmCtc(self.bundle, threads)
+        self.alphabet = self.bundle.manifest["tokenizer"]["alphabet"]
+        self.options = options or CtcOptions(**self.bundle.manifest.get("decoder", {}).get("defaults", {}))
+        self.bias = WordBias(self.options.bias_words, self.options.bias) if self.options.bias_words else None
+
+    def stream(self) -> "CtcStream":
+        return CtcStream(self)
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Transcribe 16 kHz mono float32 audio of any length."""
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        stream = self.stream()
+        stream.accept(audio)
+        text = stream.finish()
+        return Transcript(text=text, audio_seconds=len(audio) / SAMPLE_RATE,
+                          wall_seconds=time.perf_counter() - start_wall, cpu_seconds=time.process_time() - start_cpu)
+
+    def decode(self, log_probs: np.ndarray) -> str:
+        if self.options.beam or self.bias:
+            return prefix_beam_search(log_probs, max(self.options.beam, 1), self.alphabet, self.bias)
+        return symbols_to_text(greedy_symbols(log_probs)[0], self.alphabet)
+
+
+class CtcStream:
+    """One utterance, fed in blocks of any size: `accept` returns the greedy partial, `finish` the final."""
+
+    def __init__(self, transcriber: CtcTranscriber):
+        self.transcriber = transcriber
+        self.model = transcriber.model
+        self.features = LogMelStream(transcriber.bundle.mel_filters)
+        self.state = self.model.initial_state()
+        self.waiting = np.zeros((0, transcriber.bundle.mel_filters.shape[0]), dtype=np.float32)  # < stack frames
+        self.log_probs: list[np.ndarray] = []
+        self.symbols: list[int] = []
+        self.previous = 0  # best symbol of the last frame, for CTC's collapse across chunks
+
+    @property
+    def partial(self) -> str:
+        return symbols_to_text(self.symbols, self.transcriber.alphabet)
+
+    def accept(self, samples: np.ndarray) -> str:
+        frames = np.concatenate([self.waiting, self.features.accept(samples)])
+        usable = len(frames) - len(frames) % self.model.stack
+        self.waiting = frames[usable:]
+        if usable:
+            log_probs, self.state = self.model.run(frames[:usable], self.state)
+            self.log_probs.append(log_probs)
+            new, self.previous = greedy_symbols(log_probs, self.previous)
+            self.symbols += new
+        return self.partial
+
+    def finish(self) -> str:
+        self.accept(np.zeros(int(TAIL_SECONDS * SAMPLE_RATE), dtype=np.float32))
+        if not self.log_probs:
+            return ""
+        return self.transcriber.decode(np.concatenate(self.log_probs))
