@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS = ROOT.parent / "shared" / "tools" / "peers_bench.py"
 
 
-def run_ours(bundle: str, dirs: list[str], threads: int, runs: int) -> dict:
+def run_ours(bundle: str, dirs: list[str], threads: int, runs: int, decode: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "edge_asr", "bench", "--json", "--bundle", bundle, "--threads", str(threads),
-           "--runs", str(runs), *dirs]
+           "--runs", str(runs), *decode, *dirs]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"edge-asr bench failed on {bundle}: {out.stderr.strip()}")
@@ -61,18 +61,25 @@ def main() -> None:
     ap.add_argument("--peers-script", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--decode", action="append", metavar="NAME=ARGS",
+                    help="run every bundle also with these `edge-asr bench` decoding options, e.g. "
+                         "'digits=--beam 8 --bias-words zero,one,two' (repeatable; LSTM-CTC bundles)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     args = ap.parse_args()
 
+    variants = [("", [])] + [(d.split("=", 1)[0], d.split("=", 1)[1].split()) for d in args.decode or []]
     rows, raw = [], {}
     words = None
     for bundle in args.bundle:
-        r = run_ours(bundle, args.dirs, args.threads, args.runs)
-        raw[r["bundle"]] = r
-        words = {k: v["words"] for k, v in r["sets"].items()}
-        for label, s in r["sets"].items():
-            rows.append((f"edge-asr {r['bundle']}", label, s["wer"], s["rtf_wall"], s["rtf_cpu"], r["peak_rss_mb"], r["bundle_mb"]))
-        rows.append((f"edge-asr {r['bundle']}", "pooled", r["wer"], r["rtf_wall"], r["rtf_cpu"], r["peak_rss_mb"], r["bundle_mb"]))
+        for variant, options in variants:
+            r = run_ours(bundle, args.dirs, args.threads, args.runs, options)
+            system = f"edge-asr {r['bundle']}" + (f" {variant}" if variant else "")
+            raw[system] = r
+            words = {k: v["words"] for k, v in r["sets"].items()}
+            for label, s in r["sets"].items():
+                rows.append((system, label, s["wer"], s["rtf_wall"], s["rtf_cpu"], r["peak_rss_mb"], r["bundle_mb"]))
+            if len(r["sets"]) > 1:
+                rows.append((system, "pooled", r["wer"], r["rtf_wall"], r["rtf_cpu"], r["peak_rss_mb"], r["bundle_mb"]))
     if not args.peers_script.exists():
         print(f"peers script not found at {args.peers_script}; showing ours only", file=sys.stderr)
         args.peers = ""
@@ -89,9 +96,10 @@ def main() -> None:
             rows.append((peer, "pooled", p["wer"], p["rtf_wall"], p["rtf_cpu"], r["peak_rss_mb"], None))
 
     print(f"{args.threads} threads; edge-asr RTF = median of {args.runs} runs; WER: Whisper EnglishTextNormalizer + jiwer")
-    print(f"{'system':28s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} {'model MB':>9s}")
+    width = max(28, *(len(r[0]) for r in rows))
+    print(f"{'system':{width}s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} {'model MB':>9s}")
     for system, label, wer, rtf, cpu, rss, mb in rows:
-        print(f"{system:28s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} {'' if mb is None else f'{mb:9.1f}'}")
+        print(f"{system:{width}s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} {'' if mb is None else f'{mb:9.2f}'}")
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2))
 

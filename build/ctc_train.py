@@ -101,8 +101,9 @@ def normalization(examples: list[Example], sample: int = 2000) -> tuple[np.ndarr
     return frames.mean(0), frames.std(0)
 
 
-def batches(examples: list[Example], max_frames: int, rng: random.Random) -> list[list[Example]]:
-    """Batches of similar length, at most `max_frames` padded frames each, in random order."""
+def batches(examples: list[Example], max_frames: int, rng: random.Random, shuffle: bool = True) -> list[list[Example]]:
+    """Batches of similar length, at most `max_frames` padded frames each, in random order (or shortest
+    first, without `shuffle`)."""
     order = sorted(examples, key=lambda e: len(e.features) + rng.random() * 50)
     out, current = [], []
     for e in order:
@@ -112,7 +113,8 @@ def batches(examples: list[Example], max_frames: int, rng: random.Random) -> lis
         current.append(e)
     if current:
         out.append(current)
-    rng.shuffle(out)
+    if shuffle:
+        rng.shuffle(out)
     return out
 
 
@@ -129,18 +131,18 @@ def collate(batch: list[Example], stack: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def spec_augment(x: torch.Tensor, steps: torch.Tensor, mean: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """Two frequency masks of up to 12 bins and a time mask per second of up to 0.2 s, filled with the
-    mean (zero after normalization)."""
+    """Two frequency masks of up to 10 bins and a time mask per second of up to 0.1 s (less would leave a
+    short word whole, more would erase it), filled with the mean (zero after normalization)."""
     x = x.clone()
     b, t, n = x.shape
     for i in range(b):
         for _ in range(2):
-            w = int(torch.randint(0, 13, (1,), generator=rng))
+            w = int(torch.randint(0, 11, (1,), generator=rng))
             f0 = int(torch.randint(0, n - w + 1, (1,), generator=rng))
             x[i, :, f0:f0 + w] = mean[f0:f0 + w]
         length = int(steps[i]) * 3
         for _ in range(max(1, length // 100)):
-            w = int(torch.randint(0, 21, (1,), generator=rng))
+            w = int(torch.randint(0, 11, (1,), generator=rng))
             t0 = int(torch.randint(0, max(1, length - w), (1,), generator=rng))
             x[i, t0:t0 + w] = mean
     return x
@@ -150,9 +152,10 @@ def spec_augment(x: torch.Tensor, steps: torch.Tensor, mean: torch.Tensor, rng: 
 class TrainConfig:
     epochs: int = 12
     lr: float = 2e-3
-    max_frames: int = 16_000     # padded 10 ms frames per batch (160 s of audio)
+    max_frames: int = 8_000      # padded 10 ms frames per batch (80 s of audio)
     kd_weight: float = 0.0       # weight of KL to a teacher's posteriors (recovery)
     spec_augment: bool = True
+    sorta_grad: bool = True      # first epoch shortest first, unmasked: CTC leaves its all-blank start sooner
     seed: int = 0
     clip: float = 5.0
 
@@ -174,7 +177,8 @@ def train_ctc(model: LstmCtc, examples: list[Example], config: TrainConfig, teac
     stack = model.config.stack
     examples = [e for e in examples if len(e.labels) and len(e.features) // stack > 2 * len(e.labels)]
     # Every epoch's batches up front: their count varies a little, and the schedule needs the total.
-    epochs = [batches(examples, config.max_frames, rng) for _ in range(config.epochs)]
+    epochs = [batches(examples, config.max_frames, rng, shuffle=not (config.sorta_grad and n == 0))
+              for n in range(config.epochs)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=sum(map(len, epochs)),
                                                    pct_start=0.15)
@@ -187,7 +191,7 @@ def train_ctc(model: LstmCtc, examples: list[Example], config: TrainConfig, teac
                    leave=False, disable=not progress)
         for batch in bar:
             x, steps, labels, label_lengths = collate(batch, stack)
-            if config.spec_augment:
+            if config.spec_augment and not (config.sorta_grad and epoch == 0):
                 x = spec_augment(x, steps, model.mean.cpu(), gen)
             x, steps = x.to(device), steps.to(device)
             log_probs, _ = model(x, lengths=steps)

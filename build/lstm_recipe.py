@@ -19,12 +19,23 @@ class LstmRecipe:
     utterances: int = 7000          # synthesized training utterances (40% digits, 20% numbers and commands)
     copies: int = 2                 # augmented versions of each
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
-    epochs: int = 7
-    lr: float = 2e-3
+    epochs: int = 8
+    lr: float = 3e-3
     seed: int = 0
+    sentence_share: float = 1.0     # share of the dictation sentences (over 6 words) kept: less favours digits
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, seed=self.seed)
+
+
+def _with_sentence_share(items: list, recipe: LstmRecipe) -> list:
+    """Every short item (digits, numbers, commands) and every k-th sentence, for k = 1 / sentence_share."""
+    if recipe.sentence_share >= 1:
+        return items
+    step = max(1, round(1 / max(recipe.sentence_share, 1e-3)))
+    sentences = [item for item in items if len(item[1].split()) > 6]
+    kept = set(map(id, sentences[::step]))
+    return [item for item in items if len(item[1].split()) <= 6 or id(item) in kept]
 
 
 def _features_cache() -> Path:
@@ -39,12 +50,13 @@ def held_out_examples(progress: bool = True):
 
 
 def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teacher_bundle: Path | None = None,
-               threads: int = 2, log=print) -> Path:
+               threads: int = 2, init: Path | None = None, log=print) -> Path:
     """Synthesize (once), featurize (once), train; write `out` (.safetensors + .json). Audio folders without
-    transcripts are labelled by the Whisper teacher and added to the training set."""
+    transcripts are labelled by the Whisper teacher and added to the training set. With `init`, training
+    goes on from that checkpoint (its layers and normalization) with a fresh schedule."""
     torch.set_num_threads(threads)
     start = time.time()
-    items = read_corpus(training_corpus(recipe.utterances, recipe.seed))
+    items = _with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe)
     for folder in audio_dirs:
         from .recover import audio_files
 
@@ -55,16 +67,23 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
     held_out = held_out_examples()
     hours = sum(len(e.features) for e in examples) / 100 / 3600
     log(f"training on {len(examples)} utterances ({hours:.1f} h with augmentation), held out {len(held_out)}")
-    model = LstmCtc(LstmConfig(hidden=list(recipe.hidden), proj=[0] * len(recipe.hidden)))
-    model.set_normalization(*normalization(examples))
+    if init:
+        model, init_meta = load_lstm(init)
+        recipe.hidden = list(model.config.hidden)
+        previous = init_meta.get("history", [])
+        log(f"continuing from {init} ({len(previous)} epochs trained)")
+    else:
+        model = LstmCtc(LstmConfig(hidden=list(recipe.hidden), proj=[0] * len(recipe.hidden)))
+        model.set_normalization(*normalization(examples))
+        previous = []
     def keep(partial: LstmCtc, history: list[dict]) -> None:  # an interrupted run keeps its last epoch
-        save_lstm(partial, Path(out).with_name(Path(out).stem + ".partial"), {"recipe": asdict(recipe), "history": history})
+        save_lstm(partial, Path(out).with_name(Path(out).stem + "-partial"), {"recipe": asdict(recipe), "history": history})
         partial.train()
 
     history = train_ctc(model, examples, recipe.train_config(), held_out=held_out, log=log, on_epoch=keep)
     model.cpu().eval()
     return save_lstm(model, out, {
-        "recipe": asdict(recipe), "history": history, "audio_dirs": [str(d) for d in audio_dirs],
+        "recipe": asdict(recipe), "history": previous + history, "init": str(init) if init else None, "audio_dirs": [str(d) for d in audio_dirs],
         "training_hours": round(hours, 2), "held_out_wer": history[-1].get("held_out_wer"),
         "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters()),
         "lstm_matrix_parameters": lstm_matrix_params(model),
@@ -86,8 +105,8 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: 
     held_out = held_out_examples()
     wer_teacher, wer_svd = evaluate(teacher, held_out), evaluate(student, held_out)
     log(f"held-out WER: uncompressed {wer_teacher:.2f}, after SVD {wer_svd:.2f}")
-    examples = prepare_features(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe.copies,
-                                recipe.seed, cache=_features_cache()) if epochs else []
+    examples = prepare_features(_with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe),
+                                recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
     config = TrainConfig(epochs=epochs, lr=lr, kd_weight=kd_weight, seed=recipe.seed + 1)
     history = train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log) if epochs else [
         {"epoch": 0, "held_out_wer": round(wer_svd, 2)}]

@@ -152,12 +152,13 @@ def cmd_lstm_train(args) -> int:
     recipe = _lstm_side()
     hidden = [int(h) for h in args.hidden.split(",")]
     config = recipe.LstmRecipe(utterances=args.utterances, copies=args.copies, hidden=hidden, epochs=args.epochs,
-                               lr=args.lr, seed=args.seed)
+                               lr=args.lr, seed=args.seed, sentence_share=args.sentence_share)
     for folder in args.audio or []:
         if not Path(folder).is_dir():
             raise EdgeAsrError(f"{folder}: not a folder of audio")
+    init = _lstm_checkpoint(args.init) if args.init else None
     path = recipe.train_lstm(Path(args.out), config, [Path(a) for a in args.audio or []], args.teacher, args.threads,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
+                             init, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(path)
     return 0
 
@@ -260,8 +261,12 @@ def cmd_listen(args) -> int:
     from .stream import StreamRecognizer
     from .vad import make_vad
 
-    source = FileSource(args.file, realtime=args.realtime) if args.file else MicrophoneSource(args.device, args.rate)
     transcriber = _transcriber(args)
+    # A streaming model answers within a block: small blocks keep its partials early. Whisper re-decodes the
+    # whole utterance per partial, for which 100 ms blocks are plenty.
+    block = args.block or (0.02 if hasattr(transcriber, "stream") else 0.1)
+    source = (FileSource(args.file, realtime=args.realtime, block_seconds=block) if args.file
+              else MicrophoneSource(args.device, args.rate, block_seconds=block))
     tty = sys.stderr.isatty() and not args.json
 
     def on_partial(p):
@@ -487,12 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utterances", type=int, default=7000, help="synthesized training utterances (default 7000)")
     p.add_argument("--copies", type=int, default=2, help="augmented copies of each (default 2)")
     p.add_argument("--hidden", default="256,256,256", help="hidden units per layer (default 256,256,256)")
-    p.add_argument("--epochs", type=int, default=7)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio", action="append", metavar="DIR",
                    help="folder of your own recordings, labelled by the Whisper teacher (repeatable)")
     p.add_argument("--teacher", help="Whisper bundle that labels --audio (default: the default bundle)")
+    p.add_argument("--sentence-share", type=float, default=1.0,
+                   help="share of dictation sentences to train on (default 1; less puts digits and commands first)")
+    p.add_argument("--init", metavar="CHECKPOINT", help="go on training this checkpoint (a fresh schedule)")
     p.set_defaults(func=cmd_lstm_train)
     p = with_threads(lstm_sub.add_parser("compress", help="joint SVD of recurrent and next-layer matrices, "
                                                           "then recovery against the uncompressed model"))
@@ -524,8 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-silence", type=float, default=0.5, help="seconds of silence that end an utterance")
     p.add_argument("--max-utterance", type=float, default=20.0, help="longer speech is split at its quietest point")
     p.add_argument("--pre-roll", type=float, default=0.3, help="seconds of audio kept before speech onset")
+    p.add_argument("--block", type=float, help="seconds of audio per block from the source "
+                                               "(default: 0.02 for LSTM-CTC bundles, 0.1 for Whisper)")
     p.add_argument("--partial-interval", type=float, default=1.0,
-                   help="re-decode the growing utterance every N seconds of audio (0: no partials)")
+                   help="Whisper: re-decode the growing utterance every N seconds of audio (0: no partials); "
+                        "LSTM-CTC bundles give partials as their characters come")
     p.add_argument("--json", action="store_true", help="finals as JSON lines with timings")
     p.set_defaults(func=cmd_listen)
 
