@@ -21,6 +21,9 @@ from .transcriber import Transcript
 # Silence fed after the last sample: a unidirectional model emits a character a few frames after it
 # heard it, and the end of a file is not the end of what the model has to say.
 TAIL_SECONDS = 0.3
+# Silence fed before the first: every training utterance starts with 0.05-0.5 s of it, so a file cut
+# tight at the onset of speech is given what the model knows to precede speech.
+LEAD_SECONDS = 0.1
 
 
 @dataclass
@@ -68,6 +71,7 @@ class CtcStream:
         self.log_probs: list[np.ndarray] = []
         self.symbols: list[int] = []
         self.previous = 0  # best symbol of the last frame, for CTC's collapse across chunks
+        self.accept(np.zeros(int(LEAD_SECONDS * SAMPLE_RATE), dtype=np.float32))
 
     @property
     def partial(self) -> str:
