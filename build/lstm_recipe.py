@@ -77,13 +77,15 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
         model.set_normalization(*normalization(examples))
         previous = []
     def keep(partial: LstmCtc, history: list[dict]) -> None:  # an interrupted run keeps its last epoch
-        save_lstm(partial, Path(out).with_name(Path(out).stem + "-partial"), {"recipe": asdict(recipe), "history": history})
+        partial_path = Path(out).with_name(Path(out).stem + "-partial")
+        save_lstm(partial, partial_path, {"recipe": asdict(recipe), "history": history})
         partial.train()
 
     history = train_ctc(model, examples, recipe.train_config(), held_out=held_out, log=log, on_epoch=keep)
     model.cpu().eval()
     return save_lstm(model, out, {
-        "recipe": asdict(recipe), "history": previous + history, "init": str(init) if init else None, "audio_dirs": [str(d) for d in audio_dirs],
+        "recipe": asdict(recipe), "history": previous + history, "init": str(init) if init else None,
+        "audio_dirs": [str(d) for d in audio_dirs],
         "training_hours": round(hours, 2), "held_out_wer": history[-1].get("held_out_wer"),
         "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters()),
         "lstm_matrix_parameters": lstm_matrix_params(model),
@@ -105,8 +107,8 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: 
     held_out = held_out_examples()
     wer_teacher, wer_svd = evaluate(teacher, held_out), evaluate(student, held_out)
     log(f"held-out WER: uncompressed {wer_teacher:.2f}, after SVD {wer_svd:.2f}")
-    examples = prepare_features(_with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe),
-                                recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
+    items = _with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe)
+    examples = prepare_features(items, recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
     config = TrainConfig(epochs=epochs, lr=lr, kd_weight=kd_weight, seed=recipe.seed + 1)
     history = train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log) if epochs else [
         {"epoch": 0, "held_out_wer": round(wer_svd, 2)}]

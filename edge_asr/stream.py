@@ -4,8 +4,8 @@ For Whisper, a growing utterance is re-decoded every `partial_interval` seconds 
 that two successive partials agree on are reported as the stable prefix. At each endpoint the utterance
 is decoded once more, and that final is what sinks record. A streaming model (LSTM-CTC, whose
 transcriber has `stream()`) is instead fed each new block once, carrying its state: a partial is out as
-soon as its characters are, and the final only adds the end of the utterance. Every final carries the wall-clock time it was
-produced, so that latency from the end of speech can be measured against the source's clock.
+soon as its characters are, and the final only adds the end of the utterance. Every partial and final
+carries the wall-clock time it was produced, so that latency can be measured against the source's clock.
 """
 from __future__ import annotations
 
