@@ -43,7 +43,7 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
     special = special_tokens(tokens)
     (out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
     np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
-    files = {p.name: None for p in graphs.values()} | {"tokens.json": None, "mel_filters.npy": None}
+    files = [*(p.name for p in graphs.values()), "tokens.json", "mel_filters.npy"]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -63,12 +63,17 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
                      "chunk_seconds": 30, "mel_filters": "mel_filters.npy"},
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
         "decoder": decoder_section(loaded, special),
-        "files": {n: {"bytes": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in files},
+        "files": file_entries(out_dir, files),
         "evaluation": {},
     }
     manifest.update(extra or {})
     save_manifest(out_dir, manifest)
     return manifest
+
+
+def file_entries(out_dir: Path, names: list[str]) -> dict:
+    """The manifest's record of each file: size and sha256, which the runtime checks before loading."""
+    return {n: {"bytes": (Path(out_dir) / n).stat().st_size, "sha256": sha256_file(Path(out_dir) / n)} for n in names}
 
 
 def save_manifest(out_dir: Path, manifest: dict) -> None:

@@ -154,25 +154,29 @@ def synthesize_corpus(texts: list[str], voices: list[Voice], folder: Path, worke
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     items = [(f"utt{i:05d}", folder, t, v) for i, (t, v) in enumerate(zip(texts, voices))]
-    if workers > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            uids = list(_progress(pool.imap(_speak_item, items, chunksize=16), len(items), progress))
-    else:
-        uids = list(_progress(map(_speak_item, items), len(items), progress))
+    uids = parallel_map(_speak_item, items, workers, progress, "synthesize", chunksize=16)
     (folder / "voices.tsv").write_text("".join(f"{u}\t{v}\n" for u, v in zip(uids, voices)), encoding="utf-8")
     (folder / "refs.tsv.tmp").write_text("".join(f"{u}\t{t}\n" for u, t in zip(uids, texts)), encoding="utf-8")
     (folder / "refs.tsv.tmp").replace(folder / "refs.tsv")  # written last: its presence means complete
     return folder
 
 
-def _progress(iterable, total: int, enabled: bool):
+def progress_bar(iterable, total: int, enabled: bool, desc: str):
     if not enabled:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc="synthesize", unit="utt")
+    return tqdm(iterable, total=total, desc=desc, unit="utt")
+
+
+def parallel_map(fn, items: list, workers: int, progress: bool, desc: str, chunksize: int = 16) -> list:
+    """[fn(item) for item in items], in `workers` processes (spawned: torch and piper do not fork well)."""
+    if workers <= 1:
+        return list(progress_bar(map(fn, items), len(items), progress, desc))
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(progress_bar(pool.imap(fn, items, chunksize=chunksize), len(items), progress, desc))
 
 
 def read_corpus(folder: Path) -> list[tuple[Path, str]]:

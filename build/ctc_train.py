@@ -12,6 +12,7 @@ import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
 from edge_asr.frontend import frame_log_mel
 
-from .ctc_data import augment, spoken_form
+from .ctc_data import augment, parallel_map, progress_bar, spoken_form
 from .lstm import LstmCtc
 
 FEATURES_VERSION = 1
@@ -38,6 +39,7 @@ def encode_text(text: str) -> np.ndarray:
     return np.array([ALPHABET.index(c) for c in spoken_form(text)], dtype=np.int64)
 
 
+@lru_cache(maxsize=1)
 def _mel_filters() -> np.ndarray:
     from .mel import mel_filters
 
@@ -68,13 +70,7 @@ def prepare_features(items: list[tuple[Path, str]], copies: int = 2, seed: int =
             data, offsets, texts = z["data"], z["offsets"], [str(t) for t in z["texts"]]
         feats = [data[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
     else:
-        if workers > 1:
-            import multiprocessing
-
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                feats = list(_progress(pool.imap(_features_of, jobs, chunksize=32), len(jobs), progress, "features"))
-        else:
-            feats = list(_progress(map(_features_of, jobs), len(jobs), progress, "features"))
+        feats = parallel_map(_features_of, jobs, workers, progress, "features", chunksize=32)
         texts = [j[1] for j in jobs]
         if file:
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -83,14 +79,6 @@ def prepare_features(items: list[tuple[Path, str]], copies: int = 2, seed: int =
             np.savez(tmp, data=np.concatenate(feats), offsets=offsets, texts=np.array(texts))
             tmp.replace(file)
     return [Example(f, encode_text(t), t) for f, t in zip(feats, texts)]
-
-
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="utt")
 
 
 def normalization(examples: list[Example], sample: int = 2000) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +118,7 @@ def collate(batch: list[Example], stack: int) -> tuple[torch.Tensor, torch.Tenso
     return x, steps, labels, label_lengths
 
 
-def spec_augment(x: torch.Tensor, steps: torch.Tensor, mean: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+def spec_augment(x: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """Two frequency masks of up to 10 bins and a time mask per second of up to 0.1 s (less would leave a
     short word whole, more would erase it), filled with the mean (zero after normalization)."""
     x = x.clone()
@@ -140,7 +128,7 @@ def spec_augment(x: torch.Tensor, steps: torch.Tensor, mean: torch.Tensor, rng: 
             w = int(torch.randint(0, 11, (1,), generator=rng))
             f0 = int(torch.randint(0, n - w + 1, (1,), generator=rng))
             x[i, :, f0:f0 + w] = mean[f0:f0 + w]
-        length = int(steps[i]) * 3
+        length = int(frames[i])
         for _ in range(max(1, length // 100)):
             w = int(torch.randint(0, 11, (1,), generator=rng))
             t0 = int(torch.randint(0, max(1, length - w), (1,), generator=rng))
@@ -192,7 +180,7 @@ def train_ctc(model: LstmCtc, examples: list[Example], config: TrainConfig, teac
         for batch in bar:
             x, steps, labels, label_lengths = collate(batch, stack)
             if config.spec_augment and not (config.sorta_grad and epoch == 0):
-                x = spec_augment(x, steps, model.mean.cpu(), gen)
+                x = spec_augment(x, steps * stack, model.mean.cpu(), gen)
             x, steps = x.to(device), steps.to(device)
             log_probs, _ = model(x, lengths=steps)
             loss = F.ctc_loss(log_probs.transpose(0, 1), labels.to(device), steps, label_lengths.to(device),
@@ -250,7 +238,7 @@ def teacher_transcripts(files: list[Path], bundle: str | Path | None = None, thr
 
     teacher = Transcriber(bundle or bundle_dir(), threads=threads)
     pairs = []
-    for f in _progress(files, len(files), progress, "teacher labels"):
+    for f in progress_bar(files, len(files), progress, "teacher labels"):
         text = teacher.transcribe(load_audio(f)).text
         if spoken_form(text):
             pairs.append((f, text))

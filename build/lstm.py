@@ -103,15 +103,15 @@ class LstmCtc(nn.Module):
         if self.input_proj is not None:
             x = self.input_proj(x)
         state = state or [None] * len(self.layers)
+        n_steps = x.shape[1]
+        if lengths is not None:  # packed once: every layer reads and writes the packed sequence
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         new_state = []
         for layer, s in zip(self.layers, state):
-            if lengths is not None:
-                packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-                out, s = layer(packed, s)
-                x = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-            else:
-                x, s = layer(x, s)
+            x, s = layer(x, s)
             new_state.append(s)
+        if lengths is not None:
+            x = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=n_steps)[0]
         return self.output(x).log_softmax(-1), new_state
 
     def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from edge_asr.ctc import ALPHABET
 
-from .bundle import save_manifest
+from .bundle import file_entries, save_manifest
 from .lstm import load_lstm, lstm_matrix_params
 from .lstm_export import export_lstm
 from .mel import mel_filters
@@ -56,7 +56,7 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
                          "mel_filters": "mel_filters.npy"},
             "tokenizer": {"type": "characters", "alphabet": ALPHABET, "blank": 0},
             "decoder": {"type": "ctc", "defaults": {"beam": 0}},
-            "files": {n: {"bytes": (staged / n).stat().st_size, "sha256": sha256_file(staged / n)} for n in files},
+            "files": file_entries(staged, files),
             "evaluation": {},
         }
         save_manifest(staged, manifest)

@@ -2,7 +2,6 @@
 recover against the uncompressed model, export a bundle (float32 or int8)."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,11 @@ def _with_sentence_share(items: list, recipe: LstmRecipe) -> list:
     return [item for item in items if len(item[1].split()) <= 6 or id(item) in kept]
 
 
+def training_items(recipe: LstmRecipe) -> list[tuple[Path, str]]:
+    """The recipe's synthesized corpus (made once), with its sentence share applied."""
+    return _with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe)
+
+
 def _features_cache() -> Path:
     from edge_asr.paths import home
 
@@ -56,7 +60,7 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
     goes on from that checkpoint (its layers and normalization) with a fresh schedule."""
     torch.set_num_threads(threads)
     start = time.time()
-    items = _with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe)
+    items = training_items(recipe)
     for folder in audio_dirs:
         from .recover import audio_files
 
@@ -76,6 +80,7 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
         model = LstmCtc(LstmConfig(hidden=list(recipe.hidden), proj=[0] * len(recipe.hidden)))
         model.set_normalization(*normalization(examples))
         previous = []
+
     def keep(partial: LstmCtc, history: list[dict]) -> None:  # an interrupted run keeps its last epoch
         partial_path = Path(out).with_name(Path(out).stem + "-partial")
         save_lstm(partial, partial_path, {"recipe": asdict(recipe), "history": history})
@@ -107,8 +112,7 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: 
     held_out = held_out_examples()
     wer_teacher, wer_svd = evaluate(teacher, held_out), evaluate(student, held_out)
     log(f"held-out WER: uncompressed {wer_teacher:.2f}, after SVD {wer_svd:.2f}")
-    items = _with_sentence_share(read_corpus(training_corpus(recipe.utterances, recipe.seed)), recipe)
-    examples = prepare_features(items, recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
+    examples = prepare_features(training_items(recipe), recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
     config = TrainConfig(epochs=epochs, lr=lr, kd_weight=kd_weight, seed=recipe.seed + 1)
     history = train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log) if epochs else [
         {"epoch": 0, "held_out_wer": round(wer_svd, 2)}]
@@ -122,7 +126,3 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: 
         "parameters": sum(p.numel() for p in student.parameters()), "lstm_matrix_parameters": after,
     })
 
-
-def describe(path: Path) -> str:
-    return json.dumps({k: v for k, v in json.loads(Path(path).with_suffix(".json").read_text()).items()
-                       if k != "history"}, indent=2)

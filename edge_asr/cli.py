@@ -189,7 +189,7 @@ def cmd_lstm_build(args) -> int:
 
     source = _lstm_checkpoint(args.source)
     out = Path(args.out) if args.out else bundle_dir(f"{source.stem}-{args.precision}")
-    progress = StepProgress(4 if args.eval else 3, f"build {out.name}")
+    progress = StepProgress(2 + (args.precision == "int8") + args.eval, f"build {out.name}")
     try:
         manifest = build_lstm_bundle(source, out, args.precision, out.name, args.eval, args.threads, step=progress)
     finally:
@@ -204,20 +204,17 @@ def cmd_lstm_build(args) -> int:
 def ctc_options(beam: int = 0, bias_words: str | None = None, bias: float = 1.0):
     """Decoding options of LSTM-CTC bundles; `bias_words` is comma-separated words or @FILE (one per line).
     None keeps the bundle's defaults."""
-    from .ctc_transcriber import CtcOptions
+    from .ctc_transcriber import decoding_options
 
-    if not beam and not bias_words:
-        return None
     words = []
-    if bias_words:
-        if bias_words.startswith("@"):
-            try:
-                words = Path(bias_words[1:]).read_text(encoding="utf-8").split()
-            except OSError as e:
-                raise EdgeAsrError(f"{bias_words[1:]}: cannot read the word list ({e.strerror})") from None
-        else:
-            words = [w.strip() for w in bias_words.split(",") if w.strip()]
-    return CtcOptions(beam=beam, bias_words=[w.lower() for w in words], bias=bias)
+    if bias_words and bias_words.startswith("@"):
+        try:
+            words = Path(bias_words[1:]).read_text(encoding="utf-8").split()
+        except OSError as e:
+            raise EdgeAsrError(f"{bias_words[1:]}: cannot read the word list ({e.strerror})") from None
+    elif bias_words:
+        words = [w.strip() for w in bias_words.split(",") if w.strip()]
+    return decoding_options(beam, words, bias)
 
 
 def _transcriber(args):

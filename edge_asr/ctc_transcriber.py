@@ -33,6 +33,14 @@ class CtcOptions:
     bias: float = 1.0               # nats per character of a listed word
 
 
+def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.0) -> CtcOptions | None:
+    """Options from a user's settings (lower-cased word list); None when they ask for nothing, which keeps
+    the bundle's defaults."""
+    if not beam and not bias_words:
+        return None
+    return CtcOptions(beam=beam, bias_words=[w.lower() for w in bias_words], bias=bias)
+
+
 class CtcTranscriber:
     def __init__(self, bundle: str | Bundle, threads: int = 2, options: CtcOptions | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)

@@ -71,13 +71,12 @@ def _status_handler(daemon: "Daemon"):
 
 class Daemon:
     def __init__(self, config: dict):
-        from .ctc_transcriber import CtcOptions
+        from .ctc_transcriber import decoding_options
         from .transcriber import load_transcriber
 
         self.config = config
         model = config["model"]
-        options = (CtcOptions(beam=model["beam"], bias_words=[w.lower() for w in model["bias_words"]])
-                   if model["beam"] or model["bias_words"] else None)
+        options = decoding_options(model["beam"], model["bias_words"])
         self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"], options)
         vad = config["vad"]
         self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])

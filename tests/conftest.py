@@ -6,6 +6,8 @@ reads recorded data from outside the repository.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,3 +70,21 @@ def transcriber_int8(bundle_int8):
     from edge_asr import Transcriber
 
     return Transcriber(bundle_int8, threads=2)
+
+
+def run_cli_without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """`edge-asr ARGS` in a process where importing torch, librosa or the build step fails, and which
+    fails if any heavy module got imported all the same: the runtime must need none of them."""
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'librosa', 'edge_asr_build'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from edge_asr.cli import main
+code = main({args!r})
+assert not any(m.split('.')[0] in ('torch', 'librosa') for m in sys.modules), 'heavy module imported'
+sys.exit(code)
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -16,6 +16,7 @@ import torch
 
 from edge_asr.ctc import ALPHABET, WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
 from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm, joint_factor, lstm_matrix_params, save_lstm
+from conftest import run_cli_without_torch
 
 WORDS = ["seven", "stop", "zero"]
 
@@ -223,18 +224,8 @@ def test_cli_lstm_bundle_transcribes_and_reports(words_bundle, word_audio, tmp_p
     wav = tmp_path / "seven.wav"
     write_wav(wav, word_audio["seven"])
     # In a process where torch and the build step cannot be imported: the runtime needs neither.
-    script = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('torch', 'librosa', 'edge_asr_build'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from edge_asr.cli import main
-sys.exit(main(['transcribe', '--json', '--bundle', {str(words_bundle)!r}, '--beam', '4', '--bias-words', 'seven,nine',
-               {str(wav)!r}]))
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    run = run_cli_without_torch(['transcribe', '--json', '--bundle', str(words_bundle), '--beam', '4',
+                                 '--bias-words', 'seven,nine', str(wav)])
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["text"] == "seven"
     info = subprocess.run([sys.executable, "-m", "edge_asr", "info", "--bundle", str(words_bundle)],

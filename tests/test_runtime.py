@@ -1,13 +1,12 @@
 """The runtime end to end: transcripts, WER on synthesized speech, RTF reporting, isolation from torch."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import soundfile as sf
 
 from edge_asr.audio import load_audio
 from edge_asr.metrics import word_error_rate
+from conftest import run_cli_without_torch
 
 
 def test_transcribes_synthesized_speech(transcriber_int8, speech):
@@ -50,19 +49,7 @@ def test_runtime_needs_neither_torch_nor_librosa(bundle_int8, tmp_path, speech):
     """Import and run the runtime in a process where importing torch or librosa fails."""
     wav = tmp_path / "utt.wav"
     sf.write(wav, speech[0][1], 16000)
-    script = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('torch', 'librosa', 'edge_asr_build'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from edge_asr.cli import main
-code = main(['transcribe', '--json', '--bundle', {str(bundle_int8)!r}, {str(wav)!r}])
-assert not any(m.split('.')[0] in ('torch', 'librosa') for m in sys.modules), 'heavy module imported'
-sys.exit(code)
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = run_cli_without_torch(['transcribe', '--json', '--bundle', str(bundle_int8), str(wav)])
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert "hydraulic filter" in result["text"].lower()
