@@ -32,18 +32,21 @@ def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
 
 
 def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, precision: str,
-                 name: str, extra: dict | None = None) -> dict:
+                 name: str, extra: dict | None = None, formats: dict | None = None) -> dict:
     """Write tokens, mel filters and the manifest next to the graphs already in `out_dir`.
 
-    `graphs` maps a role ("encoder", "decoder") to a file inside out_dir. Returns the manifest.
+    `graphs` maps a role ("encoder", "decoder") to an ONNX file inside out_dir; `formats` holds the manifest
+    sections of the same models in other formats ("ort", "tflite"), whose files are in out_dir too.
+    Returns the manifest.
     """
+    formats = formats or {}
     out_dir = Path(out_dir)
     dims = loaded.model.dims
     tokens = token_strings(loaded.tokenizer_json, dims.n_vocab)
     special = special_tokens(tokens)
     (out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
     np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
-    files = [*(p.name for p in graphs.values()), "tokens.json", "mel_filters.npy"]
+    files = [*(p.name for p in graphs.values()), *format_files(formats), "tokens.json", "mel_filters.npy"]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -57,6 +60,7 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
             "parameters": loaded.model.parameter_count(),
             "precision": precision,
             "graphs": {role: p.name for role, p in graphs.items()},
+            **formats,
         },
         "source": loaded.source,
         "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": dims.n_mels,
@@ -69,6 +73,11 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
     manifest.update(extra or {})
     save_manifest(out_dir, manifest)
     return manifest
+
+
+def format_files(formats: dict) -> list[str]:
+    """The files of the formats' manifest sections ({"tflite": {"graphs": {role: file}, …}, …})."""
+    return [name for section in formats.values() for name in section["graphs"].values()]
 
 
 def file_entries(out_dir: Path, names: list[str]) -> dict:

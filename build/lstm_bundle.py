@@ -13,7 +13,8 @@ from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from edge_asr.ctc import ALPHABET
 
-from .bundle import file_entries, save_manifest
+from .bundle import file_entries, format_files, save_manifest
+from .formats import add_lstm_tflite, add_ort
 from .lstm import load_lstm, lstm_matrix_params
 from .lstm_export import export_lstm
 from .mel import mel_filters
@@ -21,8 +22,10 @@ from .quantize import quantize_lstm_int8
 
 
 def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", name: str | None = None,
-                      evaluate: bool = True, threads: int = 2, step: Callable[[str], None] = lambda m: None) -> dict:
-    """Export, quantize and package `checkpoint` (.safetensors + .json) into `out_dir`; returns the manifest."""
+                      evaluate: bool = True, threads: int = 2, step: Callable[[str], None] = lambda m: None,
+                      formats: list[str] = ("onnx",)) -> dict:
+    """Export, quantize and package `checkpoint` (.safetensors + .json) into `out_dir`; returns the manifest.
+    `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     step(f"load {checkpoint}")
     model, meta = load_lstm(checkpoint)
@@ -38,16 +41,24 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
             graph = quantize_lstm_int8(graph, staged / "acoustic.int8.onnx")
         else:
             graph = Path(shutil.move(graph, staged / graph.name))
+        sections = {}
+        if "ort" in formats:
+            step("convert to ONNX Runtime's mobile format (.ort)")
+            sections["ort"] = add_ort({"acoustic": graph}, staged)
+        if "tflite" in formats:
+            step(f"export to TFLite ({precision})")
+            sections["tflite"] = add_lstm_tflite(model, staged, work, precision)
         c = model.config
         np.save(staged / "mel_filters.npy", mel_filters(16000, 400, c.n_mels))
-        files = [graph.name, "mel_filters.npy"]
+        files = [graph.name, *format_files(sections), "mel_filters.npy"]
         weights = checkpoint.with_suffix(".safetensors")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "builder": f"edge-asr {__version__}",
             "model": {"family": "lstm-ctc", "config": meta["config"], "precision": precision,
                       "parameters": sum(p.numel() for p in model.parameters()),
-                      "lstm_matrix_parameters": lstm_matrix_params(model), "graphs": {"acoustic": graph.name}},
+                      "lstm_matrix_parameters": lstm_matrix_params(model), "graphs": {"acoustic": graph.name},
+                      **sections},
             "source": {"format": "lstm-ctc checkpoint", "path": str(weights), "sha256": sha256_file(weights),
                        **{k: meta[k] for k in ("recipe", "teacher", "compression", "recovery", "training_hours")
                           if k in meta}},

@@ -20,6 +20,7 @@ from .bundle import save_manifest, write_bundle
 from .compress import (DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, load_compressed,
                        save_compressed)
 from .export import export_decoder, export_encoder
+from .formats import add_ort, add_whisper_tflite
 from .loaders import DEFAULT_SOURCE, load_whisper
 from .quantize import BLOCKWISE, quantize_int8
 from .recover import (RecoveryConfig, audio_files, decoding_rules, encoder_is_factored, prepare_windows, recover,
@@ -37,8 +38,11 @@ def build_whisper_bundle(
     evaluate_on: int = 12,
     threads: int = 2,
     step: Callable[[str], None] = lambda message: None,
+    formats: list[str] = ("onnx",),
 ) -> dict:
-    """Build a bundle from a Whisper source; returns its manifest. `step` is told each pass as it starts."""
+    """Build a bundle from a Whisper source; returns its manifest. `step` is told each pass as it starts.
+
+    `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats to the bundle."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
     out_dir = Path(out_dir)
@@ -61,8 +65,16 @@ def build_whisper_bundle(
         else:
             graphs = {"encoder": shutil.move(encoder, staged / encoder.name),
                       "decoder": shutil.move(decoder, staged / decoder.name)}
+        graphs = {k: Path(v) for k, v in graphs.items()}
+        sections = {}
+        if "ort" in formats:
+            step("convert to ONNX Runtime's mobile format (.ort)")
+            sections["ort"] = add_ort(graphs, staged)
+        if "tflite" in formats:
+            step(f"export encoder and decoder to TFLite ({precision})")
+            sections["tflite"] = add_whisper_tflite(loaded.model, staged, work, precision)
         step("package bundle")
-        manifest = write_bundle(loaded, {k: Path(v) for k, v in graphs.items()}, staged, precision, name)
+        manifest = write_bundle(loaded, graphs, staged, precision, name, formats=sections)
         if evaluate_on:
             step(f"evaluate on {evaluate_on} synthesized sentences")
             manifest["evaluation"]["synthetic"] = evaluate_synthetic(staged, evaluate_on, threads)

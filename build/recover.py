@@ -94,6 +94,7 @@ class TorchWhisper:
     def __init__(self, model: Whisper):
         self.model = model
         self.features: Tensor | None = None
+        self.max_tokens = model.dims.n_text_ctx
 
     @torch.no_grad()
     def encode(self, mel: np.ndarray) -> list:

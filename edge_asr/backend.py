@@ -1,10 +1,55 @@
-"""ONNX Runtime backends: Whisper's encoder and cached decoder graphs, and the LSTM-CTC streaming graph."""
+"""Model backends. ONNX Runtime runs Whisper's encoder and cached decoder graphs and the LSTM-CTC streaming
+graph, from `.onnx` files or the same graphs in ONNX Runtime's mobile format (`.ort`); `tflite_backend`
+runs the LiteRT versions. `open_model` picks one by name, or the first one installed.
+"""
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError
+from .errors import BundleError, EdgeAsrError
+
+BACKENDS = ("auto", "onnx", "ort", "tflite")
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(bundle: Bundle, backend: str = "auto") -> str:
+    """The backend `auto` means here: ONNX Runtime where it is installed, otherwise LiteRT if the bundle has
+    TFLite models (armv7 has no onnxruntime wheel)."""
+    if backend not in BACKENDS:
+        raise EdgeAsrError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if _installed("onnxruntime"):
+        for fmt in ("onnx", "ort"):
+            if fmt in bundle.formats:
+                return fmt
+    from . import tflite_backend
+
+    if "tflite" in bundle.formats and tflite_backend.available():
+        return "tflite"
+    raise EdgeAsrError(f"no installed backend runs this bundle ({', '.join(bundle.formats)}): install onnxruntime, "
+                       "or ai-edge-litert / tflite-runtime for a bundle built with --formats tflite")
+
+
+def open_model(bundle: Bundle, threads: int = 2, backend: str = "auto"):
+    """The acoustic model of `bundle` on the chosen backend."""
+    backend = resolve_backend(bundle, backend)
+    lstm = bundle.family == "lstm-ctc"
+    if backend == "tflite":
+        from .tflite_backend import TfliteLstmCtc, TfliteWhisper
+
+        return (TfliteLstmCtc if lstm else TfliteWhisper)(bundle, threads)
+    return (OnnxLstmCtc if lstm else OnnxWhisper)(bundle, threads, fmt=backend)
 
 
 def _session(path, threads: int, memory_arena: bool = True):
@@ -28,11 +73,13 @@ class OnnxWhisper:
 
     Caches are flat lists [k_0, v_0, k_1, v_1, …] in the graphs' input order."""
 
-    def __init__(self, bundle: Bundle, threads: int = 2):
+    def __init__(self, bundle: Bundle, threads: int = 2, fmt: str = "onnx"):
         # The encoder's activations are large and short-lived (a 1500 x 1500 attention map per head): an
         # arena would keep its peak allocated for good. The decoder's many small tensors do profit from one.
-        self.encoder = _session(bundle.file("encoder"), threads, memory_arena=False)
-        self.decoder = _session(bundle.file("decoder"), threads)
+        self.backend = fmt
+        self.encoder = _session(bundle.file("encoder", fmt), threads, memory_arena=False)
+        self.decoder = _session(bundle.file("decoder", fmt), threads)
+        self.max_tokens = int(bundle.manifest["model"]["dims"]["n_text_ctx"])
         names = [i.name for i in self.decoder.get_inputs()]
         self.self_names = [n for n in names if n.startswith("self_")]
         self.cross_names = [n for n in names if n.startswith("cross_")]
@@ -61,8 +108,9 @@ class OnnxLstmCtc:
 
     The state is the graph's own list of (h, c) per layer, in its input order; zeros start an utterance."""
 
-    def __init__(self, bundle: Bundle, threads: int = 2):
-        self.session = _session(bundle.file("acoustic"), threads)
+    def __init__(self, bundle: Bundle, threads: int = 2, fmt: str = "onnx"):
+        self.backend = fmt
+        self.session = _session(bundle.file("acoustic", fmt), threads)
         inputs = self.session.get_inputs()
         self.state_names = [i.name for i in inputs[1:]]
         self.output_names = ["log_probs"] + [f"{n}_out" for n in self.state_names]

@@ -71,6 +71,8 @@ class Bundle:
             verify_files(path, manifest)
         frontend, tokenizer = manifest["frontend"], manifest["tokenizer"]
         listed = {frontend["mel_filters"], *manifest["model"]["graphs"].values()}
+        for fmt in ("ort", "tflite"):
+            listed |= set(manifest["model"].get(fmt, {}).get("graphs", {}).values())
         listed |= {tokenizer["tokens"]} if "tokens" in tokenizer else set()
         unlisted = listed - set(manifest["files"])
         if unlisted:  # a file without a checksum could be swapped unnoticed
@@ -85,12 +87,31 @@ class Bundle:
     def family(self) -> str:
         return self.manifest["model"].get("family", "whisper")
 
-    def file(self, role: str) -> Path:
-        return self.path / self.manifest["model"]["graphs"][role]
+    @property
+    def formats(self) -> list[str]:
+        """The model formats this bundle carries: "onnx", and "ort" and "tflite" when built with them (a bundle
+        packaged for a device may carry only the one its backend runs)."""
+        model = self.manifest["model"]
+        return [f for f in ("onnx", "ort", "tflite") if (model.get("graphs") if f == "onnx" else f in model)]
+
+    def file(self, role: str, fmt: str = "onnx") -> Path:
+        """The file of graph `role` ("encoder", "decoder", "acoustic") in format `fmt`."""
+        if fmt not in self.formats:
+            raise BundleError(f"{self.path}: this bundle has no {fmt} models (it has {', '.join(self.formats)}); "
+                              f"rebuild it with --formats {fmt}")
+        graphs = self.manifest["model"]["graphs"] if fmt == "onnx" else self.manifest["model"][fmt]["graphs"]
+        return self.path / graphs[role]
 
     @property
     def size_bytes(self) -> int:
         return sum(info["bytes"] for info in self.manifest["files"].values())
+
+    def model_bytes(self, fmt: str = "onnx") -> int:
+        """What one backend loads: the graphs of format `fmt` and the files every format shares."""
+        model = self.manifest["model"]
+        graphs = {f: set((model["graphs"] if f == "onnx" else model[f]["graphs"]).values()) for f in self.formats}
+        others = set().union(*(files for f, files in graphs.items() if f != fmt))
+        return sum(info["bytes"] for name, info in self.manifest["files"].items() if name not in others)
 
     @property
     def parameters(self) -> int:

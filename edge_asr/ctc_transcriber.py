@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import OnnxLstmCtc
+from .backend import open_model
 from .bundle import Bundle
 from .ctc import WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
 from .frontend import SAMPLE_RATE, LogMelStream
@@ -42,9 +42,10 @@ def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.
 
 
 class CtcTranscriber:
-    def __init__(self, bundle: str | Bundle, threads: int = 2, options: CtcOptions | None = None):
+    def __init__(self, bundle: str | Bundle, threads: int = 2, options: CtcOptions | None = None,
+                 backend: str = "auto"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        self.model = OnnxLstmCtc(self.bundle, threads)
+        self.model = open_model(self.bundle, threads, backend)
         self.alphabet = self.bundle.manifest["tokenizer"]["alphabet"]
         self.options = options or CtcOptions(**self.bundle.manifest.get("decoder", {}).get("defaults", {}))
         self.bias = WordBias(self.options.bias_words, self.options.bias) if self.options.bias_words else None

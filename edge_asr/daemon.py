@@ -27,7 +27,8 @@ from .vad import make_vad
 DEFAULTS = {
     "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
     "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
-    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "beam": 0, "bias_words": []},
+    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "beam": 0, "bias_words": [],
+              "backend": "auto"},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
 }
@@ -77,7 +78,8 @@ class Daemon:
         self.config = config
         model = config["model"]
         options = decoding_options(model["beam"], model["bias_words"])
-        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"], options)
+        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"], options,
+                                            model["backend"])
         vad = config["vad"]
         self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])
         self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,

@@ -36,7 +36,8 @@ class GreedyDecoder:
         logits, cache = self.model.decode(self.prompt, self.model.empty_cache(), cross)
         mask = self.first_mask
         tokens: list[int] = []
-        for _ in range(self.options.max_new_tokens):
+        # A backend with a fixed number of cache slots (TFLite) bounds the window's length too.
+        for _ in range(min(self.options.max_new_tokens, self.model.max_tokens - len(self.prompt))):
             token = int(np.argmax(np.where(mask, -np.inf, logits)))
             if token == self.eot:
                 break

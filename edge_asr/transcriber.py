@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import OnnxWhisper
+from .backend import open_model
 from .bundle import Bundle
 from .decoding import DecodingOptions, GreedyDecoder
 from .frontend import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, window_features
@@ -32,9 +32,10 @@ class Transcript:
 
 
 class Transcriber:
-    def __init__(self, bundle: str | Path | Bundle, threads: int = 2, options: DecodingOptions | None = None):
+    def __init__(self, bundle: str | Path | Bundle, threads: int = 2, options: DecodingOptions | None = None,
+                 backend: str = "auto"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        self.model = OnnxWhisper(self.bundle, threads)
+        self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = GreedyDecoder(self.model, decoder_config, options)
         self.tokenizer = self.bundle.tokenizer
@@ -57,11 +58,12 @@ class Transcriber:
         return self.tokenizer.decode(self.decoder.decode(window_features(audio, self.bundle.mel_filters))).strip()
 
 
-def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, ctc_options=None):
-    """The transcriber a bundle's model family needs: Whisper's, or the streaming LSTM-CTC one."""
+def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, ctc_options=None, backend: str = "auto"):
+    """The transcriber a bundle's model family needs, Whisper's or the streaming LSTM-CTC one, on `backend`
+    ("auto", "onnx", "ort" or "tflite")."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     if bundle.family == "lstm-ctc":
         from .ctc_transcriber import CtcTranscriber
 
-        return CtcTranscriber(bundle, threads, ctc_options)
-    return Transcriber(bundle, threads)
+        return CtcTranscriber(bundle, threads, ctc_options, backend)
+    return Transcriber(bundle, threads, backend=backend)

@@ -51,7 +51,7 @@ def _build(tmp_path_factory, precision: str):
     from edge_asr_build.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / f"tiny.en-{precision}"
-    build_whisper_bundle("tiny.en", out, precision, evaluate_on=0)
+    build_whisper_bundle("tiny.en", out, precision, evaluate_on=0, formats=["onnx", "ort", "tflite"])
     return out
 
 
@@ -72,14 +72,15 @@ def transcriber_int8(bundle_int8):
     return Transcriber(bundle_int8, threads=2)
 
 
-def run_cli_without_torch(args: list[str]) -> subprocess.CompletedProcess:
-    """`edge-asr ARGS` in a process where importing torch, librosa or the build step fails, and which
-    fails if any heavy module got imported all the same: the runtime must need none of them."""
+def run_cli_without_torch(args: list[str], also_block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`edge-asr ARGS` in a process where importing torch, librosa or the build step (and `also_block`)
+    fails, and which fails if any heavy module got imported all the same: the runtime must need none of them."""
+    blocked = ("torch", "librosa", "edge_asr_build", *also_block)
     script = f"""
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('torch', 'librosa', 'edge_asr_build'):
+        if name.split('.')[0] in {blocked!r}:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 from edge_asr.cli import main

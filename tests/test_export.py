@@ -63,8 +63,13 @@ def test_int8_onnx_stays_close_to_torch(tiny, bundle_int8, mel, tokens):
 def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
     int8, fp32 = Bundle.load(bundle_int8), Bundle.load(bundle_fp32)
     assert int8.size_bytes < 0.35 * fp32.size_bytes
+    assert int8.formats == fp32.formats == ["onnx", "ort", "tflite"]
     m = int8.manifest
     assert m["model"]["precision"] == "int8" and m["model"]["parameters"] == 37_184_256
     assert m["decoder"]["prompt"] == [50257, 50362]
-    assert set(m["files"]) == {"encoder.int8.onnx", "decoder.int8.onnx", "tokens.json", "mel_filters.npy"}
+    graphs = {f"{role}.int8.{ext}" for role in ("encoder", "decoder") for ext in ("onnx", "ort", "tflite")}
+    assert set(m["files"]) == graphs | {"tokens.json", "mel_filters.npy"}
+    assert m["model"]["tflite"]["graphs"] == {"encoder": "encoder.int8.tflite", "decoder": "decoder.int8.tflite"}
+    for fmt in int8.formats:  # what each backend loads is an int8 model of about the same size
+        assert 0.25 * fp32.model_bytes(fmt) < int8.model_bytes(fmt) < 0.35 * fp32.model_bytes(fmt)
     assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64

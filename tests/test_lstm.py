@@ -173,7 +173,7 @@ def words_bundle(trained, tmp_path_factory):
     from edge_asr_build.lstm_bundle import build_lstm_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "words-int8"
-    build_lstm_bundle(trained[0], out, "int8", evaluate=False)
+    build_lstm_bundle(trained[0], out, "int8", evaluate=False, formats=["onnx", "tflite"])
     return out
 
 
@@ -182,11 +182,12 @@ def test_training_learns_the_words_and_the_int8_bundle_transcribes_them(trained,
 
     history = trained[1]
     assert history[-1]["loss"] < 0.05 * history[0]["loss"]
-    transcriber = load_transcriber(words_bundle)
-    for word, audio in word_audio.items():
-        result = transcriber.transcribe(audio)
-        assert result.text == word
-        assert 0 < result.rtf < 0.5
+    for backend in ("onnx", "tflite"):
+        transcriber = load_transcriber(words_bundle, backend=backend)
+        for word, audio in word_audio.items():
+            result = transcriber.transcribe(audio)
+            assert result.text == word, backend
+            assert 0 < result.rtf < 0.5
 
 
 def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bundle, word_audio):

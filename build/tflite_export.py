@@ -1,0 +1,221 @@
+"""TFLite export pass: the same models as the ONNX graphs, as LiteRT (TensorFlow Lite) flatbuffers for
+tflite-runtime / ai-edge-litert on devices where ONNX Runtime has no wheel (armv7) or an app prefers LiteRT.
+
+TFLite wants static shapes, so the graphs differ from the ONNX ones in how they handle time:
+
+  whisper  encoder.tflite  mel (1, n_mels, 3000) -> cross_k_i, cross_v_i (as encoder.onnx)
+           decoder.tflite  one token at a time over a fixed-length self-attention cache:
+               token (1, 1) int32, position (1,) int32, self_k_i (1, H, qk, L), self_v_i (1, H, L, vo),
+               cross_k_i, cross_v_i  ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
+           The graph returns only the new token's key and value; the runtime writes them into slot
+           `position` of the cache it feeds back. Slots at or after `position` are masked, so unwritten
+           slots never matter, and a step copies a few kilobytes instead of the whole cache.
+  lstm-ctc acoustic.tflite  signatures "step" (1 step: `stack` frames) and "chunk" (CHUNK_STEPS steps),
+           each  features (steps * stack, n_mels), h_i, c_i -> log_probs (steps, n_symbols), h_i', c_i'
+           A stream runs whole chunks and the remainder step by step; the state carries across calls, so the
+           result is the same as one pass.
+
+Conversion is litert-torch's (torch.export, then the LiteRT converter); int8 weights come from
+ai-edge-quantizer's dynamic recipe (int8 weights per channel, activations quantized on the fly).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .export import cache_names
+from .lstm import LstmCtc
+from .whisper_model import Whisper
+
+# Decoder cache slots: the prompt plus openai-whisper's sample_len (224 new tokens), rounded up.
+MAX_TOKENS = 232
+CHUNK_STEPS = 16
+MASKED = -1e9  # not -inf: a fully masked row must stay finite, and every int8 kernel handles a finite value
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def forward(self, mel: Tensor) -> dict[str, Tensor]:
+        pairs = self.decoder.cross_kv(self.encoder(mel))
+        names = cache_names("cross", len(pairs))
+        return dict(zip(names, [t for pair in pairs for t in pair]))
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoding step over a fixed-length cache; see the module docstring for the protocol."""
+
+    def __init__(self, model: Whisper, max_tokens: int = MAX_TOKENS):
+        super().__init__()
+        self.decoder = model.decoder
+        self.max_tokens = max_tokens
+        self.n_layer = len(model.decoder.blocks)
+
+    def forward(self, token: Tensor, position: Tensor, *caches: Tensor) -> dict[str, Tensor]:
+        n = 2 * self.n_layer
+        cache, cross = caches[:n], caches[n:]
+        d = self.decoder
+        x = d.token_embedding.embed(token.long()) + d.positional_embedding.index_select(0, position.long())[None]
+        slots = torch.arange(self.max_tokens)
+        written = slots == position              # the slot this step's key and value go to
+        mask = torch.where(slots > position, MASKED, 0.0)
+        out = {}
+        for i, block in enumerate(d.blocks):
+            h = block.attn_ln(x)
+            k_t, v = block.attn.project_key_value(h)           # (1, H, qk, 1), (1, H, 1, vo)
+            keys = torch.where(written, k_t, cache[2 * i])      # broadcast over the slot axis
+            values = torch.where(written[:, None], v, cache[2 * i + 1])
+            x = x + block.attn.attend(block.attn.project_query(h), keys, values, mask)
+            c = block.cross_attn
+            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1])
+            x = x + block.mlp(block.mlp_ln(x))
+            out[f"k_{i}"], out[f"v_{i}"] = k_t, v
+        return {"logits": d.token_embedding.logits(d.ln(x[:, -1])), **out}
+
+
+class LstmStepsGraph(nn.Module):
+    """`steps` LSTM steps unrolled, with the state in and out: TFLite has no projected LSTM with a state
+    that is both an input and an output, and the unrolled cell is a handful of fully connected ops."""
+
+    def __init__(self, model: LstmCtc, steps: int):
+        super().__init__()
+        self.model, self.steps = model.eval(), steps
+
+    def forward(self, features: Tensor, *state: Tensor) -> dict[str, Tensor]:
+        m = self.model
+        x = m.stack_frames(features[None])[0]                    # (steps, n_input)
+        if m.input_proj is not None:
+            x = m.input_proj(x)
+        new_state = {}
+        for i, layer in enumerate(m.layers):
+            h, c = state[2 * i], state[2 * i + 1]
+            w_ih, w_hh = layer.weight_ih_l0, layer.weight_hh_l0
+            w_hr = getattr(layer, "weight_hr_l0", None)
+            input_gates = x @ w_ih.T + (layer.bias_ih_l0 + layer.bias_hh_l0)   # batched over steps
+            outputs = []
+            for t in range(self.steps):
+                gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
+                c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+                h = torch.sigmoid(go) * torch.tanh(c)
+                if w_hr is not None:
+                    h = h @ w_hr.T
+                outputs.append(h)
+            x = torch.cat(outputs, 0)
+            new_state[f"h{i}"], new_state[f"c{i}"] = h, c
+        return {"log_probs": m.output(x).log_softmax(-1), **new_state}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch prints a progress line per conversion stage and the converter logs to stderr; the build
+    step shows its own progress."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _converter():
+    try:
+        import litert_torch
+    except ImportError:
+        from edge_asr.errors import EdgeAsrError
+
+        raise EdgeAsrError("TFLite export needs litert-torch: pip install 'edge-asr[tflite-build]'") from None
+    return litert_torch
+
+
+def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: Path) -> Path:
+    litert_torch = _converter()
+    with _quiet():
+        converter = None
+        for name, module, kwargs in signatures:
+            target = litert_torch if converter is None else converter
+            converter = target.signature(name, module.eval(), sample_kwargs=kwargs)
+        converter.convert().export(str(path))
+    return Path(path)
+
+
+def whisper_decoder_inputs(model: Whisper, max_tokens: int = MAX_TOKENS) -> dict[str, Tensor]:
+    dims = model.dims
+    inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32)}
+    for i, block in enumerate(model.decoder.blocks):
+        a = block.attn
+        inputs[f"self_k_{i}"] = torch.zeros(1, a.n_head, a.qk_dim, max_tokens)
+        inputs[f"self_v_{i}"] = torch.zeros(1, a.n_head, max_tokens, a.vo_dim)
+    for i, block in enumerate(model.decoder.blocks):
+        c = block.cross_attn
+        inputs[f"cross_k_{i}"] = torch.zeros(1, c.n_head, c.qk_dim, dims.n_audio_ctx)
+        inputs[f"cross_v_{i}"] = torch.zeros(1, c.n_head, dims.n_audio_ctx, c.vo_dim)
+    return inputs
+
+
+class _Keywords(nn.Module):
+    """Calls a graph whose inputs are positional with the named inputs TFLite signatures are made from."""
+
+    def __init__(self, inner: nn.Module, names: list[str]):
+        super().__init__()
+        self.inner, self.names = inner, names  # not `graph`: torch.export's GraphModule owns that name
+
+    def forward(self, **inputs: Tensor):
+        return self.inner(*(inputs[n] for n in self.names))
+
+
+def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS) -> dict[str, Path]:
+    """encoder.tflite and decoder.tflite (float32) in `out_dir`.
+
+    The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output
+    projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per vocabulary row."""
+    model = copy.deepcopy(model).eval()
+    out_dir = Path(out_dir)
+    mel = {"mel": torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)}
+    encoder = _convert([("encode", _Keywords(EncoderGraph(model), ["mel"]), mel)], out_dir / "encoder.tflite")
+    inputs = whisper_decoder_inputs(model, max_tokens)
+    step = _Keywords(DecoderStepGraph(model, max_tokens), list(inputs))
+    decoder = _convert([("decode", step, inputs)], out_dir / "decoder.tflite")
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def lstm_state_inputs(model: LstmCtc) -> dict[str, Tensor]:
+    c = model.config
+    return {f"{kind}{i}": torch.zeros(1, c.layer_output(i) if kind == "h" else c.hidden[i])
+            for i in range(len(c.hidden)) for kind in ("h", "c")}
+
+
+def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEPS) -> Path:
+    """acoustic.tflite (float32) with the signatures "step" and "chunk"."""
+    state = lstm_state_inputs(model)
+    names = ["features", *state]
+    signatures = []
+    for name, steps in (("step", 1), ("chunk", chunk_steps)):
+        inputs = {"features": torch.zeros(steps * model.config.stack, model.config.n_mels), **state}
+        signatures.append((name, _Keywords(LstmStepsGraph(model, steps), names), inputs))
+    return _convert(signatures, Path(path))
+
+
+def quantize_tflite_int8(source: Path, target: Path) -> Path:
+    """int8 weights (per output channel) with float activations quantized on the fly, by ai-edge-quantizer."""
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError:
+        from edge_asr.errors import EdgeAsrError
+
+        raise EdgeAsrError("TFLite int8 needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
+    with _quiet():
+        q = quantizer.Quantizer(str(source))
+        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+        result = q.quantize()
+        Path(target).write_bytes(result.quantized_model)
+    return Path(target)

@@ -1,0 +1,127 @@
+"""The bundle's other formats compute what its ONNX graphs compute: LiteRT (.tflite) and ONNX Runtime's
+mobile format (.ort), for Whisper and LSTM-CTC models, and the runtime picks a backend that is installed."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli_without_torch
+
+from edge_asr.bundle import Bundle
+from edge_asr.frontend import window_features
+from edge_asr.transcriber import load_transcriber
+
+BACKENDS = ["onnx", "ort", "tflite"]
+
+
+def _whisper_steps(transcriber, audio, tokens=None):
+    """Cross-attention inputs and every step's logits, teacher-forced through `tokens` (greedy when None)."""
+    model, decoder = transcriber.model, transcriber.decoder
+    mel = window_features(audio, transcriber.bundle.mel_filters)
+    tokens = decoder.decode(mel) if tokens is None else tokens
+    cross = model.encode(mel)
+    logits, cache = model.decode(decoder.prompt, model.empty_cache(), cross)
+    steps = [logits]
+    for token in tokens:
+        logits, cache = model.decode([token], cache, cross)
+        steps.append(logits)
+    return cross, np.stack(steps), tokens
+
+
+@pytest.fixture(scope="module")
+def fp32_backends(bundle_fp32):
+    bundle = Bundle.load(bundle_fp32)
+    assert bundle.formats == BACKENDS
+    return {b: load_transcriber(bundle, backend=b) for b in BACKENDS}
+
+
+def test_fp32_backends_agree_on_every_decoding_step(fp32_backends, speech):
+    for text, audio in speech:
+        ref_cross, ref_logits, tokens = _whisper_steps(fp32_backends["onnx"], audio)
+        for backend in ("ort", "tflite"):
+            cross, logits, _ = _whisper_steps(fp32_backends[backend], audio, tokens)
+            assert max(np.abs(a - b).max() for a, b in zip(cross, ref_cross)) < 1e-3, backend
+            assert np.abs(logits - ref_logits).max() < 1e-3, backend
+            assert fp32_backends[backend].transcribe(audio).text == fp32_backends["onnx"].transcribe(audio).text
+
+
+def test_int8_tflite_transcribes_like_int8_onnx(bundle_int8, speech):
+    from edge_asr.metrics import word_error_rate
+
+    bundle = Bundle.load(bundle_int8)
+    texts = {b: [load_transcriber(bundle, backend=b).transcribe(a).text for _, a in speech] for b in BACKENDS}
+    assert texts["ort"] == texts["onnx"]
+    assert word_error_rate([t for t, _ in speech], texts["tflite"]) < 10
+    manifest = bundle.manifest
+    sizes = {f: sum(manifest["files"][n]["bytes"] for n in manifest["model"][f]["graphs"].values())
+             for f in ("tflite",)}
+    assert sizes["tflite"] < 0.35 * 4 * bundle.parameters  # int8 weights: well under a float32 copy
+
+
+def test_tflite_decoder_refuses_more_tokens_than_its_slots(bundle_fp32):
+    transcriber = load_transcriber(bundle_fp32, backend="tflite")
+    model = transcriber.model
+    assert model.max_tokens == Bundle.load(bundle_fp32).manifest["model"]["tflite"]["max_tokens"]
+    cross = model.encode(np.zeros((80, 3000), np.float32))
+    with pytest.raises(Exception, match="tokens per window"):
+        model.decode([50257] * (model.max_tokens + 1), model.empty_cache(), cross)
+
+
+def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
+    from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm
+    from edge_asr_build.tflite_export import CHUNK_STEPS, export_lstm_tflite
+
+    from edge_asr.tflite_backend import interpreter_class
+
+    torch.manual_seed(0)
+    plain = LstmCtc(LstmConfig(hidden=[48, 40], proj=[0, 0])).eval()
+    factored = compress_lstm(plain, ratio=0.5)[0].eval()
+    features = torch.randn(3 * (CHUNK_STEPS + 5) + 2, 80)   # a chunk, 5 single steps, 2 frames left over
+    for model in (plain, factored):
+        path = export_lstm_tflite(model, tmp_path / "m.tflite")
+        interpreter = interpreter_class()(model_path=str(path))
+        runners = {n: interpreter.get_signature_runner(n) for n in ("chunk", "step")}
+        with torch.no_grad():
+            ref, ref_state = model(features[None])
+        state = {k: np.zeros(v["shape"], np.float32) for k, v in runners["step"].get_input_details().items()
+                 if k != "features"}
+        out, start = [], 0
+        for name, frames in [("chunk", 3 * CHUNK_STEPS)] + [("step", 3)] * 5:
+            result = runners[name](features=features[start:start + frames].numpy(), **state)
+            out.append(result["log_probs"])
+            state = {k: result[k] for k in state}
+            start += frames
+        assert np.abs(np.concatenate(out) - ref[0].numpy()).max() < 1e-4
+        assert np.abs(state["c1"] - ref_state[1][1][0].numpy()).max() < 1e-4
+
+
+def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, speech, tmp_path):
+    from edge_asr_build.synth import write_wav
+
+    wav = tmp_path / "s.wav"
+    write_wav(wav, speech[0][1])
+    run = run_cli_without_torch(["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)],
+                                also_block=("onnxruntime",))
+    assert run.returncode == 0, run.stderr
+    expected = load_transcriber(bundle_int8, backend="tflite").transcribe(speech[0][1]).text
+    assert json.loads(run.stdout)["text"] == expected
+    bench = subprocess.run([sys.executable, "-m", "edge_asr", "bench", "--json", "--runs", "1", "--backend", "ort",
+                            "--bundle", str(bundle_int8), str(tmp_path)], capture_output=True, text=True)
+    assert bench.returncode != 0  # no refs.tsv: a one-line error, not a traceback
+    assert bench.stderr.count("\n") == 1
+
+
+def test_a_bundle_without_tflite_models_says_how_to_get_them(tmp_path, bundle_int8, speech):
+    from edge_asr_firmware.package import slim_bundle
+    from edge_asr_build.synth import write_wav
+
+    onnx_only = tmp_path / "onnx-only"
+    slim_bundle(bundle_int8, onnx_only, ["onnx"])
+    assert Bundle.load(onnx_only).formats == ["onnx"]
+    wav = tmp_path / "s.wav"
+    write_wav(wav, speech[0][1])
+    run = subprocess.run([sys.executable, "-m", "edge_asr", "transcribe", "--backend", "tflite", "--bundle",
+                          str(onnx_only), str(wav)], capture_output=True, text=True)
+    assert run.returncode == 3 and run.stderr.count("\n") == 1 and "--formats tflite" in run.stderr
