@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
+from .device import device_info
 from .errors import AudioError
 from .metrics import normalize, word_error_rate
 from .transcriber import Transcriber
@@ -55,7 +56,15 @@ def set_label(folder: str | Path) -> str:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. Linux's VmHWM first: getrusage's maxrss survives exec, so a
+    process started by a big parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux and Android
 
 
 def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3, progress=None) -> dict:
@@ -99,8 +108,10 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
         rtf_wall=round(statistics.median(pooled_wall) / pooled_audio, 4),
         rtf_cpu=round(statistics.median(pooled_cpu) / pooled_audio, 4),
         peak_rss_mb=round(peak_rss_mb()),
-        bundle_mb=round(bundle.size_bytes / 1e6, 2),
+        backend=transcriber.model.backend,
+        bundle_mb=round(bundle.model_bytes(transcriber.model.backend) / 1e6, 2),
         params=bundle.parameters,
         bundle=bundle.manifest["name"],
         runs=runs,
+        device=device_info(),
     )

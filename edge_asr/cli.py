@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .backend import BACKENDS
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
 
 DEMO_SENTENCE = "Replace the hydraulic filter on press number four before the night shift."
+DEMO_FORMATS = "onnx,tflite"  # the demo shows both backends
 DEMO_STREAM = ["The coolant pump on line two is running hot.", "Order a new drive belt for the north conveyor.",
                "Mark the inspection as done."]
 
@@ -56,7 +58,7 @@ class StepProgress:
 
 
 def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int,
-                 compact: bool = False) -> dict:
+                 compact: bool = False, formats: str = "onnx") -> dict:
     """Run the build step with progress on stderr and a one-line summary; returns the manifest.
 
     With `compact`, the source is first compressed and recovered by the default recipe (cached)."""
@@ -74,10 +76,13 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
                 source = str(pipeline.compact_checkpoint(source, step=progress))
             finally:
                 progress.close()
-        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on), f"build {Path(source).name}")
+        formats = _formats(formats)
+        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on) + len(formats) - 1,
+                                f"build {Path(source).name}")
         try:
             manifest = pipeline.build_whisper_bundle(source, out, precision, name=out.name, tokenizer=tokenizer,
-                                                     evaluate_on=evaluate_on, threads=threads, step=progress)
+                                                     evaluate_on=evaluate_on, threads=threads, step=progress,
+                                                     formats=formats)
         finally:
             progress.close()
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
@@ -91,14 +96,35 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
     return manifest
 
 
+def _formats(text: str) -> list[str]:
+    from edge_asr_build.formats import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as e:
+        raise EdgeAsrError(str(e)) from None
+
+
+def _has_formats(bundle: Path, formats: str) -> bool:
+    """Whether a built bundle already carries every format asked for (if not, it is rebuilt with them)."""
+    from .bundle import Bundle
+
+    try:
+        have = Bundle.load(bundle, verify=False).formats
+    except EdgeAsrError:
+        return False
+    return all(f.strip() in have for f in formats.split(",") if f.strip())
+
+
 def cmd_build(args) -> int:
     name = f"{Path(args.source).stem if args.source.endswith('.json') else Path(args.source).name}"
     name += f"{'-compact' if args.compact else ''}-{args.precision}"
     out = Path(args.out) if args.out else bundle_dir(name)
-    if (out / "manifest.json").exists() and not args.force:
+    if (out / "manifest.json").exists() and not args.force and _has_formats(out, args.formats):
         print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
     else:
-        build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads, compact=args.compact)
+        build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads, compact=args.compact,
+                     formats=args.formats)
     print(out)
     return 0
 
@@ -189,9 +215,11 @@ def cmd_lstm_build(args) -> int:
 
     source = _lstm_checkpoint(args.source)
     out = Path(args.out) if args.out else bundle_dir(f"{source.stem}-{args.precision}")
-    progress = StepProgress(2 + (args.precision == "int8") + args.eval, f"build {out.name}")
+    formats = _formats(args.formats)
+    progress = StepProgress(2 + (args.precision == "int8") + args.eval + len(formats) - 1, f"build {out.name}")
     try:
-        manifest = build_lstm_bundle(source, out, args.precision, out.name, args.eval, args.threads, step=progress)
+        manifest = build_lstm_bundle(source, out, args.precision, out.name, args.eval, args.threads, step=progress,
+                                     formats=formats)
     finally:
         progress.close()
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
@@ -221,7 +249,8 @@ def _transcriber(args):
     from .transcriber import load_transcriber
 
     options = ctc_options(getattr(args, "beam", 0), getattr(args, "bias_words", None), getattr(args, "bias", 1.0))
-    return load_transcriber(args.bundle, threads=args.threads, ctc_options=options)
+    return load_transcriber(args.bundle, threads=args.threads, ctc_options=options,
+                            backend=getattr(args, "backend", "auto"))
 
 
 def cmd_transcribe(args) -> int:
@@ -323,7 +352,8 @@ def cmd_bench(args) -> int:
                 s.pop("hypotheses")
         print(json.dumps(result, indent=2))
         return 0
-    print(f"bundle {result['bundle']}: {result['bundle_mb']:.1f} MB, {result['params'] / 1e6:.2f} M params, "
+    print(f"bundle {result['bundle']} on {result['backend']}: {result['bundle_mb']:.1f} MB, "
+          f"{result['params'] / 1e6:.2f} M params, "
           f"{args.threads} threads, RTF median of {args.runs} runs")
     print(f"{'set':22s} {'n':>4s} {'audio_s':>8s} {'words':>6s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s}")
     for label, s in result["sets"].items():
@@ -354,6 +384,7 @@ def cmd_info(args) -> int:
         print(f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
               f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
     print(f"  source     {m['source']['format']} {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
+    print(f"  formats    {', '.join(bundle.formats)}")
     for name, f in m["files"].items():
         print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
     for name, ev in m.get("evaluation", {}).items():
@@ -378,9 +409,9 @@ def cmd_demo(args) -> int:
     from .paths import home
 
     default = bundle_dir(DEFAULT_BUNDLE)
-    if not (default / "manifest.json").exists():
+    if not _has_formats(default, DEMO_FORMATS):
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads)
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS)
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +421,13 @@ def cmd_demo(args) -> int:
     print(f"audio:      {wav} ({t.audio_seconds:.2f} s, synthesized)")
     print(f"reference:  {DEMO_SENTENCE}")
     print(f"transcript: {t.text}")
-    print(f"RTF:        {t.rtf:.3f} wall, {t.rtf_cpu:.3f} CPU ({t.wall_seconds * 1000:.0f} ms, {args.threads} threads)")
+    print(f"RTF:        {t.rtf:.3f} wall, {t.rtf_cpu:.3f} CPU ({t.wall_seconds * 1000:.0f} ms, {args.threads} threads, "
+          f"ONNX Runtime)")
+    args.backend = "tflite"  # the same int8 model as devices without ONNX Runtime run it
+    lite = _transcriber(args).transcribe(load_audio(wav))
+    args.backend = "auto"
+    print(f"LiteRT:     {lite.text}  (RTF {lite.rtf:.3f} wall, {lite.rtf_cpu:.3f} CPU; "
+          f"{'the same text as' if lite.text == t.text else 'a different text from'} ONNX Runtime)")
     _demo_stream(args, home() / "demo")
     return 0
 
@@ -441,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         ctc.add_argument("--bias-words", metavar="WORDS",
                          help="favour these words: comma-separated, or @FILE with one word per line")
         ctc.add_argument("--bias", type=float, default=1.0, help="bonus per character of a favoured word (nats)")
+        p.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="onnx (ONNX Runtime), ort (ONNX Runtime, mobile-format files), tflite (LiteRT); "
+                            "auto: ONNX Runtime if installed, else LiteRT")
         return with_threads(p)
 
     p = with_threads(sub.add_parser("build", help="build a bundle from a pretrained Whisper (needs [build])"))
@@ -452,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=12, metavar="N",
                    help="record WER on N synthesized sentences in the manifest (0: skip)")
     p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
+    p.add_argument("--formats", default="onnx", metavar="LIST",
+                   help="model formats in the bundle, comma-separated: onnx (always), ort, tflite (default onnx)")
     p.add_argument("--compact", action="store_true",
                    help="experimental: compress the source to 55%% of its parameters and recover it on synthesized "
                         "speech first (cached); see the README for its measured WER")
@@ -513,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--out", help="bundle directory (default: $EDGE_ASR_HOME/bundles/NAME-PRECISION)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the held-out evaluation")
+    p.add_argument("--formats", default="onnx", metavar="LIST",
+                   help="model formats in the bundle, comma-separated: onnx (always), ort, tflite (default onnx)")
     p.set_defaults(func=cmd_lstm_build)
 
     p = with_bundle(sub.add_parser("transcribe", help="transcribe audio files"))
