@@ -423,11 +423,12 @@ def cmd_demo(args) -> int:
     print(f"transcript: {t.text}")
     print(f"RTF:        {t.rtf:.3f} wall, {t.rtf_cpu:.3f} CPU ({t.wall_seconds * 1000:.0f} ms, {args.threads} threads, "
           f"ONNX Runtime)")
-    args.backend = "tflite"  # the same int8 model as devices without ONNX Runtime run it
+    args.backend = "tflite"  # the bundle's LiteRT model, as devices without ONNX Runtime run it
     lite = _transcriber(args).transcribe(load_audio(wav))
     args.backend = "auto"
     print(f"LiteRT:     {lite.text}  (RTF {lite.rtf:.3f} wall, {lite.rtf_cpu:.3f} CPU; "
-          f"{'the same text as' if lite.text == t.text else 'a different text from'} ONNX Runtime)")
+          + ("the same text as ONNX Runtime)" if lite.text == t.text else
+             "its own int8 quantization: the text differs from ONNX Runtime's)"))
     _demo_stream(args, home() / "demo")
     return 0
 

@@ -45,7 +45,8 @@ def _interpreter(path, threads: int):
 class TfliteWhisper:
     """Encoder and one-token decoder. The decoder's self-attention cache lives in the interpreter's own
     input tensors: each step writes the new token's key and value into its slot, so nothing else is copied;
-    the cross-attention keys and values are written once per window."""
+    the cross-attention keys and values are written once per window. The cache being the interpreter's,
+    it holds one decoding path at a time, which is what greedy decoding needs."""
 
     backend = "tflite"
 
@@ -53,7 +54,7 @@ class TfliteWhisper:
         self.encoder = _interpreter(bundle.file("encoder", "tflite"), threads).get_signature_runner("encode")
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self.interpreter.allocate_tensors()
-        runner = self.interpreter.get_signature_runner("decode")  # allocates the tensors
+        runner = self.interpreter.get_signature_runner("decode")
         self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
         self.outputs = {name: d["index"] for name, d in runner.get_output_details().items()}
         self.n_layer = sum(name.startswith("self_k_") for name in self.inputs)
@@ -118,6 +119,7 @@ class TfliteLstmCtc:
         n_layers = sum(name.startswith("h") for name in details)
         self.state_names = [f"{kind}{i}" for i in range(n_layers) for kind in ("h", "c")]
         self._initial = [np.zeros(details[n]["shape"], dtype=np.float32) for n in self.state_names]
+        self.n_symbols = int(self.step.get_output_details()["log_probs"]["shape"][-1])
 
     def initial_state(self) -> list[np.ndarray]:
         return list(self._initial)
@@ -132,5 +134,4 @@ class TfliteLstmCtc:
             log_probs.append(out["log_probs"])
             state = [out[n] for n in self.state_names]
             start += size
-        n_symbols = self.step.get_output_details()["log_probs"]["shape"][-1]
-        return (np.concatenate(log_probs) if log_probs else np.zeros((0, n_symbols), np.float32)), state
+        return (np.concatenate(log_probs) if log_probs else np.zeros((0, self.n_symbols), np.float32)), state

@@ -36,13 +36,14 @@ def _require_tools(target: Target) -> None:
 
 
 def emulated(rootfs: Path, target: Target, command: list[str], workdir: str = "/",
-             env: dict[str, str] | None = None, cpu: str | None = None) -> subprocess.CompletedProcess:
+             env: dict[str, str] | None = None, cpu: str | None = None,
+             binds: tuple[str, ...] = ("/dev", "/proc")) -> subprocess.CompletedProcess:
     """Run `command` inside `rootfs` on the emulated CPU (qemu's -cpu model, default the target's), with a
-    clean environment."""
+    clean environment and the host's `binds`."""
     variables = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8"} | (env or {})
     qemu = f"{target.qemu} -cpu {cpu or target.qemu_cpu}"
     # Not /sys: the host's CPU topology there crashes ARM CPU detection (cpuinfo, in onnxruntime) under qemu.
-    cmd = ["proot", "-0", "-q", qemu, "-r", str(rootfs), "-b", "/dev", "-b", "/proc", "-w", workdir, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()), *command]
+    cmd = ["proot", "-0", "-q", qemu, "-r", str(rootfs), *(a for b in binds for a in ("-b", b)), "-w", workdir, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()), *command]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -64,7 +65,9 @@ def ensure_rootfs(rootfs: Path, target: Target, mirror: str = DEBIAN_MIRROR,
         if out.returncode:
             raise EdgeAsrError(f"debootstrap failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
     step("debootstrap second stage, emulated (a few minutes)")
-    out = emulated(rootfs, target, ["/debootstrap/debootstrap", "--second-stage"], env={"DEBOOTSTRAP_DIR": "/debootstrap"})
+    # No binds yet: the half-made root has no /proc or /dev to bind onto.
+    out = emulated(rootfs, target, ["/debootstrap/debootstrap", "--second-stage"], env={"DEBOOTSTRAP_DIR": "/debootstrap"},
+                   binds=())
     if out.returncode:
         raise EdgeAsrError(f"debootstrap second stage failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
     return rootfs
@@ -80,7 +83,8 @@ def check_archive(archive: Path, rootfs: Path, target: Target, cpu: str | None =
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(staging, filter="data")
+        # The "data" filter (no absolute paths, links out of the folder or device files) where Python has it.
+        tar.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     info = json.loads((staging / name / "ARCHIVE.json").read_text())
     if info["target"] != target.name:
         raise EdgeAsrError(f"{archive.name} is for {info['target']}, not {target.name}")
