@@ -62,8 +62,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--decode", action="append", metavar="NAME=ARGS",
-                    help="run every bundle also with these `edge-asr bench` decoding options, e.g. "
-                         "'digits=--beam 8 --bias-words zero,one,two' (repeatable; LSTM-CTC bundles)")
+                    help="run every bundle also with these `edge-asr bench` options, e.g. 'litert=--backend tflite' "
+                         "or, for LSTM-CTC bundles, 'digits=--beam 8 --bias-words zero,one,two' (repeatable)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     args = ap.parse_args()
 

@@ -80,7 +80,7 @@ def cmd_emulate(args) -> int:
     for backend, r in report["backends"].items():
         ok &= not r["mismatches"]
         print(f"{report['machine']} (emulated {report['cpu']}) {backend}: {r['same']}/{r['n']} transcripts identical to "
-              f"{report['expected_from']}")
+              f"{report['expected_from']}'s, {r['same_normalized']}/{r['n']} after WER normalization")
         for m in r["mismatches"]:
             print(f"  {m['id']}: {report['expected_from']} {m['expected']!r} / emulated {m['emulated']!r}")
     return 0 if ok else 1
