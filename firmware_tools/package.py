@@ -1,6 +1,6 @@
 """A self-contained deployable archive for one target: everything a device needs, installable offline.
 
-  edge-asr-<version>-<target>/
+  edge-asr-<version>-<bundle>-<target>/
     install.sh            venv under $PREFIX (default /opt/edge-asr) from the wheels here, no network
     requirements.txt      the runtime's dependencies for this target (markers evaluated for the device)
     wheels/               edge_asr and those dependencies, built for the target's CPU and Python
@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from edge_asr.bundle import MANIFEST, Bundle, read_manifest, sha256_file
+from edge_asr.bundle import MANIFEST, Bundle, sha256_file
 from edge_asr.errors import EdgeAsrError
 
 from .targets import Target
@@ -161,15 +161,15 @@ def device_config(backend: str) -> str:
 def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.11", testset: Path | None = None,
                   count: int = 10, source: Path | None = None, index_urls: tuple[str, ...] = (), threads: int = 2,
                   step: Callable[[str], None] = lambda m: None) -> Path:
-    """Write edge-asr-<version>-<target>.tar.gz into `out_dir`; returns its path."""
+    """Write edge-asr-<version>-<bundle>-<target>.tar.gz into `out_dir`; returns its path."""
     from edge_asr import __version__
 
-    read_manifest(bundle)
-    formats = [f for f in target.backends if f in Bundle.load(bundle).formats]
+    source_bundle = Bundle.load(bundle)
+    formats = [f for f in target.backends if f in source_bundle.formats]
     if not formats:
         raise EdgeAsrError(f"{bundle}: {target.name} runs {' or '.join(target.backends)} models and this bundle has "
                            f"none; rebuild it with --formats {','.join(target.backends)}")
-    root_name = f"edge-asr-{__version__}-{target.name}"
+    root_name = f"edge-asr-{__version__}-{source_bundle.manifest['name']}-{target.name}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
