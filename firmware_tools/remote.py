@@ -34,14 +34,17 @@ class Ssh:
         return out
 
     def copy(self, local: Path, remote: str) -> None:
+        """rsync (resumes a broken transfer over a flaky link) where both ends have it, else scp."""
         if shutil.which("rsync"):
             shell = shlex.join(["ssh", *self.options])
-            cmd = ["rsync", "--partial", "-e", shell, str(local), f"{self.host}:{remote}"]
-        else:
-            port = ["-P", self.options[self.options.index("-p") + 1]] if "-p" in self.options else []
-            identity = ["-i", self.options[self.options.index("-i") + 1]] if "-i" in self.options else []
-            cmd = ["scp", "-o", "BatchMode=yes", *port, *identity, str(local), f"{self.host}:{remote}"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(["rsync", "--partial", "-e", shell, str(local), f"{self.host}:{remote}"],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                return
+        port = ["-P", self.options[self.options.index("-p") + 1]] if "-p" in self.options else []
+        identity = ["-i", self.options[self.options.index("-i") + 1]] if "-i" in self.options else []
+        out = subprocess.run(["scp", "-o", "BatchMode=yes", *port, *identity, str(local), f"{self.host}:{remote}"],
+                             capture_output=True, text=True)
         if out.returncode:
             raise EdgeAsrError(f"copying {local.name} to {self.host} failed: {_tail(out)}")
 
