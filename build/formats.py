@@ -67,7 +67,3 @@ def add_lstm_tflite(model, staged: Path, work: Path, precision: str) -> dict:
     else:
         path.replace(target)
     return {"graphs": {"acoustic": target.name}, "chunk_steps": CHUNK_STEPS}
-
-
-def section_files(section: dict) -> list[str]:
-    return list(section["graphs"].values())
