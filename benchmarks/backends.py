@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_asr.audio import load_audio
 from edge_asr.bundle import Bundle
+from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import LogMelStream, window_features
 from edge_asr.transcriber import load_transcriber
 
@@ -34,17 +35,12 @@ def read_set(folder: Path) -> list[tuple[str, Path]]:
 
 def whisper_outputs(transcriber, audio: np.ndarray, tokens: list[int] | None):
     """Cross-attention inputs and per-step logits for `tokens` (ONNX's own when None), plus the tokens."""
-    model, decoder = transcriber.model, transcriber.decoder
+    decoder = transcriber.decoder
     mel = window_features(audio, transcriber.bundle.mel_filters)
     if tokens is None:
         tokens = decoder.decode(mel)
-    cross = model.encode(mel)
-    logits, cache = model.decode(decoder.prompt, model.empty_cache(), cross)
-    steps = [logits]
-    for token in tokens:
-        logits, cache = model.decode([token], cache, cross)
-        steps.append(logits)
-    return np.concatenate([c.ravel() for c in cross]), np.stack(steps), tokens
+    cross, logits, _ = forced_decoding(transcriber.model, mel, decoder.prompt, tokens)
+    return np.concatenate([c.ravel() for c in cross]), logits, tokens
 
 
 def lstm_outputs(transcriber, audio: np.ndarray) -> np.ndarray:

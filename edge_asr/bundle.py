@@ -19,6 +19,14 @@ from .tokenizer import Tokenizer
 FORMAT = "edge-asr-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MODEL_FORMATS = ("onnx", "ort", "tflite")
+
+
+def model_graphs(manifest: dict, fmt: str) -> dict[str, str]:
+    """Role -> file of the graphs in format `fmt` ({} if the bundle has none): ONNX's are the manifest's
+    `model.graphs`, the other formats' `model.<fmt>.graphs`."""
+    model = manifest["model"]
+    return model.get("graphs", {}) if fmt == "onnx" else model.get(fmt, {}).get("graphs", {})
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -70,9 +78,7 @@ class Bundle:
         if verify:
             verify_files(path, manifest)
         frontend, tokenizer = manifest["frontend"], manifest["tokenizer"]
-        listed = {frontend["mel_filters"], *manifest["model"]["graphs"].values()}
-        for fmt in ("ort", "tflite"):
-            listed |= set(manifest["model"].get(fmt, {}).get("graphs", {}).values())
+        listed = {frontend["mel_filters"]}.union(*(model_graphs(manifest, f).values() for f in MODEL_FORMATS))
         listed |= {tokenizer["tokens"]} if "tokens" in tokenizer else set()
         unlisted = listed - set(manifest["files"])
         if unlisted:  # a file without a checksum could be swapped unnoticed
@@ -91,16 +97,14 @@ class Bundle:
     def formats(self) -> list[str]:
         """The model formats this bundle carries: "onnx", and "ort" and "tflite" when built with them (a bundle
         packaged for a device may carry only the one its backend runs)."""
-        model = self.manifest["model"]
-        return [f for f in ("onnx", "ort", "tflite") if (model.get("graphs") if f == "onnx" else f in model)]
+        return [f for f in MODEL_FORMATS if model_graphs(self.manifest, f)]
 
     def file(self, role: str, fmt: str = "onnx") -> Path:
         """The file of graph `role` ("encoder", "decoder", "acoustic") in format `fmt`."""
         if fmt not in self.formats:
             raise BundleError(f"{self.path}: this bundle has no {fmt} models (it has {', '.join(self.formats)}); "
                               f"rebuild it with --formats {fmt}")
-        graphs = self.manifest["model"]["graphs"] if fmt == "onnx" else self.manifest["model"][fmt]["graphs"]
-        return self.path / graphs[role]
+        return self.path / model_graphs(self.manifest, fmt)[role]
 
     @property
     def size_bytes(self) -> int:
@@ -108,9 +112,7 @@ class Bundle:
 
     def model_bytes(self, fmt: str = "onnx") -> int:
         """What one backend loads: the graphs of format `fmt` and the files every format shares."""
-        model = self.manifest["model"]
-        graphs = {f: set((model["graphs"] if f == "onnx" else model[f]["graphs"]).values()) for f in self.formats}
-        others = set().union(*(files for f, files in graphs.items() if f != fmt))
+        others = set().union(*(model_graphs(self.manifest, f).values() for f in self.formats if f != fmt))
         return sum(info["bytes"] for name, info in self.manifest["files"].items() if name not in others)
 
     @property

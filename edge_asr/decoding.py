@@ -11,6 +11,19 @@ class DecodingOptions:
     max_new_tokens: int = 224  # openai-whisper's sample_len: half the text context
 
 
+def forced_decoding(model, mel: np.ndarray, prompt: list[int], tokens: list[int]):
+    """Teacher-forced decoding of one window: the cross-attention inputs, the logits after the prompt and
+    after each of `tokens` ((len(tokens) + 1, n_vocab)), and the cache after the last. What backends,
+    exported graphs and compressed models are compared by."""
+    cross = model.encode(mel)
+    logits, cache = model.decode(prompt, model.empty_cache(), cross)
+    steps = [logits]
+    for token in tokens:
+        logits, cache = model.decode([token], cache, cross)
+        steps.append(logits)
+    return cross, np.stack(steps), cache
+
+
 class GreedyDecoder:
     def __init__(self, model, decoder_config: dict, options: DecodingOptions | None = None):
         self.model = model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_asr.bundle import Bundle
+from edge_asr.bundle import Bundle, model_graphs
 from edge_asr.errors import EdgeAsrError
 
 from .package import slim_bundle
@@ -53,10 +53,10 @@ def asset_pack(bundle_path: Path, assets: Path, fmt: str = "ort") -> Path:
     out = Path(assets) / "edge-asr" / bundle.manifest["name"]
     if out.exists():
         shutil.rmtree(out)
-    manifest = slim_bundle(bundle.path, out, [fmt])
+    manifest = slim_bundle(bundle, out, [fmt])
     filters = bundle.mel_filters.astype("<f4")
     (out / "mel_filters.f32").write_bytes(filters.tobytes())
-    graphs = manifest["model"][fmt]["graphs"]
+    graphs = model_graphs(manifest, fmt)
     describe = _onnx_signature if fmt == "ort" else _tflite_signatures
     contract = {
         "family": bundle.family,

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from edge_asr.bundle import MANIFEST, Bundle, sha256_file
+from edge_asr.bundle import MANIFEST, Bundle, model_graphs, sha256_file
 from edge_asr.errors import EdgeAsrError
 
 from .targets import Target
@@ -100,17 +100,18 @@ def download_wheels(requirements: list[str], target: Target, python: str, dest: 
         raise EdgeAsrError(what + hint)
 
 
-def slim_bundle(source: Path, dest: Path, formats: list[str]) -> dict:
-    """Copy the bundle with only `formats`, its manifest rewritten to list just those files."""
-    bundle = Bundle.load(source)
+def slim_bundle(source: Path | Bundle, dest: Path, formats: list[str]) -> dict:
+    """Copy the bundle (a folder, or one loaded and verified already) with only `formats`, its manifest
+    rewritten to list just those files."""
+    bundle = source if isinstance(source, Bundle) else Bundle.load(source)
     manifest = json.loads(json.dumps(bundle.manifest))
     dropped = set()
     for fmt in [f for f in bundle.formats if f not in formats]:
+        dropped |= set(model_graphs(manifest, fmt).values())
         if fmt == "onnx":
-            dropped |= set(manifest["model"]["graphs"].values())
             manifest["model"]["graphs"] = {}
         else:
-            dropped |= set(manifest["model"].pop(fmt)["graphs"].values())
+            del manifest["model"][fmt]
     manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in dropped}
     manifest["deployed_formats"] = formats
     dest.mkdir(parents=True)
@@ -132,7 +133,7 @@ def copy_testset(folder: Path, dest: Path) -> list[tuple[str, Path]]:
     return items
 
 
-def expected_texts(bundle: Path, items: list[tuple[str, Path]], backends: list[str], threads: int) -> dict:
+def expected_texts(bundle: Bundle, items: list[tuple[str, Path]], backends: list[str], threads: int) -> dict:
     """What this machine transcribes, per backend: the texts a device must reproduce."""
     from edge_asr.audio import load_audio
     from edge_asr.transcriber import load_transcriber
@@ -183,7 +184,7 @@ def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.
         shutil.copy2(wheel, root / "wheels" / wheel.name)
         (root / "requirements.txt").write_text("\n".join(requirements) + "\n")
         step(f"copy the bundle ({', '.join(formats)})")
-        manifest = slim_bundle(bundle, root / "bundle", formats)
+        manifest = slim_bundle(source_bundle, root / "bundle", formats)
         step("copy the test set")
         if testset is None:
             from edge_asr_build.synth import synthetic_set
@@ -191,7 +192,7 @@ def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.
             testset = synthetic_set(count, seed=21)
         items = copy_testset(Path(testset), root / "testset")
         step(f"transcribe the test set here ({', '.join(formats)})")
-        expected = expected_texts(root / "bundle", items, formats, threads)
+        expected = expected_texts(Bundle.load(root / "bundle"), items, formats, threads)
         (root / "testset" / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
         (root / "config").mkdir()
         (root / "config" / "edge-asr.toml").write_text(device_config(formats[0]))

@@ -5,6 +5,7 @@ import torch
 
 from edge_asr.backend import OnnxWhisper
 from edge_asr.bundle import Bundle
+from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import window_features
 from edge_asr_build.mel import mel_filters
 
@@ -23,16 +24,6 @@ def _torch_reference(model, mel, tokens):
     return cross, logits.numpy()
 
 
-def _onnx_steps(onnx_model, mel, tokens, prompt_len):
-    cross = onnx_model.encode(mel)
-    logits, cache = onnx_model.decode(tokens[:prompt_len], onnx_model.empty_cache(), cross)
-    steps = [logits]
-    for t in tokens[prompt_len:]:
-        logits, cache = onnx_model.decode([t], cache, cross)
-        steps.append(logits)
-    return cross, np.stack(steps), cache
-
-
 @pytest.fixture(scope="module")
 def tokens(tiny, speech):
     """The prompt and the tokens of what speech[1] says: a realistic decoding path."""
@@ -44,7 +35,7 @@ def tokens(tiny, speech):
 
 def test_fp32_onnx_matches_torch(tiny, bundle_fp32, mel, tokens):
     ref_cross, ref_logits = _torch_reference(tiny.model, mel, tokens)
-    cross, logits, cache = _onnx_steps(OnnxWhisper(Bundle.load(bundle_fp32)), mel, tokens, 2)
+    cross, logits, cache = forced_decoding(OnnxWhisper(Bundle.load(bundle_fp32)), mel, tokens[:2], tokens[2:])
     assert len(cross) == len(ref_cross) == 8
     assert max(np.abs(a - b).max() for a, b in zip(cross, ref_cross)) < 1e-3
     assert np.abs(logits - ref_logits[1:]).max() < 1e-3  # every decoding step, through the KV cache
@@ -53,7 +44,7 @@ def test_fp32_onnx_matches_torch(tiny, bundle_fp32, mel, tokens):
 
 def test_int8_onnx_stays_close_to_torch(tiny, bundle_int8, mel, tokens):
     _, ref_logits = _torch_reference(tiny.model, mel, tokens)
-    _, logits, _ = _onnx_steps(OnnxWhisper(Bundle.load(bundle_int8)), mel, tokens, 2)
+    _, logits, _ = forced_decoding(OnnxWhisper(Bundle.load(bundle_int8)), mel, tokens[:2], tokens[2:])
     # int8 moves logits, but the ranking that greedy decoding uses is kept at (almost) every step.
     agree = (logits.argmax(-1) == ref_logits[1:].argmax(-1)).mean()
     assert agree >= 0.9

@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli_without_torch
 
 from edge_asr.bundle import Bundle
+from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import window_features
 from edge_asr.transcriber import load_transcriber
 
@@ -18,16 +19,11 @@ BACKENDS = ["onnx", "ort", "tflite"]
 
 def _whisper_steps(transcriber, audio, tokens=None):
     """Cross-attention inputs and every step's logits, teacher-forced through `tokens` (greedy when None)."""
-    model, decoder = transcriber.model, transcriber.decoder
+    decoder = transcriber.decoder
     mel = window_features(audio, transcriber.bundle.mel_filters)
     tokens = decoder.decode(mel) if tokens is None else tokens
-    cross = model.encode(mel)
-    logits, cache = model.decode(decoder.prompt, model.empty_cache(), cross)
-    steps = [logits]
-    for token in tokens:
-        logits, cache = model.decode([token], cache, cross)
-        steps.append(logits)
-    return cross, np.stack(steps), tokens
+    cross, logits, _ = forced_decoding(transcriber.model, mel, decoder.prompt, tokens)
+    return cross, logits, tokens
 
 
 @pytest.fixture(scope="module")
