@@ -36,7 +36,7 @@ def read_set(folder: Path) -> list[tuple[str, Path]]:
 def whisper_outputs(transcriber, audio: np.ndarray, tokens: list[int] | None):
     """Cross-attention inputs and per-step logits for `tokens` (ONNX's own when None), plus the tokens."""
     decoder = transcriber.decoder
-    mel = window_features(audio, transcriber.bundle.mel_filters)
+    mel = window_features(audio, transcriber.bundle.mel_filters, transcriber.context.frames(len(audio)))
     if tokens is None:
         tokens = decoder.decode(mel)
     cross, logits, _ = forced_decoding(transcriber.model, mel, decoder.prompt, tokens)

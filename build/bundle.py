@@ -9,6 +9,7 @@ import numpy as np
 
 from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_asr.context import ContextPolicy
 
 from .loaders import LoadedWhisper
 from .mel import mel_filters
@@ -32,7 +33,8 @@ def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
 
 
 def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, precision: str,
-                 name: str, extra: dict | None = None, formats: dict | None = None) -> dict:
+                 name: str, extra: dict | None = None, formats: dict | None = None,
+                 context: ContextPolicy | None = None) -> dict:
     """Write tokens, mel filters and the manifest next to the graphs already in `out_dir`.
 
     `graphs` maps a role ("encoder", "decoder") to an ONNX file inside out_dir; `formats` holds the manifest
@@ -64,7 +66,8 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
         },
         "source": loaded.source,
         "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": dims.n_mels,
-                     "chunk_seconds": 30, "mel_filters": "mel_filters.npy"},
+                     "chunk_seconds": 30, "mel_filters": "mel_filters.npy",
+                     "context": (context or ContextPolicy.full()).to_dict()},
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
         "decoder": decoder_section(loaded, special),
         "files": file_entries(out_dir, files),

@@ -94,12 +94,19 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         )
 
 
-def export_encoder(model: Whisper, path: Path) -> Path:
+def export_encoder(model: Whisper, path: Path, dynamic_length: bool = False) -> Path:
+    """With `dynamic_length`, the mel input's time axis (and the outputs' audio axis, half as long) is free:
+    a model adapted to shorter context runs on each window's own length. Without it the graph is Whisper's
+    fixed 3000 frames."""
     dims = model.dims
     mel = torch.zeros(1, dims.n_mels, 2 * dims.n_audio_ctx)
     outputs = cache_names("cross", dims.n_text_layer)
-    _export(EncoderGraph(prepare_for_export(model)), (mel,), path, ["mel"], outputs,
-            {"mel": {0: "batch"}} | {name: {0: "batch"} for name in outputs})
+    axes = {"mel": {0: "batch"}} | {name: {0: "batch"} for name in outputs}
+    if dynamic_length:
+        axes["mel"][2] = "frames"
+        for name in outputs:  # keys are stored transposed: their audio axis is the last
+            axes[name][3 if "_k_" in name else 2] = "n_audio"
+    _export(EncoderGraph(prepare_for_export(model)), (mel,), path, ["mel"], outputs, axes)
     return path
 
 

@@ -42,10 +42,10 @@ def add_ort(graphs: dict[str, Path], staged: Path) -> dict:
                        for role, path in graphs.items()}}
 
 
-def add_whisper_tflite(model, staged: Path, work: Path, precision: str) -> dict:
+def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,)) -> dict:
     from .tflite_export import MAX_TOKENS, export_whisper_tflite, quantize_tflite_int8
 
-    floats = export_whisper_tflite(model, work)
+    floats = export_whisper_tflite(model, work, bucket_frames=list(bucket_frames))
     graphs = {}
     for role, path in floats.items():
         target = staged / f"{role}.{precision}.tflite"
@@ -54,7 +54,7 @@ def add_whisper_tflite(model, staged: Path, work: Path, precision: str) -> dict:
         else:
             path.replace(target)
         graphs[role] = target.name
-    return {"graphs": graphs, "max_tokens": MAX_TOKENS}
+    return {"graphs": graphs, "max_tokens": MAX_TOKENS, "encoder_frames": list(bucket_frames)}
 
 
 def add_lstm_tflite(model, staged: Path, work: Path, precision: str) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_asr.bundle import Bundle
+from edge_asr.context import ContextPolicy
 
 from .bundle import save_manifest, write_bundle
 from .compress import (DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, load_compressed,
@@ -39,12 +40,17 @@ def build_whisper_bundle(
     threads: int = 2,
     step: Callable[[str], None] = lambda message: None,
     formats: list[str] = ("onnx",),
+    context: ContextPolicy | None = None,
+    delta: Path | None = None,
 ) -> dict:
     """Build a bundle from a Whisper source; returns its manifest. `step` is told each pass as it starts.
 
-    `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats to the bundle."""
+    `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats to the bundle. `context`
+    is the window policy the manifest records (default: full 30 s); a shorter one needs a model adapted to
+    it, whose `delta` (from `adapt_context`) is merged into the weights before export."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
+    context = context or ContextPolicy.full()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     name = name or f"{Path(str(source)).name}-{precision}"
@@ -52,8 +58,12 @@ def build_whisper_bundle(
         work = Path(tmp)
         step(f"load {source}")
         loaded = load_whisper(source, tokenizer)
+        adaptation = None
+        if delta is not None:
+            step(f"apply the adapted delta {Path(delta).name}")
+            adaptation = delta_summary(loaded.model, Path(delta))
         step("export encoder (ONNX)")
-        encoder = export_encoder(loaded.model, work / "encoder.fp32.onnx")
+        encoder = export_encoder(loaded.model, work / "encoder.fp32.onnx", dynamic_length=context.mode != "full")
         step("export decoder with KV cache (ONNX)")
         decoder = export_decoder(loaded.model, work / "decoder.fp32.onnx")
         staged = work / "bundle"
@@ -72,9 +82,10 @@ def build_whisper_bundle(
             sections["ort"] = add_ort(graphs, staged)
         if "tflite" in formats:
             step(f"export encoder and decoder to TFLite ({precision})")
-            sections["tflite"] = add_whisper_tflite(loaded.model, staged, work, precision)
+            sections["tflite"] = add_whisper_tflite(loaded.model, staged, work, precision, context.bucket_frames)
         step("package bundle")
-        manifest = write_bundle(loaded, graphs, staged, precision, name, formats=sections)
+        extra = {"adaptation": adaptation} if adaptation else None
+        manifest = write_bundle(loaded, graphs, staged, precision, name, extra=extra, formats=sections, context=context)
         if evaluate_on:
             step(f"evaluate on {evaluate_on} synthesized sentences")
             manifest["evaluation"]["synthetic"] = evaluate_synthetic(staged, evaluate_on, threads)
@@ -83,6 +94,21 @@ def build_whisper_bundle(
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
     return manifest
+
+
+def delta_summary(model, delta: Path) -> dict:
+    """Merge `delta` into `model` (in place); returns what the manifest records of it."""
+    from edge_asr.bundle import sha256_file
+
+    from .lora import apply_delta
+
+    metadata = apply_delta(model, delta)
+    result = metadata.get("result", {})
+    return {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": metadata.get("kind"),
+            "rank": metadata.get("rank"), "recipe": metadata.get("recipe"), "corpora": metadata.get("corpora"),
+            "held_out_loss": {"before": result.get("held_out_before"), "after": result.get("held_out_best"),
+                              "best_step": result.get("best_step")},
+            "seconds": metadata.get("seconds")}
 
 
 def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:

@@ -113,3 +113,28 @@ def dictation_sentences(n: int, seed: int = 0) -> list[str]:
     general = general_sentences(n - n // 2, seed)
     maintenance = maintenance_sentences(n // 2, seed)
     return [s for pair in zip(general, maintenance) for s in pair] + general[len(maintenance):]
+
+
+# Short utterances: what operators say most. Single words, digits and short numbers, commands, answers.
+_SHORT_WORDS = ["yes", "no", "stop", "go", "start", "cancel", "next", "back", "repeat", "done", "help", "okay",
+                "pause", "resume", "confirm", "delete", "save", "up", "down", "left", "right", "open", "close",
+                "alarm", "reset", "manual", "automatic", "urgent", "finished", "checked", "hello", "thanks"]
+
+
+def short_phrases(n: int, seed: int = 0) -> list[str]:
+    """`n` utterances of one to three words: digits, short numbers, single words and commands (repeats allowed:
+    a digit is said many times by many voices)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.35:
+            text = " ".join(rng.choice(_NUMBER_WORDS) for _ in range(rng.choice([1, 1, 1, 2, 3])))
+        elif kind < 0.45:
+            text = str(rng.randrange(10, 1000))
+        elif kind < 0.75:
+            text = rng.choice(_SHORT_WORDS + _DAYS + _ADJECTIVES + _NOUNS)
+        else:
+            text = rng.choice(_COMMANDS)
+        out.append(_capitalize(text))
+    return out

@@ -3,10 +3,13 @@ tflite-runtime / ai-edge-litert on devices where ONNX Runtime has no wheel (armv
 
 TFLite wants static shapes, so the graphs differ from the ONNX ones in how they handle time:
 
-  whisper  encoder.tflite  mel (1, n_mels, 3000) -> cross_k_i, cross_v_i (as encoder.onnx)
+  whisper  encoder.tflite  signatures "encode_<frames>", one per window length the bundle's context policy
+               uses (3000 alone for a 30 s model), sharing the weights:
+               mel (1, n_mels, frames) -> cross_k_i, cross_v_i (as encoder.onnx)
            decoder.tflite  one token at a time over a fixed-length self-attention cache:
-               token (1, 1) int32, position (1,) int32, self_k_i (1, H, qk, L), self_v_i (1, H, L, vo),
-               cross_k_i, cross_v_i  ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
+               token (1, 1) int32, position (1,) int32, cross_len (1,) int32, self_k_i (1, H, qk, L),
+               self_v_i (1, H, L, vo), cross_k_i, cross_v_i (1500 frames, the first cross_len used)
+               ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
            The graph returns only the new token's key and value; the runtime writes them into slot
            `position` of the cache it feeds back. Slots at or after `position` are masked, so unwritten
            slots never matter, and a step copies a few kilobytes instead of the whole cache.
@@ -61,7 +64,7 @@ class DecoderStepGraph(nn.Module):
         self.max_tokens = max_tokens
         self.n_layer = len(model.decoder.blocks)
 
-    def forward(self, token: Tensor, position: Tensor, *caches: Tensor) -> dict[str, Tensor]:
+    def forward(self, token: Tensor, position: Tensor, cross_len: Tensor, *caches: Tensor) -> dict[str, Tensor]:
         n = 2 * self.n_layer
         cache, cross = caches[:n], caches[n:]
         d = self.decoder
@@ -69,6 +72,10 @@ class DecoderStepGraph(nn.Module):
         slots = torch.arange(self.max_tokens)
         written = slots == position              # the slot this step's key and value go to
         mask = torch.where(slots > position, MASKED, 0.0)
+        # Cross-attention over the window's own audio frames: the inputs hold the longest window, and the
+        # frames at or after `cross_len` (left from an earlier, longer window) are masked.
+        frames = torch.arange(cross[0].shape[-1])
+        cross_mask = torch.where(frames >= cross_len, MASKED, 0.0)
         out = {}
         for i, block in enumerate(d.blocks):
             h = block.attn_ln(x)
@@ -77,7 +84,7 @@ class DecoderStepGraph(nn.Module):
             values = torch.where(written[:, None], v, cache[2 * i + 1])
             x = x + block.attn.attend(block.attn.project_query(h), keys, values, mask)
             c = block.cross_attn
-            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1])
+            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1], cross_mask)
             x = x + block.mlp(block.mlp_ln(x))
             out[f"k_{i}"], out[f"v_{i}"] = k_t, v
         return {"logits": d.token_embedding.logits(d.ln(x[:, -1])), **out}
@@ -150,7 +157,8 @@ def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: P
 
 def whisper_decoder_inputs(model: Whisper, max_tokens: int = MAX_TOKENS) -> dict[str, Tensor]:
     dims = model.dims
-    inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32)}
+    inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32),
+              "cross_len": torch.full((1,), dims.n_audio_ctx, dtype=torch.int32)}
     for i, block in enumerate(model.decoder.blocks):
         a = block.attn
         inputs[f"self_k_{i}"] = torch.zeros(1, a.n_head, a.qk_dim, max_tokens)
@@ -173,15 +181,23 @@ class _Keywords(nn.Module):
         return self.inner(*(inputs[n] for n in self.names))
 
 
-def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS) -> dict[str, Path]:
+def encoder_signature(frames: int) -> str:
+    return f"encode_{frames}"
+
+
+def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS,
+                          bucket_frames: list[int] = (3000,)) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
-    The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output
-    projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per vocabulary row."""
+    The encoder has one signature per window length in `bucket_frames` ("encode_<frames>"), all over one
+    copy of the weights. The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed
+    copy: the output projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per
+    vocabulary row."""
     model = copy.deepcopy(model).eval()
     out_dir = Path(out_dir)
-    mel = {"mel": torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)}
-    encoder = _convert([("encode", _Keywords(EncoderGraph(model), ["mel"]), mel)], out_dir / "encoder.tflite")
+    graph = _Keywords(EncoderGraph(model), ["mel"])
+    signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
+    encoder = _convert(signatures, out_dir / "encoder.tflite")
     inputs = whisper_decoder_inputs(model, max_tokens)
     step = _Keywords(DecoderStepGraph(model, max_tokens), list(inputs))
     decoder = _convert([("decode", step, inputs)], out_dir / "decoder.tflite")

@@ -197,14 +197,21 @@ class TextDecoder(nn.Module):
             new_cache.append(block_cache)
         return self.token_embedding.logits(self.ln(x[:, -1])), new_cache
 
-    def forward(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
-        """Logits of every position (B, T, n_vocab), without a cache: teacher forcing for training."""
+    def hidden_states(self, tokens: Tensor, cross: list[KeyValue]) -> list[Tensor]:
+        """Teacher-forced (no cache): the residual stream after every block, then the final layer norm's
+        output, each (B, T, n_state). What reference matching compares a student with its reference by."""
         n_ctx = tokens.shape[1]
         x = self.token_embedding.embed(tokens) + self.positional_embedding[:n_ctx]
         mask = torch.full((n_ctx, n_ctx), float("-inf"), device=tokens.device).triu_(1)
-        for block, block_cross in zip(self.blocks, self.cross_kv(audio_features)):
+        states = []
+        for block, block_cross in zip(self.blocks, cross):
             x = block(x, block_cross, mask)
-        return self.token_embedding.logits(self.ln(x))
+            states.append(x)
+        return states + [self.ln(x)]
+
+    def forward(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        """Logits of every position (B, T, n_vocab), without a cache: teacher forcing for training."""
+        return self.token_embedding.logits(self.hidden_states(tokens, self.cross_kv(audio_features))[-1])
 
 
 class Whisper(nn.Module):

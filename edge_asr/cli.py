@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .backend import BACKENDS
+from .context import ContextPolicy
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
 
@@ -58,15 +59,18 @@ class StepProgress:
 
 
 def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int,
-                 compact: bool = False, formats: str = "onnx") -> dict:
+                 compact: bool = False, formats: str = "onnx", context: str = "full", delta: str | None = None) -> dict:
     """Run the build step with progress on stderr and a one-line summary; returns the manifest.
 
-    With `compact`, the source is first compressed and recovered by the default recipe (cached)."""
+    With `compact`, the source is first compressed and recovered by the default recipe (cached). A `context`
+    other than "full" merges the dynamic-context `delta` (default: the one shipped for tiny.en) first."""
     pipeline = _build_side()
     from edge_asr_build import loaders
 
     started = time.perf_counter()
     try:
+        policy = ContextPolicy.parse(context)
+        delta_path = _context_delta(source, policy, delta)
         loaders.check_source(source)
         if compact:
             print(f"compressing {source} and recovering it against the original (first time only; "
@@ -77,12 +81,12 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
             finally:
                 progress.close()
         formats = _formats(formats)
-        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on) + len(formats) - 1,
+        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on) + len(formats) - 1 + bool(delta_path),
                                 f"build {Path(source).name}")
         try:
             manifest = pipeline.build_whisper_bundle(source, out, precision, name=out.name, tokenizer=tokenizer,
                                                      evaluate_on=evaluate_on, threads=threads, step=progress,
-                                                     formats=formats)
+                                                     formats=formats, context=policy, delta=delta_path)
         finally:
             progress.close()
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
@@ -94,6 +98,40 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
         line += f", synthetic WER {ev['wer']:.2f}% on {ev['words']} words, RTF {ev['rtf_wall']:.3f}"
     print(line + f") in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return manifest
+
+
+def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Path | None:
+    """The adapted delta a context policy needs: none for "full", else `delta` or the one shipped for tiny.en."""
+    if policy.mode == "full":
+        if delta:
+            raise EdgeAsrError("--delta adapts a model to short context: use it with --context auto or SECONDS")
+        return None
+    if delta:
+        if not Path(delta).is_file():
+            raise EdgeAsrError(f"{delta}: no such delta file")
+        return Path(delta)
+    if source != "tiny.en":
+        raise EdgeAsrError(f"--context {policy.mode} needs a model adapted to short context: train a delta for "
+                           f"{source} with `edge-asr adapt --source {source}` and pass it with --delta")
+    from edge_asr_build.context_adapt import DEFAULT_DELTA
+
+    return DEFAULT_DELTA
+
+
+def default_bundle_name(source: str, precision: str, compact: bool = False, context: str = "full",
+                        delta: str | None = None) -> str:
+    """A bundle's folder name, which says what it holds: source, compression, context policy (with the first
+    hex digits of the adapted delta's sha256, so a bundle of another recipe is never taken for it), precision."""
+    name = Path(source).stem if source.endswith(".json") else Path(source).name
+    name += "-compact" if compact else ""
+    policy = ContextPolicy.parse(context)
+    if policy.mode != "full":
+        from .bundle import sha256_file
+
+        delta_path = _context_delta(source, policy, delta)
+        tag = "auto" if policy.mode == "auto" else f"ctx{policy.floor_s:g}"
+        name += f"-{tag}-{sha256_file(delta_path)[:8]}"
+    return f"{name}-{precision}"
 
 
 def _formats(text: str) -> list[str]:
@@ -117,15 +155,49 @@ def _has_formats(bundle: Path, formats: str) -> bool:
 
 
 def cmd_build(args) -> int:
-    name = f"{Path(args.source).stem if args.source.endswith('.json') else Path(args.source).name}"
-    name += f"{'-compact' if args.compact else ''}-{args.precision}"
+    _build_side()
+    try:
+        name = default_bundle_name(args.source, args.precision, args.compact, args.context, args.delta)
+    except ValueError as e:
+        raise EdgeAsrError(str(e)) from None
     out = Path(args.out) if args.out else bundle_dir(name)
     if (out / "manifest.json").exists() and not args.force and _has_formats(out, args.formats):
         print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
     else:
         build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads, compact=args.compact,
-                     formats=args.formats)
+                     formats=args.formats, context=args.context, delta=args.delta)
     print(out)
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    pipeline = _build_side()
+    from edge_asr_build import loaders
+    from edge_asr_build.context_adapt import ContextRecipe, adapt_context
+    from edge_asr_build.reference import MatchConfig
+
+    recipe = ContextRecipe()
+    match = recipe.match
+    recipe = ContextRecipe(mix=recipe.mix, held_out=recipe.held_out, match=MatchConfig(
+        **(match.to_dict() | {"steps": args.steps or match.steps, "seed": args.seed, "device": args.device})))
+    for folder in [*args.corpus, *args.audio]:
+        if not Path(folder).is_dir():
+            raise EdgeAsrError(f"{folder}: no such folder")
+    progress = StepProgress(7, "adapt")
+    try:
+        loaders.check_source(args.source)
+        metadata = adapt_context(args.source, Path(args.out), [Path(c) for c in args.corpus],
+                                 [Path(a) for a in args.audio], recipe, work=Path(args.work) if args.work else None,
+                                 resume=not args.restart, step=progress, log=lambda m: print(m, file=sys.stderr))
+    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+        raise EdgeAsrError(str(e)) from None
+    finally:
+        progress.close()
+    del pipeline
+    r = metadata["result"]
+    print(f"adapted in {sum(metadata['seconds'].values()):.0f} s ({metadata['clips']['train']} clips, {r['steps']} steps): "
+          f"held-out loss {r['held_out_before']} -> {r['held_out_best']} (step {r['best_step']})", file=sys.stderr)
+    print(args.out)
     return 0
 
 
@@ -385,6 +457,12 @@ def cmd_info(args) -> int:
               f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
     print(f"  source     {m['source']['format']} {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
     print(f"  formats    {', '.join(bundle.formats)}")
+    if bundle.family == "whisper":
+        print(f"  context    {ContextPolicy.from_manifest(m).describe()}")
+        if m.get("adaptation"):
+            a = m["adaptation"]
+            print(f"  adapted    {a['delta']} (LoRA rank {a['rank']}, sha256 {a['sha256'][:16]}…), held-out loss "
+                  f"{a['held_out_loss']['before']} -> {a['held_out_loss']['after']}")
     for name, f in m["files"].items():
         print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
     for name, ev in m.get("evaluation", {}).items():
@@ -411,7 +489,7 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not _has_formats(default, DEMO_FORMATS):
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS)
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS, context="auto")
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +576,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="experimental: compress the source to 55%% of its parameters and recover it on synthesized "
                         "speech first (cached); see the README for its measured WER")
+    p.add_argument("--context", default="full", metavar="auto|full|SECONDS",
+                   help="encoder window: auto (the audio's own length + margin, bucketed; the adapted model), "
+                        "full (Whisper's 30 s, default), or a fixed number of seconds")
+    p.add_argument("--delta", help="the adapted delta for --context auto|SECONDS (default: the one shipped for tiny.en)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("adapt", help="adapt a Whisper to short context by reference matching (needs [build])")
+    p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
+    p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
+    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                   help="a recorded corpus, used unlabelled: speechocean762 or the wake-word benchmark's audio/ "
+                        "(repeatable; their held-out speakers select the result)")
+    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint of an earlier, stopped run")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")
     p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")

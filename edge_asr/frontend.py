@@ -41,14 +41,15 @@ def log_mel_spectrogram(audio: np.ndarray, mel_filters: np.ndarray, padding: int
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-def window_features(audio: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
-    """Encoder input for at most 30 s of audio: log-mel of its frames, zero-padded to 3000 frames.
+def window_features(audio: np.ndarray, mel_filters: np.ndarray, frames: int = N_FRAMES) -> np.ndarray:
+    """Encoder input for one window of audio: log-mel of its frames, zero-padded to `frames` (3000 for
+    Whisper's 30 s; fewer for a model adapted to shorter context, see `context.ContextPolicy`).
 
     A few zeros past the end make the last frames see silence, as Whisper's 30 s zero padding does; the
     frames beyond the audio are then zeros in the log-mel domain, as in openai-whisper's transcribe.
     """
     n_frames = len(audio) // HOP_LENGTH
-    return pad_or_trim(log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames])
+    return pad_or_trim(log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames], frames)
 
 
 def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:

@@ -51,7 +51,13 @@ class TfliteWhisper:
     backend = "tflite"
 
     def __init__(self, bundle: Bundle, threads: int = 2):
-        self.encoder = _interpreter(bundle.file("encoder", "tflite"), threads).get_signature_runner("encode")
+        # One encoder signature per window length ("encode_<frames>"; bundles from before context policies
+        # have a single "encode" for 3000 frames), all over one copy of the weights.
+        encoder = _interpreter(bundle.file("encoder", "tflite"), threads)
+        self.encoders = {}
+        for name in encoder.get_signature_list():
+            frames = 3000 if name == "encode" else int(name.rsplit("_", 1)[1])
+            self.encoders[frames] = encoder.get_signature_runner(name)
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self.interpreter.allocate_tensors()
         runner = self.interpreter.get_signature_runner("decode")
@@ -60,15 +66,20 @@ class TfliteWhisper:
         self.n_layer = sum(name.startswith("self_k_") for name in self.inputs)
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
         self.max_tokens = int(runner.get_input_details()["self_k_0"]["shape"][-1])
+        self.cross_frames = int(runner.get_input_details()["cross_v_0"]["shape"][-2])
         self._fed_cross = None
         # Allocated tensors hold whatever the memory held. Masked slots get zero attention weight, but zero
         # times a NaN left there is still NaN: the caches start as zeros, and later hold only finite values.
         for name in self.inputs:
-            if name.startswith("self_"):
+            if name.startswith(("self_", "cross_k", "cross_v")):
                 self.interpreter.tensor(self.inputs[name])().fill(0)
 
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
-        out = self.encoder(mel=np.ascontiguousarray(mel[None], dtype=np.float32))
+        runner = self.encoders.get(mel.shape[-1])
+        if runner is None:
+            raise EdgeAsrError(f"this TFLite encoder takes windows of {sorted(self.encoders)} frames, "
+                               f"not {mel.shape[-1]}: the bundle's context policy and its models disagree")
+        out = runner(mel=np.ascontiguousarray(mel[None], dtype=np.float32))
         return [out[name] for name in self.cross_names]
 
     def empty_cache(self) -> int:
@@ -79,8 +90,14 @@ class TfliteWhisper:
         """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
         interpreter = self.interpreter
         if cross is not self._fed_cross:
-            for name, value in zip(self.cross_names, cross):
-                interpreter.set_tensor(self.inputs[name], value)
+            n_audio = cross[1].shape[-2]
+            if "cross_len" in self.inputs:  # a shorter window fills the first n_audio frames; the rest is masked
+                interpreter.set_tensor(self.inputs["cross_len"], np.array([n_audio], dtype=np.int32))
+                for name, value in zip(self.cross_names, cross):
+                    self._store_cross(name, value, n_audio)
+            else:
+                for name, value in zip(self.cross_names, cross):
+                    interpreter.set_tensor(self.inputs[name], value)
             self._fed_cross = cross
         for token in tokens:
             if position >= self.max_tokens:
@@ -93,6 +110,14 @@ class TfliteWhisper:
                 self._store(f"self_v_{i}", interpreter.get_tensor(self.outputs[f"v_{i}"])[..., 0, :], position)
             position += 1
         return interpreter.get_tensor(self.outputs["logits"])[0], position
+
+    def _store_cross(self, name: str, value: np.ndarray, n_audio: int) -> None:
+        # Frames past n_audio keep an earlier window's values: finite, and masked to zero weight.
+        cache = self.interpreter.tensor(self.inputs[name])()
+        if "_k_" in name:
+            cache[..., :n_audio] = value
+        else:
+            cache[..., :n_audio, :] = value
 
     def _store(self, name: str, value: np.ndarray, slot: int) -> None:
         # A view of the input buffer, dropped before the next invoke (LiteRT refuses to run while one is held).

@@ -10,7 +10,8 @@ import numpy as np
 from .backend import open_model
 from .bundle import Bundle
 from .decoding import DecodingOptions, GreedyDecoder
-from .frontend import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, window_features
+from .context import ContextPolicy
+from .frontend import HOP_LENGTH, SAMPLE_RATE, window_features
 from .segmenter import split_at_pauses
 
 
@@ -39,11 +40,14 @@ class Transcriber:
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = GreedyDecoder(self.model, decoder_config, options)
         self.tokenizer = self.bundle.tokenizer
+        self.context = ContextPolicy.from_manifest(self.bundle.manifest)
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
-        """Transcribe 16 kHz mono float32 audio of any length, in windows of at most 30 s cut at pauses."""
+        """Transcribe 16 kHz mono float32 audio of any length, in windows of at most 30 s (or the bundle's
+        longest context) cut at pauses."""
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        texts = [self.transcribe_window(audio[a:b]) for a, b in split_at_pauses(audio, N_SAMPLES)]
+        max_samples = round(self.context.max_seconds * SAMPLE_RATE)
+        texts = [self.transcribe_window(audio[a:b]) for a, b in split_at_pauses(audio, max_samples)]
         return Transcript(
             text=" ".join(t for t in texts if t),
             audio_seconds=len(audio) / SAMPLE_RATE,
@@ -52,10 +56,11 @@ class Transcriber:
         )
 
     def transcribe_window(self, audio: np.ndarray) -> str:
-        """Text of at most 30 s of audio."""
+        """Text of one window of audio, padded to the length the bundle's context policy gives it."""
         if len(audio) < HOP_LENGTH:
             return ""
-        return self.tokenizer.decode(self.decoder.decode(window_features(audio, self.bundle.mel_filters))).strip()
+        mel = window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio)))
+        return self.tokenizer.decode(self.decoder.decode(mel)).strip()
 
 
 def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, ctc_options=None, backend: str = "auto"):

@@ -1,0 +1,141 @@
+"""Adapt pass for dynamic audio context: Whisper that sees the audio's own length instead of 30 s.
+
+Whisper was trained on 30 s windows only. Given fewer frames its decoder loses its footing and repeats
+itself, so the model is adapted by reference matching (`reference`): the reference is the unchanged model on
+the 30 s window, the student the same model, with LoRA adapters, on a window of the clip's length plus a
+margin, rounded up to one of the context policy's buckets (`edge_asr.context`). The student sees exactly
+the padding the runtime applies (with margins drawn from a range, so the margin can be chosen afterwards),
+and now and then any length up to 30 s, which is what re-decoding a growing utterance gives.
+
+The result is a delta file (LoRA, float16 safetensors) with its recipe in the header. The build step merges
+it into the weights before export (`build --context auto`), so bundles and graphs never see an adapter.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_asr.context import FRAMES_PER_SECOND, ContextPolicy
+from edge_asr.frontend import N_FRAMES
+
+from .reference import MatchConfig, items_key, load_items, match_reference, reference_items, save_items
+from .training_audio import AudioMix, HeldOutMix, describe_corpus, held_out_clips, training_clips
+
+DELTA_DIR = Path(__file__).parent / "deltas"
+DEFAULT_DELTA = DELTA_DIR / "tiny.en-context-auto.safetensors"
+
+
+@dataclass(frozen=True)
+class ContextRecipe:
+    mix: AudioMix = field(default_factory=AudioMix)
+    held_out: HeldOutMix = field(default_factory=HeldOutMix)
+    # Sized to run on 2 CPU cores in under 30 minutes, data and reference states included.
+    match: MatchConfig = field(default_factory=lambda: MatchConfig(steps=450, batch_size=8, learning_rate=2e-4,
+                                                                   warmup_steps=30, checkpoint_every=50,
+                                                                   eval_every=50))
+    policy_share: float = 0.75        # windows shaped as the runtime shapes them; the rest any length to 30 s
+    max_margin_s: float = 1.5         # margins drawn from [0, max_margin_s] for those windows
+    floor_s: float = 1.0
+    version: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_frames(recipe: ContextRecipe) -> Callable[[int, np.random.Generator], int]:
+    """The student's window length for a clip of `frames` frames: a bucketed window with a random margin, or
+    now and then any even length between the clip's and 30 s."""
+    buckets = ContextPolicy.auto().buckets_s
+
+    def frames_for(frames: int, rng: np.random.Generator) -> int:
+        if rng.random() < recipe.policy_share:
+            policy = ContextPolicy.auto(margin_s=float(rng.uniform(0, recipe.max_margin_s)), floor_s=recipe.floor_s,
+                                        buckets_s=buckets)
+            return policy.frames(frames * 160)
+        low = max(frames, int(recipe.floor_s * FRAMES_PER_SECOND))
+        return min(N_FRAMES, 2 * int(rng.integers(low // 2, N_FRAMES // 2 + 1)))
+
+    return frames_for
+
+
+def held_out_frames(policy: ContextPolicy) -> Callable[[int, np.random.Generator], int]:
+    return lambda frames, rng: policy.frames(frames * 160)
+
+
+def _encoder(tokenizer_json: Path) -> Callable[[str], list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    return lambda text: tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
+
+
+def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
+                  recipe: ContextRecipe | None = None, work: Path | None = None, resume: bool = True,
+                  step: Callable[[str], None] = lambda message: None, log=print) -> dict:
+    """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
+
+    Reference items and the training checkpoint live in `work` (default: $EDGE_ASR_HOME/adapt/KEY, KEY naming
+    the source, recipe and audio), so a stopped run resumes where it was and a finished one is not redone."""
+    import torch
+    from tqdm import tqdm
+
+    from edge_asr.paths import home
+
+    from .lora import save_delta
+    from .loaders import load_whisper
+    from .mel import mel_filters
+    from .recover import decoding_rules
+    from .sentences import general_sentences
+
+    recipe = recipe or ContextRecipe()
+    torch.manual_seed(recipe.match.seed)
+    step(f"load {source}")
+    loaded = load_whisper(source)
+    reference = loaded.model.eval()
+    filters = mel_filters(16000, 400, reference.dims.n_mels)
+    decoding = decoding_rules(loaded)
+    audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
+    key = items_key(loaded.source.get("sha256"), asdict(recipe.mix), asdict(recipe.held_out), audio_key, recipe.version)
+    work = Path(work or home() / "adapt" / f"context-{key}")
+    work.mkdir(parents=True, exist_ok=True)
+    progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
+    prompts = general_sentences(200, seed=4242)
+    started = time.time()
+
+    train_path, held_path = work / "train-items.safetensors", work / "held-out-items.safetensors"
+    if not train_path.exists():
+        step("make training audio")
+        clips = training_clips(recipe.mix, corpora, user_audio, progress)
+        step(f"reference transcripts and hidden states of {len(clips)} clips")
+        items = reference_items(reference, [c.audio for c in clips], filters, decoding, _encoder(loaded.tokenizer_json),
+                                prompts, seed=recipe.match.seed, progress=progress)
+        save_items(items, train_path)
+    if not held_path.exists():
+        step("make held-out audio")
+        held = [c for clips in held_out_clips(recipe.held_out, corpora).values() for c in clips]
+        items = reference_items(reference, [c.audio for c in held], filters, decoding, _encoder(loaded.tokenizer_json),
+                                prompts, seed=recipe.match.seed + 1, mode_shares={"plain": 1.0}, progress=progress)
+        save_items(items, held_path)
+    train, held_out = load_items(train_path), load_items(held_path)
+    prepared = time.time() - started
+    step(f"match the reference ({recipe.match.steps} steps)")
+    student = load_whisper(source).model
+    result = match_reference(student, train, recipe.match, training_frames(recipe), held_out,
+                             held_out_frames(ContextPolicy.auto()), checkpoint=work / "checkpoint.pt" if resume else None, log=log)
+    metadata = {
+        "kind": "context-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
+        "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),
+        "held_out_policy": ContextPolicy.auto().to_dict(),
+        "corpora": [describe_corpus(p) for p in corpora], "user_audio": [str(p) for p in user_audio],
+        "clips": {"train": len(train), "held_out": len(held_out)}, "result": result.to_dict(),
+        "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
+    }
+    # The reference model's copy in the student had adapters added in place: save them, not the merged weights.
+    save_delta(student, Path(out), metadata)
+    (Path(out).with_suffix(".json")).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return metadata

@@ -1,0 +1,189 @@
+"""Dynamic audio context: the reference-matching pass, the dynamic-length encoder, LiteRT's length buckets,
+the context policy, and that the 30 s model is what it was."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_asr.context import ContextPolicy
+
+GOLDEN = Path(__file__).parent / "golden" / "full_context_transcripts.json"
+
+
+def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
+    policy = ContextPolicy.auto(margin_s=0.5, floor_s=1.0, buckets_s=(1, 2, 3, 5, 8, 12, 20, 30))
+    assert policy.frames(int(0.3 * 16000)) == 100       # the floor
+    assert policy.frames(int(1.6 * 16000)) == 300       # 2.1 s -> 3 s
+    assert policy.frames(int(7.4 * 16000)) == 800       # 7.9 s -> 8 s
+    assert policy.frames(30 * 16000) == 3000            # never past the last bucket
+    assert ContextPolicy.full().frames(16000) == 3000
+    assert ContextPolicy.parse("10").frames(16000) == 1000
+    assert ContextPolicy.from_manifest({"frontend": {"context": policy.to_dict()}}) == policy
+    assert ContextPolicy.from_manifest({"frontend": {}}) == ContextPolicy.full()  # bundles from before policies
+    with pytest.raises(ValueError):
+        ContextPolicy.parse("45")
+
+
+def _reference_items(tiny, texts, seed):
+    from edge_asr_build.mel import mel_filters
+    from edge_asr_build.recover import decoding_rules
+    from edge_asr_build.reference import reference_items
+    from edge_asr_build.synth import synthesize
+
+    clips = [synthesize(t) for t in texts]
+    return reference_items(tiny.model, clips, mel_filters(), decoding_rules(tiny), lambda text: [], [], seed=seed,
+                           mode_shares={"plain": 1.0})
+
+
+@pytest.fixture(scope="module")
+def short_items(tiny):
+    train = _reference_items(tiny, ["Stop the line.", "Seven.", "Open the valve.", "Next.", "Four two."], 0)
+    held = _reference_items(tiny, ["Close the ticket.", "Nine."], 1)
+    return train, held
+
+
+def _student(tiny):
+    import copy
+
+    return copy.deepcopy(tiny.model)
+
+
+def _one_second(frames, rng):
+    return 100  # every clip here is under a second: the student sees a 1 s window, the reference 30 s
+
+
+def test_reference_matching_lowers_the_held_out_loss(tiny, short_items):
+    from edge_asr_build.reference import MatchConfig, match_reference
+
+    train, held = short_items
+    config = MatchConfig(steps=30, batch_size=4, learning_rate=3e-4, warmup_steps=5, lora_rank=8, lora_alpha=8,
+                         eval_every=10)
+    result = match_reference(_student(tiny), train, config, _one_second, held, log=lambda m: None)
+    assert result.held_out_best < 0.9 * result.held_out_before
+    assert result.trainable_parameters < 0.05 * tiny.model.parameter_count()  # only the adapters train
+
+
+def test_two_seeded_runs_give_identical_weights(tiny, short_items, tmp_path):
+    from edge_asr_build.lora import read_delta, save_delta
+    from edge_asr_build.reference import MatchConfig, match_reference
+
+    train, _ = short_items
+    deltas = []
+    for run in range(2):
+        torch.manual_seed(1000 + run)  # what came before must not matter: the run seeds itself
+        student = _student(tiny)
+        config = MatchConfig(steps=100, batch_size=2, learning_rate=1e-4, warmup_steps=5, lora_rank=4, lora_alpha=4, seed=3)
+        match_reference(student, train, config, _one_second, log=lambda m: None)
+        deltas.append(read_delta(save_delta(student, tmp_path / f"run{run}.safetensors", {"rank": 4, "alpha": 4}))[0])
+    assert deltas[0].keys() == deltas[1].keys()
+    assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+    assert any(deltas[0][k].abs().max() > 0 for k in deltas[0] if k.endswith("lora_b"))  # it did train
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
+    from edge_asr_build.lora import lora_tensors
+    from edge_asr_build.reference import MatchConfig, match_reference
+
+    train, _ = short_items
+    config = dict(batch_size=2, learning_rate=1e-4, warmup_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=5)
+    whole = _student(tiny)
+    match_reference(whole, train, MatchConfig(steps=10, **config), _one_second, log=lambda m: None)
+    resumed = _student(tiny)
+    match_reference(resumed, train, MatchConfig(steps=5, **config), _one_second, checkpoint=tmp_path / "c.pt",
+                    log=lambda m: None)
+    resumed = _student(tiny)
+    match_reference(resumed, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt",
+                    log=lambda m: None)
+    a, b = lora_tensors(whole), lora_tensors(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_a_delta_merges_into_the_same_function(tiny, tmp_path):
+    from edge_asr_build.lora import add_lora, apply_delta, save_delta
+
+    adapted = _student(tiny)
+    add_lora(adapted, 4, 4.0, ("encoder",))
+    torch.manual_seed(0)
+    for name, p in adapted.named_parameters():
+        if name.endswith("lora_b"):
+            p.data.normal_(0, 0.01)
+    mel = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        expected = adapted.encoder(mel)
+    path = save_delta(adapted, tmp_path / "d.safetensors", {"rank": 4, "alpha": 4.0, "parts": ["encoder"]})
+    merged = _student(tiny)
+    apply_delta(merged, path)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged.encoder(mel), expected, atol=2e-3)  # the delta is stored as float16
+    with pytest.raises(ValueError):
+        apply_delta(tiny.model.decoder, path)  # layers the delta has no place for
+
+
+def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
+    import onnxruntime as ort
+
+    from edge_asr_build.export import export_encoder
+
+    path = export_encoder(tiny.model, tmp_path / "encoder.onnx", dynamic_length=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for frames in (100, 800, 3000):
+        mel = rng.normal(0, 0.5, (1, 80, frames)).astype(np.float32)
+        ours = session.run(None, {"mel": mel})
+        with torch.no_grad():
+            cross = tiny.model.decoder.cross_kv(tiny.model.encoder(torch.from_numpy(mel)))
+        reference = [t.numpy() for pair in cross for t in pair]
+        assert ours[1].shape[-2] == frames // 2
+        assert max(float(np.abs(a - b).max()) for a, b in zip(ours, reference)) <= 1e-3
+
+
+def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_path):
+    from edge_asr.tflite_backend import _interpreter
+    from edge_asr_build.tflite_export import _convert, _Keywords, EncoderGraph, encoder_signature
+
+    graph = _Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
+    one = _convert([(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite")
+    buckets = [100, 300, 800]
+    three = _convert([(encoder_signature(f), graph, {"mel": torch.zeros(1, 80, f)}) for f in buckets],
+                     tmp_path / "three.tflite")
+    # Three signatures over one copy of the weights: the file grows by graph structure, not by 2 x 30 MB.
+    assert three.stat().st_size < 1.1 * one.stat().st_size
+
+    from edge_asr.tflite_backend import TfliteWhisper
+
+    backend = TfliteWhisper.__new__(TfliteWhisper)
+    interpreter = _interpreter(three, 2)
+    backend.encoders = {int(n.rsplit("_", 1)[1]): interpreter.get_signature_runner(n) for n in interpreter.get_signature_list()}
+    backend.cross_names = [f"cross_{k}_{i}" for i in range(4) for k in ("k", "v")]
+    assert sorted(backend.encoders) == buckets
+    rng = np.random.default_rng(1)
+    for frames in buckets:
+        mel = rng.normal(0, 0.5, (80, frames)).astype(np.float32)
+        cross = backend.encode(mel)
+        with torch.no_grad():
+            reference = tiny.model.decoder.cross_kv(tiny.model.encoder(torch.from_numpy(mel)[None]))
+        assert cross[1].shape[-2] == frames // 2
+        assert np.abs(cross[0] - reference[0][0].numpy()).max() < 1e-3
+    from edge_asr.errors import EdgeAsrError
+
+    with pytest.raises(EdgeAsrError):
+        backend.encode(np.zeros((80, 500), np.float32))
+
+
+def test_full_context_reproduces_the_transcripts_from_before_context_policies(bundle_int8):
+    """Golden texts made by the runtime and build step as they were before context policies existed
+    (commit 3db648e), on the same synthesized speech."""
+    from edge_asr import Transcriber
+    from edge_asr_build.synth import synthesize
+
+    golden = json.loads(GOLDEN.read_text())
+    for backend in ("onnx", "tflite"):
+        transcriber = Transcriber(bundle_int8, threads=2, backend=backend)
+        assert transcriber.context == ContextPolicy.full()
+        texts = [transcriber.transcribe(synthesize(t)).text for t in golden["texts"]]
+        assert texts == golden["transcripts"][backend], backend
