@@ -80,7 +80,8 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
     """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
 
     Reference items and the training checkpoint live in `work` (default: $EDGE_ASR_HOME/adapt/KEY, KEY naming
-    the source, recipe and audio), so a stopped run resumes where it was and a finished one is not redone."""
+    the source, recipe and audio). Reference items are always reused; with `resume`, so is the checkpoint of a
+    stopped run, which then goes on where it was."""
     import torch
     from tqdm import tqdm
 
@@ -100,7 +101,8 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
     filters = mel_filters(16000, 400, reference.dims.n_mels)
     decoding = decoding_rules(loaded)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    key = items_key(loaded.source.get("sha256"), asdict(recipe.mix), asdict(recipe.held_out), audio_key, recipe.version)
+    key = items_key(loaded.source.get("sha256"), asdict(recipe.mix), asdict(recipe.held_out), audio_key, recipe.version,
+                    recipe.match.seed)
     work = Path(work or home() / "adapt" / f"context-{key}")
     work.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
@@ -125,8 +127,11 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
     prepared = time.time() - started
     step(f"match the reference ({recipe.match.steps} steps)")
     student = load_whisper(source).model
+    checkpoint = work / "checkpoint.pt"
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
     result = match_reference(student, train, recipe.match, training_frames(recipe), held_out,
-                             held_out_frames(ContextPolicy.auto()), checkpoint=work / "checkpoint.pt" if resume else None, log=log)
+                             held_out_frames(ContextPolicy.auto()), checkpoint=checkpoint, log=log)
     metadata = {
         "kind": "context-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
         "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),

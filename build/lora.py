@@ -92,6 +92,7 @@ def save_delta(model: nn.Module, path: Path, metadata: dict) -> Path:
     tensors = {k: v.half() for k, v in lora_tensors(model).items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"edge_asr_delta": json.dumps(metadata, sort_keys=True)})
+    tmp.chmod(0o644)  # a file to ship and share, not a private one
     tmp.replace(path)
     return path
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .compress import FactoredLinear, FactoredTokenEmbedding
+from .training_audio import audio_files  # noqa: F401  (the recover pass reads folders as the adapt pass does)
 from .whisper_model import MultiHeadAttention, Whisper
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
 @dataclass
@@ -68,13 +68,6 @@ def synthesized_audio(count: int, seed: int = 0, voice: str | Path | None = None
     folder = home() / "synth" / f"recovery-{voice_path.stem}-seed{seed}-n{count}"
     return speech_set(dictation_sentences(count, seed), folder, voice_path, length_scales=[1.0, 0.85, 1.15],
                       progress=progress)
-
-
-def audio_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
-    return files
 
 
 def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:

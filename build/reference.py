@@ -261,14 +261,15 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
                     input_frames: Callable[[int, np.random.Generator], int] = lambda frames, rng: N_FRAMES,
                     held_out: list[ReferenceItem] = (), held_out_frames: Callable | None = None,
                     trainable: list[torch.nn.Parameter] | None = None, checkpoint: Path | None = None,
-                    log=print) -> MatchResult:
+                    until: int | None = None, log=print) -> MatchResult:
     """Train `student` in place to match the reference states of `items`.
 
     `input_frames(clip_frames, rng)` is the student's window length for a clip (the transform under study);
     `held_out_frames` does the same for the held-out loss (default: `input_frames`), which selects the
     state kept; `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves its state
-    there every `checkpoint_every` steps and resumes from it if it exists. The parameters that scored the
-    lowest held-out loss are restored at the end."""
+    there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run after that
+    step (with a checkpoint), as a stopped session would, for a later call to resume. The parameters that
+    scored the lowest held-out loss are restored at the end."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
@@ -300,7 +301,8 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
     log(f"reference matching: {sum(p.numel() for p in params):,} trainable parameters, {len(items)} clips, "
         f"{config.steps} steps of {config.batch_size} on {device}")
     bar = tqdm(total=config.steps, initial=step, desc="match reference", unit="step")
-    while step < config.steps:
+    last = min(config.steps, until or config.steps)
+    while step < last:
         student.train()
         batch = [items[i] for i in rng.choice(len(items), size=config.batch_size, replace=False)]
         frames = [input_frames(item.frames, rng) for item in batch]
@@ -321,7 +323,7 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
                           "held_out_loss": round(value, 5)})
             if value < best["loss"]:
                 best = {"loss": value, "step": step, "params": [p.detach().cpu().clone() for p in params]}
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+        if checkpoint is not None and (step % config.checkpoint_every == 0 or step == last):
             _save_checkpoint(checkpoint, params, optimizer, scheduler, rng, step, curve, best)
     bar.close()
     if best["params"] is not None:

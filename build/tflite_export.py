@@ -3,13 +3,12 @@ tflite-runtime / ai-edge-litert on devices where ONNX Runtime has no wheel (armv
 
 TFLite wants static shapes, so the graphs differ from the ONNX ones in how they handle time:
 
-  whisper  encoder.tflite  signatures "encode_<frames>", one per window length the bundle's context policy
-               uses (3000 alone for a 30 s model), sharing the weights:
-               mel (1, n_mels, frames) -> cross_k_i, cross_v_i (as encoder.onnx)
-           decoder.tflite  one token at a time over a fixed-length self-attention cache:
-               token (1, 1) int32, position (1,) int32, cross_len (1,) int32, self_k_i (1, H, qk, L),
-               self_v_i (1, H, L, vo), cross_k_i, cross_v_i (1500 frames, the first cross_len used)
-               ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
+  whisper  One signature per window length the bundle's context policy uses (3000 frames alone for a 30 s
+           model); the signatures of a file share its weights.
+           encoder.tflite  "encode_<frames>": mel (1, n_mels, frames) -> cross_k_i, cross_v_i (as encoder.onnx)
+           decoder.tflite  "decode_<frames / 2>": one token at a time over a fixed-length self-attention cache:
+               token (1, 1) int32, position (1,) int32, self_k_i (1, H, qk, L), self_v_i (1, H, L, vo),
+               cross_k_i, cross_v_i (that window's)  ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
            The graph returns only the new token's key and value; the runtime writes them into slot
            `position` of the cache it feeds back. Slots at or after `position` are masked, so unwritten
            slots never matter, and a step copies a few kilobytes instead of the whole cache.
@@ -28,6 +27,8 @@ import copy
 import io
 import logging
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class DecoderStepGraph(nn.Module):
         self.max_tokens = max_tokens
         self.n_layer = len(model.decoder.blocks)
 
-    def forward(self, token: Tensor, position: Tensor, cross_len: Tensor, *caches: Tensor) -> dict[str, Tensor]:
+    def forward(self, token: Tensor, position: Tensor, *caches: Tensor) -> dict[str, Tensor]:
         n = 2 * self.n_layer
         cache, cross = caches[:n], caches[n:]
         d = self.decoder
@@ -72,10 +73,6 @@ class DecoderStepGraph(nn.Module):
         slots = torch.arange(self.max_tokens)
         written = slots == position              # the slot this step's key and value go to
         mask = torch.where(slots > position, MASKED, 0.0)
-        # Cross-attention over the window's own audio frames: the inputs hold the longest window, and the
-        # frames at or after `cross_len` (left from an earlier, longer window) are masked.
-        frames = torch.arange(cross[0].shape[-1])
-        cross_mask = torch.where(frames >= cross_len, MASKED, 0.0)
         out = {}
         for i, block in enumerate(d.blocks):
             h = block.attn_ln(x)
@@ -84,7 +81,7 @@ class DecoderStepGraph(nn.Module):
             values = torch.where(written[:, None], v, cache[2 * i + 1])
             x = x + block.attn.attend(block.attn.project_query(h), keys, values, mask)
             c = block.cross_attn
-            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1], cross_mask)
+            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1])
             x = x + block.mlp(block.mlp_ln(x))
             out[f"k_{i}"], out[f"v_{i}"] = k_t, v
         return {"logits": d.token_embedding.logits(d.ln(x[:, -1])), **out}
@@ -124,14 +121,35 @@ class LstmStepsGraph(nn.Module):
 
 @contextlib.contextmanager
 def _quiet():
-    """litert-torch prints a progress line per conversion stage and the converter logs to stderr; the build
-    step shows its own progress."""
+    """litert-torch prints a progress line per conversion stage, and TensorFlow's and absl's C++ logging
+    write to the process' stderr at import and conversion: the build step shows its own progress, so both
+    file descriptors point at a scratch file meanwhile (replayed if the conversion fails)."""
     logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # litert-torch's enum registrations
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-        yield
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+                warnings.simplefilter("ignore")
+                yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read()[-4000:].decode(errors="replace"))
 
 
 def _converter():
@@ -145,8 +163,8 @@ def _converter():
 
 
 def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: Path) -> Path:
-    litert_torch = _converter()
     with _quiet():
+        litert_torch = _converter()  # imported quietly: TensorFlow's C++ logging is set up at import
         converter = None
         for name, module, kwargs in signatures:
             target = litert_torch if converter is None else converter
@@ -155,18 +173,18 @@ def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: P
     return Path(path)
 
 
-def whisper_decoder_inputs(model: Whisper, max_tokens: int = MAX_TOKENS) -> dict[str, Tensor]:
+def whisper_decoder_inputs(model: Whisper, max_tokens: int = MAX_TOKENS, n_audio: int | None = None) -> dict[str, Tensor]:
     dims = model.dims
-    inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32),
-              "cross_len": torch.full((1,), dims.n_audio_ctx, dtype=torch.int32)}
+    n_audio = n_audio or dims.n_audio_ctx
+    inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32)}
     for i, block in enumerate(model.decoder.blocks):
         a = block.attn
         inputs[f"self_k_{i}"] = torch.zeros(1, a.n_head, a.qk_dim, max_tokens)
         inputs[f"self_v_{i}"] = torch.zeros(1, a.n_head, max_tokens, a.vo_dim)
     for i, block in enumerate(model.decoder.blocks):
         c = block.cross_attn
-        inputs[f"cross_k_{i}"] = torch.zeros(1, c.n_head, c.qk_dim, dims.n_audio_ctx)
-        inputs[f"cross_v_{i}"] = torch.zeros(1, c.n_head, dims.n_audio_ctx, c.vo_dim)
+        inputs[f"cross_k_{i}"] = torch.zeros(1, c.n_head, c.qk_dim, n_audio)
+        inputs[f"cross_v_{i}"] = torch.zeros(1, c.n_head, n_audio, c.vo_dim)
     return inputs
 
 
@@ -185,12 +203,17 @@ def encoder_signature(frames: int) -> str:
     return f"encode_{frames}"
 
 
+def decoder_signature(frames: int) -> str:
+    """The decoder signature for windows of `frames` mel frames (frames / 2 audio positions)."""
+    return f"decode_{frames // 2}"
+
+
 def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS,
                           bucket_frames: list[int] = (3000,)) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
-    The encoder has one signature per window length in `bucket_frames` ("encode_<frames>"), all over one
-    copy of the weights. The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed
+    Both have one signature per window length in `bucket_frames` ("encode_<frames>", "decode_<frames / 2>",
+    whose cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed
     copy: the output projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per
     vocabulary row."""
     model = copy.deepcopy(model).eval()
@@ -198,9 +221,12 @@ def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_T
     graph = _Keywords(EncoderGraph(model), ["mel"])
     signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
     encoder = _convert(signatures, out_dir / "encoder.tflite")
-    inputs = whisper_decoder_inputs(model, max_tokens)
-    step = _Keywords(DecoderStepGraph(model, max_tokens), list(inputs))
-    decoder = _convert([("decode", step, inputs)], out_dir / "decoder.tflite")
+    step = DecoderStepGraph(model, max_tokens)
+    signatures = []
+    for frames in bucket_frames:
+        inputs = whisper_decoder_inputs(model, max_tokens, frames // 2)
+        signatures.append((decoder_signature(frames), _Keywords(step, list(inputs)), inputs))
+    decoder = _convert(signatures, out_dir / "decoder.tflite")
     return {"encoder": encoder, "decoder": decoder}
 
 
@@ -223,13 +249,13 @@ def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEP
 
 def quantize_tflite_int8(source: Path, target: Path) -> Path:
     """int8 weights (per output channel) with float activations quantized on the fly, by ai-edge-quantizer."""
-    try:
-        from ai_edge_quantizer import quantizer, recipe
-    except ImportError:
-        from edge_asr.errors import EdgeAsrError
-
-        raise EdgeAsrError("TFLite int8 needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
     with _quiet():
+        try:
+            from ai_edge_quantizer import quantizer, recipe
+        except ImportError:
+            from edge_asr.errors import EdgeAsrError
+
+            raise EdgeAsrError("TFLite int8 needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
         q = quantizer.Quantizer(str(source))
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
         result = q.quantize()

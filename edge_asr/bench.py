@@ -112,6 +112,7 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
         bundle_mb=round(bundle.model_bytes(transcriber.model.backend) / 1e6, 2),
         params=bundle.parameters,
         bundle=bundle.manifest["name"],
+        context=getattr(transcriber, "context", None) and transcriber.context.to_dict(),
         runs=runs,
         device=device_info(),
     )

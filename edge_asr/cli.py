@@ -1,4 +1,4 @@
-"""The `edge-asr` command line: build, compress, recover, lstm (train, compress, build), transcribe,
+"""The `edge-asr` command line: build, adapt, compress, recover, lstm (train, compress, build), transcribe,
 listen, daemon, devices, bench, synth, info, demo.
 
 Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
@@ -188,7 +188,7 @@ def cmd_adapt(args) -> int:
         loaders.check_source(args.source)
         metadata = adapt_context(args.source, Path(args.out), [Path(c) for c in args.corpus],
                                  [Path(a) for a in args.audio], recipe, work=Path(args.work) if args.work else None,
-                                 resume=not args.restart, step=progress, log=lambda m: print(m, file=sys.stderr))
+                                 resume=args.resume, step=progress, log=lambda m: print(m, file=sys.stderr))
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -426,7 +426,8 @@ def cmd_bench(args) -> int:
         return 0
     print(f"bundle {result['bundle']} on {result['backend']}: {result['bundle_mb']:.1f} MB, "
           f"{result['params'] / 1e6:.2f} M params, "
-          f"{args.threads} threads, RTF median of {args.runs} runs")
+          f"{args.threads} threads, RTF median of {args.runs} runs"
+          + (f", context {result['context']['mode']}" if result.get("context") else ""))
     print(f"{'set':22s} {'n':>4s} {'audio_s':>8s} {'words':>6s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s}")
     for label, s in result["sets"].items():
         print(f"{label:22s} {s['n']:4d} {s['audio_s']:8.1f} {s['words']:6d} {s['wer']:7.2f} {s['rtf_wall']:9.4f} {s['rtf_cpu']:8.4f}")
@@ -593,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
-    p.add_argument("--restart", action="store_true", help="ignore a checkpoint of an earlier, stopped run")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")

@@ -42,37 +42,62 @@ def _interpreter(path, threads: int):
         raise BundleError(f"{path}: LiteRT cannot load this model ({str(e).splitlines()[0][:160]})") from None
 
 
+class _DecoderSignature:
+    """One decoder signature's tensors (a subgraph of its own: inputs, outputs and the cache they hold)."""
+
+    def __init__(self, interpreter, name: str):
+        runner = interpreter.get_signature_runner(name)
+        self.subgraph = runner._subgraph_index  # noqa: SLF001 (LiteRT exposes no public getter)
+        self.inputs = {n: d["index"] for n, d in runner.get_input_details().items()}
+        self.outputs = {n: d["index"] for n, d in runner.get_output_details().items()}
+        details = runner.get_input_details()
+        self.max_tokens = int(details["self_k_0"]["shape"][-1])
+        self.n_audio = int(details["cross_v_0"]["shape"][-2])
+
+
 class TfliteWhisper:
     """Encoder and one-token decoder. The decoder's self-attention cache lives in the interpreter's own
     input tensors: each step writes the new token's key and value into its slot, so nothing else is copied;
     the cross-attention keys and values are written once per window. The cache being the interpreter's,
-    it holds one decoding path at a time, which is what greedy decoding needs."""
+    it holds one decoding path at a time, which is what greedy decoding needs.
+
+    Both models have one signature per window length (bundles from before context policies have a single
+    "encode" / "decode" for 30 s windows). A window's length picks the encoder signature, and its cross
+    keys and values, the decoder signature. Each decoder signature is a subgraph with its own tensors,
+    reached through the interpreter's wrapper, since LiteRT's public `tensor()` view and `invoke()` only
+    serve the first subgraph."""
 
     backend = "tflite"
 
     def __init__(self, bundle: Bundle, threads: int = 2):
-        # One encoder signature per window length ("encode_<frames>"; bundles from before context policies
-        # have a single "encode" for 3000 frames), all over one copy of the weights.
         encoder = _interpreter(bundle.file("encoder", "tflite"), threads)
         self.encoders = {}
         for name in encoder.get_signature_list():
             frames = 3000 if name == "encode" else int(name.rsplit("_", 1)[1])
             self.encoders[frames] = encoder.get_signature_runner(name)
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
-        self.interpreter.allocate_tensors()
-        runner = self.interpreter.get_signature_runner("decode")
-        self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
-        self.outputs = {name: d["index"] for name, d in runner.get_output_details().items()}
-        self.n_layer = sum(name.startswith("self_k_") for name in self.inputs)
+        self._wrapper = self.interpreter._interpreter  # noqa: SLF001
+        self.decoders = {}
+        for name in self.interpreter.get_signature_list():
+            signature = _DecoderSignature(self.interpreter, name)
+            self._wrapper.AllocateTensors(signature.subgraph)
+            self.decoders[signature.n_audio] = signature
+            # Allocated tensors hold whatever the memory held. Masked slots get zero attention weight, but
+            # zero times a NaN left there is still NaN: the caches start as zeros, and later hold only
+            # finite values.
+            for input_name, index in signature.inputs.items():
+                if input_name.startswith("self_"):
+                    self._view(signature, index).fill(0)
+        first = next(iter(self.decoders.values()))
+        self.n_layer = sum(name.startswith("self_k_") for name in first.inputs)
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
-        self.max_tokens = int(runner.get_input_details()["self_k_0"]["shape"][-1])
-        self.cross_frames = int(runner.get_input_details()["cross_v_0"]["shape"][-2])
+        self.max_tokens = first.max_tokens
         self._fed_cross = None
-        # Allocated tensors hold whatever the memory held. Masked slots get zero attention weight, but zero
-        # times a NaN left there is still NaN: the caches start as zeros, and later hold only finite values.
-        for name in self.inputs:
-            if name.startswith(("self_", "cross_k", "cross_v")):
-                self.interpreter.tensor(self.inputs[name])().fill(0)
+        self._signature = first
+
+    def _view(self, signature: _DecoderSignature, index: int) -> np.ndarray:
+        # A view of the input buffer, dropped before the next invoke (LiteRT refuses to run while one is held).
+        return self._wrapper.tensor(self._wrapper, index, signature.subgraph)
 
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
         runner = self.encoders.get(mel.shape[-1])
@@ -88,44 +113,29 @@ class TfliteWhisper:
 
     def decode(self, tokens: list[int], position: int, cross: list[np.ndarray]) -> tuple[np.ndarray, int]:
         """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
-        interpreter = self.interpreter
+        wrapper = self._wrapper
         if cross is not self._fed_cross:
-            n_audio = cross[1].shape[-2]
-            if "cross_len" in self.inputs:  # a shorter window fills the first n_audio frames; the rest is masked
-                interpreter.set_tensor(self.inputs["cross_len"], np.array([n_audio], dtype=np.int32))
-                for name, value in zip(self.cross_names, cross):
-                    self._store_cross(name, value, n_audio)
-            else:
-                for name, value in zip(self.cross_names, cross):
-                    interpreter.set_tensor(self.inputs[name], value)
-            self._fed_cross = cross
+            signature = self.decoders.get(cross[1].shape[-2])
+            if signature is None:
+                raise EdgeAsrError(f"this TFLite decoder takes {sorted(self.decoders)} audio positions, "
+                                   f"not {cross[1].shape[-2]}")
+            for name, value in zip(self.cross_names, cross):
+                wrapper.SetTensor(signature.inputs[name], value, signature.subgraph)
+            self._signature, self._fed_cross = signature, cross
+        signature = self._signature
         for token in tokens:
             if position >= self.max_tokens:
                 raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
-            interpreter.set_tensor(self.inputs["token"], np.array([[token]], dtype=np.int32))
-            interpreter.set_tensor(self.inputs["position"], np.array([position], dtype=np.int32))
-            interpreter.invoke()
+            wrapper.SetTensor(signature.inputs["token"], np.array([[token]], dtype=np.int32), signature.subgraph)
+            wrapper.SetTensor(signature.inputs["position"], np.array([position], dtype=np.int32), signature.subgraph)
+            wrapper.Invoke(signature.subgraph)
             for i in range(self.n_layer):
-                self._store(f"self_k_{i}", interpreter.get_tensor(self.outputs[f"k_{i}"])[..., 0], position)
-                self._store(f"self_v_{i}", interpreter.get_tensor(self.outputs[f"v_{i}"])[..., 0, :], position)
+                key = wrapper.GetTensor(signature.outputs[f"k_{i}"], signature.subgraph)
+                value = wrapper.GetTensor(signature.outputs[f"v_{i}"], signature.subgraph)
+                self._view(signature, signature.inputs[f"self_k_{i}"])[..., position] = key[..., 0]
+                self._view(signature, signature.inputs[f"self_v_{i}"])[..., position, :] = value[..., 0, :]
             position += 1
-        return interpreter.get_tensor(self.outputs["logits"])[0], position
-
-    def _store_cross(self, name: str, value: np.ndarray, n_audio: int) -> None:
-        # Frames past n_audio keep an earlier window's values: finite, and masked to zero weight.
-        cache = self.interpreter.tensor(self.inputs[name])()
-        if "_k_" in name:
-            cache[..., :n_audio] = value
-        else:
-            cache[..., :n_audio, :] = value
-
-    def _store(self, name: str, value: np.ndarray, slot: int) -> None:
-        # A view of the input buffer, dropped before the next invoke (LiteRT refuses to run while one is held).
-        cache = self.interpreter.tensor(self.inputs[name])()
-        if name.startswith("self_k_"):
-            cache[..., slot] = value
-        else:
-            cache[..., slot, :] = value
+        return wrapper.GetTensor(signature.outputs["logits"], signature.subgraph)[0], position
 
 
 class TfliteLstmCtc:

@@ -92,9 +92,9 @@ def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
     config = dict(batch_size=2, learning_rate=1e-4, warmup_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=5)
     whole = _student(tiny)
     match_reference(whole, train, MatchConfig(steps=10, **config), _one_second, log=lambda m: None)
-    resumed = _student(tiny)
-    match_reference(resumed, train, MatchConfig(steps=5, **config), _one_second, checkpoint=tmp_path / "c.pt",
-                    log=lambda m: None)
+    stopped = _student(tiny)
+    match_reference(stopped, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt",
+                    until=7, log=lambda m: None)  # stopped after step 7; the last checkpoint is of step 7
     resumed = _student(tiny)
     match_reference(resumed, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt",
                     log=lambda m: None)
@@ -187,3 +187,50 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
         assert transcriber.context == ContextPolicy.full()
         texts = [transcriber.transcribe(synthesize(t)).text for t in golden["texts"]]
         assert texts == golden["transcripts"][backend], backend
+
+
+@pytest.fixture(scope="module")
+def bundle_auto(tmp_path_factory):
+    """The default bundle's recipe: tiny.en with the shipped dynamic-context delta, int8, ONNX and TFLite."""
+    from edge_asr_build.context_adapt import DEFAULT_DELTA
+    from edge_asr_build.pipeline import build_whisper_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
+    build_whisper_bundle("tiny.en", out, "int8", evaluate_on=0, formats=["onnx", "tflite"],
+                         context=ContextPolicy.auto(), delta=DEFAULT_DELTA)
+    return out
+
+
+def test_the_default_bundle_is_named_after_the_shipped_delta():
+    from edge_asr.bundle import sha256_file
+    from edge_asr.cli import default_bundle_name
+    from edge_asr.paths import DEFAULT_BUNDLE
+    from edge_asr_build.context_adapt import DEFAULT_DELTA
+    from edge_asr_build.lora import read_delta
+
+    assert DEFAULT_BUNDLE == default_bundle_name("tiny.en", "int8", context="auto")
+    assert sha256_file(DEFAULT_DELTA)[:8] in DEFAULT_BUNDLE
+    assert DEFAULT_DELTA.stat().st_size < 10e6
+    _, metadata = read_delta(DEFAULT_DELTA)
+    assert metadata["kind"] == "context-lora" and metadata["recipe"]["match"]["seed"] == 0
+    assert {c["licence"] for c in metadata["corpora"]} == {"CC BY 4.0", "Apache-2.0"}
+
+
+def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
+    import jiwer
+
+    from edge_asr import Transcriber
+    from edge_asr.metrics import normalize
+    from edge_asr_build.synth import synthesize
+
+    for backend in ("onnx", "tflite"):
+        transcriber = Transcriber(bundle_auto, threads=2, backend=backend)
+        seen = []
+        encode = transcriber.model.encode
+        transcriber.model.encode = lambda mel: seen.append(mel.shape[-1]) or encode(mel)
+        texts = [transcriber.transcribe(audio).text for _, audio in speech]
+        assert all(frames < 1000 for frames in seen), seen  # 3-6 s sentences: windows of 5 or 8 s, not 30
+        wer = jiwer.wer([normalize(t) for t, _ in speech], [normalize(t) for t in texts])
+        assert wer < 0.15, (backend, texts)
+        digit = transcriber.transcribe(synthesize("Seven.")).text
+        assert seen[-1] == 100 and 1 <= len(digit.split()) <= 3, digit
