@@ -24,7 +24,8 @@ from edge_asr.context import FRAMES_PER_SECOND, ContextPolicy
 from edge_asr.frontend import N_FRAMES
 
 from .reference import MatchConfig, items_key, load_items, match_reference, reference_items, save_items
-from .training_audio import AudioMix, HeldOutMix, describe_corpus, held_out_clips, training_clips
+from .training_audio import (AudioMix, HeldOutMix, describe_corpus, held_out_clips, isolated_word_clips,
+                             training_clips)
 
 DELTA_DIR = Path(__file__).parent / "deltas"
 DEFAULT_DELTA = DELTA_DIR / "tiny.en-context-auto.safetensors"
@@ -40,7 +41,7 @@ class ContextRecipe:
                                                                    eval_every=50))
     policy_share: float = 0.75        # windows shaped as the runtime shapes them; the rest any length to 30 s
     max_margin_s: float = 1.5         # margins drawn from [0, max_margin_s] for those windows
-    floor_s: float = 1.0
+    floor_s: float = 3.0              # the runtime's floor (ContextPolicy.auto)
     version: int = 1
 
     def to_dict(self) -> dict:
@@ -75,7 +76,7 @@ def _encoder(tokenizer_json: Path) -> Callable[[str], list[int]]:
 
 
 def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
-                  recipe: ContextRecipe | None = None, work: Path | None = None, resume: bool = True,
+                  recipe: ContextRecipe | None = None, work: Path | None = None, resume: bool = False,
                   step: Callable[[str], None] = lambda message: None, log=print) -> dict:
     """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
 
@@ -101,8 +102,8 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
     filters = mel_filters(16000, 400, reference.dims.n_mels)
     decoding = decoding_rules(loaded)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    key = items_key(loaded.source.get("sha256"), asdict(recipe.mix), asdict(recipe.held_out), audio_key, recipe.version,
-                    recipe.match.seed)
+    key = items_key(loaded.source.get("sha256"), recipe.mix.main_dict(), asdict(recipe.held_out), audio_key,
+                    recipe.version, recipe.match.seed)
     work = Path(work or home() / "adapt" / f"context-{key}")
     work.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
@@ -123,7 +124,17 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
         items = reference_items(reference, [c.audio for c in held], filters, decoding, _encoder(loaded.tokenizer_json),
                                 prompts, seed=recipe.match.seed + 1, mode_shares={"plain": 1.0}, progress=progress)
         save_items(items, held_path)
+    words_path = work / f"isolated-words-{items_key(recipe.mix.isolated_words, recipe.mix.seed)}.safetensors"
+    if recipe.mix.isolated_words and not words_path.exists():
+        step("make isolated words")
+        clips = isolated_word_clips(recipe.mix, progress)
+        step(f"reference transcripts and hidden states of {len(clips)} isolated words")
+        items = reference_items(reference, [c.audio for c in clips], filters, decoding, _encoder(loaded.tokenizer_json),
+                                prompts, seed=recipe.match.seed + 2, progress=progress)
+        save_items(items, words_path)
     train, held_out = load_items(train_path), load_items(held_path)
+    if recipe.mix.isolated_words:
+        train += load_items(words_path)
     prepared = time.time() - started
     step(f"match the reference ({recipe.match.steps} steps)")
     student = load_whisper(source).model

@@ -120,8 +120,11 @@ def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Pat
 
 def default_bundle_name(source: str, precision: str, compact: bool = False, context: str = "full",
                         delta: str | None = None) -> str:
-    """A bundle's folder name, which says what it holds: source, compression, context policy (with the first
-    hex digits of the adapted delta's sha256, so a bundle of another recipe is never taken for it), precision."""
+    """A bundle's folder name, which says what it holds: source, compression, context policy (with a hash of
+    the adapted delta's sha256 and the policy's numbers, so that a bundle of another recipe is never taken
+    for it), precision."""
+    import hashlib
+
     name = Path(source).stem if source.endswith(".json") else Path(source).name
     name += "-compact" if compact else ""
     policy = ContextPolicy.parse(context)
@@ -129,8 +132,9 @@ def default_bundle_name(source: str, precision: str, compact: bool = False, cont
         from .bundle import sha256_file
 
         delta_path = _context_delta(source, policy, delta)
+        recipe = sha256_file(delta_path) + json.dumps(policy.to_dict(), sort_keys=True)
         tag = "auto" if policy.mode == "auto" else f"ctx{policy.floor_s:g}"
-        name += f"-{tag}-{sha256_file(delta_path)[:8]}"
+        name += f"-{tag}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     return f"{name}-{precision}"
 
 

@@ -28,7 +28,7 @@ class ContextPolicy:
         return cls()
 
     @classmethod
-    def auto(cls, margin_s: float = 0.5, floor_s: float = 1.0,
+    def auto(cls, margin_s: float = 0.5, floor_s: float = 3.0,
              buckets_s: tuple[float, ...] = (1, 2, 3, 5, 8, 12, 20, 30)) -> "ContextPolicy":
         return cls("auto", margin_s, floor_s, tuple(float(b) for b in buckets_s))
 

@@ -77,23 +77,24 @@ class TfliteWhisper:
             self.encoders[frames] = encoder.get_signature_runner(name)
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self._wrapper = self.interpreter._interpreter  # noqa: SLF001
-        self.decoders = {}
-        for name in self.interpreter.get_signature_list():
-            signature = _DecoderSignature(self.interpreter, name)
-            self._wrapper.AllocateTensors(signature.subgraph)
-            self.decoders[signature.n_audio] = signature
-            # Allocated tensors hold whatever the memory held. Masked slots get zero attention weight, but
-            # zero times a NaN left there is still NaN: the caches start as zeros, and later hold only
-            # finite values.
-            for input_name, index in signature.inputs.items():
-                if input_name.startswith("self_"):
-                    self._view(signature, index).fill(0)
-        first = next(iter(self.decoders.values()))
+        signatures = [_DecoderSignature(self.interpreter, name) for name in self.interpreter.get_signature_list()]
+        self.decoders = {signature.n_audio: signature for signature in signatures}
+        self._allocated: set[int] = set()  # subgraphs get their tensors when a window first needs them
+        first = signatures[0]
         self.n_layer = sum(name.startswith("self_k_") for name in first.inputs)
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
         self.max_tokens = first.max_tokens
         self._fed_cross = None
         self._signature = first
+
+    def _allocate(self, signature: _DecoderSignature) -> None:
+        self._wrapper.AllocateTensors(signature.subgraph)
+        self._allocated.add(signature.subgraph)
+        # Allocated tensors hold whatever the memory held. Masked slots get zero attention weight, but zero
+        # times a NaN left there is still NaN: the caches start as zeros, and later hold only finite values.
+        for name, index in signature.inputs.items():
+            if name.startswith("self_"):
+                self._view(signature, index).fill(0)
 
     def _view(self, signature: _DecoderSignature, index: int) -> np.ndarray:
         # A view of the input buffer, dropped before the next invoke (LiteRT refuses to run while one is held).
@@ -119,6 +120,8 @@ class TfliteWhisper:
             if signature is None:
                 raise EdgeAsrError(f"this TFLite decoder takes {sorted(self.decoders)} audio positions, "
                                    f"not {cross[1].shape[-2]}")
+            if signature.subgraph not in self._allocated:
+                self._allocate(signature)
             for name, value in zip(self.cross_names, cross):
                 wrapper.SetTensor(signature.inputs[name], value, signature.subgraph)
             self._signature, self._fed_cross = signature, cross

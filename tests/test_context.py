@@ -202,14 +202,13 @@ def bundle_auto(tmp_path_factory):
 
 
 def test_the_default_bundle_is_named_after_the_shipped_delta():
-    from edge_asr.bundle import sha256_file
     from edge_asr.cli import default_bundle_name
     from edge_asr.paths import DEFAULT_BUNDLE
     from edge_asr_build.context_adapt import DEFAULT_DELTA
     from edge_asr_build.lora import read_delta
 
     assert DEFAULT_BUNDLE == default_bundle_name("tiny.en", "int8", context="auto")
-    assert sha256_file(DEFAULT_DELTA)[:8] in DEFAULT_BUNDLE
+    assert default_bundle_name("tiny.en", "int8", context="10") != DEFAULT_BUNDLE
     assert DEFAULT_DELTA.stat().st_size < 10e6
     _, metadata = read_delta(DEFAULT_DELTA)
     assert metadata["kind"] == "context-lora" and metadata["recipe"]["match"]["seed"] == 0
@@ -233,4 +232,4 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
         wer = jiwer.wer([normalize(t) for t, _ in speech], [normalize(t) for t in texts])
         assert wer < 0.15, (backend, texts)
         digit = transcriber.transcribe(synthesize("Seven.")).text
-        assert seen[-1] == 100 and 1 <= len(digit.split()) <= 3, digit
+        assert seen[-1] == 300 and 1 <= len(digit.split()) <= 3, digit  # the 3 s floor
