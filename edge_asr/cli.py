@@ -175,15 +175,15 @@ def cmd_build(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    pipeline = _build_side()
+    _build_side()
     from edge_asr_build import loaders
+    from dataclasses import replace
+
     from edge_asr_build.context_adapt import ContextRecipe, adapt_context
-    from edge_asr_build.reference import MatchConfig
 
     recipe = ContextRecipe()
-    match = recipe.match
-    recipe = ContextRecipe(mix=recipe.mix, held_out=recipe.held_out, match=MatchConfig(
-        **(match.to_dict() | {"steps": args.steps or match.steps, "seed": args.seed, "device": args.device})))
+    recipe = replace(recipe, match=replace(recipe.match, steps=args.steps or recipe.match.steps, seed=args.seed,
+                                           device=args.device))
     for folder in [*args.corpus, *args.audio]:
         if not Path(folder).is_dir():
             raise EdgeAsrError(f"{folder}: no such folder")
@@ -197,7 +197,6 @@ def cmd_adapt(args) -> int:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()
-    del pipeline
     r = metadata["result"]
     print(f"adapted in {sum(metadata['seconds'].values()):.0f} s ({metadata['clips']['train']} clips, {r['steps']} steps): "
           f"held-out loss {r['held_out_before']} -> {r['held_out_best']} (step {r['best_step']})", file=sys.stderr)

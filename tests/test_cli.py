@@ -125,3 +125,17 @@ def test_recover_without_checkpoint(tmp_path, capsys):
     assert main(["recover", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "m")]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("edge-asr: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["build", "--context", "45"], "--context takes auto, full or seconds"),
+    (["build", "--context", "auto", "--source", "m.pt"], "needs a model adapted to short context"),
+    (["build", "--context", "auto", "--delta", "missing.safetensors"], "no such delta file"),
+    (["build", "--context", "full", "--delta", "d.safetensors"], "use it with --context auto"),
+    (["adapt", "--out", "d.safetensors", "--corpus", "no-such-folder"], "no such folder"),
+])
+def test_context_options_refuse_bad_input(tmp_path, args, fragment):
+    result = subprocess.run([sys.executable, "-m", "edge_asr", *args, "--out" if args[0] == "build" else "--seed",
+                             str(tmp_path / "b") if args[0] == "build" else "0"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
