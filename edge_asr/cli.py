@@ -493,7 +493,7 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not _has_formats(default, DEMO_FORMATS):
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS, context="auto")
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS)
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)

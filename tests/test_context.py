@@ -201,14 +201,15 @@ def bundle_auto(tmp_path_factory):
     return out
 
 
-def test_the_default_bundle_is_named_after_the_shipped_delta():
+def test_an_adapted_bundle_is_named_after_its_delta_and_policy():
     from edge_asr.cli import default_bundle_name
     from edge_asr.paths import DEFAULT_BUNDLE
     from edge_asr_build.context_adapt import DEFAULT_DELTA
     from edge_asr_build.lora import read_delta
 
-    assert DEFAULT_BUNDLE == default_bundle_name("tiny.en", "int8", context="auto")
-    assert default_bundle_name("tiny.en", "int8", context="10") != DEFAULT_BUNDLE
+    auto = default_bundle_name("tiny.en", "int8", context="auto")
+    assert auto.startswith("tiny.en-auto-") and auto.endswith("-int8")
+    assert len({auto, default_bundle_name("tiny.en", "int8", context="10"), DEFAULT_BUNDLE}) == 3
     assert DEFAULT_DELTA.stat().st_size < 10e6
     _, metadata = read_delta(DEFAULT_DELTA)
     assert metadata["kind"] == "context-lora" and metadata["recipe"]["match"]["seed"] == 0
