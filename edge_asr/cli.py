@@ -175,10 +175,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    _build_side()
-    from edge_asr_build import loaders
     from dataclasses import replace
 
+    _build_side()
+    from edge_asr_build import loaders
     from edge_asr_build.context_adapt import ContextRecipe, adapt_context
 
     recipe = ContextRecipe()

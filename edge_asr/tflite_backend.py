@@ -6,6 +6,10 @@ per call over a fixed number of cache slots, and the LSTM graph has a one-step a
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 
 from .bundle import Bundle
@@ -34,10 +38,28 @@ def available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """LiteRT's C++ side announces its XNNPACK delegate on the process' stderr; the runtime keeps a quiet
+    console (errors still arrive as Python exceptions)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _interpreter(path, threads: int):
     Interpreter = interpreter_class()
     try:
-        return Interpreter(model_path=str(path), num_threads=threads)
+        with _stderr_silenced():
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()  # where LiteRT applies its default delegate, and says so
+            return interpreter
     except (ValueError, RuntimeError) as e:
         raise BundleError(f"{path}: LiteRT cannot load this model ({str(e).splitlines()[0][:160]})") from None
 
