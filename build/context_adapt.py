@@ -12,9 +12,10 @@ it into the weights before export (`build --context auto`), so bundles and graph
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,13 +52,11 @@ class ContextRecipe:
 def training_frames(recipe: ContextRecipe) -> Callable[[int, np.random.Generator], int]:
     """The student's window length for a clip of `frames` frames: a bucketed window with a random margin, or
     now and then any even length between the clip's and 30 s."""
-    buckets = ContextPolicy.auto().buckets_s
+    runtime = replace(ContextPolicy.auto(), floor_s=recipe.floor_s)
 
     def frames_for(frames: int, rng: np.random.Generator) -> int:
         if rng.random() < recipe.policy_share:
-            policy = ContextPolicy.auto(margin_s=float(rng.uniform(0, recipe.max_margin_s)), floor_s=recipe.floor_s,
-                                        buckets_s=buckets)
-            return policy.frames(frames * 160)
+            return replace(runtime, margin_s=float(rng.uniform(0, recipe.max_margin_s))).frames(frames * 160)
         low = max(frames, int(recipe.floor_s * FRAMES_PER_SECOND))
         return min(N_FRAMES, 2 * int(rng.integers(low // 2, N_FRAMES // 2 + 1)))
 
@@ -107,37 +106,31 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
     work = Path(work or home() / "adapt" / f"context-{key}")
     work.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
-    prompts = general_sentences(200, seed=4242)
+    encode_text, prompts = _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242)
     started = time.time()
 
-    train_path, held_path = work / "train-items.safetensors", work / "held-out-items.safetensors"
-    if not train_path.exists():
-        step("make training audio")
-        clips = training_clips(recipe.mix, corpora, user_audio, progress)
-        step(f"reference transcripts and hidden states of {len(clips)} clips")
-        items = reference_items(reference, [c.audio for c in clips], filters, decoding, _encoder(loaded.tokenizer_json),
-                                prompts, seed=recipe.match.seed, progress=progress)
-        save_items(items, train_path)
-    if not held_path.exists():
-        step("make held-out audio")
-        held = [c for clips in held_out_clips(recipe.held_out, corpora).values() for c in clips]
-        items = reference_items(reference, [c.audio for c in held], filters, decoding, _encoder(loaded.tokenizer_json),
-                                prompts, seed=recipe.match.seed + 1, mode_shares={"plain": 1.0}, progress=progress)
-        save_items(items, held_path)
-    words_path = work / f"isolated-words-{items_key(recipe.mix.isolated_words, recipe.mix.seed)}.safetensors"
-    if recipe.mix.isolated_words and not words_path.exists():
-        step("make isolated words")
-        clips = isolated_word_clips(recipe.mix, progress)
-        step(f"reference transcripts and hidden states of {len(clips)} isolated words")
-        items = reference_items(reference, [c.audio for c in clips], filters, decoding, _encoder(loaded.tokenizer_json),
-                                prompts, seed=recipe.match.seed + 2, progress=progress)
-        save_items(items, words_path)
-    train, held_out = load_items(train_path), load_items(held_path)
+    def cached_items(path: Path, what: str, make_clips: Callable[[], list], seed: int, **options) -> list:
+        """The reference items of `make_clips()`, made once and kept at `path`."""
+        if not path.exists():
+            step(f"make {what}")
+            clips = make_clips()
+            step(f"reference transcripts and hidden states of {len(clips)} clips ({what})")
+            save_items(reference_items(reference, [c.audio for c in clips], filters, decoding, encode_text, prompts,
+                                       seed=seed, progress=progress, **options), path)
+        return load_items(path)
+
+    seed = recipe.match.seed
+    train = cached_items(work / "train-items.safetensors", "training audio",
+                         lambda: training_clips(recipe.mix, corpora, user_audio, progress), seed)
+    held_out = cached_items(work / "held-out-items.safetensors", "held-out audio",
+                            lambda: [c for clips in held_out_clips(recipe.held_out, corpora).values() for c in clips],
+                            seed + 1, mode_shares={"plain": 1.0})
     if recipe.mix.isolated_words:
-        train += load_items(words_path)
+        words = work / f"isolated-words-{items_key(recipe.mix.isolated_words, recipe.mix.seed)}.safetensors"
+        train += cached_items(words, "isolated words", lambda: isolated_word_clips(recipe.mix, progress), seed + 2)
     prepared = time.time() - started
     step(f"match the reference ({recipe.match.steps} steps)")
-    student = load_whisper(source).model
+    student = copy.deepcopy(reference)
     checkpoint = work / "checkpoint.pt"
     if not resume:
         checkpoint.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edge_asr.decoding import suppression_masks
 from edge_asr.frontend import N_FFT, N_FRAMES, log_mel_spectrogram, pad_or_trim
 
 from .lora import add_lora
@@ -113,20 +114,15 @@ def _decoding_prompt(decoding: dict, mode: str, previous: list[int]) -> list[int
 @torch.inference_mode()
 def greedy(reference: Whisper, cross: list, prompt: list[int], decoding: dict, timestamps: bool,
            max_tokens: int = 160) -> list[int] | None:
-    """The reference's greedy transcript after `prompt` (with end of text), Whisper's suppression rules;
-    with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>. None if it runs away."""
-    special, n_vocab = decoding["special_tokens"], reference.dims.n_vocab
-    suppress = torch.zeros(n_vocab, dtype=torch.bool)
-    suppress[list(decoding["suppress_tokens"])] = True
-    suppress[[special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
-                                   "no_timestamps") if k in special]] = True
-    begin = special["timestamp_begin"]
-    if not timestamps:
-        suppress[begin:] = True
-    first = suppress.clone()
-    first[list(decoding["suppress_blank"]) + [special["eot"]]] = True
+    """The reference's greedy transcript after `prompt` (with end of text), by the runtime decoder's
+    suppression rules; with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>.
+    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`recover.decoding_rules`)."""
+    special = decoding["special_tokens"]
+    suppress, first = (torch.from_numpy(mask) for mask in suppression_masks(decoding))
     if timestamps:
-        first[:] = True
+        begin = special["timestamp_begin"]
+        suppress[begin:] = False
+        first = torch.ones_like(first)
         first[begin] = False
     logits, cache = reference.decoder.forward_cached(torch.tensor([prompt]), reference.empty_cache(), cross)
     out, mask = [], first

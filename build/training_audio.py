@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ class AudioMix:
 
 # --- synthesis --------------------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=1)
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
@@ -97,6 +99,13 @@ def piper(text: str, rng: random.Random) -> np.ndarray:
 
 def _espeak_random(text: str, voices: list[str], rng: random.Random) -> np.ndarray:
     return espeak(text, rng.choice(voices), rate=rng.randrange(120, 200), pitch=rng.randrange(25, 75))
+
+
+def _either_voice(i: int, text: str, rng: random.Random) -> np.ndarray:
+    """Utterance i of a set spoken half by piper, half by espeak-ng (all piper where espeak-ng is missing)."""
+    if i % 2 and espeak_available():
+        return _espeak_random(text, ESPEAK_TRAIN_VOICES, rng)
+    return piper(text, rng)
 
 
 # --- recorded corpora ---------------------------------------------------------------------------------------------
@@ -252,8 +261,7 @@ def training_clips(mix: AudioMix, corpora: list[Path] = (), user_audio: list[Pat
         audio = _espeak_random(text, ESPEAK_TRAIN_VOICES, rng) if by_espeak else piper(text, rng)
         clean.append(Clip(audio, "synthesized", text))
     for i, text in enumerate(progress(short, "synthesize short utterances")):
-        audio = _espeak_random(text, ESPEAK_TRAIN_VOICES, rng) if use_espeak and i % 2 else piper(text, rng)
-        clean.append(Clip(audio, "short", text))
+        clean.append(Clip(_either_voice(i, text, rng), "short", text))
     recorded = [item for corpus in corpora for item in recorded_files(corpus)]
     for path, text in progress(_spread(recorded, mix.recorded, rng), "read recorded speech"):
         clean.append(Clip(load_audio(path)[: 28 * SAMPLE_RATE], "recorded", text))
@@ -287,10 +295,9 @@ def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
 
     progress = progress or (lambda items, desc: items)
     rng, np_rng = random.Random(mix.seed + 1), np.random.default_rng(mix.seed + 1)
-    use_espeak = espeak_available()
     clips = []
     for i, text in enumerate(progress(short_phrases(mix.isolated_words, seed=200 + mix.seed), "synthesize isolated words")):
-        audio = _espeak_random(text, ESPEAK_TRAIN_VOICES, rng) if use_espeak and i % 2 else piper(text, rng)
+        audio = _either_voice(i, text, rng)
         voiced = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
         if len(voiced):
             audio = audio[voiced[0]: voiced[-1] + 1]

@@ -24,24 +24,30 @@ def forced_decoding(model, mel: np.ndarray, prompt: list[int], tokens: list[int]
     return cross, np.stack(steps), cache
 
 
+def suppression_masks(decoder_config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper's rules in no-timestamps mode, as boolean masks over the vocabulary: the tokens never emitted,
+    and those never emitted first. `decoder_config` is a bundle's decoder section with n_vocab."""
+    special = decoder_config["special_tokens"]
+    # Never emitted: non-speech symbols, task/control tokens, and timestamps (no-timestamps mode).
+    suppress = set(decoder_config["suppress_tokens"])
+    suppress.update(special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
+                                         "no_timestamps") if k in special)
+    suppress_mask = np.zeros(decoder_config["n_vocab"], dtype=bool)
+    suppress_mask[sorted(suppress)] = True
+    suppress_mask[special["timestamp_begin"]:] = True
+    # At the first position also the blank and end-of-text: an empty transcript is never the guess.
+    first_mask = suppress_mask.copy()
+    first_mask[list(decoder_config["suppress_blank"]) + [special["eot"]]] = True
+    return suppress_mask, first_mask
+
+
 class GreedyDecoder:
     def __init__(self, model, decoder_config: dict, options: DecodingOptions | None = None):
         self.model = model
         self.options = options or DecodingOptions()
-        special = decoder_config["special_tokens"]
-        self.eot = special["eot"]
+        self.eot = decoder_config["special_tokens"]["eot"]
         self.prompt = list(decoder_config["prompt"])
-        # Never emitted: non-speech symbols, task/control tokens, and timestamps (no-timestamps mode).
-        suppress = set(decoder_config["suppress_tokens"])
-        suppress.update(special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
-                                             "no_timestamps") if k in special)
-        n_vocab = decoder_config["n_vocab"]
-        self.suppress_mask = np.zeros(n_vocab, dtype=bool)
-        self.suppress_mask[sorted(suppress)] = True
-        self.suppress_mask[special["timestamp_begin"]:] = True
-        # At the first position also the blank and end-of-text: an empty transcript is never the guess.
-        self.first_mask = self.suppress_mask.copy()
-        self.first_mask[list(decoder_config["suppress_blank"]) + [self.eot]] = True
+        self.suppress_mask, self.first_mask = suppression_masks(decoder_config)
 
     def decode(self, mel: np.ndarray) -> list[int]:
         """Token ids (without prompt and end-of-text) for one 30 s window of log-mel features."""

@@ -70,9 +70,9 @@ class _DecoderSignature:
     def __init__(self, interpreter, name: str):
         runner = interpreter.get_signature_runner(name)
         self.subgraph = runner._subgraph_index  # noqa: SLF001 (LiteRT exposes no public getter)
-        self.inputs = {n: d["index"] for n, d in runner.get_input_details().items()}
-        self.outputs = {n: d["index"] for n, d in runner.get_output_details().items()}
         details = runner.get_input_details()
+        self.inputs = {n: d["index"] for n, d in details.items()}
+        self.outputs = {n: d["index"] for n, d in runner.get_output_details().items()}
         self.max_tokens = int(details["self_k_0"]["shape"][-1])
         self.n_audio = int(details["cross_v_0"]["shape"][-2])
 
