@@ -23,6 +23,12 @@ def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
     return [special["sot"], special["no_timestamps"]]
 
 
+def decoding_rules(loaded: LoadedWhisper) -> dict:
+    """The decoder section a bundle of `loaded` would carry, with n_vocab: the runtime decoder's config, which
+    the build step's own greedy transcripts (reference matching) follow too."""
+    return decoder_section(loaded) | {"n_vocab": loaded.model.dims.n_vocab}
+
+
 def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
     """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
     dims = loaded.model.dims

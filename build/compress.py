@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .calibration import FINAL_STATE
 from .whisper_model import ModelDimensions, MultiHeadAttention, Whisper
 
 PARTS = ("encoder-attention", "encoder-mlp", "decoder-attention", "decoder-mlp", "embedding")
@@ -113,31 +115,71 @@ def _split_heads(weight: Tensor, n_head: int) -> list[Tensor]:
     return list(weight.unflatten(0, (n_head, -1)))
 
 
-def query_key_spectra(attn: MultiHeadAttention) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per head, the SVD of the score form [W_q | b_q]^T W_k ((n_state + 1) x n_state)."""
+# Activation-aware factors. With L the whitener of a matrix's input (L L^T = E[x x^T], `InputMoments`), the
+# SVD of W L truncated to rank r and mapped back by L^-1 minimizes E||(W - W_r) x||^2 instead of ||W - W_r||.
+# At full rank the mapping back undoes the whitening exactly. Without moments, L is the identity (plain SVD).
+
+def _unwhiten(factor: Tensor, whitener: Tensor | None) -> Tensor:
+    """L^-T @ factor: right factors in whitened coordinates, back in the input's own."""
+    if whitener is None:
+        return factor
+    return torch.linalg.solve_triangular(whitener.T, factor, upper=True)
+
+
+def _whiten(matrix_t: Tensor, whitener: Tensor | None) -> Tensor:
+    """L^T @ matrix_t, for a matrix given transposed (inputs along the rows)."""
+    return matrix_t.double() if whitener is None else whitener.T @ matrix_t.double()
+
+
+def _whitener(moments: dict | None, name: str, with_constant: bool = False) -> Tensor | None:
+    return None if moments is None else moments[name].whitener(with_constant)
+
+
+def query_key_spectra(attn: MultiHeadAttention, query_whitener: Tensor | None = None,
+                      key_whitener: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per head, the SVD of the score form [W_q | b_q]^T W_k ((n_state + 1) x n_state), weighted on both
+    sides by the whiteners of the query's input (with its constant 1) and the key's input: (U, S, V) with
+    the form = U diag(S) V^T and S the whitened singular values."""
     query = torch.cat([attn.query.weight, attn.query.bias[:, None]], dim=1).detach()
-    return [_low_rank_product(q.T, k.T) for q, k in zip(_split_heads(query, attn.n_head),
-                                                          _split_heads(attn.key.weight.detach(), attn.n_head))]
+    spectra = []
+    for q, k in zip(_split_heads(query, attn.n_head), _split_heads(attn.key.weight.detach(), attn.n_head)):
+        u, s, v = _low_rank_product(_whiten(q.T, query_whitener), _whiten(k.T, key_whitener))
+        spectra.append((_unwhiten(u, query_whitener), s, _unwhiten(v, key_whitener)))
+    return spectra
 
 
-def value_out_spectra(attn: MultiHeadAttention) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per head, the SVD of the output map W_o,h W_v,h (n_state x n_state)."""
+def value_out_spectra(attn: MultiHeadAttention, value_whitener: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per head, the SVD of the output map W_o,h W_v,h (n_state x n_state), weighted by the whitener of
+    the value's input: (U, S, V) with the map = U diag(S) V^T."""
     out_heads = attn.out.weight.detach().unflatten(1, (attn.n_head, -1)).permute(1, 0, 2)  # (H, out, vo)
-    return [_low_rank_product(o, v.T) for o, v in zip(out_heads, _split_heads(attn.value.weight.detach(), attn.n_head))]
+    spectra = []
+    for o, v in zip(out_heads, _split_heads(attn.value.weight.detach(), attn.n_head)):
+        u, s, right = _low_rank_product(o, _whiten(v.T, value_whitener))
+        spectra.append((u, s, _unwhiten(right, value_whitener)))
+    return spectra
 
 
-def factor_attention(attn: MultiHeadAttention, qk_rank: int, vo_rank: int) -> MultiHeadAttention:
-    """A new attention module whose head widths are the ranks, from the product twins' SVDs."""
+def attention_spectra(attn: MultiHeadAttention, path: str, moments: dict | None = None):
+    """(query/key spectra, value/output spectra) of the attention module at `path`."""
+    qk = query_key_spectra(attn, _whitener(moments, f"{path}.query", with_constant=True),
+                           _whitener(moments, f"{path}.key"))
+    return qk, value_out_spectra(attn, _whitener(moments, f"{path}.value"))
+
+
+def factor_attention(attn: MultiHeadAttention, qk_rank: int, vo_rank: int, spectra=None) -> MultiHeadAttention:
+    """A new attention module whose head widths are the ranks, from the product twins' SVDs (`spectra` from
+    `attention_spectra`; default: plain SVD)."""
     n_state, n_head = attn.query.in_features, attn.n_head
     new = MultiHeadAttention(n_state, n_head, qk_rank, vo_rank)
     new.scale = attn.scale
+    qk_spectra, vo_spectra = spectra or (query_key_spectra(attn), value_out_spectra(attn))
     queries, keys = [], []
-    for u, s, v in query_key_spectra(attn):
+    for u, s, v in qk_spectra:
         root = s[:qk_rank].sqrt()
         queries.append((u[:, :qk_rank] * root).T)   # (r, n_state + 1)
         keys.append((v[:, :qk_rank] * root).T)      # (r, n_state)
     values, outs = [], []
-    for u, s, v in value_out_spectra(attn):
+    for u, s, v in vo_spectra:
         root = s[:vo_rank].sqrt()
         outs.append(u[:, :vo_rank] * root)          # (n_state, r)
         values.append((v[:, :vo_rank] * root).T)    # (r, n_state)
@@ -154,28 +196,35 @@ def factor_attention(attn: MultiHeadAttention, qk_rank: int, vo_rank: int) -> Mu
     return new
 
 
-def factor_linear(linear: nn.Linear, rank: int) -> FactoredLinear:
-    u, s, vh = _svd(linear.weight.detach())
+def factor_linear(linear: nn.Linear, rank: int, whitener: Tensor | None = None) -> FactoredLinear:
+    """W x as second(first(x)) of rank `rank`, from the SVD of W L (L the input's whitener, default I)."""
+    weight = linear.weight.detach().double()
+    u, s, vh = _svd(weight if whitener is None else weight @ whitener)
     root = s[:rank].sqrt()
+    right = _unwhiten(vh[:rank].T, whitener).T  # (rank, in): V^T L^-1
     new = FactoredLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
     with torch.no_grad():
-        new.first.weight.copy_(root[:, None] * vh[:rank])
+        new.first.weight.copy_(root[:, None] * right)
         new.second.weight.copy_(u[:, :rank] * root)
         if linear.bias is not None:
             new.second.bias.copy_(linear.bias)
     return new
 
 
-def factor_embedding(weight: Tensor, exact_ids: list[int], rank: int) -> FactoredTokenEmbedding:
+def factor_embedding(weight: Tensor, exact_ids: list[int], rank: int, whitener: Tensor | None = None) -> FactoredTokenEmbedding:
+    """The tied embedding with `exact_ids` kept and the other rows factored to `rank`; with the whitener of
+    the decoder's final state, the error is weighted as the output projection sees it (logit error)."""
     n_vocab, n_state = weight.shape
     new = FactoredTokenEmbedding(n_vocab, n_state, exact_ids, rank)
     order = torch.argsort(new.position)
     rows = weight.detach()[order]
-    u, s, vh = _svd(rows[new.n_exact:])
+    tail = rows[new.n_exact:].double()
+    u, s, vh = _svd(tail if whitener is None else tail @ whitener)
     root = s[:rank].sqrt()
+    right = _unwhiten(vh[:rank].T, whitener)  # (n_state, rank): L^-T V
     with torch.no_grad():
         new.exact_t.copy_(rows[: new.n_exact].T)
-        new.tail_proj.copy_((root[:, None] * vh[:rank]).T)
+        new.tail_proj.copy_(right * root)
         new.tail_t.copy_((u[:, :rank] * root).T)
     return new
 
@@ -193,6 +242,7 @@ class Group:
     dense_cost: int           # parameters of the unfactored form
     max_rank: int             # beyond it the factored form is no smaller than the dense one
     rank: int | None = None   # None: left dense
+    measured: dict[int, float] | None = None   # rank -> output distortion with this group alone factored
 
     @property
     def params(self) -> int:
@@ -226,35 +276,42 @@ def _mlp_linears(model: Whisper, parts) -> dict[str, nn.Linear]:
     return found
 
 
-def _linear_group(name: str, linear: nn.Linear) -> Group:
-    s = torch.linalg.svdvals(linear.weight.detach().double()).numpy()
+def _linear_group(name: str, linear: nn.Linear, whitener: Tensor | None = None) -> Group:
+    weight = linear.weight.detach().double()
+    s = torch.linalg.svdvals(weight if whitener is None else weight @ whitener).numpy()
     n_out, n_in = linear.weight.shape
     return Group(name, "linear", s ** 2, n_in + n_out, n_in * n_out, (n_in * n_out) // (n_in + n_out))
 
 
-def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000) -> list[Group]:
-    """One `Group` per factorable unit of `model` within `parts`."""
+def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000,
+                   moments: dict | None = None) -> list[Group]:
+    """One `Group` per factorable unit of `model` within `parts`; with `moments` (`calibration`), their
+    spectra are the activation-weighted ones."""
     groups = []
     for name, attn in _attention_modules(model, parts).items():
         n_state, n_head = attn.query.in_features, attn.n_head
         if attention == "joint":
-            qk = sum(s.numpy() ** 2 for _, s, _ in query_key_spectra(attn))
-            vo = sum(s.numpy() ** 2 for _, s, _ in value_out_spectra(attn))
+            qk_spectra, vo_spectra = attention_spectra(attn, name, moments)
+            qk = sum(s.numpy() ** 2 for _, s, _ in qk_spectra)
+            vo = sum(s.numpy() ** 2 for _, s, _ in vo_spectra)
             groups.append(Group(name + ".qk", "twins-qk", qk, n_head * (2 * n_state + 1),
                                 attn.query.weight.numel() + attn.query.bias.numel() + attn.key.weight.numel(), attn.qk_dim))
             # The value bias folds into the output bias but stays in the module (as zeros): r per head.
             groups.append(Group(name + ".vo", "twins-vo", vo, n_head * (2 * n_state + 1),
                                 attn.value.weight.numel() + attn.value.bias.numel() + attn.out.weight.numel(), attn.vo_dim))
         elif attention == "independent":
-            groups += [_linear_group(f"{name}.{p}", getattr(attn, p)) for p in ("query", "key", "value", "out")]
+            groups += [_linear_group(f"{name}.{p}", getattr(attn, p), _whitener(moments, f"{name}.{p}"))
+                       for p in ("query", "key", "value", "out")]
         else:
             raise ValueError("attention must be 'joint' or 'independent'")
-    groups += [_linear_group(name, linear) for name, linear in _mlp_linears(model, parts).items()]
+    groups += [_linear_group(name, linear, _whitener(moments, name)) for name, linear in _mlp_linears(model, parts).items()]
     if "embedding" in parts:
         weight = model.decoder.token_embedding.weight.detach()
         exact = exact_token_ids(model.dims, frequent_tokens)
         tail = np.setdiff1d(np.arange(len(weight)), exact)
-        s = torch.linalg.svdvals(weight[tail].double()).numpy()
+        whitener = _whitener(moments, FINAL_STATE)
+        s = torch.linalg.svdvals(weight[tail].double() @ (torch.eye(weight.shape[1], dtype=torch.float64)
+                                                          if whitener is None else whitener)).numpy()
         n_state = weight.shape[1]
         groups.append(Group("decoder.token_embedding", "embedding", s ** 2, len(tail) + n_state,
                             len(tail) * n_state, len(tail) * n_state // (len(tail) + n_state)))
@@ -295,6 +352,88 @@ def allocate_ranks(groups: list[Group], budget: int | None = None, energy: float
             g.rank = None
 
 
+def candidate_ranks(group: Group) -> list[int]:
+    """The ranks at which a group's cost is measured: even steps below the point where factoring stops paying."""
+    step = {"twins-qk": 8, "twins-vo": 8, "linear": 32, "embedding": 32}[group.kind]
+    return [r for r in range(step, group.max_rank, step)]
+
+
+def measure_groups(model: Whisper, groups: list[Group], distortion, moments: dict | None = None,
+                   frequent_tokens: int = 4000, progress=None) -> None:
+    """Set each group's `measured`: the output distortion (`calibration.Distortion`) with that group alone
+    factored at each candidate rank, every other matrix as it was."""
+    jobs = [(g, r) for g in groups for r in candidate_ranks(g)]
+    for g, rank in (progress(jobs, "measure ranks") if progress else jobs):
+        path, module = factored_module(model, g.name, g.kind, rank, moments, frequent_tokens)
+        original = model.get_submodule(path)
+        _set_module(model, path, module)
+        try:
+            value = distortion.of(model, encoder_changed=path.startswith("encoder"))
+        finally:
+            _set_module(model, path, original)
+        g.measured = (g.measured or {}) | {rank: value}
+
+
+def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
+    """The lower convex hull of (cost, distortion, rank) points, from the most to the least costly: the only
+    options a greedy allocation should step through (a point above the hull is never the best trade)."""
+    def slope(a, b):  # distortion added per unit of cost saved, going from a to the cheaper b
+        return (b[1] - a[1]) / (a[0] - b[0])
+
+    hull: list = []
+    for p in sorted(points, key=lambda p: -p[0]):
+        while len(hull) >= 2 and slope(hull[-2], hull[-1]) >= slope(hull[-2], p):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+# What one unit of each group's parameters costs in multiply-accumulates per 30 s window: an encoder matrix
+# runs on 1500 positions, a decoder matrix once per token (about 90 for 30 s of speech), the cross-attention
+# keys and values once per window, and the embedding's lookup costs nothing (only its projection counts).
+TOKENS_PER_WINDOW = 90
+
+
+def _macs_per_param(group: Group) -> float:
+    if group.name.startswith("encoder"):
+        return 1500.0
+    if ".cross_attn." in group.name:
+        return (1500 + TOKENS_PER_WINDOW) / 2   # half of each twin is on the audio side
+    return float(TOKENS_PER_WINDOW)
+
+
+def allocate_measured(groups: list[Group], budget: float, cost: str = "params") -> None:
+    """Set each group's rank from its measured distortions so that the groups' total `cost` ("params" or
+    "macs") fits `budget`, adding as little distortion as the measurements allow. Distortions are taken to
+    add up across groups; every group starts dense and gives up, step by step along its lower convex hull,
+    the cut that costs the least distortion per unit saved."""
+    if cost not in ("params", "macs"):
+        raise ValueError("cost must be 'params' or 'macs'")
+    weight = (lambda g: 1.0) if cost == "params" else _macs_per_param
+    hulls = []
+    for g in groups:
+        if not g.measured:
+            raise ValueError(f"{g.name} has no measured distortions (measure_groups)")
+        points = [(g.dense_cost * weight(g), 0.0, None)] + [(r * g.unit_cost * weight(g), d, r) for r, d in g.measured.items()]
+        hulls.append(_lower_hull(points))
+    position = [0] * len(groups)
+    spent = sum(h[0][0] for h in hulls)
+    while spent > budget:
+        best, best_ratio = None, math.inf
+        for i, hull in enumerate(hulls):
+            if position[i] + 1 < len(hull):
+                (c0, d0, _), (c1, d1, _) = hull[position[i]], hull[position[i] + 1]
+                ratio = (d1 - d0) / (c0 - c1)
+                if ratio < best_ratio:
+                    best, best_ratio = i, ratio
+        if best is None:
+            raise ValueError(f"the budget ({budget:,.0f}) is below the smallest measured model ({spent:,.0f})")
+        spent -= hulls[best][position[best]][0] - hulls[best][position[best] + 1][0]
+        position[best] += 1
+    for g, hull, i in zip(groups, hulls, position):
+        g.rank = hull[i][2]
+
+
 # --- the pass -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -304,11 +443,14 @@ class CompressionReport:
     groups: list[Group] = field(default_factory=list)
 
     def table(self) -> str:
-        lines = [f"{'matrix':36} {'kind':10} {'rank':>6} {'of':>5} {'params before':>14} {'after':>10} {'rel. error':>10}"]
+        measured = any(g.measured for g in self.groups)
+        lines = [f"{'matrix':36} {'kind':10} {'rank':>6} {'of':>5} {'params before':>14} {'after':>10} {'rel. error':>10}"
+                 + (f" {'KL alone':>9}" if measured else "")]
         for g in self.groups:
             rank = "dense" if g.rank is None else str(g.rank)
+            kl = (g.measured or {}).get(g.rank, 0.0) if g.rank is not None else 0.0
             lines.append(f"{g.name:36} {g.kind:10} {rank:>6} {len(g.energy):>5} {g.dense_cost:>14,} {g.params:>10,} "
-                         f"{g.relative_error:>10.4f}")
+                         f"{g.relative_error:>10.4f}" + (f" {kl:>9.5f}" if measured else ""))
         lines.append(f"{'total (all weights)':36} {'':10} {'':>6} {'':>5} {self.params_before:>14,} "
                      f"{self.params_after:>10,}  ({1 - self.params_after / self.params_before:.1%} fewer)")
         return "\n".join(lines)
@@ -317,7 +459,9 @@ class CompressionReport:
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "groups": [{"name": g.name, "kind": g.kind, "rank": g.rank, "full_rank": len(g.energy),
                             "params_before": g.dense_cost, "params_after": g.params,
-                            "relative_error": round(g.relative_error, 6)} for g in self.groups]}
+                            "relative_error": round(g.relative_error, 6),
+                            "measured_kl": None if not g.measured or g.rank is None else g.measured.get(g.rank)}
+                           for g in self.groups]}
 
 
 def structure_of(groups: list[Group], frequent_tokens: int, dims: ModelDimensions) -> dict:
@@ -342,40 +486,80 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def apply_structure(model: Whisper, structure: dict, weights_from_svd: bool = True) -> Whisper:
+def factored_module(model: Whisper, name: str, kind: str, rank: int, moments: dict | None = None,
+                    frequent_tokens: int = 4000) -> tuple[str, nn.Module]:
+    """(module path, factored module) for one group of `model` alone at `rank`: a product twin (the other
+    twin of the same attention kept at full width), a linear layer or the embedding."""
+    if kind.startswith("twins"):
+        path, pair = name.rsplit(".", 1)
+        attn = model.get_submodule(path)
+        ranks = {pair: rank, ("vo" if pair == "qk" else "qk"): attn.query.in_features // attn.n_head}
+        new = factor_attention(attn, ranks["qk"], ranks["vo"], attention_spectra(attn, path, moments))
+        new.factored = True
+        return path, new
+    if kind == "linear":
+        return name, factor_linear(model.get_submodule(name), rank, _whitener(moments, name))
+    weight = model.decoder.token_embedding.weight
+    return name, factor_embedding(weight, exact_token_ids(model.dims, frequent_tokens), rank,
+                                  _whitener(moments, FINAL_STATE))
+
+
+def apply_structure(model: Whisper, structure: dict, weights_from_svd: bool = True, moments: dict | None = None) -> Whisper:
     """Replace modules of `model` (in place) by their factored forms. With `weights_from_svd`, the factors
-    are computed from the current weights; otherwise they are left for `load_state_dict` to fill."""
+    are computed from the current weights (activation-aware where `moments` are given); otherwise they are
+    left for `load_state_dict` to fill."""
     dims = model.dims
     for path, ranks in structure["twins"].items():
         attn = model.get_submodule(path)
         head_dim = attn.query.in_features // attn.n_head
         qk, vo = ranks["qk"] or head_dim, ranks["vo"] or head_dim
-        new = factor_attention(attn, qk, vo) if weights_from_svd else MultiHeadAttention(attn.query.in_features, attn.n_head, qk, vo)
+        if weights_from_svd:
+            new = factor_attention(attn, qk, vo, attention_spectra(attn, path, moments))
+        else:
+            new = MultiHeadAttention(attn.query.in_features, attn.n_head, qk, vo)
         new.factored = True
         _set_module(model, path, new)
     for path, rank in structure["linear"].items():
         linear = model.get_submodule(path)
-        _set_module(model, path, factor_linear(linear, rank) if weights_from_svd else
+        _set_module(model, path, factor_linear(linear, rank, _whitener(moments, path)) if weights_from_svd else
                     FactoredLinear(linear.in_features, linear.out_features, rank, linear.bias is not None))
     if structure.get("embedding"):
         spec = structure["embedding"]
         exact = exact_token_ids(dims, spec["frequent_tokens"])
         weight = model.decoder.token_embedding.weight
-        model.decoder.token_embedding = (factor_embedding(weight, exact, spec["rank"]) if weights_from_svd else
-                                         FactoredTokenEmbedding(dims.n_vocab, dims.n_text_state, exact, spec["rank"]))
+        model.decoder.token_embedding = (
+            factor_embedding(weight, exact, spec["rank"], _whitener(moments, FINAL_STATE)) if weights_from_svd else
+            FactoredTokenEmbedding(dims.n_vocab, dims.n_text_state, exact, spec["rank"]))
     model.compression = structure
     return model
 
 
+def factors_sha256(model: Whisper) -> str:
+    """A digest of every weight of a (compressed) model, float32 in state-dict order: a delta trained on
+    factors refuses other factors (a different machine's SVD, other calibration audio)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def compress_whisper(model: Whisper, keep: float | None = None, energy: float | None = None, parts=DEFAULT_PARTS,
-                     attention: str = "joint", frequent_tokens: int = 4000) -> tuple[Whisper, CompressionReport]:
+                     attention: str = "joint", frequent_tokens: int = 4000, moments: dict | None = None,
+                     distortion=None, progress=None) -> tuple[Whisper, CompressionReport]:
     """A compressed copy of `model`: `keep` is the fraction of all its parameters to keep (embedding,
-    norms and positional tables included), or `energy` the share of each matrix's energy to keep."""
+    norms and positional tables included), or `energy` the share of each matrix's energy to keep.
+
+    With `moments` (`calibration.collect_moments`) the factors are activation-aware. With `distortion`
+    (`calibration.Distortion`), ranks come from the measured output distortion of each matrix at each
+    candidate rank (`measure_groups`, `allocate_measured`) instead of from singular-value energy."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     before = model.parameter_count()
-    groups = collect_groups(model, parts, attention, frequent_tokens)
+    groups = collect_groups(model, parts, attention, frequent_tokens, moments)
     budget = None
     if keep is not None:
         if not 0 < keep <= 1:
@@ -384,8 +568,14 @@ def compress_whisper(model: Whisper, keep: float | None = None, energy: float | 
         budget = int(keep * before) - fixed
         if budget <= 0:
             raise ValueError(f"keeping {keep:.0%} leaves nothing for the factored parts: compress more of the model")
-    allocate_ranks(groups, budget=budget, energy=energy)
-    compressed = apply_structure(copy.deepcopy(model), structure_of(groups, frequent_tokens, model.dims))
+    if distortion is not None:
+        if budget is None:
+            raise ValueError("measured ranks need a parameter target (keep)")
+        measure_groups(model, groups, distortion, moments, frequent_tokens, progress)
+        allocate_measured(groups, budget)
+    else:
+        allocate_ranks(groups, budget=budget, energy=energy)
+    compressed = apply_structure(copy.deepcopy(model), structure_of(groups, frequent_tokens, model.dims), moments=moments)
     return compressed, CompressionReport(before, compressed.parameter_count(), groups)
 
 

@@ -74,40 +74,30 @@ def _encoder(tokenizer_json: Path) -> Callable[[str], list[int]]:
     return lambda text: tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
 
 
-def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
-                  recipe: ContextRecipe | None = None, work: Path | None = None, resume: bool = False,
-                  step: Callable[[str], None] = lambda message: None, log=print) -> dict:
-    """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
-
-    Reference items and the training checkpoint live in `work` (default: $EDGE_ASR_HOME/adapt/KEY, KEY naming
-    the source, recipe and audio). Reference items are always reused; with `resume`, so is the checkpoint of a
-    stopped run, which then goes on where it was."""
-    import torch
+def reference_sets(loaded, mix: AudioMix, held_out_mix: HeldOutMix, seed: int, corpora: list[Path] = (),
+                   user_audio: list[Path] = (), work: Path | None = None, prefix: str = "context", version: int = 1,
+                   step: Callable[[str], None] = lambda message: None) -> tuple[Path, list, list]:
+    """(work folder, training items, held-out items): the reference's transcripts and hidden states on the
+    training mix (isolated words included) and the held-out sets, made once and kept in `work` (default:
+    $EDGE_ASR_HOME/adapt/PREFIX-KEY, KEY naming the source, mixes and audio). Every reference-matching pass
+    trains on these; passes with the same mixes share them."""
     from tqdm import tqdm
 
     from edge_asr.paths import home
 
-    from .lora import save_delta
-    from .loaders import load_whisper
     from .mel import mel_filters
-    from .recover import decoding_rules
+    from .bundle import decoding_rules
     from .sentences import general_sentences
 
-    recipe = recipe or ContextRecipe()
-    torch.manual_seed(recipe.match.seed)
-    step(f"load {source}")
-    loaded = load_whisper(source)
     reference = loaded.model.eval()
     filters = mel_filters(16000, 400, reference.dims.n_mels)
     decoding = decoding_rules(loaded)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    key = items_key(loaded.source.get("sha256"), recipe.mix.main_dict(), asdict(recipe.held_out), audio_key,
-                    recipe.version, recipe.match.seed)
-    work = Path(work or home() / "adapt" / f"context-{key}")
+    key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)
+    work = Path(work or home() / "adapt" / f"{prefix}-{key}")
     work.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
     encode_text, prompts = _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242)
-    started = time.time()
 
     def cached_items(path: Path, what: str, make_clips: Callable[[], list], seed: int, **options) -> list:
         """The reference items of `make_clips()`, made once and kept at `path`."""
@@ -119,15 +109,38 @@ def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: 
                                        seed=seed, progress=progress, **options), path)
         return load_items(path)
 
-    seed = recipe.match.seed
     train = cached_items(work / "train-items.safetensors", "training audio",
-                         lambda: training_clips(recipe.mix, corpora, user_audio, progress), seed)
+                         lambda: training_clips(mix, corpora, user_audio, progress), seed)
     held_out = cached_items(work / "held-out-items.safetensors", "held-out audio",
-                            lambda: [c for clips in held_out_clips(recipe.held_out, corpora).values() for c in clips],
+                            lambda: [c for clips in held_out_clips(held_out_mix, corpora).values() for c in clips],
                             seed + 1, mode_shares={"plain": 1.0})
-    if recipe.mix.isolated_words:
-        words = work / f"isolated-words-{items_key(recipe.mix.isolated_words, recipe.mix.seed)}.safetensors"
-        train += cached_items(words, "isolated words", lambda: isolated_word_clips(recipe.mix, progress), seed + 2)
+    if mix.isolated_words:
+        words = work / f"isolated-words-{items_key(mix.isolated_words, mix.seed)}.safetensors"
+        train += cached_items(words, "isolated words", lambda: isolated_word_clips(mix, progress), seed + 2)
+    return work, train, held_out
+
+
+def adapt_context(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
+                  recipe: ContextRecipe | None = None, work: Path | None = None, resume: bool = False,
+                  step: Callable[[str], None] = lambda message: None, log=print) -> dict:
+    """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
+
+    Reference items and the training checkpoint live in `work` (default: $EDGE_ASR_HOME/adapt/KEY, KEY naming
+    the source, recipe and audio). Reference items are always reused; with `resume`, so is the checkpoint of a
+    stopped run, which then goes on where it was."""
+    import torch
+
+    from .lora import save_delta
+    from .loaders import load_whisper
+
+    recipe = recipe or ContextRecipe()
+    torch.manual_seed(recipe.match.seed)
+    step(f"load {source}")
+    loaded = load_whisper(source)
+    reference = loaded.model.eval()
+    started = time.time()
+    work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
+                                           work, "context", recipe.version, step)
     prepared = time.time() - started
     step(f"match the reference ({recipe.match.steps} steps)")
     student = copy.deepcopy(reference)

@@ -49,8 +49,8 @@ def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_f
     graphs = {}
     for role, path in floats.items():
         target = staged / f"{role}.{precision}.tflite"
-        if precision == "int8":
-            quantize_tflite_int8(path, target)
+        if precision in ("int8", "int4"):
+            quantize_tflite_int8(path, target, bits=int(precision[3:]))
         else:
             path.replace(target)
         graphs[role] = target.name

@@ -83,13 +83,19 @@ def lora_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_delta(model: nn.Module, path: Path, metadata: dict) -> Path:
-    """The adapters as float16 safetensors, with `metadata` (rank, alpha, recipe) in the header."""
+# Prefix of whole tensors a delta replaces (small ones trained directly, e.g. a factored embedding's projection).
+WHOLE = "whole:"
+
+
+def save_delta(model: nn.Module, path: Path, metadata: dict, whole: list[str] = ()) -> Path:
+    """The adapters as float16 safetensors, with `metadata` (rank, alpha, recipe) in the header, and the
+    parameters named in `whole` as they are."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.half() for k, v in lora_tensors(model).items()}
+    tensors |= {WHOLE + name: model.get_parameter(name).detach().cpu().half().contiguous() for name in whole}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"edge_asr_delta": json.dumps(metadata, sort_keys=True)})
     tmp.chmod(0o644)  # a file to ship and share, not a private one
@@ -110,6 +116,7 @@ def apply_delta(model: nn.Module, path: Path) -> dict:
     """Merge a delta file's adapters into `model` (in place); returns its metadata. Refuses a delta whose
     layers or shapes do not fit the model."""
     tensors, metadata = read_delta(path)
+    whole = {k[len(WHOLE):]: tensors.pop(k) for k in list(tensors) if k.startswith(WHOLE)}
     rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
     parts = tuple(metadata.get("parts", ("encoder", "decoder")))
     add_lora(model, rank, alpha, parts)
@@ -126,5 +133,13 @@ def apply_delta(model: nn.Module, path: Path) -> dict:
                     raise ValueError(f"{path}: {name}.lora_{kind} has shape {tuple(value.shape)}, "
                                      f"the model wants {tuple(target.shape)}")
                 target.copy_(value)
+        for name, value in whole.items():
+            try:
+                target = model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(f"{path}: the model has no {name} to replace") from None
+            if target.shape != value.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model wants {tuple(target.shape)}")
+            target.copy_(value)
     merge_lora(model)
     return metadata

@@ -62,7 +62,7 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
     start = time.time()
     items = training_items(recipe)
     for folder in audio_dirs:
-        from .recover import audio_files
+        from .training_audio import audio_files
 
         labelled = teacher_transcripts(audio_files(Path(folder)), teacher_bundle, threads)
         log(f"{folder}: {len(labelled)} files labelled by the teacher")

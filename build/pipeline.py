@@ -5,12 +5,8 @@ temporary folder and moves the finished bundle into place, so a half-built bundl
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,16 +14,13 @@ from edge_asr.bundle import Bundle
 from edge_asr.context import ContextPolicy
 
 from .bundle import save_manifest, write_bundle
-from .compress import (DEFAULT_PARTS, CompressionReport, checkpoint_files, compress_whisper, load_compressed,
-                       save_compressed)
+from .compress import DEFAULT_PARTS, CompressionReport, compress_whisper, save_compressed
 from .export import export_decoder, export_encoder
 from .formats import add_ort, add_whisper_tflite
 from .loaders import DEFAULT_SOURCE, load_whisper
-from .quantize import BLOCKWISE, quantize_int8
-from .recover import (RecoveryConfig, audio_files, decoding_rules, encoder_is_factored, prepare_windows, recover,
-                      synthesized_audio)
+from .quantize import BLOCKWISE, quantize_int4, quantize_int8
 
-PRECISIONS = ("int8", "fp32")
+PRECISIONS = ("int8", "int4", "fp32")
 
 
 def build_whisper_bundle(
@@ -42,12 +35,15 @@ def build_whisper_bundle(
     formats: list[str] = ("onnx",),
     context: ContextPolicy | None = None,
     delta: Path | None = None,
+    compact_delta: Path | None = None,
 ) -> dict:
     """Build a bundle from a Whisper source; returns its manifest. `step` is told each pass as it starts.
 
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats to the bundle. `context`
     is the window policy the manifest records (default: full 30 s); a shorter one needs a model adapted to
-    it, whose `delta` (from `adapt_context`) is merged into the weights before export."""
+    it, whose `delta` (from `adapt_context`) is merged into the weights before export. `compact_delta` (from
+    `compact.recover_compact`) makes the compact model: activation-aware factors rebuilt and checked, then
+    the recovered adapters merged."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
     context = context or ContextPolicy.full()
@@ -59,6 +55,12 @@ def build_whisper_bundle(
         step(f"load {source}")
         loaded = load_whisper(source, tokenizer)
         adaptation = None
+        if compact_delta is not None:
+            if delta is not None:
+                raise ValueError("a compact model has no dynamic-context delta yet: build it with --context full")
+            from .compact import compact_model
+
+            loaded.model, adaptation = compact_model(loaded, Path(compact_delta), step)
         if delta is not None:
             step(f"apply the adapted delta {Path(delta).name}")
             adaptation = delta_summary(loaded.model, Path(delta))
@@ -72,6 +74,10 @@ def build_whisper_bundle(
             step("quantize to int8")
             graphs = {"encoder": quantize_int8(encoder, staged / "encoder.int8.onnx", BLOCKWISE["encoder"]),
                       "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx", BLOCKWISE["decoder"])}
+        elif precision == "int4":
+            step("quantize to int4")
+            graphs = {"encoder": quantize_int4(encoder, staged / "encoder.int4.onnx"),
+                      "decoder": quantize_int4(decoder, staged / "decoder.int4.onnx")}
         else:
             graphs = {"encoder": shutil.move(encoder, staged / encoder.name),
                       "decoder": shutil.move(decoder, staged / decoder.name)}
@@ -124,82 +130,39 @@ def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:
             "wer": result["wer"], "words": result["words"], "rtf_wall": result["rtf_wall"], "threads": threads}
 
 
-# --- compression and recovery ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CompactRecipe:
-    """How `build --compact` makes a compact model from its source: compress, then recover on synthesized
-    speech. Chosen on synthesized held-out sentences only (same voice, other sentences). Everything is
-    seeded, so the same recipe gives the same model; its hash names the cached checkpoint.
-    """
-
-    keep: float = 0.55
-    parts: tuple[str, ...] = DEFAULT_PARTS
-    attention: str = "joint"
-    frequent_tokens: int = 4000
-    sentences: int = 400
-    data_seed: int = 1
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-
-    def key(self, source_sha256: str) -> str:
-        text = json.dumps({"recipe": asdict(self), "source": source_sha256, "version": 2}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
+# --- compression ----------------------------------------------------------------------------------------------
 
 def compress_checkpoint(source: str, out: Path, keep: float | None = None, energy: float | None = None,
                         parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000,
+                        calibrate: bool = True, measured: bool = False,
                         step: Callable[[str], None] = lambda message: None) -> tuple[Path, CompressionReport]:
-    """Load `source`, compress it and save the factored model (out.safetensors + out.json)."""
+    """Load `source`, compress it and save the factored model (out.safetensors + out.json). With `calibrate`,
+    factors are activation-aware (on the recipe's calibration clips); with `measured`, ranks come from the
+    measured output distortion of each matrix instead of its singular-value energy."""
+    from tqdm import tqdm
+
+    from .calibration import CalibrationMix, Distortion
+    from .compact import calibrate as calibration_of
+
+    from .compress import PARTS
+
+    unknown = set(parts) - set(PARTS)
+    if unknown:  # before minutes of calibration
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError("keep must be a fraction in (0, 1]")
     step(f"load {source}")
     loaded = load_whisper(source)
+    moments = distortion = None
+    if calibrate or measured:
+        calibration = calibration_of(loaded, CalibrationMix(), step, tuple(parts))
+        moments = calibration.moments if calibrate else None
+        if measured:
+            distortion = Distortion.of_reference(loaded.model, calibration.items[:32])
     step("factor (SVD)")
     model, report = compress_whisper(loaded.model, keep=keep, energy=energy, parts=parts, attention=attention,
-                                     frequent_tokens=frequent_tokens)
+                                     frequent_tokens=frequent_tokens, moments=moments, distortion=distortion,
+                                     progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut", leave=False))
     teacher = source if source == DEFAULT_SOURCE or not Path(source).exists() else str(Path(source).resolve())
-    return save_compressed(model, Path(out), {"teacher": teacher, "compression": report.to_dict()}), report
-
-
-def recover_checkpoint(checkpoint: Path, out: Path, audio: Path | None = None, sentences: int = 400,
-                       data_seed: int = 1, config: RecoveryConfig | None = None,
-                       step: Callable[[str], None] = lambda message: None) -> tuple[Path, dict]:
-    """Fine-tune a compressed checkpoint against its teacher on `audio` (a folder) or, without one, on
-    `sentences` synthesized dictation sentences; saves out.safetensors + out.json."""
-    config = config or RecoveryConfig()
-    meta = json.loads(checkpoint_files(checkpoint)[1].read_text())
-    teacher = load_whisper(meta["teacher"])
-    student, _ = load_compressed(checkpoint)
-    if audio is None:
-        step(f"synthesize {sentences} sentences")
-        audio = synthesized_audio(sentences, data_seed)
-    files = audio_files(Path(audio))
-    step(f"pseudo-label {len(files)} files with the teacher")
-    windows = prepare_windows(teacher.model, files, decoding_rules(teacher), config.seed, config.max_tokens,
-                              keep_features=not encoder_is_factored(student))
-    step("recover (distillation)")
-    summary = recover(student, teacher.model, windows, config, log=lambda m: print(m, file=sys.stderr))
-    summary["audio"] = str(audio)
-    return save_compressed(student, Path(out), {"teacher": meta["teacher"], "compression": meta.get("compression"),
-                                                "recovery": summary}), summary
-
-
-def compact_checkpoint(source: str = DEFAULT_SOURCE, recipe: CompactRecipe | None = None,
-                       step: Callable[[str], None] = lambda message: None) -> Path:
-    """The compressed and recovered model of `source` by `recipe`, made once and cached."""
-    from edge_asr.paths import home
-
-    recipe = recipe or CompactRecipe()
-    source_sha = load_whisper(source).source["sha256"]
-    weights, description = checkpoint_files(home() / "models" / f"{Path(str(source)).name}-compact-{recipe.key(source_sha)}")
-    if description.exists() and weights.exists():
-        return description
-    home().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=home(), prefix=".compact.") as tmp:
-        compressed, _ = compress_checkpoint(source, Path(tmp) / "compressed", keep=recipe.keep, parts=recipe.parts,
-                                            attention=recipe.attention, frequent_tokens=recipe.frequent_tokens, step=step)
-        recovered, _ = recover_checkpoint(compressed, Path(tmp) / "recovered", sentences=recipe.sentences,
-                                          data_seed=recipe.data_seed, config=recipe.recovery, step=step)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        recovered_weights, recovered_description = checkpoint_files(recovered)
-        shutil.move(recovered_weights, weights)
-        shutil.move(recovered_description, description)  # last: its presence means complete
-    return description
+    return save_compressed(model, Path(out), {"teacher": teacher, "compression": report.to_dict(),
+                                              "activation_aware": bool(moments)}), report

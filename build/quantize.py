@@ -1,4 +1,4 @@
-"""Quantize pass: int8 weights for an exported ONNX graph, with ONNX Runtime's own quantizers.
+"""Quantize pass: int8 or int4 weights for an exported ONNX graph, with ONNX Runtime's own quantizers.
 
 Most MatMul weights become int8 per output channel with activations quantized on the fly, one scale
 per tensor (`quantize_dynamic`): the fastest int8 path on CPUs. The token embedding's Gather is
@@ -15,6 +15,10 @@ lowered WER (7.97% vs 8.15%) for about 1 ms more per token. Convolutions stay fl
 slower than float convolution in ONNX Runtime; their weights and the encoder's sinusoid table are stored
 as float16 instead (`store_float16`), which halves 4 MB of tiny.en's encoder at a rounding error (< 5e-4)
 far below int8's.
+
+int4 (`quantize_int4`) makes every weight MatMul 4-bit blockwise and stores the tied embedding once, its
+lookup reading the projection's 4-bit bytes. On 50 held-out synthesized sentences it costs tiny.en 3.9
+points of WER against int8 (8.83% vs 4.93%); keeping the embedding in int8 still costs 2.5 (7.39%).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import logging
 import re
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 # Float tensors an int8 bundle stores as float16: convolution weights and the sinusoid table.
 FLOAT16 = r"(conv\d\.weight|positional_embedding)$"
@@ -62,6 +68,68 @@ def quantize_int8(source: Path, target: Path, blockwise: str | None, block_size:
     store_float16(model, FLOAT16)
     onnx.save(model, str(target))
     return target
+
+
+def quantize_int4(source: Path, target: Path, block_size: int = 32) -> Path:
+    """4-bit weights: every weight MatMul blockwise (MatMulNBits, 4 bits, symmetric, blocks of `block_size`,
+    int8 compute), and every lookup table that is also a MatMul weight (the tied token embedding, or its
+    factors) shares that MatMul's 4-bit matrix (`_share_with_matmul`), so the largest tensor is stored
+    once, at half a byte per weight. Convolutions and the sinusoid table stay float16 as in int8."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(logging.ERROR)
+    model = onnx.load(str(source))
+    initializers = {i.name for i in model.graph.initializer}
+    matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+    tied = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in matmul_weights]
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.topological_sort()
+    model = quantizer.model.model
+    for gather in tied:
+        _share_with_matmul(model, gather, block_size)
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+    store_float16(model, FLOAT16)
+    onnx.save(model, str(target))
+    return Path(target)
+
+
+def _share_with_matmul(model, gather, block_size: int) -> None:
+    """Replace `gather` (axis 1 of a (K, N) weight that a MatMul also reads, quantized by now to MatMulNBits)
+    by GatherBlockQuantized on the MatMulNBits matrix itself. MatMulNBits stores B^T as (N, K / block, block / 2)
+    bytes with scales (N, K / block) and an implicit zero point of 8, which is GatherBlockQuantized's layout for
+    uint8 data gathered on axis 0: the lookup reads the same bytes. Its rows come out as (n, K / block, block),
+    are reshaped to (n, K) and transposed back to the (K, n) the Gather gave."""
+    from onnx import helper, numpy_helper
+
+    attributes = {a.name: a for a in gather.attribute}
+    axis = helper.get_attribute_value(attributes["axis"]) if "axis" in attributes else 0
+    matmul = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0] + "_Q4"),
+                  None)
+    if matmul is None or axis != 1:
+        return  # left as a float lookup
+    k, n = (next(helper.get_attribute_value(a) for a in matmul.attribute if a.name == name) for name in ("K", "N"))
+    if k % block_size:
+        return
+    name = gather.name or gather.output[0]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([n, -1, 1], np.int64), f"{name}_scales_shape"),
+                                    numpy_helper.from_array(np.array([-1, k], np.int64), f"{name}_rows_shape")])
+    nodes = [
+        helper.make_node("Reshape", [matmul.input[2], f"{name}_scales_shape"], [f"{name}_scales"], name=f"{name}_scales"),
+        helper.make_node("GatherBlockQuantized", [matmul.input[1], gather.input[1], f"{name}_scales"], [f"{name}_blocks"],
+                         name=f"{name}_Q4", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                         block_size=block_size, bits=4),
+        helper.make_node("Reshape", [f"{name}_blocks", f"{name}_rows_shape"], [f"{name}_rows"], name=f"{name}_rows"),
+        helper.make_node("Transpose", [f"{name}_rows"], [gather.output[0]], name=f"{name}_t", perm=[1, 0]),
+    ]
+    position = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
 
 
 def store_float16(model, pattern: str) -> None:

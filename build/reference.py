@@ -8,7 +8,9 @@ divided by the reference's variance in that layer:
 
     loss = mean over layers l of  || h_l(student) - h_l(reference) ||^2 / var(h_l(reference))
 
-over every position, the prompt's included (the no-speech probability is read at the first one). Matching
+over every position, the prompt's included (the no-speech probability is read at the first one). A student
+whose output projection differs (a factored embedding) adds, with `output_weight`, the KL divergence from the
+reference's next-token distribution, computed from its cached final state, to the student's. Matching
 states rather than fitting transcripts keeps what the reference knows: the student is pulled towards the
 reference's behaviour everywhere, not towards a narrow set of labels. Learning rates stay low.
 
@@ -66,6 +68,10 @@ class MatchConfig:
     device: str = "auto"
     checkpoint_every: int = 100
     eval_every: int = 100
+    # Weight of a second term: the KL divergence from the reference's next-token distribution (its final
+    # state through its own output projection) to the student's. Zero for a student whose output projection
+    # is the reference's; a factored projection changes the logits without changing any hidden state.
+    output_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +122,7 @@ def greedy(reference: Whisper, cross: list, prompt: list[int], decoding: dict, t
            max_tokens: int = 160) -> list[int] | None:
     """The reference's greedy transcript after `prompt` (with end of text), by the runtime decoder's
     suppression rules; with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>.
-    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`recover.decoding_rules`)."""
+    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`bundle.decoding_rules`)."""
     special = decoding["special_tokens"]
     suppress, first = (torch.from_numpy(mask) for mask in suppression_masks(decoding))
     if timestamps:
@@ -200,9 +206,14 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int], device) -> tuple[Tensor, int]:
+def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int], device,
+                  encoder_cache: dict | None = None, reference_projection: Tensor | None = None,
+                  output_weight: float = 0.0) -> tuple[Tensor, int]:
     """Sum over `items` of the per-item loss (see the module docstring), and the number of items. Items whose
-    windows have the same length share one forward pass."""
+    windows have the same length share one forward pass. With `encoder_cache` (a dict, for a student whose
+    encoder does not train), each item's encoder output is computed once and kept, in float16. With
+    `reference_projection` (the reference's token embedding, n_vocab x n_state) and `output_weight`, the KL
+    divergence of the next-token distributions is added, per position, with that weight."""
     total, groups = torch.zeros((), device=device), {}
     for item, n in zip(items, frames):
         groups.setdefault(n, []).append(item)
@@ -217,25 +228,42 @@ def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int
             mask[i, : len(item.tokens)] = True
             targets[i, :, : len(item.tokens)] = item.states.float()
         tokens, mask, targets = tokens.to(device), mask.to(device), targets.to(device)
-        states = student.decoder.hidden_states(tokens, student.decoder.cross_kv(student.encoder(mel)))
+        if encoder_cache is None:
+            features = student.encoder(mel)
+        else:
+            missing = [i for i, item in enumerate(group) if (id(item), n) not in encoder_cache]
+            if missing:
+                with torch.no_grad():
+                    computed = student.encoder(mel[missing])
+                for i, f in zip(missing, computed):
+                    encoder_cache[(id(group[i]), n)] = f.half()
+            features = torch.stack([encoder_cache[(id(item), n)] for item in group]).float()
+        states = student.decoder.hidden_states(tokens, student.decoder.cross_kv(features))
         for layer, state in enumerate(states):
             target = targets[:, layer]
             variance = target[mask].var() + 1e-6
             per_position = ((state - target) ** 2).mean(-1) / variance           # (B, L)
             per_item = (per_position * mask).sum(-1) / mask.sum(-1)
             total = total + per_item.sum() / len(states)
+        if reference_projection is not None and output_weight:
+            log_p = torch.log_softmax(targets[:, -1] @ reference_projection.T, -1)
+            log_q = torch.log_softmax(student.decoder.token_embedding.logits(states[-1]), -1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)                          # (B, L)
+            total = total + output_weight * ((kl * mask).sum(-1) / mask.sum(-1)).sum()
     return total, len(items)
 
 
 @torch.no_grad()
-def held_out_loss(student: Whisper, items: list[ReferenceItem], input_frames: Callable, device, seed: int = 1234) -> float:
+def held_out_loss(student: Whisper, items: list[ReferenceItem], input_frames: Callable, device, seed: int = 1234,
+                  encoder_cache: dict | None = None, **output) -> float:
     """Mean loss over `items` with windows drawn by `input_frames` from a fixed seed (the same every call)."""
     rng = np.random.default_rng(seed)
     student.eval()
     total = 0.0
     for start in range(0, len(items), 16):
         batch = items[start:start + 16]
-        loss, _ = matching_loss(student, batch, [input_frames(item.frames, rng) for item in batch], device)
+        loss, _ = matching_loss(student, batch, [input_frames(item.frames, rng) for item in batch], device, encoder_cache,
+                                **output)
         total += float(loss)
     return total / max(1, len(items))
 
@@ -257,7 +285,7 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
                     input_frames: Callable[[int, np.random.Generator], int] = lambda frames, rng: N_FRAMES,
                     held_out: list[ReferenceItem] = (), held_out_frames: Callable | None = None,
                     trainable: list[torch.nn.Parameter] | None = None, checkpoint: Path | None = None,
-                    until: int | None = None, log=print) -> MatchResult:
+                    until: int | None = None, reference_projection: Tensor | None = None, log=print) -> MatchResult:
     """Train `student` in place to match the reference states of `items`.
 
     `input_frames(clip_frames, rng)` is the student's window length for a clip (the transform under study);
@@ -265,7 +293,8 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
     state kept; `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves its state
     there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run after that
     step (with a checkpoint), as a stopped session would, for a later call to resume. The parameters that
-    scored the lowest held-out loss are restored at the end."""
+    scored the lowest held-out loss are restored at the end. When no trainable parameter is in the encoder,
+    its outputs are computed once per clip and window length and reused (float16, in memory)."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
@@ -276,6 +305,10 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
     warmup = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     held_out_frames = held_out_frames or input_frames
+    output = {"reference_projection": None if reference_projection is None else reference_projection.to(device),
+              "output_weight": config.output_weight}
+    encoder_ids = {id(p) for p in student.encoder.parameters()}
+    encoder_cache = None if any(id(p) in encoder_ids for p in params) else {}
     rng = np.random.default_rng(config.seed)
     curve, train_losses, step, started = [], [], 0, time.time()
     best = {"loss": math.inf, "step": 0, "params": None}
@@ -290,7 +323,8 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         step, curve = int(state["step"]), list(_curve(state["curve"]))
         best = {"loss": float(state["best_loss"]), "step": int(state["best_step"]), "params": state["best_params"] or None}
         log(f"resumed at step {step} from {checkpoint}")
-    before = held_out_loss(student, list(held_out), held_out_frames, device) if held_out and step == 0 else None
+    before = held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output) \
+        if held_out and step == 0 else None
     if before is not None:
         curve.append({"step": 0, "train_loss": None, "held_out_loss": round(before, 5)})
         best = {"loss": before, "step": 0, "params": [p.detach().cpu().clone() for p in params]}
@@ -302,7 +336,7 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         student.train()
         batch = [items[i] for i in rng.choice(len(items), size=config.batch_size, replace=False)]
         frames = [input_frames(item.frames, rng) for item in batch]
-        loss, count = matching_loss(student, batch, frames, device)
+        loss, count = matching_loss(student, batch, frames, device, encoder_cache, **output)
         loss = loss / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,7 +348,7 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         bar.set_postfix(loss=f"{np.mean(train_losses[-50:]):.4f}")
         bar.update()
         if held_out and (step % config.eval_every == 0 or step == config.steps):
-            value = held_out_loss(student, list(held_out), held_out_frames, device)
+            value = held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output)
             curve.append({"step": step, "train_loss": round(float(np.mean(train_losses[-config.eval_every:])), 5),
                           "held_out_loss": round(value, 5)})
             if value < best["loss"]:

@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .export import cache_names
@@ -85,6 +86,32 @@ class DecoderStepGraph(nn.Module):
             x = x + block.mlp(block.mlp_ln(x))
             out[f"k_{i}"], out[f"v_{i}"] = k_t, v
         return {"logits": d.token_embedding.logits(d.ln(x[:, -1])), **out}
+
+
+class RowsFactoredEmbedding(nn.Module):
+    """A factored token embedding (`compress.FactoredTokenEmbedding`) with its tables as rows (n, dim), the
+    layout of FULLY_CONNECTED weights and of gather tables alike, so that the output projection's weights
+    and the lookup's table are one tensor each, which the quantizer stores once in int8."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.exact = nn.Parameter(embedding.exact_t.detach().t().contiguous())     # (n_exact, n_state)
+        self.tail = nn.Parameter(embedding.tail_t.detach().t().contiguous())       # (n_tail, rank)
+        self.down = nn.Parameter(embedding.tail_proj.detach().t().contiguous())    # (rank, n_state)
+        self.up = nn.Parameter(embedding.tail_proj.detach().clone())               # (n_state, rank)
+        self.register_buffer("position", embedding.position.clone())
+        self.n_exact = embedding.n_exact
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        position = self.position[tokens.reshape(-1)]
+        exact = self.exact.index_select(0, position.clamp(max=self.n_exact - 1))
+        tail = F.linear(self.tail.index_select(0, (position - self.n_exact).clamp(min=0)), self.up)
+        rows = torch.where((position >= self.n_exact)[:, None], tail, exact)
+        return rows.reshape(*tokens.shape, -1)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return torch.cat([F.linear(x, self.exact), F.linear(F.linear(x, self.down), self.tail)], dim=-1) \
+            .index_select(-1, self.position)
 
 
 class LstmStepsGraph(nn.Module):
@@ -216,7 +243,11 @@ def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_T
     whose cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed
     copy: the output projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per
     vocabulary row."""
+    from .compress import FactoredTokenEmbedding
+
     model = copy.deepcopy(model).eval()
+    if isinstance(model.decoder.token_embedding, FactoredTokenEmbedding):
+        model.decoder.token_embedding = RowsFactoredEmbedding(model.decoder.token_embedding)
     out_dir = Path(out_dir)
     graph = _Keywords(EncoderGraph(model), ["mel"])
     signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
@@ -247,17 +278,27 @@ def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEP
     return _convert(signatures, Path(path))
 
 
-def quantize_tflite_int8(source: Path, target: Path) -> Path:
-    """int8 weights (per output channel) with float activations quantized on the fly, by ai-edge-quantizer."""
+def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:
+    """int8 weights (per output channel) with float activations quantized on the fly, by ai-edge-quantizer;
+    with `bits=4`, int4 weights in blocks of 32 (its dynamic_wi4b32 recipe; per output channel where a width is not divisible by 32)."""
     with _quiet():
         try:
             from ai_edge_quantizer import quantizer, recipe
         except ImportError:
             from edge_asr.errors import EdgeAsrError
 
-            raise EdgeAsrError("TFLite int8 needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
+            raise EdgeAsrError(f"TFLite int{bits} needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
         q = quantizer.Quantizer(str(source))
-        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-        result = q.quantize()
+        q.load_quantization_recipe(recipe.dynamic_wi8_afp32() if bits == 8 else recipe.dynamic_wi4b32_afp32())
+        try:
+            result = q.quantize()
+        except ValueError:
+            if bits == 8:
+                raise
+            # Blocks of 32 need every input width divisible by 32; a factored head width (6 heads x 40)
+            # may not be: then int4 per output channel.
+            q = quantizer.Quantizer(str(source))
+            q.load_quantization_recipe(recipe.dynamic_wi4c_afp32())
+            result = q.quantize()
         Path(target).write_bytes(result.quantized_model)
     return Path(target)

@@ -59,11 +59,13 @@ class StepProgress:
 
 
 def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, evaluate_on: int, threads: int,
-                 compact: bool = False, formats: str = "onnx", context: str = "full", delta: str | None = None) -> dict:
+                 compact: bool = False, formats: str = "onnx", context: str = "full", delta: str | None = None,
+                 compact_delta: str | None = None) -> dict:
     """Run the build step with progress on stderr and a one-line summary; returns the manifest.
 
-    With `compact`, the source is first compressed and recovered by the default recipe (cached). A `context`
-    other than "full" merges the dynamic-context `delta` (default: the one shipped for tiny.en) first."""
+    With `compact`, the compact model of the shipped recovered delta (or `compact_delta`) is built: factors
+    rebuilt from calibration audio, checked, adapters merged. A `context` other than "full" merges the
+    dynamic-context `delta` (default: the one shipped for tiny.en) first."""
     pipeline = _build_side()
     from edge_asr_build import loaders
 
@@ -71,22 +73,16 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
     try:
         policy = ContextPolicy.parse(context)
         delta_path = _context_delta(source, policy, delta)
+        compact_path = _compact_delta(source, compact_delta) if compact else None
         loaders.check_source(source)
-        if compact:
-            print(f"compressing {source} and recovering it against the original (first time only; "
-                  "about 15 minutes on 2 CPU cores)", file=sys.stderr)
-            progress = StepProgress(5, f"compact {source}")
-            try:
-                source = str(pipeline.compact_checkpoint(source, step=progress))
-            finally:
-                progress.close()
         formats = _formats(formats)
-        progress = StepProgress(5 + (precision == "int8") + bool(evaluate_on) + len(formats) - 1 + bool(delta_path),
-                                f"build {Path(source).name}")
+        progress = StepProgress(5 + (precision != "fp32") + bool(evaluate_on) + len(formats) - 1 + bool(delta_path)
+                                + 5 * bool(compact_path), f"build {Path(source).name}")
         try:
             manifest = pipeline.build_whisper_bundle(source, out, precision, name=out.name, tokenizer=tokenizer,
                                                      evaluate_on=evaluate_on, threads=threads, step=progress,
-                                                     formats=formats, context=policy, delta=delta_path)
+                                                     formats=formats, context=policy, delta=delta_path,
+                                                     compact_delta=compact_path)
         finally:
             progress.close()
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
@@ -98,6 +94,20 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
         line += f", synthetic WER {ev['wer']:.2f}% on {ev['words']} words, RTF {ev['rtf_wall']:.3f}"
     print(line + f") in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return manifest
+
+
+def _compact_delta(source: str, delta: str | None) -> Path:
+    """The recovered delta `--compact` builds from: `delta`, or the one shipped for tiny.en."""
+    if delta:
+        if not Path(delta).is_file():
+            raise EdgeAsrError(f"{delta}: no such delta file")
+        return Path(delta)
+    if source != "tiny.en":
+        raise EdgeAsrError(f"--compact needs a compact delta for {source}: make one with "
+                           f"`edge-asr recover --source {source} --out DELTA` and pass it with --compact-delta")
+    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA
+
+    return DEFAULT_COMPACT_DELTA
 
 
 def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Path | None:
@@ -119,14 +129,17 @@ def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Pat
 
 
 def default_bundle_name(source: str, precision: str, compact: bool = False, context: str = "full",
-                        delta: str | None = None) -> str:
+                        delta: str | None = None, compact_delta: str | None = None) -> str:
     """A bundle's folder name, which says what it holds: source, compression, context policy (with a hash of
     the adapted delta's sha256 and the policy's numbers, so that a bundle of another recipe is never taken
     for it), precision."""
     import hashlib
 
     name = Path(source).stem if source.endswith(".json") else Path(source).name
-    name += "-compact" if compact else ""
+    if compact:
+        from .bundle import sha256_file
+
+        name += f"-compact-{sha256_file(_compact_delta(source, compact_delta))[:8]}"
     policy = ContextPolicy.parse(context)
     if policy.mode != "full":
         from .bundle import sha256_file
@@ -161,7 +174,8 @@ def _has_formats(bundle: Path, formats: str) -> bool:
 def cmd_build(args) -> int:
     _build_side()
     try:
-        name = default_bundle_name(args.source, args.precision, args.compact, args.context, args.delta)
+        name = default_bundle_name(args.source, args.precision, args.compact, args.context, args.delta,
+                                   args.compact_delta)
     except ValueError as e:
         raise EdgeAsrError(str(e)) from None
     out = Path(args.out) if args.out else bundle_dir(name)
@@ -169,7 +183,7 @@ def cmd_build(args) -> int:
         print(f"{out}: already built (use --force to rebuild)", file=sys.stderr)
     else:
         build_bundle(args.source, args.precision, out, args.tokenizer, args.eval, args.threads, compact=args.compact,
-                     formats=args.formats, context=args.context, delta=args.delta)
+                     formats=args.formats, context=args.context, delta=args.delta, compact_delta=args.compact_delta)
     print(out)
     return 0
 
@@ -209,36 +223,58 @@ def cmd_compress(args) -> int:
     from edge_asr_build import loaders
 
     parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else pipeline.DEFAULT_PARTS
+    progress = StepProgress(3 + 3 * (args.factors == "activation" or args.ranks == "measured"), "compress")
     try:
         loaders.check_source(args.source)
+        if args.ranks == "measured" and args.keep is None:
+            raise ValueError("--ranks measured needs --keep")
         path, report = pipeline.compress_checkpoint(args.source, Path(args.out), keep=args.keep, energy=args.energy,
                                                     parts=parts, attention=args.attention,
-                                                    frequent_tokens=args.frequent_tokens)
+                                                    frequent_tokens=args.frequent_tokens,
+                                                    calibrate=args.factors == "activation",
+                                                    measured=args.ranks == "measured", step=progress)
     except (loaders.SourceError, ValueError) as e:
         raise EdgeAsrError(str(e)) from None
+    finally:
+        progress.close()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     print(path, file=sys.stderr)
     return 0
 
 
 def cmd_recover(args) -> int:
-    pipeline = _build_side()
-    from edge_asr_build import loaders
-    from edge_asr_build.recover import RecoveryConfig
+    _build_side()
+    from dataclasses import replace
 
-    config = RecoveryConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, device=args.device)
-    progress = StepProgress(3, "recover")
+    from edge_asr_build import loaders
+    from edge_asr_build.compact import CompactRecipe, recover_compact
+    from edge_asr_build.lora import read_delta
+
+    recipe = CompactRecipe()
+    match = replace(recipe.match, seed=args.seed, device=args.device, steps=args.steps or recipe.match.steps)
+    recipe = replace(recipe, match=match, keep=args.keep or recipe.keep)
+    progress = StepProgress(9, "recover")
     try:
-        path, summary = pipeline.recover_checkpoint(Path(args.checkpoint), Path(args.out),
-                                                    Path(args.audio) if args.audio else None,
-                                                    sentences=args.sentences, config=config, step=progress)
-    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+        loaders.check_source(args.source)
+        if args.ranks_from and not Path(args.ranks_from).is_file():
+            raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
+        structure = read_delta(Path(args.ranks_from))[1]["structure"] if args.ranks_from else None
+        for folder in [*args.corpus, *args.audio]:
+            if not Path(folder).is_dir():
+                raise EdgeAsrError(f"{folder}: no such folder")
+        metadata = recover_compact(args.source, Path(args.out), [Path(p) for p in args.corpus],
+                                   [Path(p) for p in args.audio], recipe, Path(args.work) if args.work else None,
+                                   args.resume, structure, step=progress,
+                                   log=lambda message: print(message, file=sys.stderr))
+    except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()
-    print(f"recovered in {summary['seconds']:.0f} s: loss {summary['loss_first_epoch']:.3f} (first epoch) -> "
-          f"{summary['loss_last_epoch']:.3f} (last)", file=sys.stderr)
-    print(path)
+    r = metadata["result"]
+    print(f"recovered in {sum(metadata['seconds'].values()):.0f} s ({metadata['params_after'] / 1e6:.1f} M params, "
+          f"{r['steps']} steps): held-out loss {r['held_out_before']} -> {r['held_out_best']} (step {r['best_step']})",
+          file=sys.stderr)
+    print(args.out)
     return 0
 
 
@@ -569,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_threads(sub.add_parser("build", help="build a bundle from a pretrained Whisper (needs [build])"))
     p.add_argument("--source", default="tiny.en",
                    help="'tiny.en' (embedded), a CTranslate2 dir, an openai-whisper .pt, a Hugging Face dir or hub id")
-    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--precision", choices=["int8", "int4", "fp32"], default="int8")
     p.add_argument("--out", help="bundle directory (default: $EDGE_ASR_HOME/bundles/NAME-PRECISION)")
     p.add_argument("--tokenizer", help="tokenizer.json, for checkpoints that carry none")
     p.add_argument("--eval", type=int, default=12, metavar="N",
@@ -578,8 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="onnx", metavar="LIST",
                    help="model formats in the bundle, comma-separated: onnx (always), ort, tflite (default onnx)")
     p.add_argument("--compact", action="store_true",
-                   help="experimental: compress the source to 55%% of its parameters and recover it on synthesized "
-                        "speech first (cached); see the README for its measured WER")
+                   help="the compact model: activation-aware factors with measured ranks and the recovered delta "
+                        "shipped for tiny.en (about 32%% fewer parameters; see the README)")
+    p.add_argument("--compact-delta", metavar="DELTA", help="the compact delta for --compact (from `edge-asr recover`)")
     p.add_argument("--context", default="full", metavar="auto|full|SECONDS",
                    help="encoder window: auto (the audio's own length + margin, bucketed; the adapted model), "
                         "full (Whisper's 30 s, default), or a fixed number of seconds")
@@ -611,19 +648,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["joint", "independent"], default="joint",
                    help="product twins factored jointly per head, or each attention matrix alone")
     p.add_argument("--frequent-tokens", type=int, default=4000, help="token ids kept exact in the embedding")
+    p.add_argument("--factors", choices=["activation", "plain"], default="activation",
+                   help="SVD weighted by each matrix's input moments on calibration audio (default), or plain SVD")
+    p.add_argument("--ranks", choices=["measured", "energy"], default="energy",
+                   help="ranks from each matrix's measured output distortion (needs --keep; minutes), or from "
+                        "singular-value energy (default)")
     p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("recover", help="fine-tune a compressed model against its original (needs [build])")
-    p.add_argument("checkpoint", help="OUT.json written by `edge-asr compress`")
-    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
-    p.add_argument("--audio", help="folder of unlabeled speech (default: synthesized dictation sentences)")
-    p.add_argument("--sentences", type=int, default=400, help="synthesized sentences when no --audio (default 400)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p = sub.add_parser("recover", help="make a compact delta: activation-aware factors, measured ranks, recovery "
+                                       "by reference matching (needs [build])")
+    p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
+    p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
+    p.add_argument("--keep", type=float, help="fraction of all parameters to keep (default: the recipe's 0.70)")
+    p.add_argument("--ranks-from", metavar="DELTA", help="take the ranks of this delta instead of measuring them")
+    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                   help="a recorded corpus, used unlabelled (as for `adapt`; repeatable)")
+    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
+    p.add_argument("--steps", type=int, help="recovery steps (default 0: factors only; 300 runs the recipe's recovery)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint of an earlier, stopped run")
     p.set_defaults(func=cmd_recover)
 
     lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, compress, build (needs [build])")

@@ -112,19 +112,24 @@ def test_bench_folder_without_refs(bundle_int8, tmp_path):
 def test_compress_refuses_bad_targets(tmp_path, capsys):
     from edge_asr.cli import main
 
-    assert main(["compress", "--keep", "0.05", "--parts", "embedding", "--out", str(tmp_path / "m")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("edge-asr: error:") and "\n" not in err
+    assert main(["compress", "--keep", "0.05", "--parts", "embedding", "--factors", "plain",
+                 "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip()  # the steps it got through, then one line of error
+    assert err.splitlines()[-1].startswith("edge-asr: error:") and "Traceback" not in err
     assert main(["compress", "--keep", "0.5", "--parts", "mlp", "--out", str(tmp_path / "m")]) == 1
     assert "unknown parts" in capsys.readouterr().err
 
 
-def test_recover_without_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("args, fragment", [
+    (["--ranks-from", "nothing.safetensors"], "no such delta file"),
+    (["--corpus", "no-such-corpus"], "no such folder"),
+])
+def test_recover_refuses_missing_inputs(tmp_path, capsys, args, fragment):
     from edge_asr.cli import main
 
-    assert main(["recover", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "m")]) != 0
+    assert main(["recover", "--out", str(tmp_path / "d.safetensors"), *args]) != 0
     err = capsys.readouterr().err.strip()
-    assert err.startswith("edge-asr: error:") and "\n" not in err
+    assert err.startswith("edge-asr: error:") and "\n" not in err and fragment in err
 
 
 @pytest.mark.parametrize("args, fragment", [

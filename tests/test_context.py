@@ -30,7 +30,7 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
 
 def _reference_items(tiny, texts, seed):
     from edge_asr_build.mel import mel_filters
-    from edge_asr_build.recover import decoding_rules
+    from edge_asr_build.bundle import decoding_rules
     from edge_asr_build.reference import reference_items
     from edge_asr_build.synth import synthesize
 
