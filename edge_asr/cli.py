@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model formats in the bundle, comma-separated: onnx (always), ort, tflite (default onnx)")
     p.add_argument("--compact", action="store_true",
                    help="the compact model: activation-aware factors with measured ranks and the recovered delta "
-                        "shipped for tiny.en (about 32%% fewer parameters; see the README)")
+                        "shipped for tiny.en (30%% fewer parameters; less accurate on rare words, see the README)")
     p.add_argument("--compact-delta", metavar="DELTA", help="the compact delta for --compact (from `edge-asr recover`)")
     p.add_argument("--context", default="full", metavar="auto|full|SECONDS",
                    help="encoder window: auto (the audio's own length + margin, bucketed; the adapted model), "
