@@ -13,9 +13,14 @@ Three kinds of factors, each exact at full rank:
     byte-level BPE, which are its earliest merges) and the special tokens stay exact; the other rows are
     factored. Truncating the whole matrix instead wrecks decoding (see the README).
 
-Ranks come from one global target, a fraction of all parameters to keep or an energy threshold, and are
-allocated greedily: the singular directions that hold the most normalized energy per parameter first.
-`compress_whisper` returns the compressed copy and a report (ranks, parameters, reconstruction error).
+Each factorization can be activation-aware: with the input moments of `calibration.collect_moments`, the
+SVD is of W L (L L^T the input's second moment), which minimizes the error on the inputs the matrix sees
+instead of the error of its entries; mapped back by L^-1 it stays exact at full rank.
+
+Ranks come from one global target, a fraction of all parameters to keep or an energy threshold. They are
+allocated greedily either by singular-value energy (the directions with the most normalized energy per
+parameter first) or by measured output distortion (`measure_groups`, `allocate_measured`: each matrix
+alone at each candidate rank, scored by the logit KL against the unchanged model). `compress_whisper` returns the compressed copy and a report (ranks, parameters, reconstruction error).
 A compressed model is saved as safetensors plus a JSON description of its shapes (`save_compressed`), so
 loading it never unpickles anything.
 """
