@@ -151,9 +151,12 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
     import torch
     from tqdm import tqdm
 
+    from edge_asr.frontend import N_FRAMES
+
     from .context_adapt import reference_sets
-    from .lora import save_delta
     from .loaders import load_whisper
+    from .lora import save_delta
+    from .reference import MatchResult, held_out_loss, trainable_parameters
 
     recipe = recipe or CompactRecipe()
     torch.manual_seed(recipe.match.seed)
@@ -175,10 +178,6 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
     checkpoint = work / f"checkpoint-compact-{digest[:12]}.pt"
     if not resume:
         checkpoint.unlink(missing_ok=True)
-    from edge_asr.frontend import N_FRAMES
-
-    from .reference import MatchResult, held_out_loss, trainable_parameters
-
     trainable = trainable_parameters(student, recipe.match)
     # The factored embedding's projection changes the logits and no hidden state: with the output term on,
     # its shared right factor (n_state x rank) trains too and ships whole in the delta.
