@@ -14,7 +14,7 @@ factors it shapes are rebuilt bit for bit):
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -95,10 +95,6 @@ class InputMoments:
         return torch.linalg.cholesky(m)
 
 
-def _linear_inputs(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 @torch.inference_mode()
 def collect_moments(model: Whisper, items: list[ReferenceItem], frames: int = N_FRAMES, device: str = "cpu",
                     sides: tuple[str, ...] = ("encoder", "decoder")) -> dict[str, InputMoments]:
@@ -113,8 +109,8 @@ def collect_moments(model: Whisper, items: list[ReferenceItem], frames: int = N_
             moments.setdefault(name, InputMoments.empty(x.shape[-1])).add(x)
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in _linear_inputs(model).items()
-               if name.split(".")[0] in sides]
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.split(".")[0] in sides]
     handles.append(model.get_submodule(FINAL_STATE).register_forward_hook(hook(FINAL_STATE, output=True)))
     try:
         model.eval().to(device)
@@ -139,7 +135,6 @@ class Distortion:
     log_probs: list[Tensor]                 # (L, n_vocab) per item
     frames: int = N_FRAMES
     device: str = "cpu"
-    evaluations: int = field(default=0)
 
     @classmethod
     @torch.inference_mode()
@@ -168,5 +163,4 @@ class Distortion:
             log_p = target.float()
             total += float((log_p.exp() * (log_p - log_q)).sum())
             positions += len(item.tokens)
-        self.evaluations += 1
         return total / positions

@@ -153,7 +153,7 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
 
     from edge_asr.frontend import N_FRAMES
 
-    from .context_adapt import reference_sets
+    from .context_adapt import ContextRecipe, reference_sets
     from .loaders import load_whisper
     from .lora import save_delta
     from .reference import MatchResult, held_out_loss, trainable_parameters
@@ -171,8 +171,9 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
         log(report.table())
     student = factored(loaded, structure, calibration)
     digest, params_after = factors_sha256(student), student.parameter_count()
+    # The adapt pass's reference sets, shared: the same mixes make the same cache key.
     work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
-                                           work, "context", 1, step)
+                                           work, "context", ContextRecipe.version, step)
     prepared = time.time() - started
     step(f"recover by reference matching ({recipe.match.steps} steps)")
     checkpoint = work / f"checkpoint-compact-{digest[:12]}.pt"

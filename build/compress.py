@@ -20,7 +20,8 @@ instead of the error of its entries; mapped back by L^-1 it stays exact at full 
 Ranks come from one global target, a fraction of all parameters to keep or an energy threshold. They are
 allocated greedily either by singular-value energy (the directions with the most normalized energy per
 parameter first) or by measured output distortion (`measure_groups`, `allocate_measured`: each matrix
-alone at each candidate rank, scored by the logit KL against the unchanged model). `compress_whisper` returns the compressed copy and a report (ranks, parameters, reconstruction error).
+alone at each candidate rank, scored by the logit KL against the unchanged model). `compress_whisper`
+returns the compressed copy and a report (ranks, parameters, reconstruction error).
 A compressed model is saved as safetensors plus a JSON description of its shapes (`save_compressed`), so
 loading it never unpickles anything.
 """
@@ -203,8 +204,7 @@ def factor_attention(attn: MultiHeadAttention, qk_rank: int, vo_rank: int, spect
 
 def factor_linear(linear: nn.Linear, rank: int, whitener: Tensor | None = None) -> FactoredLinear:
     """W x as second(first(x)) of rank `rank`, from the SVD of W L (L the input's whitener, default I)."""
-    weight = linear.weight.detach().double()
-    u, s, vh = _svd(weight if whitener is None else weight @ whitener)
+    u, s, vh = _svd(_whiten(linear.weight.detach().T, whitener).T)  # W L
     root = s[:rank].sqrt()
     right = _unwhiten(vh[:rank].T, whitener).T  # (rank, in): V^T L^-1
     new = FactoredLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
@@ -223,8 +223,7 @@ def factor_embedding(weight: Tensor, exact_ids: list[int], rank: int, whitener: 
     new = FactoredTokenEmbedding(n_vocab, n_state, exact_ids, rank)
     order = torch.argsort(new.position)
     rows = weight.detach()[order]
-    tail = rows[new.n_exact:].double()
-    u, s, vh = _svd(tail if whitener is None else tail @ whitener)
+    u, s, vh = _svd(_whiten(rows[new.n_exact:].T, whitener).T)  # tail L
     root = s[:rank].sqrt()
     right = _unwhiten(vh[:rank].T, whitener)  # (n_state, rank): L^-T V
     with torch.no_grad():
@@ -282,8 +281,7 @@ def _mlp_linears(model: Whisper, parts) -> dict[str, nn.Linear]:
 
 
 def _linear_group(name: str, linear: nn.Linear, whitener: Tensor | None = None) -> Group:
-    weight = linear.weight.detach().double()
-    s = torch.linalg.svdvals(weight if whitener is None else weight @ whitener).numpy()
+    s = torch.linalg.svdvals(_whiten(linear.weight.detach().T, whitener).T).numpy()
     n_out, n_in = linear.weight.shape
     return Group(name, "linear", s ** 2, n_in + n_out, n_in * n_out, (n_in * n_out) // (n_in + n_out))
 
@@ -314,9 +312,7 @@ def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint"
         weight = model.decoder.token_embedding.weight.detach()
         exact = exact_token_ids(model.dims, frequent_tokens)
         tail = np.setdiff1d(np.arange(len(weight)), exact)
-        whitener = _whitener(moments, FINAL_STATE)
-        s = torch.linalg.svdvals(weight[tail].double() @ (torch.eye(weight.shape[1], dtype=torch.float64)
-                                                          if whitener is None else whitener)).numpy()
+        s = torch.linalg.svdvals(_whiten(weight[tail].T, _whitener(moments, FINAL_STATE)).T).numpy()
         n_state = weight.shape[1]
         groups.append(Group("decoder.token_embedding", "embedding", s ** 2, len(tail) + n_state,
                             len(tail) * n_state, len(tail) * n_state // (len(tail) + n_state)))

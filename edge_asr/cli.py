@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .backend import BACKENDS
@@ -96,18 +97,27 @@ def build_bundle(source: str, precision: str, out: Path, tokenizer: str | None, 
     return manifest
 
 
-def _compact_delta(source: str, delta: str | None) -> Path:
-    """The recovered delta `--compact` builds from: `delta`, or the one shipped for tiny.en."""
+def _delta_file(delta: str | None, source: str, shipped: Callable[[], Path], missing: str) -> Path:
+    """`delta` if given (it must exist), else the delta shipped for tiny.en (`shipped()`); for another
+    source without one, the error `missing`."""
     if delta:
         if not Path(delta).is_file():
             raise EdgeAsrError(f"{delta}: no such delta file")
         return Path(delta)
     if source != "tiny.en":
-        raise EdgeAsrError(f"--compact needs a compact delta for {source}: make one with "
-                           f"`edge-asr recover --source {source} --out DELTA` and pass it with --compact-delta")
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA
+        raise EdgeAsrError(missing)
+    return shipped()
 
-    return DEFAULT_COMPACT_DELTA
+
+def _compact_delta(source: str, delta: str | None) -> Path:
+    """The recovered delta `--compact` builds from: `delta`, or the one shipped for tiny.en."""
+    def shipped() -> Path:
+        from edge_asr_build.compact import DEFAULT_COMPACT_DELTA
+        return DEFAULT_COMPACT_DELTA
+
+    return _delta_file(delta, source, shipped,
+                       f"--compact needs a compact delta for {source}: make one with "
+                       f"`edge-asr recover --source {source} --out DELTA` and pass it with --compact-delta")
 
 
 def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Path | None:
@@ -116,16 +126,14 @@ def _context_delta(source: str, policy: ContextPolicy, delta: str | None) -> Pat
         if delta:
             raise EdgeAsrError("--delta adapts a model to short context: use it with --context auto or SECONDS")
         return None
-    if delta:
-        if not Path(delta).is_file():
-            raise EdgeAsrError(f"{delta}: no such delta file")
-        return Path(delta)
-    if source != "tiny.en":
-        raise EdgeAsrError(f"--context {policy.mode} needs a model adapted to short context: train a delta for "
-                           f"{source} with `edge-asr adapt --source {source}` and pass it with --delta")
-    from edge_asr_build.context_adapt import DEFAULT_DELTA
 
-    return DEFAULT_DELTA
+    def shipped() -> Path:
+        from edge_asr_build.context_adapt import DEFAULT_DELTA
+        return DEFAULT_DELTA
+
+    return _delta_file(delta, source, shipped,
+                       f"--context {policy.mode} needs a model adapted to short context: train a delta for "
+                       f"{source} with `edge-asr adapt --source {source}` and pass it with --delta")
 
 
 def default_bundle_name(source: str, precision: str, compact: bool = False, context: str = "full",
