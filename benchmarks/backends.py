@@ -38,7 +38,7 @@ def whisper_outputs(transcriber, audio: np.ndarray, tokens: list[int] | None):
     decoder = transcriber.decoder
     mel = window_features(audio, transcriber.bundle.mel_filters, transcriber.context.frames(len(audio)))
     if tokens is None:
-        tokens = decoder.decode(mel)
+        tokens = decoder.decode(decoder.prefill(mel)).tokens
     cross, logits, _ = forced_decoding(transcriber.model, mel, decoder.prompt, tokens)
     return np.concatenate([c.ravel() for c in cross]), logits, tokens
 

@@ -10,6 +10,8 @@ import numpy as np
 from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_asr.context import ContextPolicy
+from edge_asr.guards import Guards
+from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
 
 from .loaders import LoadedWhisper
 from .mel import mel_filters
@@ -76,12 +78,20 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
                      "context": (context or ContextPolicy.full()).to_dict()},
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
         "decoder": decoder_section(loaded, special),
+        "decoding": decoding_defaults(),
         "files": file_entries(out_dir, files),
         "evaluation": {},
     }
     manifest.update(extra or {})
     save_manifest(out_dir, manifest)
     return manifest
+
+
+def decoding_defaults() -> dict:
+    """The runtime's decoding thresholds and hotword handling, recorded so that a deployed bundle keeps the
+    values it was measured with (see edge_asr.guards and edge_asr.hotwords for how they were chosen)."""
+    return {"guards": Guards().to_dict(), "hotword_bonus": DEFAULT_WHISPER_BONUS,
+            "hotword_prompt": DEFAULT_WHISPER_PROMPT}
 
 
 def format_files(formats: dict) -> list[str]:

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import AudioError, BundleError, EdgeAsrError  # noqa: E402
-from .transcriber import Transcriber, Transcript  # noqa: E402
+from .results import Segment, Transcript  # noqa: E402
+from .transcriber import Transcriber  # noqa: E402
 
-__all__ = ["AudioError", "BundleError", "EdgeAsrError", "Transcriber", "Transcript", "__version__"]
+__all__ = ["AudioError", "BundleError", "EdgeAsrError", "Segment", "Transcriber", "Transcript", "__version__"]

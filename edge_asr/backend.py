@@ -96,11 +96,17 @@ class OnnxWhisper:
 
     def decode(self, tokens: list[int], cache: list[np.ndarray], cross: list[np.ndarray]):
         """Logits (n_vocab,) after the last of `tokens`, and the cache extended by them."""
-        feeds = {"tokens": np.asarray([tokens], dtype=np.int64)}
+        logits, cache = self.decode_batch(np.asarray([tokens]), cache, cross)
+        return logits[0], cache
+
+    def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
+        """The same for a batch of sequences (beams): tokens (batch, n), caches and cross keys/values with
+        that batch on their first axis; logits (batch, n_vocab)."""
+        feeds = {"tokens": np.asarray(tokens, dtype=np.int64)}
         feeds.update(zip(self.self_names, cache))
         feeds.update(zip(self.cross_names, cross))
         logits, *cache = self.decoder.run(None, feeds)
-        return logits[0], cache
+        return logits, cache
 
 
 class OnnxLstmCtc:

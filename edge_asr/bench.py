@@ -17,7 +17,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .device import device_info
 from .errors import AudioError
 from .metrics import normalize, word_error_rate
-from .transcriber import Transcriber
+from .transcriber import Transcriber  # noqa: F401 (the type run_bench takes)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 
@@ -70,12 +70,15 @@ def peak_rss_mb() -> float:
 def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3, progress=None) -> dict:
     sets = {set_label(f): load_speech_set(f) for f in folders}
     transcriber.transcribe(next(iter(sets.values()))[0].audio)  # warm-up: allocations, kernel selection
+    counters = getattr(transcriber, "counters", None)  # Whisper's guard events, counted over the first pass
+    guards = {}
     results, pooled_refs, pooled_hyps = {}, [], []
     pooled_audio, pooled_wall, pooled_cpu = 0.0, [0.0] * runs, [0.0] * runs
     for label, items in sets.items():
         audio_s = sum(len(u.audio) for u in items) / SAMPLE_RATE
         walls, cpus, hyps = [], [], []
         for r in range(runs):
+            before = counters.to_dict() if counters else {}
             wall = cpu = 0.0
             for u in items:
                 t = transcriber.transcribe(u.audio)
@@ -85,6 +88,8 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
                     hyps.append(t.text)
                 if progress:
                     progress()
+            if r == 0 and counters:
+                guards = {k: guards.get(k, 0) + v - before[k] for k, v in counters.to_dict().items()}
             walls.append(wall)
             cpus.append(cpu)
             pooled_wall[r] += wall
@@ -114,5 +119,6 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
         bundle=bundle.manifest["name"],
         context=getattr(transcriber, "context", None) and transcriber.context.to_dict(),
         runs=runs,
+        guards=guards or None,
         device=device_info(),
     )

@@ -18,6 +18,7 @@ from .backend import BACKENDS
 from .context import ContextPolicy
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
+from .writers import WRITERS
 
 DEMO_SENTENCE = "Replace the hydraulic filter on press number four before the night shift."
 DEMO_FORMATS = "onnx,tflite"  # the demo shows both backends
@@ -348,33 +349,44 @@ def cmd_lstm_build(args) -> int:
     return 0
 
 
-def ctc_options(beam: int = 0, bias_words: str | None = None, bias: float = 1.0):
-    """Decoding options of LSTM-CTC bundles; `bias_words` is comma-separated words or @FILE (one per line).
-    None keeps the bundle's defaults."""
-    from .ctc_transcriber import decoding_options
+def decoding_settings(args) -> "DecodingSettings":
+    """What the decoding flags ask for (see `with_bundle`)."""
+    from .hotwords import read_word_list
+    from .settings import DecodingSettings
 
-    words = []
-    if bias_words and bias_words.startswith("@"):
-        try:
-            words = Path(bias_words[1:]).read_text(encoding="utf-8").split()
-        except OSError as e:
-            raise EdgeAsrError(f"{bias_words[1:]}: cannot read the word list ({e.strerror})") from None
-    elif bias_words:
-        words = [w.strip() for w in bias_words.split(",") if w.strip()]
-    return decoding_options(beam, words, bias)
+    words = read_word_list(getattr(args, "hotwords", None), getattr(args, "hotwords_file", None))
+    words += read_word_list(getattr(args, "bias_words", None))
+    guards = {"enabled": False if getattr(args, "no_guards", False) else None,
+              "no_speech_threshold": getattr(args, "no_speech_threshold", None),
+              "logprob_threshold": getattr(args, "logprob_threshold", None),
+              "compression_ratio_threshold": getattr(args, "compression_ratio_threshold", None),
+              "vad_gate": getattr(args, "vad_gate", None)}
+    return DecodingSettings(beam=getattr(args, "beam", 0), prompt=getattr(args, "prompt", None),
+                            hotwords=list(dict.fromkeys(words)), hotword_bonus=getattr(args, "bias", None),
+                            timestamps=getattr(args, "timestamps", False), guards=guards,
+                            vad=getattr(args, "vad", "energy"), seed=getattr(args, "seed", 0))
 
 
 def _transcriber(args):
     from .transcriber import load_transcriber
 
-    options = ctc_options(getattr(args, "beam", 0), getattr(args, "bias_words", None), getattr(args, "bias", 1.0))
-    return load_transcriber(args.bundle, threads=args.threads, ctc_options=options,
+    if getattr(args, "beam", 0) < 0:
+        raise EdgeAsrError("--beam must be 0 (greedy) or more")
+    return load_transcriber(args.bundle, threads=args.threads, settings=decoding_settings(args),
                             backend=getattr(args, "backend", "auto"))
 
 
 def cmd_transcribe(args) -> int:
     from .audio import load_audio
+    from .writers import render
 
+    if args.timestamps is None:
+        args.timestamps = args.format in ("srt", "vtt")
+    if args.format in ("srt", "vtt") and len(args.files) > 1 and not args.output_dir:
+        raise EdgeAsrError(f"--format {args.format} with several files needs --output-dir")
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
     transcriber = _transcriber(args)
     status = 0
     for path in args.files:
@@ -385,13 +397,16 @@ def cmd_transcribe(args) -> int:
             status = e.exit_code
             continue
         t = transcriber.transcribe(audio)
-        if args.json:
-            print(json.dumps({"file": str(path), "text": t.text, "duration_s": round(t.audio_seconds, 3),
-                              "processing_s": round(t.wall_seconds, 4), "cpu_s": round(t.cpu_seconds, 4),
-                              "rtf": round(t.rtf, 4), "rtf_cpu": round(t.rtf_cpu, 4)}), flush=True)
-        else:
-            prefix = f"{path}: " if len(args.files) > 1 else ""
-            print(f"{prefix}{t.text}", flush=True)
+        text = render(args.format, t, str(path))
+        if out_dir:
+            target = out_dir / f"{Path(path).stem}.{args.format}"
+            target.write_text(text, encoding="utf-8")
+            print(f"{target}  [{t.audio_seconds:.2f} s audio, RTF {t.rtf:.3f}]", file=sys.stderr)
+            continue
+        if args.format == "txt" and len(args.files) > 1:
+            text = f"{path}: {text}"
+        print(text, end="", flush=True)
+        if args.format == "txt":
             print(f"  [{t.audio_seconds:.2f} s audio, {t.wall_seconds:.3f} s, RTF {t.rtf:.3f}]", file=sys.stderr)
     return status
 
@@ -437,8 +452,11 @@ def cmd_listen(args) -> int:
         pass
     recognizer.finish()
     c = recognizer.counters
+    guards = getattr(transcriber, "counters", None)
     print(f"{c.utterances} utterances, {c.audio_s:.1f} s audio, {c.processing_s:.1f} s processing, "
-          f"RTF {c.rtf:.3f}, {source.dropped_frames} dropped frames", file=sys.stderr)
+          f"RTF {c.rtf:.3f}, {source.dropped_frames} dropped frames"
+          + (f"; guards: {guards.no_speech} no speech, {guards.vad_skipped} no voice activity, "
+             f"{guards.fallbacks} fallbacks, {guards.loops_cut} loops cut" if guards else ""), file=sys.stderr)
     return 0
 
 
@@ -483,6 +501,10 @@ def cmd_bench(args) -> int:
         print(f"{'pooled':22s} {n:4d} {result['audio_s']:8.1f} {result['words']:6d} {result['wer']:7.2f} "
               f"{result['rtf_wall']:9.4f} {result['rtf_cpu']:8.4f}")
     print(f"peak RSS {result['peak_rss_mb']} MB")
+    if result.get("guards"):
+        g = result["guards"]
+        print(f"guards (first pass): {g['windows']} windows, {g['no_speech']} no speech, {g['vad_skipped']} no voice "
+              f"activity, {g['fallbacks']} fallbacks, {g['loops_cut']} loops cut")
     return 0
 
 
@@ -600,14 +622,35 @@ def build_parser() -> argparse.ArgumentParser:
     def with_bundle(p):
         p.add_argument("--bundle", default=str(bundle_dir(DEFAULT_BUNDLE)),
                        help=f"bundle directory (default: {bundle_dir(DEFAULT_BUNDLE)})")
-        ctc = p.add_argument_group("LSTM-CTC bundles")
-        ctc.add_argument("--beam", type=int, default=0, help="prefix beam width for finals (default: greedy)")
-        ctc.add_argument("--bias-words", metavar="WORDS",
-                         help="favour these words: comma-separated, or @FILE with one word per line")
-        ctc.add_argument("--bias", type=float, default=1.0, help="bonus per character of a favoured word (nats)")
         p.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="onnx (ONNX Runtime), ort (ONNX Runtime, mobile-format files), tflite (LiteRT); "
                             "auto: ONNX Runtime if installed, else LiteRT")
+        decoding = p.add_argument_group("decoding")
+        decoding.add_argument("--beam", type=int, default=0, metavar="N",
+                              help="beam search width (default 0: greedy); Whisper runs beams on onnx/ort")
+        decoding.add_argument("--prompt", metavar="TEXT", help="Whisper: text the speech follows on from "
+                                                               "(style, spelling of names)")
+        decoding.add_argument("--hotwords", metavar="WORDS", help="favour these words or phrases, comma-separated "
+                                                                  "(machine names, part codes); not forced")
+        decoding.add_argument("--hotwords-file", metavar="FILE", help="the same, one per line ('#' comments)")
+        decoding.add_argument("--bias-words", metavar="WORDS", help=argparse.SUPPRESS)  # the older name of --hotwords
+        decoding.add_argument("--bias", type=float, metavar="X",
+                              help="hotword strength: logits per token (Whisper) or nats per character (LSTM-CTC); "
+                                   "default: the bundle's")
+        guards = p.add_argument_group("guards against text from silence, noise and loops (Whisper)")
+        guards.add_argument("--no-speech-threshold", type=float, metavar="P",
+                            help="probability of <|nospeech|> above which an improbable window is dropped "
+                                 "(default: the bundle's, 0.6)")
+        guards.add_argument("--logprob-threshold", type=float, metavar="L",
+                            help="mean token log-probability below which a window is improbable (default -1.0)")
+        guards.add_argument("--compression-ratio-threshold", type=float, metavar="R",
+                            help="text compression ratio above which a window is decoded again hotter (default 2.4)")
+        guards.add_argument("--vad-gate", action=argparse.BooleanOptionalAction, default=None,
+                            help="also drop windows in which the voice activity detector finds no speech")
+        guards.add_argument("--vad", choices=["energy", "silero"], default="energy", help="voice activity detector")
+        guards.add_argument("--no-guards", action="store_true",
+                            help="decode every window once, as it comes (no gate, no fallback)")
+        guards.add_argument("--seed", type=int, default=0, help="seed of the fallback sampling")
         return with_threads(p)
 
     p = with_threads(sub.add_parser("build", help="build a bundle from a pretrained Whisper (needs [build])"))
@@ -718,7 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_bundle(sub.add_parser("transcribe", help="transcribe audio files"))
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="one JSON object per file, with timings and RTF")
+    p.add_argument("--format", choices=WRITERS, default="txt",
+                   help="txt (text), json (one object per file: segments, timings, RTF), srt or vtt (subtitles)")
+    p.add_argument("--json", action="store_const", const="json", dest="format", help="the same as --format json")
+    p.add_argument("--timestamps", action=argparse.BooleanOptionalAction, default=None,
+                   help="Whisper: segments timed by its timestamp tokens (default: on for srt and vtt; otherwise "
+                        "a segment per window cut at pauses)")
+    p.add_argument("--output-dir", metavar="DIR", help="write FILE.<format> per input here instead of to stdout")
     p.set_defaults(func=cmd_transcribe)
 
     p = with_bundle(sub.add_parser("listen", help="live transcription from the microphone or a file as a stream"))
@@ -726,7 +775,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", action="store_true", help="with --file: play it at real-time pace")
     p.add_argument("--device", help="input device (index or name; see `edge-asr devices`)")
     p.add_argument("--rate", type=int, help="device sample rate (default: the device's own); resampled to 16 kHz")
-    p.add_argument("--vad", choices=["energy", "silero"], default="energy", help="voice activity detector")
     p.add_argument("--min-silence", type=float, default=0.5, help="seconds of silence that end an utterance")
     p.add_argument("--max-utterance", type=float, default=20.0, help="longer speech is split at its quietest point")
     p.add_argument("--pre-roll", type=float, default=0.3, help="seconds of audio kept before speech onset")

@@ -16,7 +16,7 @@ from .backend import open_model
 from .bundle import Bundle
 from .ctc import WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
 from .frontend import SAMPLE_RATE, LogMelStream
-from .transcriber import Transcript
+from .results import Segment, Transcript
 
 # Silence fed after the last sample: a unidirectional model emits a character a few frames after it
 # heard it, and the end of a file is not the end of what the model has to say.

@@ -19,6 +19,7 @@ from pathlib import Path
 from .endpointer import Endpointer
 from .errors import EdgeAsrError
 from .paths import bundle_dir
+from .settings import DecodingSettings
 from .sinks import JsonlSink, StdoutSink
 from .sources import FileSource, MicrophoneSource
 from .stream import StreamRecognizer
@@ -27,8 +28,12 @@ from .vad import make_vad
 DEFAULTS = {
     "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
     "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
-    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "beam": 0, "bias_words": [],
-              "backend": "auto"},
+    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "backend": "auto",
+              "beam": 0, "bias_words": []},  # the last two: older places of [decoding] beam and vocabulary
+    # Thresholds left out (None) are the bundle's; see `edge-asr transcribe --help` for their meaning.
+    "decoding": {"beam": 0, "prompt": None, "vocabulary": [], "hotword_bonus": None, "guards": True,
+                 "no_speech_threshold": None, "logprob_threshold": None, "compression_ratio_threshold": None,
+                 "vad_gate": None, "seed": 0},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
 }
@@ -54,6 +59,18 @@ def load_config(path: str | Path) -> dict:
     return config
 
 
+def decoding_settings(config: dict) -> DecodingSettings:
+    """The [decoding] section as settings; [model] beam and bias_words still count where [decoding] is silent."""
+    d, model = config["decoding"], config["model"]
+    vocabulary = d["vocabulary"] or model["bias_words"]
+    if isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary):
+        raise EdgeAsrError("[decoding] vocabulary must be a list of words, e.g. [\"Kestrolix\", \"KX-40\"]")
+    guards = {"enabled": d["guards"]} | {k: d[k] for k in ("no_speech_threshold", "logprob_threshold",
+                                                             "compression_ratio_threshold", "vad_gate")}
+    return DecodingSettings(beam=d["beam"] or model["beam"], prompt=d["prompt"], hotwords=list(vocabulary),
+                            hotword_bonus=d["hotword_bonus"], guards=guards, vad=config["vad"]["kind"], seed=d["seed"])
+
+
 def _status_handler(daemon: "Daemon"):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -72,14 +89,12 @@ def _status_handler(daemon: "Daemon"):
 
 class Daemon:
     def __init__(self, config: dict):
-        from .ctc_transcriber import decoding_options
         from .transcriber import load_transcriber
 
         self.config = config
         model = config["model"]
-        options = decoding_options(model["beam"], model["bias_words"])
-        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"], options,
-                                            model["backend"])
+        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"],
+                                            decoding_settings(config), model["backend"])
         vad = config["vad"]
         self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])
         self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,
@@ -101,8 +116,10 @@ class Daemon:
     def status(self) -> dict:
         counters = self.recognizer.counters
         counters.dropped_frames = self.source.dropped_frames if self.source else 0
+        guards = getattr(self.transcriber, "counters", None)  # Whisper's guards; LSTM-CTC bundles have none
         return {"state": "stopping" if self.stopping else "listening", "uptime_s": round(time.time() - self.started, 1),
-                "source": self.source.name if self.source else None} | counters.to_dict()
+                "source": self.source.name if self.source else None} | counters.to_dict() | (
+                    {"guards": guards.to_dict()} if guards else {})
 
     def _make_source(self):
         inp = self.config["input"]

@@ -1,14 +1,66 @@
-"""Greedy decoding in Whisper's no-timestamps mode, with Whisper's token suppression rules."""
+"""Decoding one window of audio with Whisper.
+
+1. **Prefill**: the previous-text prompt if there is one (`<|startofprev|>` and its tokens), then
+   `<|startoftranscript|>`. The logits there give the probability of `<|nospeech|>`, which Whisper was
+   trained to predict for windows without speech. Then the task tokens, and `<|notimestamps|>` unless
+   segment timestamps are wanted.
+2. **Tokens** until `<|endoftext|>`: greedy (temperature 0), sampled (temperature > 0, for the guards'
+   fallback), or beam search, always under Whisper's rules (`TokenRules`): suppressed tokens, no empty
+   transcript, timestamps in pairs and never going back; plus the hotword bias when one is given.
+
+Decoding stops early in a repetition loop (see `guards.loop_start`), keeping one copy of the repeated
+span. A window's tokens, its summed log-probability and its no-speech probability are what the guards
+and the segment timestamps are computed from.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import EdgeAsrError
+from .guards import loop_start
+from .hotwords import TokenBias
+
+SECONDS_PER_TIMESTAMP = 0.02
+MAX_INITIAL_TIMESTAMP = 1.0   # Whisper's: the first segment starts within the window's first second
+
 
 @dataclass
 class DecodingOptions:
-    max_new_tokens: int = 224  # openai-whisper's sample_len: half the text context
+    beam_size: int = 1                 # 1: greedy; more: beam search (needs a backend that batches)
+    timestamps: bool = False           # decode Whisper's timestamp tokens (segments with times)
+    prompt: tuple[int, ...] = ()       # previous-text tokens (`--prompt`)
+    hotwords: TokenBias | None = None
+    max_new_tokens: int = 224          # openai-whisper's sample_len: half the text context
+
+
+@dataclass
+class Prefilled:
+    """A window after its prompt: what every decode of it starts from."""
+    cross: list
+    logits: np.ndarray
+    cache: object
+    length: int               # tokens in the prompt
+    no_speech_prob: float
+
+
+@dataclass
+class DecodingResult:
+    tokens: list[int]         # text and timestamp tokens, without <|endoftext|>
+    sum_logprob: float
+    no_speech_prob: float
+    temperature: float
+    looped: bool = False
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)  # as Whisper: <|endoftext|> counts
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def forced_decoding(model, mel: np.ndarray, prompt: list[int], tokens: list[int]):
@@ -24,43 +76,204 @@ def forced_decoding(model, mel: np.ndarray, prompt: list[int], tokens: list[int]
     return cross, np.stack(steps), cache
 
 
-def suppression_masks(decoder_config: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Whisper's rules in no-timestamps mode, as boolean masks over the vocabulary: the tokens never emitted,
-    and those never emitted first. `decoder_config` is a bundle's decoder section with n_vocab."""
+def suppression_masks(decoder_config: dict, timestamps: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper's suppression rules as boolean masks over the vocabulary: the tokens never emitted, and
+    those never emitted first. `decoder_config` is a bundle's decoder section with n_vocab."""
     special = decoder_config["special_tokens"]
-    # Never emitted: non-speech symbols, task/control tokens, and timestamps (no-timestamps mode).
+    # Never emitted: non-speech symbols and task/control tokens; timestamps too, unless they are wanted.
     suppress = set(decoder_config["suppress_tokens"])
     suppress.update(special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
                                          "no_timestamps") if k in special)
     suppress_mask = np.zeros(decoder_config["n_vocab"], dtype=bool)
     suppress_mask[sorted(suppress)] = True
-    suppress_mask[special["timestamp_begin"]:] = True
-    # At the first position also the blank and end-of-text: an empty transcript is never the guess.
+    if not timestamps:
+        suppress_mask[special["timestamp_begin"]:] = True
+    # At the first text position also the blank and end-of-text: an empty transcript is never the guess.
     first_mask = suppress_mask.copy()
     first_mask[list(decoder_config["suppress_blank"]) + [special["eot"]]] = True
     return suppress_mask, first_mask
 
 
-class GreedyDecoder:
+class TokenRules:
+    """What may come next, given the tokens decoded so far: Whisper's suppression and timestamp rules and
+    the hotword bias, applied to one row of logits."""
+
+    def __init__(self, decoder_config: dict, timestamps: bool, hotwords: TokenBias | None = None):
+        special = decoder_config["special_tokens"]
+        self.eot, self.timestamp_begin = special["eot"], special["timestamp_begin"]
+        self.timestamps, self.hotwords = timestamps, hotwords
+        self.suppress_mask, self.first_mask = suppression_masks(decoder_config, timestamps)
+        self.max_initial = self.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / SECONDS_PER_TIMESTAMP)
+
+    def apply(self, logits: np.ndarray, sampled: list[int]) -> np.ndarray:
+        logits = logits.astype(np.float32, copy=True)
+        if self.hotwords:
+            self.hotwords.apply(logits, [t for t in sampled if t < self.eot])
+        # With timestamps the first token is one (the rules below), and an empty window may follow it.
+        logits[self.first_mask if not sampled and not self.timestamps else self.suppress_mask] = -np.inf
+        if self.timestamps:
+            self._timestamp_rules(logits, sampled)
+        return logits
+
+    def _timestamp_rules(self, logits: np.ndarray, sampled: list[int]) -> None:
+        """openai-whisper's ApplyTimestampRules."""
+        begin = self.timestamp_begin
+        if not sampled:  # a window starts with a timestamp, within its first second
+            logits[:begin] = -np.inf
+            logits[self.max_initial + 1:] = -np.inf
+            return
+        last = sampled[-1] >= begin
+        penultimate = len(sampled) < 2 or sampled[-2] >= begin
+        if last:
+            if penultimate:   # a segment has just begun: text follows
+                logits[begin:] = -np.inf
+            else:             # a segment has just ended: the next begins, or the window ends
+                logits[:self.eot] = -np.inf
+        stamps = [t for t in sampled if t >= begin]
+        if stamps:  # time never goes back, and a segment is never empty
+            floor = stamps[-1] if last and not penultimate else stamps[-1] + 1
+            logits[begin:floor] = -np.inf
+        logprobs = log_softmax(logits)
+        with np.errstate(divide="ignore"):
+            timestamp_mass = np.log(np.exp(logprobs[begin:]).sum())
+        if timestamp_mass > logprobs[:begin].max():  # a timestamp is likelier than any one text token
+            logits[:begin] = -np.inf
+
+
+class WindowDecoder:
     def __init__(self, model, decoder_config: dict, options: DecodingOptions | None = None):
         self.model = model
-        self.options = options or DecodingOptions()
-        self.eot = decoder_config["special_tokens"]["eot"]
-        self.prompt = list(decoder_config["prompt"])
-        self.suppress_mask, self.first_mask = suppression_masks(decoder_config)
+        self.options = options = options or DecodingOptions()
+        special = decoder_config["special_tokens"]
+        self.eot, self.sot, self.timestamp_begin = special["eot"], special["sot"], special["timestamp_begin"]
+        self.no_speech = special.get("no_speech")
+        # The task tokens after <|startoftranscript|>; <|notimestamps|> only when no timestamps are wanted.
+        task = list(decoder_config["prompt"][1:])
+        if options.timestamps:
+            task = [t for t in task if t != special["no_timestamps"]]
+        elif special["no_timestamps"] not in task:
+            task.append(special["no_timestamps"])
+        self.head = ([special["sot_prev"], *options.prompt[-(model.max_tokens // 2 - 1):]] if options.prompt else [])
+        self.head.append(self.sot)
+        self.task = task
+        self.rules = TokenRules(decoder_config, options.timestamps, options.hotwords)
+        if options.beam_size > 1 and not hasattr(model, "decode_batch"):
+            raise EdgeAsrError(f"beam search needs a backend that decodes beams as a batch (onnx or ort), "
+                               f"not {model.backend}")
 
-    def decode(self, mel: np.ndarray) -> list[int]:
-        """Token ids (without prompt and end-of-text) for one 30 s window of log-mel features."""
+    @property
+    def prompt(self) -> list[int]:
+        return self.head + self.task
+
+    def prefill(self, mel: np.ndarray) -> Prefilled:
         cross = self.model.encode(mel)
-        logits, cache = self.model.decode(self.prompt, self.model.empty_cache(), cross)
-        mask = self.first_mask
-        tokens: list[int] = []
+        logits, cache = self.model.decode(self.head, self.model.empty_cache(), cross)
+        no_speech_prob = 0.0
+        if self.no_speech is not None:
+            no_speech_prob = float(np.exp(log_softmax(logits.astype(np.float32))[self.no_speech]))
+        if self.task:
+            logits, cache = self.model.decode(self.task, cache, cross)
+        return Prefilled(cross, logits, cache, len(self.head) + len(self.task), no_speech_prob)
+
+    def decode(self, window: Prefilled, temperature: float = 0.0, rng: np.random.Generator | None = None) -> DecodingResult:
+        if self.options.beam_size > 1 and temperature == 0:
+            return self._beam_search(window)
+        return self._single_path(window, temperature, rng)
+
+    def _limit(self, window: Prefilled) -> int:
         # A backend with a fixed number of cache slots (TFLite) bounds the window's length too.
-        for _ in range(min(self.options.max_new_tokens, self.model.max_tokens - len(self.prompt))):
-            token = int(np.argmax(np.where(mask, -np.inf, logits)))
+        return min(self.options.max_new_tokens, self.model.max_tokens - window.length)
+
+    def _loop_cut(self, sampled: list[int]) -> int | None:
+        """Where to cut `sampled` if its text tokens end in a loop (timestamps never repeat, so they are
+        left out of the comparison)."""
+        if not sampled or sampled[-1] >= self.eot:
+            return None
+        positions = [i for i, t in enumerate(sampled) if t < self.eot]
+        start = loop_start([sampled[i] for i in positions])
+        return None if start is None else positions[start]
+
+    def _single_path(self, window: Prefilled, temperature: float, rng) -> DecodingResult:
+        logits, cache = window.logits, window.cache
+        sampled: list[int] = []
+        total, looped = 0.0, False
+        for _ in range(self._limit(window)):
+            row = self.rules.apply(logits, sampled)
+            logprobs = log_softmax(row)
+            if temperature > 0:
+                p = np.exp(logprobs / temperature - (logprobs / temperature).max())
+                token = int(rng.choice(len(p), p=p / p.sum()))
+            else:
+                token = int(np.argmax(row))
+            total += float(logprobs[token])
             if token == self.eot:
                 break
-            tokens.append(token)
-            mask = self.suppress_mask
-            logits, cache = self.model.decode([token], cache, cross)
-        return tokens
+            sampled.append(token)
+            cut = self._loop_cut(sampled)
+            if cut is not None:
+                sampled, looped = sampled[:cut], True
+                break
+            logits, cache = self.model.decode([token], cache, window.cross)
+        return DecodingResult(sampled, total, window.no_speech_prob, temperature, looped)
+
+    def _beam_search(self, window: Prefilled) -> DecodingResult:
+        """openai-whisper's beam search (patience 1, no length penalty: the best mean log-probability), with
+        the beams run as one batch and the self-attention cache reordered to follow them."""
+        size = self.options.beam_size
+        beams: list[tuple[list[int], float]] = [([], 0.0)]
+        finished: dict[tuple[int, ...], float] = {}
+        looped: set[tuple[int, ...]] = set()
+        logits, cache, cross = window.logits[None], window.cache, window.cross
+        for _ in range(self._limit(window)):
+            logprobs = log_softmax(np.stack([self.rules.apply(row, seq) for row, (seq, _) in zip(logits, beams)]))
+            candidates = []
+            for i, (seq, score) in enumerate(beams):
+                top = np.argpartition(-logprobs[i], size)[:size + 1]
+                candidates += [(score + float(logprobs[i, t]), i, int(t)) for t in top]
+            candidates.sort(key=lambda c: -c[0])
+            kept, sources = [], []
+            for score, i, token in candidates:
+                seq = beams[i][0]
+                if token == self.eot:
+                    if len(finished) < size:
+                        finished.setdefault(tuple(seq), score)
+                    continue
+                seq = seq + [token]
+                cut = self._loop_cut(seq)
+                if cut is not None:
+                    finished.setdefault(tuple(seq[:cut]), score)
+                    looped.add(tuple(seq[:cut]))
+                    continue
+                kept.append((seq, score))
+                sources.append(i)
+                if len(kept) == size:
+                    break
+            if len(finished) >= size or not kept:
+                break
+            beams = kept
+            if cross[0].shape[0] != len(beams):
+                cross = [np.repeat(c[:1], len(beams), axis=0) for c in window.cross]
+            cache = [c[sources] for c in cache]  # each beam goes on from the cache of the beam it extends
+            logits, cache = self.model.decode_batch(np.array([[seq[-1]] for seq, _ in beams]), cache, cross)
+        if not finished:
+            finished = {tuple(seq): score for seq, score in beams}
+        best, score = max(finished.items(), key=lambda item: item[1] / max(1, len(item[0])))
+        return DecodingResult(list(best), score, window.no_speech_prob, 0.0, best in looped)
+
+
+def split_segments(tokens: list[int], timestamp_begin: int, duration: float) -> list[tuple[float, float, list[int]]]:
+    """(start, end, text tokens) of each segment in a window decoded with timestamps: a segment is the text
+    between a timestamp and the next. Text after the last timestamp ends with the window (`duration`)."""
+    segments, start, text = [], 0.0, []
+    for token in tokens:
+        if token < timestamp_begin:
+            text.append(token)
+            continue
+        time = (token - timestamp_begin) * SECONDS_PER_TIMESTAMP
+        if text:
+            segments.append((start, max(start, min(time, duration)), text))
+            text = []
+        start = min(time, duration)
+    if text:
+        segments.append((start, duration, text))
+    return segments

@@ -1,5 +1,20 @@
-"""Detokenization of Whisper's byte-level BPE from the bundle's token list (no tokenizer library)."""
+"""Whisper's byte-level BPE from the bundle's token list, both ways (no tokenizer library).
+
+Whisper's vocabulary is GPT-2's, whose merge ranks are the token ids themselves (tiktoken's
+`mergeable_ranks`): encoding merges, again and again, the adjacent pair whose merged token has the
+lowest id. Text is first split into words, numbers and punctuation by GPT-2's pattern, so a merge never
+crosses a word boundary.
+"""
 from __future__ import annotations
+
+try:  # GPT-2's own pattern needs Unicode classes; `regex` has them, `re` gets an equivalent for letters
+    import regex as _re
+
+    _PIECES = _re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+except ImportError:  # pragma: no cover - `regex` is usually installed alongside numpy's ecosystem
+    import re as _re
+
+    _PIECES = _re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+""")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -15,7 +30,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_CHAR_OF_BYTE = _bytes_to_unicode()
+_BYTE_OF_CHAR = {c: b for b, c in _CHAR_OF_BYTE.items()}
 
 
 class Tokenizer:
@@ -23,6 +39,8 @@ class Tokenizer:
         self.tokens = tokens
         self.special = special
         self.eot = special["eot"]
+        self.timestamp_begin = special.get("timestamp_begin", len(tokens))
+        self._ids: dict[str, int] | None = None  # built on first encode: decoding alone never needs it
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids; special tokens (id >= eot) are dropped, invalid UTF-8 is replaced."""
@@ -31,3 +49,23 @@ class Tokenizer:
             if i < self.eot:
                 data.extend(_BYTE_OF_CHAR[c] for c in self.tokens[i])
         return data.decode("utf-8", errors="replace")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens), as Whisper's tokenizer gives them."""
+        if self._ids is None:
+            self._ids = {t: i for i, t in enumerate(self.tokens[: self.eot])}
+        ids = []
+        for piece in _PIECES.findall(text):
+            ids += self._merge("".join(_CHAR_OF_BYTE[b] for b in piece.encode("utf-8")))
+        return ids
+
+    def _merge(self, word: str) -> list[int]:
+        parts = list(word)
+        while len(parts) > 1:
+            ranks = [self._ids.get(a + b) for a, b in zip(parts, parts[1:])]
+            best = min((r, i) for i, r in enumerate(ranks) if r is not None) if any(r is not None for r in ranks) else None
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self._ids[p] for p in parts]

@@ -1,74 +1,134 @@
-"""Audio in, text out: frontend -> ONNX model -> greedy decoder -> detokenizer, timed for RTF."""
+"""Audio in, text out: frontend -> ONNX model -> decoder -> guards -> timed segments, timed for RTF.
+
+Long audio is cut at pauses into windows of at most 30 s (or the bundle's longest context). Each window is
+decoded once (greedy or beam search); the guards then drop it as no speech, or have it decoded again by
+seeded sampling at rising temperatures when the result looks like a loop or is improbable.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backend import open_model
 from .bundle import Bundle
-from .decoding import DecodingOptions, GreedyDecoder
 from .context import ContextPolicy
+from .decoding import DecodingOptions, WindowDecoder, split_segments
 from .frontend import HOP_LENGTH, SAMPLE_RATE, window_features
+from .guards import GuardCounters, Guards, compression_ratio
+from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, hotword_prompt
+from .results import Segment, Transcript
 from .segmenter import split_at_pauses
+from .settings import DecodingSettings
+from .vad import speech_seconds
 
-
-@dataclass
-class Transcript:
-    text: str
-    audio_seconds: float
-    wall_seconds: float
-    cpu_seconds: float
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: processing seconds per second of audio (below 1 is faster than real time)."""
-        return self.wall_seconds / self.audio_seconds if self.audio_seconds else 0.0
-
-    @property
-    def rtf_cpu(self) -> float:
-        return self.cpu_seconds / self.audio_seconds if self.audio_seconds else 0.0
+MIN_SPEECH_SECONDS = 0.2  # the voice activity gate passes a window with at least this much speech
 
 
 class Transcriber:
     def __init__(self, bundle: str | Path | Bundle, threads: int = 2, options: DecodingOptions | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
-        self.decoder = GreedyDecoder(self.model, decoder_config, options)
+        self.decoder = WindowDecoder(self.model, decoder_config, options)
         self.tokenizer = self.bundle.tokenizer
         self.context = ContextPolicy.from_manifest(self.bundle.manifest)
+        self.guards = guards or Guards.from_manifest(self.bundle.manifest)
+        self.vad, self.seed = vad, seed
+        self.counters = GuardCounters()
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Transcribe 16 kHz mono float32 audio of any length, in windows of at most 30 s (or the bundle's
         longest context) cut at pauses."""
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         max_samples = round(self.context.max_seconds * SAMPLE_RATE)
-        texts = [self.transcribe_window(audio[a:b]) for a, b in split_at_pauses(audio, max_samples)]
+        segments = []
+        for index, (a, b) in enumerate(split_at_pauses(audio, max_samples)):
+            segments += self.transcribe_window(audio[a:b], a / SAMPLE_RATE, index)
         return Transcript(
-            text=" ".join(t for t in texts if t),
+            text=" ".join(s.text for s in segments),
             audio_seconds=len(audio) / SAMPLE_RATE,
             wall_seconds=time.perf_counter() - start_wall,
             cpu_seconds=time.process_time() - start_cpu,
+            segments=segments,
         )
 
-    def transcribe_window(self, audio: np.ndarray) -> str:
-        """Text of one window of audio, padded to the length the bundle's context policy gives it."""
+    def transcribe_window(self, audio: np.ndarray, offset: float = 0.0, index: int = 0) -> list[Segment]:
+        """Segments of one window of audio (times from `offset`), padded to the length the bundle's context
+        policy gives it; none if the guards find no speech in it."""
         if len(audio) < HOP_LENGTH:
-            return ""
-        mel = window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio)))
-        return self.tokenizer.decode(self.decoder.decode(mel)).strip()
+            return []
+        self.counters.windows += 1
+        if self.guards.enabled and self.guards.vad_gate and speech_seconds(audio, self.vad) < MIN_SPEECH_SECONDS:
+            self.counters.vad_skipped += 1
+            return []
+        window = self.decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
+        rng = np.random.default_rng([self.seed, index])  # fallback sampling: the same audio, the same text
+        attempts = []
+        for temperature in self.guards.temperatures:
+            result = self.decoder.decode(window, temperature, rng)
+            text = self.tokenizer.decode(result.tokens).strip()
+            ratio = compression_ratio(text)
+            self.counters.loops_cut += result.looped
+            attempts.append((result, ratio))
+            if self.guards.is_no_speech(window.no_speech_prob, result.avg_logprob):
+                self.counters.no_speech += 1
+                return []
+            if not self.guards.needs_fallback(result.avg_logprob, ratio, result.looped):
+                break
+            self.counters.fallbacks += temperature != self.guards.temperatures[-1]
+        else:  # every temperature failed a guard: the likeliest result that is not a loop
+            result, ratio = max(attempts, key=lambda a: (not a[0].looped and a[1] <= self.guards.compression_ratio_threshold,
+                                                         a[0].avg_logprob))
+        return self._segments(result, ratio, offset, len(audio) / SAMPLE_RATE)
+
+    def _segments(self, result, ratio: float, offset: float, duration: float) -> list[Segment]:
+        stats = dict(avg_logprob=result.avg_logprob, no_speech_prob=result.no_speech_prob,
+                     temperature=result.temperature, compression_ratio=ratio)
+        if not self.decoder.options.timestamps:
+            text = self.tokenizer.decode(result.tokens).strip()
+            return [Segment(offset, offset + duration, text, **stats)] if text else []
+        segments = []
+        for start, end, tokens in split_segments(result.tokens, self.decoder.timestamp_begin, duration):
+            text = self.tokenizer.decode(tokens).strip()
+            if text:
+                segments.append(Segment(offset + start, offset + end, text, **stats))
+        return segments
 
 
-def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, ctc_options=None, backend: str = "auto"):
+def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[DecodingOptions, Guards]:
+    """Decoding options and guards for a Whisper bundle from a user's settings: the bundle's recorded
+    thresholds and hotword bonus unless the settings override them."""
+    recorded = bundle.manifest.get("decoding", {})
+    tokenizer = bundle.tokenizer
+    prompt = " " + settings.prompt.strip() if settings.prompt else ""
+    hotwords = None
+    if settings.hotwords:
+        bonus = settings.hotword_bonus if settings.hotword_bonus is not None else recorded.get(
+            "hotword_bonus", DEFAULT_WHISPER_BONUS)
+        hotwords = TokenBias(settings.hotwords, tokenizer, bonus) if bonus else None
+        named = settings.hotword_prompt if settings.hotword_prompt is not None else recorded.get(
+            "hotword_prompt", DEFAULT_WHISPER_PROMPT)
+        prompt += " " + hotword_prompt(settings.hotwords) if named else ""
+    prompt = tuple(tokenizer.encode(prompt)) if prompt else ()
+    options = DecodingOptions(beam_size=max(1, settings.beam), timestamps=settings.timestamps, prompt=prompt,
+                              hotwords=hotwords)
+    return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
+
+
+def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, settings: DecodingSettings | None = None,
+                     backend: str = "auto"):
     """The transcriber a bundle's model family needs, Whisper's or the streaming LSTM-CTC one, on `backend`
-    ("auto", "onnx", "ort" or "tflite")."""
+    ("auto", "onnx", "ort" or "tflite"), decoding as `settings` ask (default: the bundle's own way)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    settings = settings or DecodingSettings()
     if bundle.family == "lstm-ctc":
-        from .ctc_transcriber import CtcTranscriber
+        from .ctc_transcriber import CtcTranscriber, decoding_options
 
-        return CtcTranscriber(bundle, threads, ctc_options, backend)
-    return Transcriber(bundle, threads, backend=backend)
+        options = decoding_options(settings.beam, settings.hotwords,
+                                   1.0 if settings.hotword_bonus is None else settings.hotword_bonus)
+        return CtcTranscriber(bundle, threads, options, backend)
+    options, guards = whisper_decoding(bundle, settings)
+    return Transcriber(bundle, threads, options, backend=backend, guards=guards, vad=settings.vad, seed=settings.seed)

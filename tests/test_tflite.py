@@ -21,7 +21,7 @@ def _whisper_steps(transcriber, audio, tokens=None):
     """Cross-attention inputs and every step's logits, teacher-forced through `tokens` (greedy when None)."""
     decoder = transcriber.decoder
     mel = window_features(audio, transcriber.bundle.mel_filters)
-    tokens = decoder.decode(mel) if tokens is None else tokens
+    tokens = decoder.decode(decoder.prefill(mel)).tokens if tokens is None else tokens
     cross, logits, _ = forced_decoding(transcriber.model, mel, decoder.prompt, tokens)
     return cross, logits, tokens
 

@@ -1,0 +1,113 @@
+"""Guards against text nobody said: the no-speech gate, repetition loops, and when to fall back to
+sampling at a higher temperature.
+
+Whisper was trained on 30 s windows that nearly always held speech, so on silence or noise it still
+writes something ("you", "."), and on hard audio it can fall into a loop that repeats a phrase until the
+window's token budget is spent. Whisper's own transcribe guards against both, with the thresholds
+below as its defaults:
+
+- a window is **no speech** when the probability of `<|nospeech|>` at the first decoding step exceeds
+  `no_speech_threshold` *and* the decoded tokens are improbable (mean log-probability below
+  `logprob_threshold`): confident speech overrules the no-speech token. Above
+  `certain_no_speech_threshold` the no-speech token decides alone: on 30 s of digital silence Whisper
+  says "you" with confidence (-0.58 mean log-probability) while giving `<|nospeech|>` 0.94; no held-out
+  speech window scored above 0.69;
+- a result **needs fallback** when its text compresses too well (`compression_ratio_threshold`: a loop),
+  when its tokens are improbable, or when the decoder was cut out of a loop; it is then decoded again
+  by seeded sampling at the next temperature.
+
+A bundle's manifest may record other thresholds (its `decoding` section); flags and the daemon's
+configuration override them.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
+
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# A loop: a span of text tokens repeated back to back at least MIN_REPEATS times, covering at least
+# MIN_LOOP_TOKENS tokens ("the pump is hot" x3 is a loop; "check, check, check" is speech).
+MIN_REPEATS = 3
+MIN_LOOP_TOKENS = 12
+MAX_LOOP_PERIOD = 48
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of the text over bytes of its zlib compression: about 1.5 for speech, above 2.4 for a loop."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def loop_start(tokens: list[int]) -> int | None:
+    """If `tokens` ends in a loop, the index where its second repetition starts (keeping one copy of the
+    repeated span); otherwise None."""
+    n = len(tokens)
+    for period in range(1, min(MAX_LOOP_PERIOD, n // MIN_REPEATS) + 1):
+        repeats = max(MIN_REPEATS, -(-MIN_LOOP_TOKENS // period))
+        span = period * repeats
+        if span > n or tokens[-1] != tokens[-1 - period]:  # the cheap test first: this runs every step
+            continue
+        tail = tokens[n - span:]
+        if all(tail[i] == tail[i % period] for i in range(period, span)):
+            start = n - span
+            while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:  # where the repeating began
+                start -= 1
+            return start + period
+    return None
+
+
+@dataclass(frozen=True)
+class Guards:
+    enabled: bool = True
+    no_speech_threshold: float = 0.6
+    certain_no_speech_threshold: float = 0.8
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    temperatures: tuple[float, ...] = TEMPERATURES
+    vad_gate: bool = False   # also skip windows in which the voice activity detector finds no speech
+
+    @classmethod
+    def off(cls) -> "Guards":
+        """Decoding as it was before guards: greedy once, every window transcribed."""
+        return cls(enabled=False, temperatures=(0.0,))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Guards":
+        """The bundle's recorded thresholds; Whisper's defaults where it records none."""
+        section = manifest.get("decoding", {}).get("guards", {})
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in section.items() if k in known}
+        if "temperatures" in values:
+            values["temperatures"] = tuple(float(t) for t in values["temperatures"])
+        return cls(**values)
+
+    def with_overrides(self, **values) -> "Guards":
+        """These guards with every value that is not None replaced (flags, the daemon's configuration)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        if given.get("enabled") is False:
+            return replace(self, **given, temperatures=(0.0,))
+        return replace(self, **given)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"temperatures": list(self.temperatures)}
+
+    def is_no_speech(self, no_speech_prob: float, avg_logprob: float) -> bool:
+        return self.enabled and (no_speech_prob > self.certain_no_speech_threshold or (
+            no_speech_prob > self.no_speech_threshold and avg_logprob < self.logprob_threshold))
+
+    def needs_fallback(self, avg_logprob: float, ratio: float, looped: bool) -> bool:
+        return self.enabled and (looped or ratio > self.compression_ratio_threshold
+                                 or avg_logprob < self.logprob_threshold)
+
+
+@dataclass
+class GuardCounters:
+    """How often each guard acted, for `bench` and the daemon's status."""
+    windows: int = 0
+    no_speech: int = 0      # windows dropped by the no-speech gate
+    vad_skipped: int = 0    # windows dropped by the voice activity gate
+    fallbacks: int = 0      # re-decodes at a higher temperature
+    loops_cut: int = 0      # decodes stopped in a repetition loop
+
+    def to_dict(self) -> dict:
+        return asdict(self)
