@@ -363,6 +363,7 @@ def decoding_settings(args) -> "DecodingSettings":
               "vad_gate": getattr(args, "vad_gate", None)}
     return DecodingSettings(beam=getattr(args, "beam", 0), prompt=getattr(args, "prompt", None),
                             hotwords=list(dict.fromkeys(words)), hotword_bonus=getattr(args, "bias", None),
+                            hotword_prompt=getattr(args, "hotword_prompt", None),
                             timestamps=getattr(args, "timestamps", False), guards=guards,
                             vad=getattr(args, "vad", "energy"), seed=getattr(args, "seed", 0))
 
@@ -634,13 +635,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(machine names, part codes); not forced")
         decoding.add_argument("--hotwords-file", metavar="FILE", help="the same, one per line ('#' comments)")
         decoding.add_argument("--bias-words", metavar="WORDS", help=argparse.SUPPRESS)  # the older name of --hotwords
+        decoding.add_argument("--hotword-prompt", action=argparse.BooleanOptionalAction, default=None,
+                              help="Whisper: also name the hotwords in the prompt (default: the bundle's, on)")
         decoding.add_argument("--bias", type=float, metavar="X",
                               help="hotword strength: logits per token (Whisper) or nats per character (LSTM-CTC); "
                                    "default: the bundle's")
         guards = p.add_argument_group("guards against text from silence, noise and loops (Whisper)")
         guards.add_argument("--no-speech-threshold", type=float, metavar="P",
                             help="probability of <|nospeech|> above which an improbable window is dropped "
-                                 "(default: the bundle's, 0.6)")
+                                 "(default: the bundle's, 0.7)")
         guards.add_argument("--logprob-threshold", type=float, metavar="L",
                             help="mean token log-probability below which a window is improbable (default -1.0)")
         guards.add_argument("--compression-ratio-threshold", type=float, metavar="R",

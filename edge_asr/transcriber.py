@@ -23,7 +23,7 @@ from .segmenter import split_at_pauses
 from .settings import DecodingSettings
 from .vad import speech_seconds
 
-MIN_SPEECH_SECONDS = 0.2  # the voice activity gate passes a window with at least this much speech
+MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two speech frames (a tight digit has few)
 
 
 class Transcriber:

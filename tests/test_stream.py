@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edge_asr.endpointer import Endpointer
+from edge_asr.errors import EdgeAsrError
 from edge_asr.metrics import word_error_rate
 from edge_asr.sinks import JsonlSink
 from edge_asr.vad import EnergyVad
@@ -167,3 +168,25 @@ def test_status_endpoint_serves_counters(tmp_path, stream_wav, bundle_int8):
         server.shutdown()
     assert status["utterances"] == 3 and status["dropped_frames"] == 0
     assert status["audio_s"] > 10 and 0 < status["rtf"] < 1 and len(status["latest"]) == 3
+    assert status["guards"]["windows"] >= 3 and status["guards"]["loops_cut"] == 0
+
+
+def test_daemon_decoding_section(tmp_path, bundle_int8):
+    from edge_asr.daemon import decoding_settings, load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\nbundle = "{bundle_int8}"\nbias_words = ["older"]\n'
+                      '[decoding]\nbeam = 5\nvocabulary = ["Kestrolix", "KX-40"]\nno_speech_threshold = 0.5\n'
+                      'vad_gate = true\nprompt = "Press shop log."\n')
+    settings = decoding_settings(load_config(config))
+    assert settings.beam == 5 and settings.hotwords == ["Kestrolix", "KX-40"] and settings.prompt == "Press shop log."
+    assert settings.guards["no_speech_threshold"] == 0.5 and settings.guards["vad_gate"] is True
+    from edge_asr.transcriber import load_transcriber
+
+    transcriber = load_transcriber(bundle_int8, settings=settings)
+    assert transcriber.guards.no_speech_threshold == 0.5 and transcriber.guards.vad_gate
+    assert transcriber.decoder.options.beam_size == 5
+    assert transcriber.tokenizer.decode(list(transcriber.decoder.options.prompt)) == " Press shop log. Kestrolix, KX-40."
+    config.write_text('[decoding]\nvocabulary = "Kestrolix"\n')
+    with pytest.raises(EdgeAsrError, match="list of words"):
+        decoding_settings(load_config(config))
