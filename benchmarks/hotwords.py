@@ -1,10 +1,12 @@
 """Hotwords on synthesized dictation with 20 rare domain words (brand-like names and part codes).
 
-Three sets, written here and synthesized once into --work:
+Four sets, written here and synthesized once into --work:
 - tune:    20 sentences, one hotword each, spoken by piper's default voice (joe). The bonus and the
-           use of the prompt are chosen on this set only.
+           use of the prompt are chosen on the two tune sets only.
+- tune-none: 20 sentences without hotwords, by the same voice.
 - report:  40 other sentences, each hotword twice, spoken by espeak-ng (a voice never used for tuning).
 - none:    40 sentences without any hotword, by the report voice: how many hotwords get inserted.
+- report2, none2: the same again with new sentences and another espeak-ng voice (see REPORT2).
 
 A hotword counts as recognized when its letters and digits appear in the normalized hypothesis with
 spaces and hyphens removed ("KX40" and "KX 40" both count for "KX-40"). Other words' WER is computed with
@@ -58,6 +60,18 @@ REPORT = [
     "Move the {} cart to bay four.", "The quote from {} expires on Monday.",
     "Reset the {} counter at the end of the shift.", "The {} pump lost pressure overnight.",
 ]
+TUNE_NONE = [
+    "Drain the water from the air tank.", "The left door of the oven does not seal.",
+    "Bring two spare fuses to line one.", "The temperature alarm went off at noon.",
+    "Clean the chips out of the milling machine.", "The hose reel in bay six is jammed.",
+    "Write down the serial number of the new motor.", "The paint on the guard rail is peeling.",
+    "Turn off the compressor before you leave.", "The label printer is out of ink.",
+    "The pallet jack leaks hydraulic fluid.", "Check the level of the coolant every morning.",
+    "The pressure gauge on tank two is cracked.", "Put a new blade in the band saw.",
+    "The exhaust fan above the welder is noisy.", "Return the torque wrench to the tool crib.",
+    "The night shift found a loose wire in the panel.", "Replace the worn brushes on the sander.",
+    "The shipping scale needs a new battery.", "Wipe down the touch screen after each shift.",
+]
 NONE = [
     "Sweep the floor around the lathe.", "The forklift battery needs charging.",
     "Close the loading dock door at six.", "Two pallets of screws arrived late.",
@@ -80,13 +94,45 @@ NONE = [
     "The main gate sticks when it rains.", "Check the tire pressure on the van.",
     "The lunch break starts at noon today.", "The roof gutter is full of leaves.",
 ]
+# A second report, written after the first was measured and after the "keep the prompted window only if it
+# says a hotword" rule was added: new sentences and another voice, so the final numbers come from audio no
+# decision was made on.
+REPORT2 = [
+    "The {} hydraulic unit is making a whining noise.", "Please find the {} drawings for the new line.",
+    "The operator says the {} feeder jams twice an hour.", "Send a photo of the {} nameplate to purchasing.",
+    "The {} drive belt was changed on Tuesday.", "We need a second {} bracket for the guard.",
+    "The {} thermostat is set too low.", "Write the {} batch number on the form.",
+    "The engineer from {} arrives at nine.", "The {} oil filter is overdue.",
+    "Put the {} module on the test bench.", "The {} contactor smells burnt.",
+    "Order a spare {} nozzle for the glue station.", "The {} clutch slips under load.",
+    "The {} ballast in bay one is buzzing.", "Keep the old {} board for spare parts.",
+    "The {} limit switch needs adjusting.", "Ask {} whether the part is in stock.",
+    "The {} pump was rebuilt last spring.", "Check the {} valve for scale.",
+    "The {} sensor reads zero after the power cut.", "Bring the {} service kit to line four.",
+    "The label on the {} box is wrong.", "The {} actuator moves too slowly.",
+    "Note the {} error on the shift report.", "The {} encoder cable is frayed.",
+    "We got a credit note from {} today.", "Clean the {} strainer once a week.",
+    "The {} transformer runs warm.", "Fit the new {} plate before the audit.",
+    "The {} timer resets by itself.", "Return the {} gauge for calibration.",
+    "The {} blower is louder than usual.", "The delivery from {} came without papers.",
+    "Mount the {} camera above the press.", "The {} shaft seal weeps oil.",
+    "Replace the {} lamp in the cabinet.", "The {} hoist failed its inspection.",
+    "Ask the {} helpdesk for a new licence.", "The {} bushing is worn on one side.",
+]
+NONE2_SEED = 2026
 REPORT_VOICE = ("en-us", 150, 50)  # espeak-ng voice, words per minute, pitch
+REPORT2_VOICE = ("en-us+m2", 145, 45)
 
 
 def sets() -> dict[str, list[tuple[str, list[str]]]]:
     tune = [(t.format(w), [w]) for t, w in zip(TUNE, WORDS)]
     report = [(t.format(WORDS[i % 20]), [WORDS[i % 20]]) for i, t in enumerate(REPORT)]
-    return {"tune": tune, "report": report, "none": [(t, []) for t in NONE]}
+    from edge_asr_build.sentences import dictation_sentences
+
+    report2 = [(t.format(WORDS[(i + 7) % 20]), [WORDS[(i + 7) % 20]]) for i, t in enumerate(REPORT2)]
+    return {"tune": tune, "tune-none": [(t, []) for t in TUNE_NONE], "report": report,
+            "none": [(t, []) for t in NONE], "report2": report2,
+            "none2": [(t, []) for t in dictation_sentences(40, seed=NONE2_SEED)]}
 
 
 def synthesize_sets(work: Path) -> None:
@@ -99,8 +145,8 @@ def synthesize_sets(work: Path) -> None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         for i, (text, _) in enumerate(items):
-            voice, rate, pitch = REPORT_VOICE
-            audio = synthesize(text) if name == "tune" else espeak(text, voice, rate=rate, pitch=pitch)
+            voice, rate, pitch = REPORT2_VOICE if name.endswith("2") else REPORT_VOICE
+            audio = synthesize(text) if name.startswith("tune") else espeak(text, voice, rate=rate, pitch=pitch)
             write_wav(folder / f"{name}{i:03d}.wav", audio)
         (folder / "refs.tsv").write_text("".join(f"{name}{i:03d}\t{t}\n" for i, (t, _) in enumerate(items)))
 
@@ -138,7 +184,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/edge-asr-hotwords")
     parser.add_argument("--bonus", default="0,1,2,3,4", help="hotword bonuses to try (0: no hotwords)")
     parser.add_argument("--prompt", default="off,on", help="also name the hotwords in the prompt: off, on or both")
-    parser.add_argument("--sets", default="tune")
+    parser.add_argument("--sets", default="tune,tune-none")
     parser.add_argument("--beam", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -31,7 +31,9 @@ class DecodingOptions:
     beam_size: int = 1                 # 1: greedy; more: beam search (needs a backend that batches)
     timestamps: bool = False           # decode Whisper's timestamp tokens (segments with times)
     prompt: tuple[int, ...] = ()       # previous-text tokens (`--prompt`)
-    hotwords: TokenBias | None = None
+    vocabulary: tuple[str, ...] = ()   # the hotwords, as words
+    vocabulary_prompt: tuple[int, ...] = ()  # tokens naming them after the prompt (see hotwords.py)
+    hotwords: TokenBias | None = None  # their logit bonus, if any
     max_new_tokens: int = 224          # openai-whisper's sample_len: half the text context
 
 
@@ -153,7 +155,8 @@ class WindowDecoder:
             task = [t for t in task if t != special["no_timestamps"]]
         elif special["no_timestamps"] not in task:
             task.append(special["no_timestamps"])
-        self.head = ([special["sot_prev"], *options.prompt[-(model.max_tokens // 2 - 1):]] if options.prompt else [])
+        previous = (*options.prompt, *options.vocabulary_prompt)[-(model.max_tokens // 2 - 1):]
+        self.head = [special["sot_prev"], *previous] if previous else []
         self.head.append(self.sot)
         self.task = task
         self.rules = TokenRules(decoder_config, options.timestamps, options.hotwords)
@@ -165,8 +168,9 @@ class WindowDecoder:
     def prompt(self) -> list[int]:
         return self.head + self.task
 
-    def prefill(self, mel: np.ndarray) -> Prefilled:
-        cross = self.model.encode(mel)
+    def prefill(self, mel: np.ndarray | None = None, cross: list | None = None) -> Prefilled:
+        """The window of `mel`, or of the encoder output `cross` another prefill already computed."""
+        cross = self.model.encode(mel) if cross is None else cross
         logits, cache = self.model.decode(self.head, self.model.empty_cache(), cross)
         no_speech_prob = 0.0
         if self.no_speech is not None:

@@ -1,7 +1,9 @@
 """Hotwords: domain words (machine names, part codes, suppliers) favoured in decoding without being forced.
 
 For Whisper, two ways, both in the bundle's decoding section: the words are named in the previous-text
-prompt (as faster-whisper's `hotwords` do), and/or given a logit bonus. For the bonus, each word is spelled as the token sequences it can appear as (after a space or at the start
+prompt (as faster-whisper's `hotwords` do), and/or given a logit bonus. The prompt sways every word of a
+window, not only the hotwords, so a window decoded with it is kept only if it says one of them; otherwise
+the window is decoded again without it. For the bonus, each word is spelled as the token sequences it can appear as (after a space or at the start
 of a segment, as given, capitalized, lower-case). At every step the decoder adds `bonus` to the logits of
 the tokens that start one of those sequences, or continue one whose beginning the text already ends with.
 Only the next token is favoured, so a word the audio does not support is not forced in: the bonus has to
@@ -9,6 +11,7 @@ tip a close call. The LSTM-CTC path biases characters the same way (see `ctc.Wor
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,12 @@ def read_word_list(words: str | None = None, path: str | None = None) -> list[st
             raise EdgeAsrError(f"{file}: cannot read the word list ({getattr(e, 'strerror', None) or e})") from None
         found += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
     return list(dict.fromkeys(found))
+
+
+def mentions(text: str, words: list[str] | tuple[str, ...]) -> bool:
+    """Whether `text` says one of `words`, in any case, spacing or hyphenation ("KX 40" says "KX-40")."""
+    flat = re.sub(r"[^0-9a-z]", "", text.lower())
+    return any(re.sub(r"[^0-9a-z]", "", w.lower()) in flat for w in words)
 
 
 class TokenBias:

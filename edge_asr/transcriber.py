@@ -7,6 +7,7 @@ seeded sampling at rising temperatures when the result looks like a loop or is i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from .context import ContextPolicy
 from .decoding import DecodingOptions, WindowDecoder, split_segments
 from .frontend import HOP_LENGTH, SAMPLE_RATE, window_features
 from .guards import GuardCounters, Guards, compression_ratio
-from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, hotword_prompt
+from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, hotword_prompt, mentions
 from .results import Segment, Transcript
 from .segmenter import split_at_pauses
 from .settings import DecodingSettings
@@ -33,6 +34,9 @@ class Transcriber:
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
+        # With hotwords named in the prompt: the decoder for windows that say none of them.
+        self.plain_decoder = (WindowDecoder(self.model, decoder_config, replace(
+            options, vocabulary_prompt=(), hotwords=None)) if options and options.vocabulary_prompt else None)
         self.tokenizer = self.bundle.tokenizer
         self.context = ContextPolicy.from_manifest(self.bundle.manifest)
         self.guards = guards or Guards.from_manifest(self.bundle.manifest)
@@ -66,23 +70,31 @@ class Transcriber:
             return []
         window = self.decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
         rng = np.random.default_rng([self.seed, index])  # fallback sampling: the same audio, the same text
+        decoded = self._decode_guarded(self.decoder, window, rng)
+        if self.plain_decoder and (decoded is None or not mentions(decoded[1], self.decoder.options.vocabulary)):
+            decoded = self._decode_guarded(self.plain_decoder, self.plain_decoder.prefill(cross=window.cross), rng)
+        if decoded is None:
+            self.counters.no_speech += 1
+            return []
+        return self._segments(decoded[0], decoded[2], offset, len(audio) / SAMPLE_RATE)
+
+    def _decode_guarded(self, decoder: WindowDecoder, window, rng):
+        """(result, text, compression ratio) of a window after the guards' fallback, or None for no speech."""
         attempts = []
         for temperature in self.guards.temperatures:
-            result = self.decoder.decode(window, temperature, rng)
+            result = decoder.decode(window, temperature, rng)
             text = self.tokenizer.decode(result.tokens).strip()
             ratio = compression_ratio(text)
             self.counters.loops_cut += result.looped
-            attempts.append((result, ratio))
+            attempts.append((result, text, ratio))
             if self.guards.is_no_speech(window.no_speech_prob, result.avg_logprob):
-                self.counters.no_speech += 1
-                return []
+                return None
             if not self.guards.needs_fallback(result.avg_logprob, ratio, result.looped):
-                break
+                return attempts[-1]
             self.counters.fallbacks += temperature != self.guards.temperatures[-1]
-        else:  # every temperature failed a guard: the likeliest result that is not a loop
-            result, ratio = max(attempts, key=lambda a: (not a[0].looped and a[1] <= self.guards.compression_ratio_threshold,
-                                                         a[0].avg_logprob))
-        return self._segments(result, ratio, offset, len(audio) / SAMPLE_RATE)
+        # Every temperature failed a guard: the likeliest result that is not a loop.
+        return max(attempts, key=lambda a: (not a[0].looped and a[2] <= self.guards.compression_ratio_threshold,
+                                            a[0].avg_logprob))
 
     def _segments(self, result, ratio: float, offset: float, duration: float) -> list[Segment]:
         stats = dict(avg_logprob=result.avg_logprob, no_speech_prob=result.no_speech_prob,
@@ -103,18 +115,17 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[Decodi
     thresholds and hotword bonus unless the settings override them."""
     recorded = bundle.manifest.get("decoding", {})
     tokenizer = bundle.tokenizer
-    prompt = " " + settings.prompt.strip() if settings.prompt else ""
-    hotwords = None
+    prompt = tuple(tokenizer.encode(" " + settings.prompt.strip())) if settings.prompt else ()
+    bias, named = None, ()
     if settings.hotwords:
         bonus = settings.hotword_bonus if settings.hotword_bonus is not None else recorded.get(
             "hotword_bonus", DEFAULT_WHISPER_BONUS)
-        hotwords = TokenBias(settings.hotwords, tokenizer, bonus) if bonus else None
-        named = settings.hotword_prompt if settings.hotword_prompt is not None else recorded.get(
+        bias = TokenBias(settings.hotwords, tokenizer, bonus) if bonus else None
+        in_prompt = settings.hotword_prompt if settings.hotword_prompt is not None else recorded.get(
             "hotword_prompt", DEFAULT_WHISPER_PROMPT)
-        prompt += " " + hotword_prompt(settings.hotwords) if named else ""
-    prompt = tuple(tokenizer.encode(prompt)) if prompt else ()
+        named = tuple(tokenizer.encode(" " + hotword_prompt(settings.hotwords))) if in_prompt else ()
     options = DecodingOptions(beam_size=max(1, settings.beam), timestamps=settings.timestamps, prompt=prompt,
-                              hotwords=hotwords)
+                              vocabulary=tuple(settings.hotwords), vocabulary_prompt=named, hotwords=bias)
     return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
 
 

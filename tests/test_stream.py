@@ -186,7 +186,7 @@ def test_daemon_decoding_section(tmp_path, bundle_int8):
     transcriber = load_transcriber(bundle_int8, settings=settings)
     assert transcriber.guards.no_speech_threshold == 0.5 and transcriber.guards.vad_gate
     assert transcriber.decoder.options.beam_size == 5
-    assert transcriber.tokenizer.decode(list(transcriber.decoder.options.prompt)) == " Press shop log. Kestrolix, KX-40."
+    assert transcriber.tokenizer.decode(transcriber.decoder.head) == " Press shop log. Kestrolix, KX-40."
     config.write_text('[decoding]\nvocabulary = "Kestrolix"\n')
     with pytest.raises(EdgeAsrError, match="list of words"):
         decoding_settings(load_config(config))
