@@ -24,7 +24,7 @@ DEFAULT_PEERS = ROOT.parent / "shared" / "tools" / "peers_bench.py"
 
 
 def run_ours(bundle: str, dirs: list[str], threads: int, runs: int, decode: list[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "edge_asr", "bench", "--json", "--bundle", bundle, "--threads", str(threads),
+    cmd = [sys.executable, "-m", "edge_asr", "bench", "--json", "--hypotheses", "--bundle", bundle, "--threads", str(threads),
            "--runs", str(runs), *decode, *dirs]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--decode", action="append", metavar="NAME=ARGS",
                     help="run every bundle also with these `edge-asr bench` options, e.g. 'litert=--backend tflite' "
-                         "or, for LSTM-CTC bundles, 'digits=--beam 8 --bias-words zero,one,two' (repeatable)")
+                         "or, for LSTM-CTC bundles, 'digits=--beam 8 --hotwords zero,one,two' (repeatable)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     args = ap.parse_args()
 

@@ -530,6 +530,12 @@ def cmd_info(args) -> int:
     print(f"  formats    {', '.join(bundle.formats)}")
     if bundle.family == "whisper":
         print(f"  context    {ContextPolicy.from_manifest(m).describe()}")
+        from .guards import Guards
+
+        g = Guards.from_manifest(m)
+        print(f"  guards     no speech above {g.no_speech_threshold} with mean log-probability below "
+              f"{g.logprob_threshold} (alone above {g.certain_no_speech_threshold}); loops and compression "
+              f"ratio above {g.compression_ratio_threshold} fall back to temperatures {list(g.temperatures)[1:]}")
         if m.get("adaptation"):
             a = m["adaptation"]
             print(f"  adapted    {a['delta']} (LoRA rank {a['rank']}, sha256 {a['sha256'][:16]}…), held-out loss "

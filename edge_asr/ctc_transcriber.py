@@ -59,8 +59,10 @@ class CtcTranscriber:
         stream = self.stream()
         stream.accept(audio)
         text = stream.finish()
-        return Transcript(text=text, audio_seconds=len(audio) / SAMPLE_RATE,
-                          wall_seconds=time.perf_counter() - start_wall, cpu_seconds=time.process_time() - start_cpu)
+        duration = len(audio) / SAMPLE_RATE
+        return Transcript(text=text, audio_seconds=duration, wall_seconds=time.perf_counter() - start_wall,
+                          cpu_seconds=time.process_time() - start_cpu,
+                          segments=[Segment(0.0, duration, text)] if text else [])
 
     def decode(self, log_probs: np.ndarray) -> str:
         if self.options.beam or self.bias:

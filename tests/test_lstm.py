@@ -225,10 +225,12 @@ def test_cli_lstm_bundle_transcribes_and_reports(words_bundle, word_audio, tmp_p
     wav = tmp_path / "seven.wav"
     write_wav(wav, word_audio["seven"])
     # In a process where torch and the build step cannot be imported: the runtime needs neither.
-    run = run_cli_without_torch(['transcribe', '--json', '--bundle', str(words_bundle), '--beam', '4',
-                                 '--bias-words', 'seven,nine', str(wav)])
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["text"] == "seven"
+    for flag in ("--hotwords", "--bias-words"):  # the second is the older name
+        run = run_cli_without_torch(['transcribe', '--json', '--bundle', str(words_bundle), '--beam', '4',
+                                     flag, 'seven,nine', str(wav)])
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert out["text"] == "seven" and out["segments"][0]["text"] == "seven"
     info = subprocess.run([sys.executable, "-m", "edge_asr", "info", "--bundle", str(words_bundle)],
                           capture_output=True, text=True)
     assert "lstm-ctc int8" in info.stdout
