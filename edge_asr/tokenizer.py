@@ -7,14 +7,12 @@ crosses a word boundary.
 """
 from __future__ import annotations
 
-try:  # GPT-2's own pattern needs Unicode classes; `regex` has them, `re` gets an equivalent for letters
-    import regex as _re
+import re
 
-    _PIECES = _re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-except ImportError:  # pragma: no cover - `regex` is usually installed alongside numpy's ecosystem
-    import re as _re
-
-    _PIECES = _re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+""")
+# GPT-2's pattern (`regex` syntax): ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' for letters, numbers, the rest.
+# The standard library has no \p{…}; these classes are the same sets written with \w, \d and _ (a device
+# install need not carry the `regex` package). Numbers are decimal digits: '²' or 'Ⅻ' would split otherwise.
+_PIECES = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

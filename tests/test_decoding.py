@@ -91,7 +91,7 @@ def test_tokenizer_encodes_as_whisper_does(transcriber_int8):
     from whisper.tokenizer import get_tokenizer
 
     reference = get_tokenizer(multilingual=False)
-    for text in [" Replace the KX-40 seal, then call Brennholt's 2nd shift at 06:30!", "naïve  über  日本",
+    for text in [" Replace the KX-40 seal, then call Brennholt's 2nd shift at 06:30!", "naïve  über  日本", "a_b __x._y",
                  "Mr. O'Neill ordered 1,250 units @ 50%.\n", " x"]:
         assert transcriber_int8.tokenizer.encode(text) == reference.encode(text)
         assert transcriber_int8.tokenizer.decode(transcriber_int8.tokenizer.encode(text)) == text
