@@ -31,7 +31,8 @@ DEFAULTS = {
     "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "backend": "auto",
               "beam": 0, "bias_words": []},  # the last two: older places of [decoding] beam and vocabulary
     # Thresholds left out (None) are the bundle's; see `edge-asr transcribe --help` for their meaning.
-    "decoding": {"beam": 0, "prompt": None, "vocabulary": [], "hotword_bonus": None, "guards": True,
+    "decoding": {"beam": 0, "prompt": None, "vocabulary": [], "hotword_bonus": None, "hotword_prompt": None,
+                 "guards": True,
                  "no_speech_threshold": None, "logprob_threshold": None, "compression_ratio_threshold": None,
                  "vad_gate": None, "seed": 0},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
@@ -68,7 +69,8 @@ def decoding_settings(config: dict) -> DecodingSettings:
     guards = {"enabled": d["guards"]} | {k: d[k] for k in ("no_speech_threshold", "logprob_threshold",
                                                              "compression_ratio_threshold", "vad_gate")}
     return DecodingSettings(beam=d["beam"] or model["beam"], prompt=d["prompt"], hotwords=list(vocabulary),
-                            hotword_bonus=d["hotword_bonus"], guards=guards, vad=config["vad"]["kind"], seed=d["seed"])
+                            hotword_bonus=d["hotword_bonus"], hotword_prompt=d["hotword_prompt"], guards=guards,
+                            vad=config["vad"]["kind"], seed=d["seed"])
 
 
 def _status_handler(daemon: "Daemon"):

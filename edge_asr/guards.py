@@ -3,8 +3,8 @@ sampling at a higher temperature.
 
 Whisper was trained on 30 s windows that nearly always held speech, so on silence or noise it still
 writes something ("you", "."), and on hard audio it can fall into a loop that repeats a phrase until the
-window's token budget is spent. Whisper's own transcribe guards against both, with the thresholds
-below as its defaults:
+window's token budget is spent. Whisper's own transcribe guards against both; these guards follow it,
+with thresholds chosen on held-out data:
 
 - a window is **no speech** when the probability of `<|nospeech|>` at the first decoding step exceeds
   `no_speech_threshold` *and* the decoded tokens are improbable (mean log-probability below

@@ -1,13 +1,17 @@
 """Hotwords: domain words (machine names, part codes, suppliers) favoured in decoding without being forced.
 
-For Whisper, two ways, both in the bundle's decoding section: the words are named in the previous-text
-prompt (as faster-whisper's `hotwords` do), and/or given a logit bonus. The prompt sways every word of a
-window, not only the hotwords, so a window decoded with it is kept only if it says one of them; otherwise
-the window is decoded again without it. For the bonus, each word is spelled as the token sequences it can appear as (after a space or at the start
-of a segment, as given, capitalized, lower-case). At every step the decoder adds `bonus` to the logits of
-the tokens that start one of those sequences, or continue one whose beginning the text already ends with.
-Only the next token is favoured, so a word the audio does not support is not forced in: the bonus has to
-tip a close call. The LSTM-CTC path biases characters the same way (see `ctc.WordBias`).
+For Whisper, two ways, both recorded in the bundle's decoding section:
+
+- the words are named in the previous-text prompt (as faster-whisper's `hotwords` do). The prompt sways
+  every word of a window, not only the hotwords, so a window decoded with it is kept only if it says one
+  of them; otherwise the window is decoded again without it;
+- a logit bonus. Each word is spelled as the token sequences it can appear as (after a space or at the
+  start of a segment; as given, capitalized, lower-case), and at every step the decoder adds `bonus` to
+  the tokens that start one of those sequences, or continue one whose beginning the text already ends
+  with. Only the next token is favoured, so a word the audio does not support is not forced in: the bonus
+  has to tip a close call.
+
+The LSTM-CTC path biases characters the same way (see `ctc.WordBias`).
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ import numpy as np
 
 from .errors import EdgeAsrError
 
-# For Whisper bundles that record none; chosen on benchmarks/hotwords.py's tuning set (see the README):
-# naming the words in the prompt found as many as any logit bonus did, with fewer insertions.
+# For Whisper bundles that record none; chosen on benchmarks/hotwords.py's tuning sets (see the README):
+# naming the words in the prompt found more of them than any logit bonus, with no insertions.
 DEFAULT_WHISPER_BONUS = 0.0      # logits per token
 DEFAULT_WHISPER_PROMPT = True
 
