@@ -151,12 +151,9 @@ def synthesize_sets(work: Path) -> None:
         (folder / "refs.tsv").write_text("".join(f"{name}{i:03d}\t{t}\n" for i, (t, _) in enumerate(items)))
 
 
-def compact(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", text.lower())
-
-
 def score(items, hypotheses: list[str]) -> dict:
     """Hotword misses, insertions, and the WER of the other words."""
+    from edge_asr.hotwords import letters_and_digits as compact
     from edge_asr.metrics import normalize, word_error_rate
 
     misses = total = inserted = 0

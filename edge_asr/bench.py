@@ -17,7 +17,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .device import device_info
 from .errors import AudioError
 from .metrics import normalize, word_error_rate
-from .transcriber import Transcriber  # noqa: F401 (the type run_bench takes)
+from .transcriber import Transcriber
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 

@@ -51,10 +51,16 @@ def read_word_list(words: str | None = None, path: str | None = None) -> list[st
     return list(dict.fromkeys(found))
 
 
+def letters_and_digits(text: str) -> str:
+    """`text` lower-cased without spaces, hyphens or punctuation: how a hotword is looked for ("KX 40" and
+    "kx40" are both "KX-40")."""
+    return re.sub(r"[^0-9a-z]", "", text.lower())
+
+
 def mentions(text: str, words: list[str] | tuple[str, ...]) -> bool:
-    """Whether `text` says one of `words`, in any case, spacing or hyphenation ("KX 40" says "KX-40")."""
-    flat = re.sub(r"[^0-9a-z]", "", text.lower())
-    return any(re.sub(r"[^0-9a-z]", "", w.lower()) in flat for w in words)
+    """Whether `text` says one of `words`, in any case, spacing or hyphenation."""
+    flat = letters_and_digits(text)
+    return any(letters_and_digits(w) in flat for w in words)
 
 
 class TokenBias:

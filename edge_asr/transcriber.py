@@ -22,7 +22,7 @@ from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, 
 from .results import Segment, Transcript
 from .segmenter import split_at_pauses
 from .settings import DecodingSettings
-from .vad import speech_seconds
+from .vad import make_vad, speech_seconds
 
 MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two speech frames (a tight digit has few)
 
@@ -40,7 +40,9 @@ class Transcriber:
         self.tokenizer = self.bundle.tokenizer
         self.context = ContextPolicy.from_manifest(self.bundle.manifest)
         self.guards = guards or Guards.from_manifest(self.bundle.manifest)
-        self.vad, self.seed = vad, seed
+        # The gate's detector: energy is computed per window; Silero is a model, loaded once.
+        self.vad = make_vad(vad) if self.guards.vad_gate and vad != "energy" else vad
+        self.seed = seed
         self.counters = GuardCounters()
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
@@ -76,7 +78,7 @@ class Transcriber:
         if decoded is None:
             self.counters.no_speech += 1
             return []
-        return self._segments(decoded[0], decoded[2], offset, len(audio) / SAMPLE_RATE)
+        return self._segments(*decoded, offset, len(audio) / SAMPLE_RATE)
 
     def _decode_guarded(self, decoder: WindowDecoder, window, rng):
         """(result, text, compression ratio) of a window after the guards' fallback, or None for no speech."""
@@ -96,11 +98,10 @@ class Transcriber:
         return max(attempts, key=lambda a: (not a[0].looped and a[2] <= self.guards.compression_ratio_threshold,
                                             a[0].avg_logprob))
 
-    def _segments(self, result, ratio: float, offset: float, duration: float) -> list[Segment]:
+    def _segments(self, result, text: str, ratio: float, offset: float, duration: float) -> list[Segment]:
         stats = dict(avg_logprob=result.avg_logprob, no_speech_prob=result.no_speech_prob,
                      temperature=result.temperature, compression_ratio=ratio)
         if not self.decoder.options.timestamps:
-            text = self.tokenizer.decode(result.tokens).strip()
             return [Segment(offset, offset + duration, text, **stats)] if text else []
         segments = []
         for start, end, tokens in split_segments(result.tokens, self.decoder.timestamp_begin, duration):

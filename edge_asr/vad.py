@@ -61,21 +61,22 @@ def make_vad(kind: str = "energy"):
     raise EdgeAsrError(f"unknown voice activity detector {kind!r} (energy or silero)")
 
 
-def speech_seconds(audio: np.ndarray, kind: str = "energy", margin_db: float = 12.0, floor_db: float = -55.0) -> float:
+def speech_seconds(audio: np.ndarray, detector="energy", margin_db: float = 12.0, floor_db: float = -55.0) -> float:
     """Seconds of speech a detector finds in a whole window of audio (the file path's voice activity gate).
 
     A stream has to learn its noise floor as it goes; a window is seen whole, so the energy detector's floor
     is the window's own quietest frame. Steady noise, however loud, then never counts as speech, while
     speech stands `margin_db` above the pauses between its words, or above its own quietest sound in a
-    clip cut tight around one word."""
+    clip cut tight around one word.
+    Any other `detector` (a `SileroVad`) is reset and run over the window's frames."""
     n = len(audio) // FRAME_SAMPLES
     if n == 0:
         return 0.0
     frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
-    if kind == "energy":
+    if detector == "energy":
         db = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
         speech = db > max(floor_db, float(db.min()) + margin_db)
     else:
-        vad = make_vad(kind)
-        speech = np.array([vad(frame) for frame in frames])
+        detector.reset()
+        speech = np.array([detector(frame) for frame in frames])
     return float(speech.sum()) * FRAME_SAMPLES / 16000
