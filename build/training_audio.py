@@ -169,7 +169,12 @@ def room_impulse_response(rng: np.random.Generator) -> np.ndarray:
 
     size = rng.uniform([3, 3, 2.4], [12, 10, 4])
     rt60 = rng.uniform(0.15, 0.8)
-    absorption, max_order = pra.inverse_sabine(rt60, size)
+    while True:
+        try:
+            absorption, max_order = pra.inverse_sabine(rt60, size)
+            break
+        except ValueError:  # a large room cannot be that dry: the shortest time it allows is a little longer
+            rt60 *= 1.25
     room = pra.ShoeBox(size, fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=min(max_order, 12))
     room.add_source(rng.uniform(0.5, size - 0.5))
     room.add_microphone(rng.uniform(0.5, size - 0.5))
