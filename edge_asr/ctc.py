@@ -13,6 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .results import Word
+
 BLANK = 0
 ALPHABET = "_ abcdefghijklmnopqrstuvwxyz'"  # index 0 is the blank
 
@@ -27,6 +29,36 @@ def greedy_symbols(log_probs: np.ndarray, previous: int = BLANK) -> tuple[list[i
             out.append(s)
         previous = s
     return out, previous
+
+
+def greedy_words(log_probs: np.ndarray, alphabet: str, frame_seconds: float, offset_s: float = 0.0) -> list[Word]:
+    """The greedy path's words with their times (first to last frame where one of their characters wins)
+    and confidence (the geometric mean of their characters' probabilities where each was emitted)."""
+    words, chars, logps, start, end, previous = [], [], [], 0, 0, BLANK
+
+    def close():
+        if chars:
+            words.append(Word(start * frame_seconds + offset_s, (end + 1) * frame_seconds + offset_s, "".join(chars),
+                              float(np.exp(np.mean(logps)))))
+        chars.clear()
+        logps.clear()
+
+    for frame, symbol in enumerate(log_probs.argmax(-1)):
+        symbol = int(symbol)
+        if symbol != BLANK and symbol == previous and alphabet[symbol] != " ":
+            end = frame   # the character holds on
+        elif symbol != BLANK and symbol != previous:
+            if alphabet[symbol] == " ":
+                close()
+            else:
+                if not chars:
+                    start = frame
+                chars.append(alphabet[symbol])
+                logps.append(float(log_probs[frame, symbol]))
+                end = frame
+        previous = symbol
+    close()
+    return words
 
 
 def symbols_to_text(symbols: list[int], alphabet: str = ALPHABET) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import open_model
 from .bundle import Bundle
-from .ctc import WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
+from .ctc import WordBias, greedy_symbols, greedy_words, prefix_beam_search, symbols_to_text
 from .frontend import SAMPLE_RATE, LogMelStream
 from .results import Segment, Transcript
 
@@ -62,7 +62,7 @@ class CtcTranscriber:
         duration = len(audio) / SAMPLE_RATE
         return Transcript(text=text, audio_seconds=duration, wall_seconds=time.perf_counter() - start_wall,
                           cpu_seconds=time.process_time() - start_cpu,
-                          segments=[Segment(0.0, duration, text)] if text else [])
+                          segments=[Segment(0.0, duration, text, words=stream.words)] if text else [])
 
     def decode(self, log_probs: np.ndarray) -> str:
         if self.options.beam or self.bias:
@@ -82,6 +82,7 @@ class CtcStream:
         self.log_probs: list[np.ndarray] = []
         self.symbols: list[int] = []
         self.previous = 0  # best symbol of the last frame, for CTC's collapse across chunks
+        self.words = None  # after `finish`: the final's words with times and confidences
         self.accept(np.zeros(int(LEAD_SECONDS * SAMPLE_RATE), dtype=np.float32))
 
     @property
@@ -103,4 +104,9 @@ class CtcStream:
         self.accept(np.zeros(int(TAIL_SECONDS * SAMPLE_RATE), dtype=np.float32))
         if not self.log_probs:
             return ""
-        return self.transcriber.decode(np.concatenate(self.log_probs))
+        log_probs = np.concatenate(self.log_probs)
+        text = self.transcriber.decode(log_probs)
+        # Times from the greedy path: a beam final that reads otherwise has no frame-exact alignment here.
+        words = greedy_words(log_probs, self.transcriber.alphabet, 0.01 * self.model.stack, -LEAD_SECONDS)
+        self.words = words if " ".join(w.word for w in words) == text else None
+        return text

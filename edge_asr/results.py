@@ -6,6 +6,18 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
+class Word:
+    start: float                 # seconds from the start of the audio
+    end: float
+    word: str
+    confidence: float            # the model's probability of the word's characters (geometric mean)
+
+    def to_dict(self) -> dict:
+        return {"start": round(self.start, 3), "end": round(self.end, 3), "word": self.word,
+                "confidence": round(self.confidence, 3)}
+
+
+@dataclass
 class Segment:
     start: float                 # seconds from the start of the audio
     end: float
@@ -14,9 +26,12 @@ class Segment:
     no_speech_prob: float | None = None   # probability of <|nospeech|> at its window's first step (Whisper)
     temperature: float | None = None      # the decoding temperature that produced it (0: greedy or beam)
     compression_ratio: float | None = None
+    words: list[Word] | None = None       # word times and confidences (LSTM-CTC)
 
     def to_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items() if v is not None}
+        d = {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()
+             if v is not None and k != "words"}
+        return d | ({"words": [w.to_dict() for w in self.words]} if self.words is not None else {})
 
 
 @dataclass

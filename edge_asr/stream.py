@@ -33,15 +33,19 @@ class Final:
     processing_s: float
     emitted: float            # time.monotonic() when the text was ready
     forced_cut: bool = False
+    words: list | None = None  # results.Word, times from the utterance's start (streaming LSTM-CTC finals)
 
     @property
     def rtf(self) -> float:
         return self.processing_s / max(1e-9, self.end_s - self.start_s)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("emitted")
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} | {"rtf": round(self.rtf, 4)}
+        d = {k: v for k, v in asdict(self).items() if k not in ("emitted", "words")}
+        d = {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} | {"rtf": round(self.rtf, 4)}
+        if self.words is not None:
+            d["words"] = [w.to_dict() | {"start": round(self.start_s + w.start, 3), "end": round(self.start_s + w.end, 3)}
+                          for w in self.words]
+        return d
 
 
 @dataclass
@@ -84,6 +88,7 @@ class StreamRecognizer:
         self._previous_partial = ""
         self.incremental = hasattr(transcriber, "stream")
         self._stream, self._fed = None, 0  # the streaming model's utterance in flight, and samples fed to it
+        self._words = None                 # the last final's words, where the stream gives them
 
     @property
     def in_speech(self) -> bool:
@@ -137,6 +142,7 @@ class StreamRecognizer:
     def _final_text(self, utterance: Utterance) -> tuple[str, float]:
         stream, fed = self._stream, self._fed
         self._stream, self._fed = None, 0
+        self._words = None
         if stream is None or utterance.forced:
             # A forced cut ends before what the stream was fed; its rest starts the next utterance.
             return self._timed(utterance.audio)
@@ -144,14 +150,16 @@ class StreamRecognizer:
         start = time.perf_counter()
         stream.accept(utterance.audio[fed:])
         text = stream.finish()
+        self._words = stream.words
         spent = time.perf_counter() - start
         self.counters.processing_s += spent
         return text, spent
 
     def _final(self, utterance: Utterance) -> Final:
+        self._words = None
         text, spent = self._final_text(utterance) if self.incremental else self._timed(utterance.audio)
         final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
-                      utterance.forced)
+                      utterance.forced, self._words)
         self._last_partial_at, self._previous_partial = 0.0, ""
         if text:
             self.counters.utterances += 1

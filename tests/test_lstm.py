@@ -111,6 +111,21 @@ def test_greedy_collapses_repeats_and_blanks_across_chunks():
     assert prefix_beam_search(frames, beam=4) == "aab"
 
 
+def test_greedy_words_have_frame_times_and_confidences():
+    from edge_asr.ctc import greedy_words
+
+    path = "__hh_ii__ _  __ttoo__"  # "hi to", one symbol per 20 ms frame
+    log_probs = np.full((len(path), len(ALPHABET)), np.log(0.01), dtype=np.float32)
+    for t, ch in enumerate(path):
+        log_probs[t, ALPHABET.index(ch)] = np.log(0.5 if ch == "t" else 0.9)
+    words = greedy_words(log_probs, ALPHABET, 0.02, offset_s=-0.1)
+    assert [w.word for w in words] == ["hi", "to"]
+    assert words[0].start == pytest.approx(2 * 0.02 - 0.1) and words[0].end == pytest.approx(7 * 0.02 - 0.1)
+    assert words[1].start == pytest.approx(15 * 0.02 - 0.1) and words[1].end == pytest.approx(19 * 0.02 - 0.1)
+    assert words[0].confidence == pytest.approx(0.9, abs=1e-4)
+    assert words[1].confidence == pytest.approx(np.sqrt(0.5 * 0.9), abs=1e-4)
+
+
 def test_bias_tips_a_close_call_but_not_clear_evidence():
     a, o, n, e = (ALPHABET.index(c) for c in "aone")
 
