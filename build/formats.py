@@ -58,9 +58,11 @@ def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_f
 
 
 def add_lstm_tflite(model, staged: Path, work: Path, precision: str) -> dict:
-    from .tflite_export import CHUNK_STEPS, export_lstm_tflite, quantize_tflite_int8
+    from .cald import CaldCtc
+    from .tflite_export import CHUNK_STEPS, export_cald_tflite, export_lstm_tflite, quantize_tflite_int8
 
-    path = export_lstm_tflite(model, work / "acoustic.fp32.tflite")
+    export = export_cald_tflite if isinstance(model, CaldCtc) else export_lstm_tflite
+    path = export(model, work / "acoustic.fp32.tflite")
     target = staged / f"acoustic.{precision}.tflite"
     if precision == "int8":
         quantize_tflite_int8(path, target)

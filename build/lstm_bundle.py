@@ -15,6 +15,8 @@ from edge_asr.ctc import ALPHABET
 
 from .bundle import file_entries, format_files, save_manifest
 from .formats import add_lstm_tflite, add_ort
+from . import cald
+from .cald_export import export_cald, state_names
 from .lstm import load_lstm, lstm_matrix_params
 from .lstm_export import export_lstm
 from .mel import mel_filters
@@ -28,14 +30,15 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     step(f"load {checkpoint}")
-    model, meta = load_lstm(checkpoint)
+    converted = cald.is_cald_checkpoint(checkpoint)
+    model, meta = (cald.load_cald if converted else load_lstm)(checkpoint)
     name = name or out_dir.name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         work, staged = Path(tmp), Path(tmp) / "bundle"
         staged.mkdir()
         step("export streaming graph (ONNX)")
-        graph = export_lstm(model, work / "acoustic.fp32.onnx")
+        graph = (export_cald if converted else export_lstm)(model, work / "acoustic.fp32.onnx")
         if precision == "int8":
             step("quantize to int8")
             graph = quantize_lstm_int8(graph, staged / "acoustic.int8.onnx")
@@ -50,6 +53,13 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
             sections["tflite"] = add_lstm_tflite(model, staged, work, precision)
         c = model.config
         np.save(staged / "mel_filters.npy", mel_filters(16000, 400, c.n_mels))
+        if converted:  # Whisper's encoder converted to LSTM blocks: two mel frames per encoder step
+            architecture = {"architecture": "cald", "state": state_names(model),
+                            "lstm_matrix_parameters": cald.lstm_matrix_params(model)}
+            stack, alphabet = 2, c.alphabet
+        else:
+            architecture = {"architecture": "lstm", "lstm_matrix_parameters": lstm_matrix_params(model)}
+            stack, alphabet = c.stack, ALPHABET
         files = [graph.name, *format_files(sections), "mel_filters.npy"]
         weights = checkpoint.with_suffix(".safetensors")
         manifest = {
@@ -57,15 +67,15 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "builder": f"edge-asr {__version__}",
             "model": {"family": "lstm-ctc", "config": meta["config"], "precision": precision,
                       "parameters": sum(p.numel() for p in model.parameters()),
-                      "lstm_matrix_parameters": lstm_matrix_params(model), "graphs": {"acoustic": graph.name},
+                      **architecture, "graphs": {"acoustic": graph.name},
                       **sections},
-            "source": {"format": "lstm-ctc checkpoint", "path": str(weights), "sha256": sha256_file(weights),
-                       **{k: meta[k] for k in ("recipe", "teacher", "compression", "recovery", "training_hours")
+            "source": {"format": f"{meta['family']} checkpoint", "path": str(weights), "sha256": sha256_file(weights),
+                       **{k: meta[k] for k in ("recipe", "teacher", "compression", "recovery", "training_hours", "provenance")
                           if k in meta}},
-            "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": c.n_mels, "stack": c.stack,
+            "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": c.n_mels, "stack": stack,
                          "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",
                          "mel_filters": "mel_filters.npy"},
-            "tokenizer": {"type": "characters", "alphabet": ALPHABET, "blank": 0},
+            "tokenizer": {"type": "characters", "alphabet": alphabet, "blank": 0},
             "decoder": {"type": "ctc", "defaults": {"beam": 0}},
             "files": file_entries(staged, files),
             "evaluation": {},

@@ -146,6 +146,58 @@ class LstmStepsGraph(nn.Module):
         return {"log_probs": m.output(x).log_softmax(-1), **new_state}
 
 
+def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An LSTM(P) layer over x (steps, n_in) unrolled, the input matrix batched over the steps."""
+    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
+    input_gates = x @ lstm.weight_ih_l0.T + (lstm.bias_ih_l0 + lstm.bias_hh_l0)
+    outputs = []
+    for t in range(x.shape[0]):
+        gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
+        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+        h = torch.sigmoid(go) * torch.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.T
+        outputs.append(h)
+    return torch.cat(outputs, 0), h, c
+
+
+class CaldStepsGraph(nn.Module):
+    """`steps` encoder steps (2 * steps mel frames) of a converted (CALD) model with its state in and out,
+    as the ONNX graph computes them (`cald_export`)."""
+
+    def __init__(self, model, steps: int):
+        super().__init__()
+        self.model, self.steps = model.eval(), steps
+
+    def forward(self, features: Tensor, mel_tail: Tensor, conv_tail: Tensor, *state: Tensor) -> dict[str, Tensor]:
+        m = self.model
+        x, mel_tail, conv_tail = m.front(m.normalize(features[None]), mel_tail, conv_tail)
+        x = x[0]
+        new_state = {"mel_tail": mel_tail, "conv_tail": conv_tail}
+        for i, block in enumerate(m.blocks):
+            h = block.attn_ln(x)
+            if block.input_proj is not None:
+                h = block.input_proj(h)
+            y, new_state[f"h{i}"], new_state[f"c{i}"] = lstm_steps(h, block.lstm, state[2 * i], state[2 * i + 1])
+            x = x + block.out(y)
+            x = x + block.mlp(block.mlp_ln(x))
+        return {"log_probs": m.head(m.ln_post(x)).log_softmax(-1), **new_state}
+
+
+def export_cald_tflite(model, path: Path, chunk_steps: int = CHUNK_STEPS) -> Path:
+    """acoustic.tflite (float32) of a converted model, with the signatures "step" and "chunk"."""
+    from .cald_export import state_names, state_shapes
+
+    shapes = state_shapes(model)
+    state = {n: torch.zeros(*shapes[n]) for n in state_names(model)}
+    names = ["features", *state]
+    signatures = []
+    for name, steps in (("step", 1), ("chunk", chunk_steps)):
+        inputs = {"features": torch.zeros(2 * steps, model.config.n_mels), **state}
+        signatures.append((name, _Keywords(CaldStepsGraph(model, steps), names), inputs))
+    return _convert(signatures, Path(path))
+
+
 @contextlib.contextmanager
 def _quiet():
     """litert-torch prints a progress line per conversion stage, and TensorFlow's and absl's C++ logging

@@ -310,12 +310,44 @@ def cmd_lstm_train(args) -> int:
 
 
 def _lstm_checkpoint(path: str) -> Path:
+    from edge_asr_build.cald import is_cald_checkpoint
     from edge_asr_build.lstm import is_lstm_checkpoint
 
-    if not is_lstm_checkpoint(path):
+    if not (is_lstm_checkpoint(path) or is_cald_checkpoint(path)):
         raise EdgeAsrError(f"{path}: not an LSTM-CTC checkpoint (expected the .json or .safetensors written by "
-                           "`edge-asr lstm train`)")
+                           "`edge-asr lstm train` or `edge-asr lstm convert`)")
     return Path(path).with_suffix(".safetensors")
+
+
+def _folders(paths: list[str] | None) -> list[Path]:
+    for folder in paths or []:
+        if not Path(folder).is_dir():
+            raise EdgeAsrError(f"{folder}: no such folder")
+    return [Path(p) for p in paths or []]
+
+
+def cmd_lstm_convert(args) -> int:
+    _lstm_side()
+    import torch
+
+    from edge_asr_build import cald_train, loaders
+
+    torch.set_num_threads(args.threads)
+    recipe = cald_train.CaldRecipe(layerwise_steps=args.layerwise_steps, joint_steps=args.joint_steps,
+                                   head_steps=args.head_steps, ctc_steps=args.ctc_steps, seed=args.seed)
+    corpora, audio = _folders(args.corpus), _folders(args.audio)
+    progress = StepProgress(6, "convert")
+    try:
+        loaders.check_source(args.source)
+        path = cald_train.convert(Path(args.out), args.source, corpora, audio, recipe,
+                                  Path(args.work) if args.work else None, args.resume, step=progress,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+        raise EdgeAsrError(str(e)) from None
+    finally:
+        progress.close()
+    print(path)
+    return 0
 
 
 def cmd_lstm_compress(args) -> int:
@@ -323,6 +355,24 @@ def cmd_lstm_compress(args) -> int:
     source = _lstm_checkpoint(args.source)
     if not 0 < args.ratio < 1:
         raise EdgeAsrError("--ratio must be between 0 and 1")
+    from edge_asr_build.cald import is_cald_checkpoint
+
+    if is_cald_checkpoint(source):
+        import torch
+
+        from edge_asr_build import cald_train
+
+        torch.set_num_threads(args.threads)
+        progress = StepProgress(3, "compress")
+        try:
+            path = cald_train.compress_and_recover(source, Path(args.out), args.ratio, args.steps,
+                                                   _folders(args.corpus), _folders(args.audio),
+                                                   work=Path(args.work) if args.work else None, resume=args.resume,
+                                                   step=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+        finally:
+            progress.close()
+        print(path)
+        return 0
     path = recipe.compress_and_recover(source, Path(args.out), args.ratio, args.epochs, args.lr, args.kd_weight,
                                        threads=args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(path)
@@ -521,8 +571,9 @@ def cmd_info(args) -> int:
     if bundle.family == "lstm-ctc":
         c = m["model"]["config"]
         layers = ", ".join(f"{h}" + (f"/p{p}" if p else "") for h, p in zip(c["hidden"], c["proj"]))
+        kind = "Whisper encoder converted to LSTM blocks" if m["model"].get("architecture") == "cald" else "layers"
         print(f"  model      lstm-ctc {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
-              f"layers {layers}, {len(m['tokenizer']['alphabet']) - 1} characters")
+              f"{kind} {layers}, {len(m['tokenizer']['alphabet']) - 1} characters")
     else:
         print(f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
               f"{'multilingual' if m['model']['multilingual'] else 'English-only'}")
@@ -733,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint of an earlier, stopped run")
     p.set_defaults(func=cmd_recover)
 
-    lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, compress, build (needs [build])")
+    lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, convert, compress, build (needs [build])")
     lstm_sub = lstm.add_subparsers(dest="lstm_command", required=True, metavar="STEP")
     p = with_threads(lstm_sub.add_parser("train", help="train on synthesized speech (and teacher-labelled audio)"))
     p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
@@ -758,7 +809,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="recovery epochs (default 3; 0: SVD only)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kd-weight", type=float, default=1.0, help="weight of KL to the uncompressed model")
+    p.add_argument("--steps", type=int, default=300,
+                   help="recovery steps for a converted model (default 300; 0: SVD only)")
+    p.add_argument("--corpus", action="append", metavar="DIR", help="converted model: the conversion's recorded corpora")
+    p.add_argument("--audio", action="append", metavar="DIR", help="converted model: the conversion's --audio folders")
+    p.add_argument("--work", help="converted model: folder of the conversion's data and checkpoints")
+    p.add_argument("--resume", action="store_true", help="converted model: go on from a stopped recovery")
     p.set_defaults(func=cmd_lstm_compress)
+    p = with_threads(lstm_sub.add_parser("convert", help="convert Whisper's encoder to a streaming LSTM encoder "
+                                                         "(layerwise distillation), with a CTC head"))
+    p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--source", default="tiny.en", help="the Whisper model to convert (default tiny.en)")
+    p.add_argument("--corpus", action="append", metavar="DIR",
+                   help="recorded speech used unlabelled: a speechocean762 checkout, wake-word-benchmark/audio")
+    p.add_argument("--audio", action="append", metavar="DIR", help="folder of your own recordings (repeatable)")
+    p.add_argument("--layerwise-steps", type=int, default=400)
+    p.add_argument("--joint-steps", type=int, default=400)
+    p.add_argument("--head-steps", type=int, default=1500)
+    p.add_argument("--ctc-steps", type=int, default=3000, help="end-to-end CTC steps (with stream matching)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="folder for the teacher states and stage checkpoints (default: in $EDGE_ASR_HOME)")
+    p.add_argument("--resume", action="store_true", help="go on from the stages of an earlier, stopped run")
+    p.set_defaults(func=cmd_lstm_convert)
     p = with_threads(lstm_sub.add_parser("build", help="export a checkpoint as a streaming bundle"))
     p.add_argument("source", help="checkpoint (.json or .safetensors)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
