@@ -3,9 +3,11 @@
 
 Clips from a folder with refs.tsv (short utterances: digits, commands) are joined by pauses of a faint
 noise floor into one stream, which the file source plays at real-time pace in small blocks, as a
-microphone would deliver it. We know each clip's place in the stream, and take its speech onset to be
-its first 10 ms frame within 40 dB of its loudest. The script prints, per utterance, the time from
-speech onset to the first non-empty partial and to the final, and the stream's WER and RTF.
+microphone would deliver it. We know each clip's place in the stream, and take its speech onset (end) to
+be its first (last) 10 ms frame within 40 dB of its loudest. The script prints the medians over
+utterances of the time from speech onset to the first non-empty partial; from the end of speech (the end
+of the clip's last word) to the first partial that holds the clip's words correctly (normalized as WER
+is); and from the end of speech to the final; then the stream's WER and RTF.
 
   python benchmarks/stream_latency.py ../shared/data/dev/fsdd --bundle ~/.cache/edge-asr/bundles/digits-lstm-int8 \\
       --clips 60 --block 0.02
@@ -24,11 +26,21 @@ import numpy as np
 SAMPLE_RATE = 16000
 
 
-def onset(audio: np.ndarray, floor_db: float = 40.0) -> float:
-    """Seconds into the clip of its first 10 ms frame within `floor_db` of its loudest frame."""
+def speech_frames(audio: np.ndarray, floor_db: float = 40.0) -> np.ndarray:
+    """Indices of the clip's 10 ms frames within `floor_db` of its loudest frame."""
     n = len(audio) // 160
     energy = 10 * np.log10((audio[: n * 160].reshape(n, 160).astype(np.float64) ** 2).mean(1) + 1e-12)
-    return float(np.flatnonzero(energy >= energy.max() - floor_db)[0]) * 0.01
+    return np.flatnonzero(energy >= energy.max() - floor_db)
+
+
+def onset(audio: np.ndarray) -> float:
+    """Seconds into the clip of its first speech frame."""
+    return float(speech_frames(audio)[0]) * 0.01
+
+
+def offset(audio: np.ndarray) -> float:
+    """Seconds into the clip of the end of its last speech frame."""
+    return float(speech_frames(audio)[-1] + 1) * 0.01
 
 
 def build_stream(folder: str, count: int, seed: int) -> tuple[np.ndarray, list[dict]]:
@@ -45,10 +57,17 @@ def build_stream(folder: str, count: int, seed: int) -> tuple[np.ndarray, list[d
     parts.append(pause(1.0))
     t = 1.0
     for u in chosen:
-        clips.append({"reference": u.reference, "start": t, "onset": t + onset(u.audio), "end": t + len(u.audio) / SAMPLE_RATE})
+        clips.append({"reference": u.reference, "start": t, "onset": t + onset(u.audio), "offset": t + offset(u.audio),
+                      "end": t + len(u.audio) / SAMPLE_RATE})
         parts += [u.audio, pause(p := rng.uniform(1.0, 1.5))]
         t += len(u.audio) / SAMPLE_RATE + p
     return np.concatenate(parts), clips
+
+
+def _holds(partial: list[str], words: list[str]) -> bool:
+    """Whether the partial's words contain the reference's words in a row."""
+    n = len(words)
+    return any(partial[i:i + n] == words for i in range(len(partial) - n + 1)) if n else False
 
 
 def main() -> int:
@@ -92,18 +111,24 @@ def main() -> int:
     recognizer.finish()
     wall = time.perf_counter() - start
 
-    first_partial, to_final, missed, hyps = [], [], 0, []
+    from edge_asr.metrics import normalize
+
+    first_partial, word_partial, to_final, missed, hyps = [], [], [], 0, []
     for clip in clips:
         window = (clip["start"] - 0.5, clip["end"])
         mine = [p for p in partials if window[0] <= p.start_s <= window[1]]
         done = [f for f in finals if window[0] <= f.start_s <= window[1]]
         hyps.append(" ".join(f.text for f in done))
+        if done:
+            to_final.append(done[0].emitted - source.started - clip["offset"])
         if not mine:
             missed += 1
             continue
         first_partial.append(min(p.emitted for p in mine) - source.started - clip["onset"])
-        if done:
-            to_final.append(done[0].emitted - source.started - clip["onset"])
+        words = normalize(clip["reference"]).split()
+        holding = [p.emitted for p in mine if _holds(normalize(p.text).split(), words)]
+        if holding:
+            word_partial.append(min(holding) - source.started - clip["offset"])
 
     def summary(values):
         ms = sorted(1000 * v for v in values)
@@ -112,8 +137,10 @@ def main() -> int:
 
     refs = [c["reference"] for c in clips]  # scored per clip: the normalizer joins spoken digits into numbers
     c = recognizer.counters
-    print(f"speech onset -> first non-empty partial: {summary(first_partial)}; clips without a partial: {missed}")
-    print(f"speech onset -> final:                   {summary(to_final)}")
+    print(f"speech onset -> first non-empty partial:        {summary(first_partial)}; clips without a partial: {missed}")
+    print(f"end of speech -> partial holding its words:     {summary(word_partial)}; "
+          f"clips whose partials never held them: {len(clips) - len(word_partial)}")
+    print(f"end of speech -> final:                         {summary(to_final)} (min-silence {args.min_silence:.2f} s)")
     print(f"stream WER {word_error_rate(refs, hyps):.2f}% (finals matched to clips by time), "
           f"{c.utterances} finals for {len(clips)} clips, "
           f"RTF {c.rtf:.4f} (processing {c.processing_s:.2f} s; wall {wall:.1f} s), "
