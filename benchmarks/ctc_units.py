@@ -33,7 +33,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from edge_asr.ctc import ALPHABET, greedy_symbols

@@ -7,8 +7,11 @@ Stages, each checkpointed in the work folder (a stopped run resumes at the last 
   2. joint      the stacked encoder, from the mel, matches the teacher's residual stream after every
                 block (reference matching on hidden states); the transferred FFNs and norms move at a
                 far lower learning rate than the new LSTMs.
-  3. head       a CTC head over characters on the converted encoder's output, trained on the teacher's
-                transcripts of the same audio (numbers in their spoken form).
+  3. head       a CTC head over characters on the frozen converted encoder's output, trained on the
+                teacher's transcripts of the same audio (numbers in their spoken form).
+  4. ctc        end to end: CTC on those transcripts (with SpecAugment) plus the stream matching of
+                stage 2, which keeps the encoder near the teacher; the state with the lowest held-out
+                WER against the teacher is kept.
 
 The teacher is Whisper on the audio's own length (the dynamic-context delta merged), so its states do not
 depend on 30 s of padding. The audio and the teacher's transcripts are the reference sets the
@@ -35,7 +38,7 @@ from torch import Tensor
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
 
-from .cald import CaldConfig, CaldCtc, from_whisper, lstm_matrix_params, save_cald, teacher_stream
+from .cald import CaldCtc, from_whisper, lstm_matrix_params, save_cald, teacher_stream
 
 STAGES = ("layerwise", "joint", "head", "ctc")
 
@@ -50,7 +53,6 @@ def _extra_mix():
 
 @dataclass
 class CaldRecipe:
-    hidden: int = 384
     layerwise_steps: int = 400
     joint_steps: int = 400
     head_steps: int = 1500

@@ -114,6 +114,21 @@ class RowsFactoredEmbedding(nn.Module):
             .index_select(-1, self.position)
 
 
+def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An LSTM(P) layer over x (steps, n_in) unrolled, the input matrix batched over the steps."""
+    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
+    input_gates = x @ lstm.weight_ih_l0.T + (lstm.bias_ih_l0 + lstm.bias_hh_l0)
+    outputs = []
+    for t in range(x.shape[0]):
+        gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
+        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+        h = torch.sigmoid(go) * torch.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.T
+        outputs.append(h)
+    return torch.cat(outputs, 0), h, c
+
+
 class LstmStepsGraph(nn.Module):
     """`steps` LSTM steps unrolled, with the state in and out: TFLite has no projected LSTM with a state
     that is both an input and an output, and the unrolled cell is a handful of fully connected ops."""
@@ -129,36 +144,8 @@ class LstmStepsGraph(nn.Module):
             x = m.input_proj(x)
         new_state = {}
         for i, layer in enumerate(m.layers):
-            h, c = state[2 * i], state[2 * i + 1]
-            w_ih, w_hh = layer.weight_ih_l0, layer.weight_hh_l0
-            w_hr = getattr(layer, "weight_hr_l0", None)
-            input_gates = x @ w_ih.T + (layer.bias_ih_l0 + layer.bias_hh_l0)   # batched over steps
-            outputs = []
-            for t in range(self.steps):
-                gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
-                c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-                h = torch.sigmoid(go) * torch.tanh(c)
-                if w_hr is not None:
-                    h = h @ w_hr.T
-                outputs.append(h)
-            x = torch.cat(outputs, 0)
-            new_state[f"h{i}"], new_state[f"c{i}"] = h, c
+            x, new_state[f"h{i}"], new_state[f"c{i}"] = lstm_steps(x, layer, state[2 * i], state[2 * i + 1])
         return {"log_probs": m.output(x).log_softmax(-1), **new_state}
-
-
-def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """An LSTM(P) layer over x (steps, n_in) unrolled, the input matrix batched over the steps."""
-    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
-    input_gates = x @ lstm.weight_ih_l0.T + (lstm.bias_ih_l0 + lstm.bias_hh_l0)
-    outputs = []
-    for t in range(x.shape[0]):
-        gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
-        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-        h = torch.sigmoid(go) * torch.tanh(c)
-        if w_hr is not None:
-            h = h @ w_hr.T
-        outputs.append(h)
-    return torch.cat(outputs, 0), h, c
 
 
 class CaldStepsGraph(nn.Module):

@@ -2,7 +2,6 @@
 distillation losses on the real tiny.en encoder."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
