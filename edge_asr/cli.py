@@ -369,6 +369,8 @@ def cmd_lstm_compress(args) -> int:
                                                    _folders(args.corpus), _folders(args.audio),
                                                    work=Path(args.work) if args.work else None, resume=args.resume,
                                                    step=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (ValueError, FileNotFoundError) as e:
+            raise EdgeAsrError(str(e)) from None
         finally:
             progress.close()
         print(path)
