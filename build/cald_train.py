@@ -331,7 +331,7 @@ def run_stage(name: str, model: CaldCtc, param_groups: list[dict], loss_fn: Call
         for p, value in zip(params, best["params"]):
             p.data.copy_(value)
     model.eval().requires_grad_(False)
-    log(f"{name}: held-out loss {curve[0]['held_out']} -> {best['loss']:.5f} (step {best['step']})")
+    log(f"{name}: held-out {'score' if score else 'loss'} {curve[0]['held_out']} -> {best['loss']:.5f} (step {best['step']})")
     return {"steps": steps, "best_step": best["step"], "held_out_best": round(best["loss"], 5), "curve": curve}
 
 
