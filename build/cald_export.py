@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .cald import CaldCtc
-from .lstm_export import IR_VERSION, OPSET, _init
+from .lstm_export import _init, save_streaming_graph
 
 
 def state_names(model: CaldCtc) -> list[str]:
@@ -141,16 +141,5 @@ def export_cald(model: CaldCtc, path: str | Path) -> Path:
     g.node("LogSoftmax", [logits], "log_probs", axis=-1)
 
     shapes = state_shapes(model)
-    names = state_names(model)
-    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["frames", c.n_mels])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n]) for n in names]
-    outputs = [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["steps", c.n_symbols])]
-    outputs += [helper.make_tensor_value_info(f"{n}_out", TensorProto.FLOAT, shapes[n]) for n in names]
-    graph = helper.make_graph(g.nodes, "cald_ctc", inputs, outputs, initializer=g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-asr",
-                                   ir_version=IR_VERSION)
-    onnx.checker.check_model(onnx_model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
-    return path
+    return save_streaming_graph("cald_ctc", g.nodes, g.inits, c.n_mels, c.n_symbols,
+                                {n: shapes[n] for n in state_names(model)}, path)

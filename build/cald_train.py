@@ -213,31 +213,19 @@ def _stream_error(stream: list[Tensor], targets: Tensor, mask: Tensor) -> Tensor
     return sum(_normalized_error(stream[i + 1], targets[:, i + 1], mask) for i in range(n)) / n
 
 
-def spec_augment(mel: Tensor, floor: float, rng: torch.Generator) -> Tensor:
-    """Two frequency masks of up to 10 bins and a time mask of up to 10 frames per second, at the floor."""
-    mel = mel.clone()
-    b, n_mels, t = mel.shape
-    for i in range(b):
-        for _ in range(2):
-            w = int(torch.randint(0, 11, (1,), generator=rng))
-            f0 = int(torch.randint(0, n_mels - w + 1, (1,), generator=rng))
-            mel[i, f0:f0 + w] = floor
-        for _ in range(max(1, t // 100)):
-            w = int(torch.randint(0, 11, (1,), generator=rng))
-            t0 = int(torch.randint(0, max(1, t - w), (1,), generator=rng))
-            mel[i, :, t0:t0 + w] = floor
-    return mel
-
-
 def ctc_stream_loss(match_weight: float = 1.0, augment: bool = True, seed: int = 0) -> Callable:
     """End to end: CTC of the head on the teacher's transcripts, plus `match_weight` times the stream
     error against the teacher, which keeps the encoder near what it was distilled to."""
     rng = torch.Generator().manual_seed(seed)
 
+    from .ctc_train import spec_augment
+
     def loss_fn(model: CaldCtc, batch: list[Clip]) -> Tensor:
         mel, targets, mask = collate(batch, model)
-        if augment and model.training:
-            mel = spec_augment(mel, (model.config.mel_floor + 4) / 4, rng)
+        if augment and model.training:  # masks filled with the floor: what silence reads
+            b, n_mels, t = mel.shape
+            floor = torch.full((n_mels,), (model.config.mel_floor + 4) / 4)
+            mel = spec_augment(mel.transpose(1, 2), torch.full((b,), t), floor, rng).transpose(1, 2)
         out, _, stream = model.encode(mel, hidden=True)
         log_probs = model.head(out).log_softmax(-1).transpose(0, 1)
         ctc = torch.nn.functional.ctc_loss(log_probs, torch.cat([c.labels for c in batch]),
@@ -424,15 +412,13 @@ def train_head(model: CaldCtc, clips: list[Clip], held_out: list[Clip], recipe: 
 
 # --- the whole conversion ---------------------------------------------------------------------------------------
 
-def teacher_encoder(source: str = "tiny.en", delta: Path | None = None):
-    """Whisper's encoder with the dynamic-context delta merged (the teacher), and the loaded model."""
+def teacher_encoder(loaded, delta: Path | None = None):
+    """The encoder of a loaded Whisper with the dynamic-context delta merged into it (in place): the teacher."""
     from .context_adapt import DEFAULT_DELTA
-    from .loaders import load_whisper
     from .lora import apply_delta
 
-    loaded = load_whisper(source)
     apply_delta(loaded.model, Path(delta or DEFAULT_DELTA))
-    return loaded.model.encoder.eval(), loaded
+    return loaded.model.encoder.eval()
 
 
 def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], work: Path | None,
@@ -455,31 +441,33 @@ def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], wo
     extra_mix = (recipe or CaldRecipe()).extra_mix
     _, extra_items, _ = reference_sets(loaded, extra_mix, shared.held_out, shared.match.seed, corpora, user_audio,
                                        None, "context", shared.version, step)
-    encoder, teacher = teacher_encoder(source, delta)
     decoding = decoding_rules(loaded)
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))
     decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
-    cache = work / f"cald-{items_key(teacher.source.get('sha256'), str(delta or 'default'), 1)}"
+    cache = work / f"cald-{items_key(loaded.source.get('sha256'), str(delta or 'default'), 1)}"
     cache.mkdir(exist_ok=True)
-    sets = {}
+    sets, encoder = {}, None
     for name, items in (("train", train_items), ("extra", extra_items), ("held-out", held_items)):
         path = cache / f"{name}.safetensors"
         if not path.exists():
             step(f"teacher states of {len(items)} clips ({name})")
+            # The reference sets are made: the loaded model may now become the teacher.
+            encoder = encoder or teacher_encoder(loaded, delta)
             save_clips(teacher_clips(encoder, items, decoding, decode,
                                      lambda xs: tqdm(xs, desc=f"teacher {name}", unit="clip")), path)
         sets[name] = load_clips(path)
     train = sets["train"] + sets["extra"]
-    provenance = {"teacher": teacher.source, "teacher_delta": str(delta or "tiny.en-context-auto"),
+    provenance = {"teacher": loaded.source, "teacher_delta": str(delta or "tiny.en-context-auto"),
                   "clips": {k: len(v) for k, v in sets.items()}, "mixes": [shared.mix.to_dict(), extra_mix.to_dict()],
                   "hours": round(sum(c.steps for c in train) / 50 / 3600, 2)}
     return cache, train, sets["held-out"], provenance
 
 
 def convert(out: Path, source: str = "tiny.en", corpora: list[Path] = (), user_audio: list[Path] = (),
-            recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False,
+            recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False, threads: int = 2,
             step=lambda m: None, log=print) -> Path:
     """The whole conversion, stage by stage; writes `out` (.safetensors + .json)."""
+    torch.set_num_threads(threads)
     recipe = recipe or CaldRecipe()
     torch.manual_seed(recipe.seed)
     started = time.time()
@@ -487,8 +475,9 @@ def convert(out: Path, source: str = "tiny.en", corpora: list[Path] = (), user_a
                                                          recipe=recipe)
     prepared = time.time() - started
     step(f"convert ({len(train)} clips, {provenance['hours']} h)")
-    encoder, _ = teacher_encoder(source)
-    model = from_whisper(encoder)
+    from .loaders import load_whisper
+
+    model = from_whisper(teacher_encoder(load_whisper(source)))
     model.config.mel_floor = recipe.mel_floor
     stages_dir = Path(work or cache) / f"stages-{recipe.seed}"
     stages_dir.mkdir(parents=True, exist_ok=True)
@@ -550,11 +539,12 @@ def recovery_loss(reference: CaldCtc, kl_weight: float = 1.0) -> Callable:
 def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, steps: int = 300,
                          corpora: list[Path] = (), user_audio: list[Path] = (), model_source: str = "tiny.en",
                          recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False,
-                         step=lambda m: None, log=print) -> Path:
+                         threads: int = 2, step=lambda m: None, log=print) -> Path:
     """Joint SVD of a converted model to `ratio` of its LSTM matrices, then `steps` of recovery (the LSTMs
     and their factors train; the rest stays) on the conversion's clips; writes `out`."""
     from .cald import compress_cald, load_cald
 
+    torch.set_num_threads(threads)
     recipe = recipe or CaldRecipe()
     reference, meta = load_cald(source)
     student, groups = compress_cald(reference, ratio)

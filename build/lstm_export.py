@@ -114,11 +114,19 @@ def export_lstm(model: LstmCtc, path: str | Path) -> Path:
               helper.make_node("MatMul", ["top", "W_out"], ["logits_mm"]),
               helper.make_node("Add", ["logits_mm", "b_out"], ["logits"]),
               helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1)]
-    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["frames", c.n_mels])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, widths[n]]) for n in names]
-    outputs = [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["steps", c.n_symbols])]
-    outputs += [helper.make_tensor_value_info(f"{n}_out", TensorProto.FLOAT, [1, widths[n]]) for n in names]
-    graph = helper.make_graph(nodes, "lstm_ctc", inputs, outputs, initializer=inits)
+    return save_streaming_graph("lstm_ctc", nodes, inits, c.n_mels, c.n_symbols,
+                                {n: [1, widths[n]] for n in names}, path)
+
+
+def save_streaming_graph(name: str, nodes: list, inits: list, n_mels: int, n_symbols: int,
+                         state_shapes: dict[str, list[int]], path: str | Path) -> Path:
+    """The streaming interface `edge_asr.backend.OnnxLstmCtc` runs: features (frames, n_mels) and each
+    state in, log_probs (steps, n_symbols) and each state as NAME_out; checked and written to `path`."""
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["frames", n_mels])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in state_shapes.items()]
+    outputs = [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["steps", n_symbols])]
+    outputs += [helper.make_tensor_value_info(f"{n}_out", TensorProto.FLOAT, shape) for n, shape in state_shapes.items()]
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-asr",
                                    ir_version=IR_VERSION)
     onnx.checker.check_model(onnx_model)

@@ -328,11 +328,8 @@ def _folders(paths: list[str] | None) -> list[Path]:
 
 def cmd_lstm_convert(args) -> int:
     _lstm_side()
-    import torch
-
     from edge_asr_build import cald_train, loaders
 
-    torch.set_num_threads(args.threads)
     recipe = cald_train.CaldRecipe(layerwise_steps=args.layerwise_steps, joint_steps=args.joint_steps,
                                    head_steps=args.head_steps, ctc_steps=args.ctc_steps, seed=args.seed)
     corpora, audio = _folders(args.corpus), _folders(args.audio)
@@ -340,7 +337,7 @@ def cmd_lstm_convert(args) -> int:
     try:
         loaders.check_source(args.source)
         path = cald_train.convert(Path(args.out), args.source, corpora, audio, recipe,
-                                  Path(args.work) if args.work else None, args.resume, step=progress,
+                                  Path(args.work) if args.work else None, args.resume, args.threads, step=progress,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
@@ -358,17 +355,14 @@ def cmd_lstm_compress(args) -> int:
     from edge_asr_build.cald import is_cald_checkpoint
 
     if is_cald_checkpoint(source):
-        import torch
-
         from edge_asr_build import cald_train
 
-        torch.set_num_threads(args.threads)
         progress = StepProgress(3, "compress")
         try:
             path = cald_train.compress_and_recover(source, Path(args.out), args.ratio, args.steps,
                                                    _folders(args.corpus), _folders(args.audio),
                                                    work=Path(args.work) if args.work else None, resume=args.resume,
-                                                   step=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                                   threads=args.threads, step=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
         except (ValueError, FileNotFoundError) as e:
             raise EdgeAsrError(str(e)) from None
         finally:

@@ -88,7 +88,6 @@ class StreamRecognizer:
         self._previous_partial = ""
         self.incremental = hasattr(transcriber, "stream")
         self._stream, self._fed = None, 0  # the streaming model's utterance in flight, and samples fed to it
-        self._words = None                 # the last final's words, where the stream gives them
 
     @property
     def in_speech(self) -> bool:
@@ -139,27 +138,26 @@ class StreamRecognizer:
         if text and text != self._previous_partial:
             self._emit_partial(text, len(current))
 
-    def _final_text(self, utterance: Utterance) -> tuple[str, float]:
+    def _final_text(self, utterance: Utterance) -> tuple[str, float, list | None]:
+        """The final's text, the seconds it took, and its words where the stream gives them."""
         stream, fed = self._stream, self._fed
         self._stream, self._fed = None, 0
-        self._words = None
         if stream is None or utterance.forced:
             # A forced cut ends before what the stream was fed; its rest starts the next utterance.
-            return self._timed(utterance.audio)
+            return (*self._timed(utterance.audio), None)
         # Cut at silence: what was fed is the utterance (plus at most its trailing silence); add the rest.
         start = time.perf_counter()
         stream.accept(utterance.audio[fed:])
         text = stream.finish()
-        self._words = stream.words
         spent = time.perf_counter() - start
         self.counters.processing_s += spent
-        return text, spent
+        return text, spent, stream.words
 
     def _final(self, utterance: Utterance) -> Final:
-        self._words = None
-        text, spent = self._final_text(utterance) if self.incremental else self._timed(utterance.audio)
+        text, spent, words = (self._final_text(utterance) if self.incremental
+                              else (*self._timed(utterance.audio), None))
         final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
-                      utterance.forced, self._words)
+                      utterance.forced, words)
         self._last_partial_at, self._previous_partial = 0.0, ""
         if text:
             self.counters.utterances += 1
