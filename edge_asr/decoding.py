@@ -88,6 +88,8 @@ def suppression_masks(decoder_config: dict, timestamps: bool = False) -> tuple[n
                                          "no_timestamps") if k in special)
     suppress_mask = np.zeros(decoder_config["n_vocab"], dtype=bool)
     suppress_mask[sorted(suppress)] = True
+    # Every control token between end-of-text and the timestamps: a multilingual model's language tokens too.
+    suppress_mask[special["eot"] + 1 : special["timestamp_begin"]] = True
     if not timestamps:
         suppress_mask[special["timestamp_begin"]:] = True
     # At the first text position also the blank and end-of-text: an empty transcript is never the guess.
