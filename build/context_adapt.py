@@ -74,13 +74,49 @@ def _encoder(tokenizer_json: Path) -> Callable[[str], list[int]]:
     return lambda text: tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
 
 
+def save_clip_mels(clips: list, mel_filters, path: Path) -> None:
+    """The clips' log-mels (`reference.clip_mel`, float16) and texts: what any reference needs of them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .reference import clip_mel
+
+    tensors = {str(i): clip_mel(c.audio, mel_filters).contiguous() for i, c in enumerate(clips)}
+    texts = [c.text for c in clips]
+    tmp = Path(path).with_suffix(".tmp")
+    save_file(tensors or {"empty": torch.zeros(0)}, str(tmp),
+              metadata={"count": str(len(clips)), "texts": json.dumps(texts), "kinds": json.dumps([c.kind for c in clips])})
+    tmp.replace(path)
+
+
+def load_clip_mels(path: Path) -> tuple[list, list[str | None]]:
+    """(mels, texts) saved by `save_clip_mels`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return [f.get_tensor(str(i)) for i in range(int(meta["count"]))], json.loads(meta["texts"])
+
+
+def clips_dir(mix: AudioMix, held_out_mix: HeldOutMix, seed: int, corpora: list[Path] = (),
+              user_audio: list[Path] = (), version: int = 1) -> Path:
+    """$EDGE_ASR_HOME/adapt/clips-KEY: the mixes' clip mels, shared by every reference model (KEY names the
+    mixes and audio, not the model)."""
+    from edge_asr.paths import home
+
+    audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
+    return home() / "adapt" / f"clips-{items_key(mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)}"
+
+
 def reference_sets(loaded, mix: AudioMix, held_out_mix: HeldOutMix, seed: int, corpora: list[Path] = (),
                    user_audio: list[Path] = (), work: Path | None = None, prefix: str = "context", version: int = 1,
-                   step: Callable[[str], None] = lambda message: None) -> tuple[Path, list, list]:
+                   step: Callable[[str], None] = lambda message: None,
+                   train_limit: int | None = None) -> tuple[Path, list, list]:
     """(work folder, training items, held-out items): the reference's transcripts and hidden states on the
     training mix (isolated words included) and the held-out sets, made once and kept in `work` (default:
     $EDGE_ASR_HOME/adapt/PREFIX-KEY, KEY naming the source, mixes and audio). Every reference-matching pass
-    trains on these; passes with the same mixes share them."""
+    trains on these; passes with the same mixes share them, and references of other models share the clips
+    (`clips_dir`). `train_limit` references a seeded subset of the training clips (a slower reference)."""
     from tqdm import tqdm
 
     from edge_asr.paths import home
@@ -96,27 +132,37 @@ def reference_sets(loaded, mix: AudioMix, held_out_mix: HeldOutMix, seed: int, c
     key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)
     work = Path(work or home() / "adapt" / f"{prefix}-{key}")
     work.mkdir(parents=True, exist_ok=True)
+    shared = clips_dir(mix, held_out_mix, seed, corpora, user_audio, version)
+    shared.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
     encode_text, prompts = _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242)
 
-    def cached_items(path: Path, what: str, make_clips: Callable[[], list], seed: int, **options) -> list:
-        """The reference items of `make_clips()`, made once and kept at `path`."""
+    def cached_items(path: Path, mels_path: Path, what: str, make_clips: Callable[[], list], seed: int,
+                     limit: int | None = None, **options) -> list:
+        """The reference items of `make_clips()`, made once and kept at `path`; their mels at `mels_path`."""
         if not path.exists():
-            step(f"make {what}")
-            clips = make_clips()
-            step(f"reference transcripts and hidden states of {len(clips)} clips ({what})")
-            save_items(reference_items(reference, [c.audio for c in clips], filters, decoding, encode_text, prompts,
+            if not mels_path.exists():
+                step(f"make {what}")
+                save_clip_mels(make_clips(), filters, mels_path)
+            mels, _ = load_clip_mels(mels_path)
+            if limit and limit < len(mels):
+                mels = [mels[i] for i in sorted(np.random.default_rng(seed).choice(len(mels), limit, replace=False))]
+            step(f"reference transcripts and hidden states of {len(mels)} clips ({what})")
+            save_items(reference_items(reference, mels, filters, decoding, encode_text, prompts,
                                        seed=seed, progress=progress, **options), path)
         return load_items(path)
 
-    train = cached_items(work / "train-items.safetensors", "training audio",
-                         lambda: training_clips(mix, corpora, user_audio, progress), seed)
-    held_out = cached_items(work / "held-out-items.safetensors", "held-out audio",
+    suffix = f"-{train_limit}" if train_limit else ""
+    train = cached_items(work / f"train-items{suffix}.safetensors", shared / "train-mels.safetensors", "training audio",
+                         lambda: training_clips(mix, corpora, user_audio, progress), seed, train_limit)
+    held_out = cached_items(work / "held-out-items.safetensors", shared / "held-out-mels.safetensors", "held-out audio",
                             lambda: [c for clips in held_out_clips(held_out_mix, corpora).values() for c in clips],
                             seed + 1, mode_shares={"plain": 1.0})
     if mix.isolated_words:
-        words = work / f"isolated-words-{items_key(mix.isolated_words, mix.seed)}.safetensors"
-        train += cached_items(words, "isolated words", lambda: isolated_word_clips(mix, progress), seed + 2)
+        words = f"isolated-words-{items_key(mix.isolated_words, mix.seed)}"
+        limit = train_limit and round(train_limit * mix.isolated_words / mix.main_clips())
+        train += cached_items(work / f"{words}{suffix}.safetensors", shared / f"{words}-mels.safetensors",
+                              "isolated words", lambda: isolated_word_clips(mix, progress), seed + 2, limit)
     return work, train, held_out
 
 

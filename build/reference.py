@@ -143,10 +143,9 @@ def greedy(reference: Whisper, cross: list, prompt: list[int], decoding: dict, t
 
 
 @torch.inference_mode()
-def reference_item(reference: Whisper, audio: np.ndarray, mel_filters: np.ndarray, decoding: dict,
-                   mode: str = "plain", previous: list[int] = ()) -> ReferenceItem | None:
-    """The reference's transcript and hidden states for one clip on its 30 s window."""
-    mel = clip_mel(audio, mel_filters)
+def reference_item(reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain",
+                   previous: list[int] = ()) -> ReferenceItem | None:
+    """The reference's transcript and hidden states for one clip (its `clip_mel`) on its 30 s window."""
     cross = reference.decoder.cross_kv(reference.encoder(padded(mel, N_FRAMES)[None]))
     prompt = _decoding_prompt(decoding, mode, list(previous))
     label = greedy(reference, cross, prompt, decoding, timestamps=mode == "timestamps")
@@ -157,21 +156,23 @@ def reference_item(reference: Whisper, audio: np.ndarray, mel_filters: np.ndarra
     return ReferenceItem(mel, tokens, states, mode)
 
 
-def reference_items(reference: Whisper, clips: list[np.ndarray], mel_filters: np.ndarray, decoding: dict,
+def reference_items(reference: Whisper, clips: list, mel_filters: np.ndarray, decoding: dict,
                     encode_text: Callable[[str], list[int]], texts: list[str], seed: int = 0,
                     mode_shares: dict[str, float] | None = None, progress=None) -> list[ReferenceItem]:
-    """Reference items for `clips`, each in a decoding mode drawn by `mode_shares`; "prompt" items get a
-    previous-text prompt made of one of `texts` (tokenized by `encode_text`)."""
+    """Reference items for `clips` (audio arrays, or their `clip_mel`s), each in a decoding mode drawn by
+    `mode_shares`; "prompt" items get a previous-text prompt made of one of `texts` (tokenized by
+    `encode_text`)."""
     mode_shares = mode_shares or {"plain": 0.7, "prompt": 0.15, "timestamps": 0.15}
     rng = np.random.default_rng(seed)
     modes, shares = list(mode_shares), np.array(list(mode_shares.values()))
     reference.eval()
     items = []
     iterator = progress(clips, "reference transcripts and states") if progress else clips
-    for audio in iterator:
+    for clip in iterator:
         mode = str(rng.choice(modes, p=shares / shares.sum()))
         previous = encode_text(texts[rng.integers(len(texts))]) if mode == "prompt" and texts else []
-        item = reference_item(reference, audio, mel_filters, decoding, mode, previous)
+        mel = clip if isinstance(clip, Tensor) else clip_mel(clip, mel_filters)
+        item = reference_item(reference, mel, decoding, mode, previous)
         if item is not None:
             items.append(item)
     return items
@@ -239,7 +240,7 @@ def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int
                     encoder_cache[(id(group[i]), n)] = f.half()
             features = torch.stack([encoder_cache[(id(item), n)] for item in group]).float()
         states = student.decoder.hidden_states(tokens, student.decoder.cross_kv(features))
-        for layer, state in enumerate(states):
+        for layer, state in zip(reference_layers(student, targets.shape[1]), states):
             target = targets[:, layer]
             variance = target[mask].var() + 1e-6
             per_position = ((state - target) ** 2).mean(-1) / variance           # (B, L)
@@ -251,6 +252,13 @@ def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)                          # (B, L)
             total = total + output_weight * ((kl * mask).sum(-1) / mask.sum(-1)).sum()
     return total, len(items)
+
+
+def reference_layers(student: Whisper, n_states: int) -> list[int]:
+    """Which of the reference's `n_states` hidden states each of the student's matches: block for block,
+    then the final norm's; a pruned student's blocks (`layers.prune`) match the original blocks they are."""
+    kept = (getattr(student, "pruned", None) or {}).get("decoder")
+    return [*kept, n_states - 1] if kept is not None else list(range(n_states))
 
 
 @torch.no_grad()

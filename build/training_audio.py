@@ -66,6 +66,11 @@ class AudioMix:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def main_clips(self) -> int:
+        """Clips in the main set, --audio aside."""
+        return (self.piper_sentences + self.espeak_sentences + self.short_utterances + self.recorded
+                + self.long_windows + self.non_speech)
+
     def main_dict(self) -> dict:
         """What the main set (`training_clips`) depends on."""
         return {k: v for k, v in asdict(self).items() if k != "isolated_words"}
