@@ -600,7 +600,8 @@ def save_compressed(model: Whisper, path: Path, extra: dict | None = None) -> Pa
     # The positional table too: a source may carry its own rounding of the sinusoids (float16 in CTranslate2).
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
-    meta = {"dims": model.dims.to_dict(), "structure": getattr(model, "compression", None)} | (extra or {})
+    meta = {"dims": model.dims.to_dict(), "structure": getattr(model, "compression", None),
+            "pruned": getattr(model, "pruned", None)} | (extra or {})
     description.write_text(json.dumps(meta, indent=2) + "\n")
     return description
 
@@ -617,4 +618,5 @@ def load_compressed(path: Path) -> tuple[Whisper, dict]:
     missing = model.load_state_dict(state, strict=False).missing_keys
     if missing:
         raise ValueError(f"{path}: weights missing for {sorted(missing)[:3]}")
+    model.pruned = meta.get("pruned")
     return model.eval(), meta
