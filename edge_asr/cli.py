@@ -287,6 +287,40 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    _build_side()
+    from dataclasses import replace
+
+    from edge_asr_build import loaders
+    from edge_asr_build.pruned import PrunedRecipe, recover_pruned
+
+    recipe = PrunedRecipe()
+    match = replace(recipe.match, seed=args.seed, device=args.device,
+                    steps=recipe.match.steps if args.steps is None else args.steps)
+    recipe = replace(recipe, match=match, decoder_layers=args.decoder_layers,
+                     train_clips=args.train_clips or recipe.train_clips)
+    for folder in [*args.corpus, *args.audio]:
+        if not Path(folder).is_dir():
+            raise EdgeAsrError(f"{folder}: no such folder")
+    progress = StepProgress(14, "prune")
+    try:
+        loaders.check_source(args.source)
+        metadata = recover_pruned(args.source, Path(args.out), [Path(p) for p in args.corpus],
+                                  [Path(p) for p in args.audio], recipe, Path(args.work) if args.work else None,
+                                  args.resume, step=progress, log=lambda message: print(message, file=sys.stderr))
+    except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
+        raise EdgeAsrError(str(e)) from None
+    finally:
+        progress.close()
+    wer = metadata["held_out_wer"]
+    after = f", recovered {wer['recovered']['wer']}%" if "recovered" in wer else ""
+    print(f"pruned to {len(metadata['pruned']['decoder'])} decoder blocks ({metadata['params_after'] / 1e6:.1f} M params) "
+          f"in {sum(metadata['seconds'].values()):.0f} s: held-out WER unchanged {wer['reference']['wer']}%, "
+          f"pruned {wer['pruned']['wer']}%{after}", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 def _lstm_side():
     _build_side()
     import edge_asr_build.lstm_recipe as recipe
@@ -744,6 +778,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("prune", help="remove decoder blocks by measured importance, recover and adapt to short "
+                                     "context by reference matching (needs [build])")
+    p.add_argument("--source", default="base", help="any model source `build` accepts (default: base)")
+    p.add_argument("--decoder-layers", type=int, default=4, metavar="N", help="decoder blocks to keep (default 4)")
+    p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
+    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                   help="a recorded corpus, used unlabelled: speechocean762 or the wake-word benchmark's audio/ "
+                        "(repeatable; their held-out speakers select the result)")
+    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0 measures and prunes only)")
+    p.add_argument("--train-clips", type=int, help="training clips the reference transcribes (default 700)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")
     p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
