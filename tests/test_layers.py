@@ -112,3 +112,28 @@ def test_a_multilingual_decoder_never_emits_a_language_token():
     assert suppress[50259:50358].all() and suppress[50300]      # every language token
     assert not suppress[50257] and not suppress[100]            # end of text and text stay allowed
     assert first[50257] and first[220]
+
+
+def test_a_pruned_delta_rebuilds_its_model_and_refuses_another(tiny, tmp_path):
+    from edge_asr.errors import EdgeAsrError
+    from edge_asr_build.lora import add_lora, save_delta
+    from edge_asr_build.pruned import pruned_model
+
+    student = prune(tiny.model, {"decoder": [2]})
+    add_lora(student, 2, 2.0)
+    for name, p in student.named_parameters():
+        if name.endswith("lora_b"):
+            torch.nn.init.normal_(p, std=0.01)   # a trained delta is not zero
+    metadata = {"kind": "pruned-context-lora", "source": tiny.source, "rank": 2, "alpha": 2.0,
+                "pruned": student.pruned, "params_before": 0, "params_after": 0,
+                "result": {"held_out_before": None, "held_out_best": None}}
+    save_delta(student, tmp_path / "d.safetensors", metadata)
+    model, summary = pruned_model(tiny, tmp_path / "d.safetensors")
+    assert model.pruned == {"encoder": [0, 1, 2, 3], "decoder": [0, 1, 3]} and summary["rank"] == 2
+    mel, tokens = torch.zeros(1, 80, 3000), torch.tensor([TOKENS])
+    with torch.no_grad():
+        assert torch.allclose(model(mel, tokens), student(mel, tokens), atol=1e-3)
+    other = copy.copy(tiny)
+    other.source = dict(tiny.source, sha256="0" * 64)
+    with pytest.raises(EdgeAsrError, match="trained on another model"):
+        pruned_model(other, tmp_path / "d.safetensors")
