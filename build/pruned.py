@@ -121,6 +121,7 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
     progress = lambda jobs, desc: tqdm(jobs, desc=desc, unit="clip")  # noqa: E731
     rows, plan = measure_importance(loaded, recipe, step, lambda jobs, desc: tqdm(jobs, desc=desc, unit="block"), log)
     student = prune(loaded.model, {"decoder": [p["index"] for p in plan]})
+    params_after = student.parameter_count()   # before adapters are added
     work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
                                            work, "context", ContextRecipe.version, step, train_limit=recipe.train_clips)
     mels, texts = load_clip_mels(clips_dir(recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
@@ -160,8 +161,7 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
         "kind": "pruned-context-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
         "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),
         "pruned": student.pruned, "plan": plan, "importance": [r.to_dict() for r in rows],
-        "params_before": loaded.model.parameter_count(), "params_after": prune(loaded.model, {
-            "decoder": [p["index"] for p in plan]}).parameter_count(),
+        "params_before": loaded.model.parameter_count(), "params_after": params_after,
         "held_out_policy": policy.to_dict(), "held_out_wer": wer,
         "corpora": [describe_corpus(p) for p in corpora], "user_audio": [str(p) for p in user_audio],
         "clips": {"train": len(train), "held_out": len(held_out)}, "result": result.to_dict(),

@@ -207,14 +207,11 @@ def cmd_adapt(args) -> int:
     recipe = ContextRecipe()
     recipe = replace(recipe, match=replace(recipe.match, steps=args.steps or recipe.match.steps, seed=args.seed,
                                            device=args.device))
-    for folder in [*args.corpus, *args.audio]:
-        if not Path(folder).is_dir():
-            raise EdgeAsrError(f"{folder}: no such folder")
+    corpora, audio = _folders(args.corpus), _folders(args.audio)
     progress = StepProgress(7, "adapt")
     try:
         loaders.check_source(args.source)
-        metadata = adapt_context(args.source, Path(args.out), [Path(c) for c in args.corpus],
-                                 [Path(a) for a in args.audio], recipe, work=Path(args.work) if args.work else None,
+        metadata = adapt_context(args.source, Path(args.out), corpora, audio, recipe, work=Path(args.work) if args.work else None,
                                  resume=args.resume, step=progress, log=lambda m: print(m, file=sys.stderr))
     except (loaders.SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
@@ -268,11 +265,7 @@ def cmd_recover(args) -> int:
         if args.ranks_from and not Path(args.ranks_from).is_file():
             raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
         structure = read_delta(Path(args.ranks_from))[1]["structure"] if args.ranks_from else None
-        for folder in [*args.corpus, *args.audio]:
-            if not Path(folder).is_dir():
-                raise EdgeAsrError(f"{folder}: no such folder")
-        metadata = recover_compact(args.source, Path(args.out), [Path(p) for p in args.corpus],
-                                   [Path(p) for p in args.audio], recipe, Path(args.work) if args.work else None,
+        metadata = recover_compact(args.source, Path(args.out), _folders(args.corpus), _folders(args.audio), recipe, Path(args.work) if args.work else None,
                                    args.resume, structure, step=progress,
                                    log=lambda message: print(message, file=sys.stderr))
     except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
@@ -299,14 +292,11 @@ def cmd_prune(args) -> int:
                     steps=recipe.match.steps if args.steps is None else args.steps)
     recipe = replace(recipe, match=match, decoder_layers=args.decoder_layers,
                      train_clips=args.train_clips or recipe.train_clips)
-    for folder in [*args.corpus, *args.audio]:
-        if not Path(folder).is_dir():
-            raise EdgeAsrError(f"{folder}: no such folder")
+    corpora, audio = _folders(args.corpus), _folders(args.audio)
     progress = StepProgress(14, "prune")
     try:
         loaders.check_source(args.source)
-        metadata = recover_pruned(args.source, Path(args.out), [Path(p) for p in args.corpus],
-                                  [Path(p) for p in args.audio], recipe, Path(args.work) if args.work else None,
+        metadata = recover_pruned(args.source, Path(args.out), corpora, audio, recipe, Path(args.work) if args.work else None,
                                   args.resume, step=progress, log=lambda message: print(message, file=sys.stderr))
     except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
@@ -711,6 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=2, help="CPU threads for inference (default 2)")
         return p
 
+    def training_options(p):
+        """What every reference-matching command (adapt, recover, prune) takes: audio, seed, device, resume."""
+        p.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                       help="a recorded corpus, used unlabelled: speechocean762 or the wake-word benchmark's audio/ "
+                            "(repeatable; their held-out speakers select the result)")
+        p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+        p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
+        p.add_argument("--resume", action="store_true",
+                       help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
+
     def with_bundle(p):
         p.add_argument("--bundle", default=str(bundle_dir(DEFAULT_BUNDLE)),
                        help=f"bundle directory (default: {bundle_dir(DEFAULT_BUNDLE)})")
@@ -771,16 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="adapt a Whisper to short context by reference matching (needs [build])")
     p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
     p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
-    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
-                   help="a recorded corpus, used unlabelled: speechocean762 or the wake-word benchmark's audio/ "
-                        "(repeatable; their held-out speakers select the result)")
-    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
+    training_options(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("prune", help="remove decoder blocks by measured importance, recover and adapt to short "
@@ -788,17 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="base", help="any model source `build` accepts (default: base)")
     p.add_argument("--decoder-layers", type=int, default=4, metavar="N", help="decoder blocks to keep (default 4)")
     p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
-    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
-                   help="a recorded corpus, used unlabelled: speechocean762 or the wake-word benchmark's audio/ "
-                        "(repeatable; their held-out speakers select the result)")
-    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0 measures and prunes only)")
     p.add_argument("--train-clips", type=int, help="training clips the reference transcribes (default 700)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on from the checkpoint of an earlier, stopped run (reference states are always reused)")
+    training_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD (needs [build])")
@@ -826,14 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
     p.add_argument("--keep", type=float, help="fraction of all parameters to keep (default: the recipe's 0.70)")
     p.add_argument("--ranks-from", metavar="DELTA", help="take the ranks of this delta instead of measuring them")
-    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
-                   help="a recorded corpus, used unlabelled (as for `adapt`; repeatable)")
-    p.add_argument("--audio", action="append", default=[], metavar="DIR", help="your own recordings (repeatable)")
     p.add_argument("--steps", type=int, help="recovery steps (default 0: factors only; 300 runs the recipe's recovery)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--work", help="folder for the reference states and checkpoints (default: in $EDGE_ASR_HOME)")
-    p.add_argument("--resume", action="store_true", help="go on from the checkpoint of an earlier, stopped run")
+    training_options(p)
     p.set_defaults(func=cmd_recover)
 
     lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, convert, compress, build (needs [build])")
