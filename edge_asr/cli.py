@@ -1,5 +1,5 @@
 """The `edge-asr` command line: build, adapt, compress, recover, lstm (train, compress, build), transcribe,
-listen, daemon, devices, bench, synth, info, demo.
+listen, daemon, collect, devices, bench, synth, info, demo.
 
 Every failure a user can cause (bad audio, missing or modified bundle, unknown model source) ends in
 one line on stderr and a non-zero exit status, never a traceback.
@@ -549,6 +549,24 @@ def cmd_daemon(args) -> int:
     return Daemon(load_config(args.config)).run()
 
 
+def cmd_collect(args) -> int:
+    from .collect import export, run_collect
+
+    if args.csv:
+        return export(args.db, args.csv)
+    if not args.broker:
+        raise EdgeAsrError("collect needs --broker HOST[:PORT] (or --csv FILE to export the database)")
+    from .broker import BrokerSettings
+
+    host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+    if port and not port.isdigit():
+        raise EdgeAsrError(f"--broker {args.broker}: expected HOST or HOST:PORT")
+    settings = BrokerSettings(host=host, port=int(port) if port else None, tls=args.tls or bool(args.ca_file),
+                              ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                              credentials=args.credentials)
+    return run_collect(settings, args.db, args.prefix.rstrip("/"), args.client_id, args.duration)
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -905,6 +923,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("daemon", help="run as a service: TOML config, JSONL output, status endpoint")
     p.add_argument("--config", required=True, help="TOML file (example: firmware_tools/edge-asr.toml)")
     p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("collect", help="plant side: store the fleet's transcripts from an MQTT broker in SQLite "
+                                       "(needs [mqtt]); --csv exports them")
+    p.add_argument("--db", required=True, help="SQLite file, made if absent (one row per transcript id)")
+    p.add_argument("--broker", metavar="HOST[:PORT]", help="the MQTT broker (port: 1883, or 8883 with TLS)")
+    p.add_argument("--prefix", default="edge-asr", help="topic prefix the devices use (default edge-asr)")
+    p.add_argument("--client-id", default="edge-asr-collect",
+                   help="fixed, so the broker keeps this subscriber's session while it is away")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's CAs (or --ca-file)")
+    p.add_argument("--ca-file", help="CA certificate that signed the broker's (implies --tls)")
+    p.add_argument("--cert-file", help="client certificate, where the broker asks for one")
+    p.add_argument("--key-file", help="the client certificate's key")
+    p.add_argument("--credentials", metavar="FILE", help="a file holding username:password on one line")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
+    p.add_argument("--csv", metavar="FILE", help="export the database as CSV (- for stdout) and exit")
+    p.set_defaults(func=cmd_collect)
 
     p = with_bundle(sub.add_parser("bench", help="WER, RTF and peak memory on folders with refs.tsv"))
     p.add_argument("dirs", nargs="+", metavar="DIR")

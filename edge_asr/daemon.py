@@ -3,7 +3,8 @@
 Configuration is TOML (see firmware_tools/edge-asr.toml). SIGTERM and SIGINT stop taking new speech:
 the utterance in flight is finished and written, then the process exits 0. SIGHUP reopens the JSONL
 file (for logrotate). A status endpoint (HTTP on 127.0.0.1 by default) serves the counters and the latest
-transcripts as JSON.
+transcripts as JSON. With an [mqtt] host, the JSONL file is also the spool an MQTT publisher follows
+(publisher.py): the broker being away never stops transcription.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import signal
 import threading
 import time
 import tomllib
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from .endpointer import Endpointer
 from .errors import EdgeAsrError
 from .paths import bundle_dir
 from .settings import DecodingSettings
-from .sinks import JsonlSink, StdoutSink
+from .sinks import JsonlSink, StdoutSink, default_device_id, timestamped
 from .sources import FileSource, MicrophoneSource
 from .stream import StreamRecognizer
 from .vad import make_vad
@@ -37,6 +37,10 @@ DEFAULTS = {
                  "vad_gate": None, "seed": 0},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
+    # Publishing to a broker: off while host is unset. device_id also names the JSONL lines' ids.
+    "mqtt": {"host": None, "port": None, "tls": False, "ca_file": None, "cert_file": None, "key_file": None,
+             "credentials": None, "topic_prefix": "edge-asr", "device_id": None, "qos": 1, "keepalive": 60,
+             "counters_interval": 60.0, "reconnect_max": 30.0},
 }
 
 
@@ -73,6 +77,20 @@ def decoding_settings(config: dict) -> DecodingSettings:
                             vad=config["vad"]["kind"], seed=d["seed"])
 
 
+def mqtt_settings(config: dict, device_id: str, describe: dict):
+    """The [mqtt] section as the publisher's settings."""
+    from .broker import BrokerSettings
+    from .publisher import MqttSettings
+
+    m = config["mqtt"]
+    broker = BrokerSettings(host=m["host"], port=m["port"], tls=m["tls"], ca_file=m["ca_file"],
+                            cert_file=m["cert_file"], key_file=m["key_file"], credentials=m["credentials"],
+                            keepalive=m["keepalive"])
+    return MqttSettings(broker, device_id, topic_prefix=m["topic_prefix"].rstrip("/"), qos=m["qos"],
+                        counters_interval=m["counters_interval"], reconnect_max=m["reconnect_max"],
+                        describe=describe)
+
+
 def _status_handler(daemon: "Daemon"):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -102,18 +120,29 @@ class Daemon:
         self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,
                                            on_final=self._record)
         out = config["output"]
-        self.sinks = ([JsonlSink(out["jsonl"], out["max_bytes"], out["backups"])] if out["jsonl"] else [])
-        self.sinks += [StdoutSink()] if out["stdout"] else []
+        device_id = config["mqtt"]["device_id"] or default_device_id()
+        journal = JsonlSink(out["jsonl"], out["max_bytes"], out["backups"], device_id) if out["jsonl"] else None
+        self.sinks = ([journal] if journal else []) + ([StdoutSink()] if out["stdout"] else [])
         if not self.sinks:
             raise EdgeAsrError("no output: set [output] jsonl = PATH and/or stdout = true")
+        self.mqtt = None
+        if config["mqtt"]["host"]:
+            if not journal:
+                raise EdgeAsrError("[mqtt] needs [output] jsonl = PATH: the JSONL file is the spool of what to publish")
+            from .publisher import MqttSink
+            from . import __version__
+
+            describe = {"version": __version__, "bundle": Path(model["bundle"] or bundle_dir()).name}
+            self.mqtt = MqttSink(mqtt_settings(config, device_id, describe), journal, self._counters)
+            self.sinks.append(self.mqtt)
         self.started = time.time()
         self.stopping = False
         self.source = None
 
     def _record(self, final) -> None:
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")} | final.to_dict()
-        for sink in self.sinks:
-            sink.write(record)
+        record = timestamped(final.to_dict())
+        for sink in self.sinks:  # the JSONL sink first: it gives the record its id
+            record = sink.write(record)
 
     def status(self) -> dict:
         counters = self.recognizer.counters
@@ -121,7 +150,12 @@ class Daemon:
         guards = getattr(self.transcriber, "counters", None)  # Whisper's guards; LSTM-CTC bundles have none
         return {"state": "stopping" if self.stopping else "listening", "uptime_s": round(time.time() - self.started, 1),
                 "source": self.source.name if self.source else None} | counters.to_dict() | (
-                    {"guards": guards.to_dict()} if guards else {})
+                    {"guards": guards.to_dict()} if guards else {}) | (
+                    {"mqtt": self.mqtt.status()} if self.mqtt else {})
+
+    def _counters(self) -> dict:
+        """What the publisher sends every counters_interval: the status without the transcripts themselves."""
+        return {k: v for k, v in self.status().items() if k != "latest"}
 
     def _make_source(self):
         inp = self.config["input"]
@@ -151,6 +185,8 @@ class Daemon:
     def run(self) -> int:
         self.source = self._make_source()
         server = self._serve_status()
+        if self.mqtt:
+            self.mqtt.start()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reopen)

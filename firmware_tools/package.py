@@ -31,7 +31,7 @@ from edge_asr.errors import EdgeAsrError
 from .targets import Target
 
 HERE = Path(__file__).resolve().parent
-RUNTIME_EXTRAS = ("tflite",)
+RUNTIME_EXTRAS = ("tflite", "mqtt")  # LiteRT where ONNX Runtime has no wheel; paho-mqtt for [mqtt]
 
 
 def project_root(source: Path | None) -> Path:

@@ -47,6 +47,28 @@ def speech() -> list[tuple[str, np.ndarray]]:
     return [(text, synthesize(text)) for text in SENTENCES]
 
 
+@pytest.fixture(scope="session")
+def stream(speech):
+    """The synthesized sentences joined by 1.2 s pauses: (audio, texts, [(speech_start_s, speech_end_s)])."""
+    pause = 1.2
+    parts, spans, t = [np.zeros(8000, np.float32)], [], 0.5
+    for _, audio in speech:
+        voiced = np.flatnonzero(np.abs(audio) > 0.01)
+        spans.append((t + voiced[0] / 16000, t + voiced[-1] / 16000))
+        parts += [audio, np.zeros(int(pause * 16000), np.float32)]
+        t += len(audio) / 16000 + pause
+    return np.concatenate(parts), [text for text, _ in speech], spans
+
+
+@pytest.fixture(scope="session")
+def stream_wav(stream, tmp_path_factory):
+    from edge_asr_build.synth import write_wav
+
+    path = tmp_path_factory.mktemp("stream") / "stream.wav"
+    write_wav(path, stream[0])
+    return path
+
+
 def _build(tmp_path_factory, precision: str):
     from edge_asr_build.pipeline import build_whisper_bundle
 

@@ -15,20 +15,6 @@ from edge_asr.metrics import word_error_rate
 from edge_asr.sinks import JsonlSink
 from edge_asr.vad import EnergyVad
 
-PAUSE = 1.2
-
-
-@pytest.fixture(scope="module")
-def stream(speech):
-    """The synthesized sentences joined by pauses: (audio, texts, [(speech_start_s, speech_end_s)])."""
-    parts, spans, t = [np.zeros(8000, np.float32)], [], 0.5
-    for _, audio in speech:
-        voiced = np.flatnonzero(np.abs(audio) > 0.01)
-        spans.append((t + voiced[0] / 16000, t + voiced[-1] / 16000))
-        parts += [audio, np.zeros(int(PAUSE * 16000), np.float32)]
-        t += len(audio) / 16000 + PAUSE
-    return np.concatenate(parts), [text for text, _ in speech], spans
-
 
 def test_endpointer_finds_each_sentence(stream):
     audio, texts, spans = stream
@@ -99,20 +85,11 @@ def _wait_for_lines(path, n, process, timeout=60):
     raise AssertionError(f"no {n} lines in {path}")
 
 
-@pytest.fixture(scope="module")
-def stream_wav(stream, tmp_path_factory):
-    from edge_asr_build.synth import write_wav
-
-    path = tmp_path_factory.mktemp("stream") / "stream.wav"
-    write_wav(path, stream[0])
-    return path
-
-
 def test_sigterm_finishes_the_utterance_in_flight(tmp_path, stream_wav, stream, bundle_int8):
     _, texts, spans = stream
     process = _daemon(tmp_path, stream_wav, bundle_int8)
     first = _wait_for_lines(tmp_path / "out.jsonl", 1, process)
-    # The first final arrives ~0.5 s after its speech ended; the second sentence starts PAUSE later.
+    # The first final arrives ~0.5 s after its speech ended; the second sentence starts a pause later.
     time.sleep(max(0.0, (spans[1][0] - spans[0][1]) - 0.5) + 1.0)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, process.stderr.read()
