@@ -6,6 +6,7 @@ and MqttSink, the publisher) at a dictation rate: one final every 2-6 s. `edge-a
 SQLite. Everything runs on 127.0.0.1.
 
     python benchmarks/fleet.py --devices 20 --seconds 300
+    python benchmarks/fleet.py --devices 20 --seconds 60 --gap 0.01,0.02     # the throughput ceiling
     python benchmarks/fleet.py device --journal DIR/d01.jsonl --port 1883 --device-id d01 --seconds 60
 
 The tests (tests/test_mqtt.py) use `Mosquitto` and `run_fleet` from here with 3 devices for 60 s.
@@ -120,7 +121,7 @@ def run_device(journal: Path, port: int, device_id: str, seconds: float, gap=(2.
     return n
 
 
-def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path) -> dict:
+def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, gap=(2.0, 6.0)) -> dict:
     """Run `devices` device processes for `seconds` while `edge-asr collect` stores into `db`; wait for
     every final to arrive. Returns what was sent and what arrived."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path) 
         time.sleep(0.5)  # its subscription is in place
         procs = [subprocess.Popen([sys.executable, __file__, "device", "--journal", str(workdir / f"d{i:02d}.jsonl"),
                                    "--port", str(port), "--device-id", f"d{i:02d}", "--seconds", str(seconds),
-                                   "--seed", str(i)], stderr=subprocess.PIPE, text=True)
+                                   "--seed", str(i), "--gap", f"{gap[0]},{gap[1]}"], stderr=subprocess.PIPE, text=True)
                  for i in range(devices)]
         for p in procs:
             if p.wait(timeout=seconds + 60) != 0:
@@ -148,7 +149,9 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path) 
     with sqlite3.connect(db) as con:
         rows = {r[0]: r[1:] for r in con.execute("SELECT id, text, time, received, duplicates FROM transcripts")}
     latencies = [rows[i][2] - datetime.fromisoformat(r["time"]).timestamp() for i, r in sent.items() if i in rows]
-    return {"sent": sent, "rows": rows, "latencies": np.array(latencies),
+    first = min(datetime.fromisoformat(r["time"]).timestamp() for r in sent.values())
+    span = max(r[2] for r in rows.values()) - first  # from the first final made to the last row stored
+    return {"sent": sent, "rows": rows, "latencies": np.array(latencies), "span": span,
             "lost": sorted(set(sent) - set(rows)), "duplicates": sum(r[3] for r in rows.values())}
 
 
@@ -169,6 +172,11 @@ def _wait_for(condition, timeout: float, message: str) -> None:
     raise RuntimeError(message)
 
 
+def _gap(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.split(","))
+    return low, high
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -178,28 +186,32 @@ def main() -> int:
     d.add_argument("--device-id", required=True)
     d.add_argument("--seconds", type=float, default=60)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--gap", default="2,6")
     parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--gap", default="2,6", help="seconds between a device's finals, MIN,MAX (default 2,6: "
+                                                      "dictation; 0.01,0.02 for the throughput ceiling)")
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edge-asr-fleet"))
     args = parser.parse_args()
     if args.command == "device":
-        run_device(args.journal, args.port, args.device_id, args.seconds, seed=args.seed)
+        run_device(args.journal, args.port, args.device_id, args.seconds, _gap(args.gap), seed=args.seed)
         return 0
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     broker = Mosquitto(args.workdir / "broker").start()
     try:
         cpu0, t0 = broker.cpu_seconds(), time.monotonic()
-        result = run_fleet(args.workdir / "devices", broker.port, args.devices, args.seconds, args.workdir / "fleet.sqlite")
+        result = run_fleet(args.workdir / "devices", broker.port, args.devices, args.seconds, args.workdir / "fleet.sqlite",
+                           _gap(args.gap))
         cpu, wall = broker.cpu_seconds() - cpu0, time.monotonic() - t0
     finally:
         broker.stop()
     n, lat = len(result["sent"]), result["latencies"] * 1000
-    print(f"| devices | seconds | finals sent | stored | lost | duplicates | msg/s | broker CPU % | "
+    print(f"| devices | seconds | gap s | finals sent | stored | lost | duplicates | stored msg/s | broker CPU % | "
           f"latency p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.devices} | {args.seconds:g} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
-          f"{result['duplicates']} | {n / args.seconds:.2f} | {100 * cpu / wall:.2f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
+          f"{result['duplicates']} | {n / result['span']:.2f} | {100 * cpu / wall:.2f} | "
           f"{np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} |")
     return 0 if not result["lost"] else 1
 

@@ -100,6 +100,13 @@ def refusal(settings: BrokerSettings, reason) -> str:
     return f"mqtt broker {settings.address} refused the connection: {reason}{hint}"
 
 
+def connection_lost(settings: BrokerSettings, reason) -> str:
+    """The line for a connection that dropped. paho reports a socket closed under it as "Unspecified error"."""
+    why = str(reason)
+    why = "closed by the broker or the network" if why in ("Unspecified error", "") else why
+    return f"mqtt broker {settings.address}: connection lost ({why})"
+
+
 def _tls_files(settings: BrokerSettings) -> str:
     return ", ".join(f"{n}={getattr(settings, n)}" for n in ("ca_file", "cert_file", "key_file") if getattr(settings, n))
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .broker import BrokerSettings, connect, log, make_client, refusal
+from .broker import BrokerSettings, connect, connection_lost, log, make_client, refusal
 from .errors import EdgeAsrError
 
 SCHEMA = """
@@ -114,7 +114,7 @@ def run_collect(settings: BrokerSettings, db: str, prefix: str = "edge-asr", cli
 
     def on_disconnect(client, userdata, flags, reason_code, properties):
         if state["up"] and not state["stop"]:
-            log(f"mqtt broker {settings.address}: connection lost ({reason_code}); reconnecting")
+            log(f"{connection_lost(settings, reason_code)}; reconnecting")
         state["up"] = False
 
     def on_message(client, userdata, message):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .broker import BrokerSettings, connect, log, make_client, refusal
+from .broker import BrokerSettings, connect, connection_lost, log, make_client, refusal
 from .errors import EdgeAsrError
 from .sinks import JsonlSink
 from .spool import OffsetFile, SpoolReader, last_seq_in, log_files
@@ -117,14 +117,17 @@ class MqttSink:
     # -- the thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self.stopping.is_set():
-            if self.state == "down":
-                if time.monotonic() >= self.next_attempt:
-                    self._attempt()
-                else:
-                    self.wake.wait(min(0.5, self.next_attempt - time.monotonic()))
-                    self.wake.clear()
-                continue
-            self._step()
+            try:
+                if self.state == "down":
+                    if time.monotonic() >= self.next_attempt:
+                        self._attempt()
+                    else:
+                        self.wake.wait(min(0.5, self.next_attempt - time.monotonic()))
+                        self.wake.clear()
+                    continue
+                self._step()
+            except Exception as e:  # noqa: BLE001 (the thread must outlive any one failure: the spool keeps the lines)
+                self._lost(f"mqtt broker {self.settings.broker.address}: {type(e).__name__}: {e}")
         self._drain()
 
     def _step(self) -> None:
@@ -133,7 +136,7 @@ class MqttSink:
             return
         rc = self.client.loop(timeout=0.05)
         if rc != 0 and self.state != "down":
-            self._lost(f"mqtt broker {self.settings.broker.address}: connection lost ({_rc_text(rc)})")
+            self._lost(connection_lost(self.settings.broker, _rc_text(rc)))
             return
         if self.state == "up":
             self._pump()
@@ -178,7 +181,7 @@ class MqttSink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.state != "down" and not self.stopping.is_set():
-            self._lost(f"mqtt broker {self.settings.broker.address}: connection lost ({reason_code})")
+            self._lost(connection_lost(self.settings.broker, reason_code))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         entry = self.by_mid.pop(mid, None)
@@ -222,19 +225,23 @@ class MqttSink:
     def _drain(self) -> None:
         """On stop: give the broker a moment for what is unsent, say offline, and save the offset."""
         deadline = time.monotonic() + self.settings.drain_seconds
-        while self.state != "down" and time.monotonic() < deadline:
-            self._step()
-            if self.state == "up" and not self.inflight and self.caught_up:
-                break
-        if self.state == "up":
-            offline = {"state": "offline", "device": self.settings.device_id} | self.settings.describe
-            info = self.client.publish(self.settings.topic("status"), json.dumps(offline), qos=1, retain=True)
-            end = time.monotonic() + 1.0
-            while not info.is_published() and time.monotonic() < end and self.client.loop(timeout=0.05) == 0:
-                pass
-            self.client.disconnect()
-        self._commit(force=True)
-        self.reader.close()
+        try:
+            while self.state != "down" and time.monotonic() < deadline:
+                self._step()
+                if self.state == "up" and not self.inflight and self.caught_up:
+                    break
+            if self.state == "up":
+                offline = {"state": "offline", "device": self.settings.device_id} | self.settings.describe
+                info = self.client.publish(self.settings.topic("status"), json.dumps(offline), qos=1, retain=True)
+                end = time.monotonic() + 1.0
+                while not info.is_published() and time.monotonic() < end and self.client.loop(timeout=0.05) == 0:
+                    pass
+                self.client.disconnect()
+        except Exception as e:  # noqa: BLE001 (what was not acknowledged stays in the spool)
+            log(f"mqtt broker {self.settings.broker.address}: {type(e).__name__} while stopping: {e}")
+        finally:
+            self._commit(force=True)
+            self.reader.close()
 
     def _backlog_bytes(self) -> int:
         total = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import socket
@@ -24,14 +25,18 @@ def default_device_id() -> str:
     return socket.gethostname().split(".")[0] or "edge-asr"
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def clock_synced() -> bool | None:
     """Whether the kernel's clock is disciplined by NTP (adjtimex says TIME_ERROR, 5, when it is not).
     A Raspberry Pi has no real-time clock: until it syncs, its times may be off by days. None where the
     call is unavailable."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         timex = ctypes.create_string_buffer(512)  # struct timex with modes = 0: read only, larger than any ABI's
-        state = libc.adjtimex(timex)
+        state = _libc().adjtimex(timex)
     except (OSError, AttributeError, TypeError):
         return None
     return None if state < 0 else state != 5

@@ -57,14 +57,16 @@ def test_stream_transcript_matches_sentences(transcriber_int8, stream, tmp_path)
 
 
 def test_jsonl_sink_rotates_and_keeps_whole_lines(tmp_path):
-    sink = JsonlSink(tmp_path / "t.jsonl", max_bytes=200, backups=2)
+    sink = JsonlSink(tmp_path / "t.jsonl", max_bytes=200, backups=2, device_id="pi")
     for i in range(20):
         sink.write({"i": i, "text": "x" * 30})
     sink.close()
-    files = sorted(tmp_path.glob("t.jsonl*"))
+    files = sorted(f for f in tmp_path.glob("t.jsonl*") if f.name != "t.jsonl.seq")
     assert [f.name for f in files] == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
     lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert max(r["i"] for r in lines) == 19 and all(f.stat().st_size <= 200 for f in files)
+    # The sequence outlives the deleted files: the last line rotated out is remembered.
+    assert max(r["seq"] for r in lines) == 20 and int((tmp_path / "t.jsonl.seq").read_text()) >= 17
 
 
 def _daemon(tmp_path, wav, bundle):
