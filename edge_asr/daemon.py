@@ -83,12 +83,24 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
     from .publisher import MqttSettings
 
     m = config["mqtt"]
+    kinds = {"host": str, "port": (int, type(None)), "tls": bool, "topic_prefix": str, "qos": int, "keepalive": int,
+             "counters_interval": (int, float), "reconnect_max": (int, float)}
+    kinds |= {k: (str, type(None)) for k in ("ca_file", "cert_file", "key_file", "credentials", "device_id")}
+    for key, kind in kinds.items():
+        if not isinstance(m[key], kind) or (isinstance(m[key], bool) and kind is not bool):
+            raise EdgeAsrError(f"[mqtt] {key} = {m[key]!r}: expected {_kind_name(kind)}")
     broker = BrokerSettings(host=m["host"], port=m["port"], tls=m["tls"], ca_file=m["ca_file"],
                             cert_file=m["cert_file"], key_file=m["key_file"], credentials=m["credentials"],
                             keepalive=m["keepalive"])
     return MqttSettings(broker, device_id, topic_prefix=m["topic_prefix"].rstrip("/"), qos=m["qos"],
                         counters_interval=m["counters_interval"], reconnect_max=m["reconnect_max"],
                         describe=describe)
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true or false",
+                        type(None): "unset"}[k] for k in kinds)
 
 
 def _status_handler(daemon: "Daemon"):

@@ -57,6 +57,8 @@ class MqttSink:
             raise EdgeAsrError(f"mqtt qos {settings.qos}: must be 0, 1 or 2 (1 or 2 for at-least-once delivery)")
         if any(c in settings.device_id for c in "/+#") or not settings.device_id:
             raise EdgeAsrError(f"mqtt device_id {settings.device_id!r}: must be non-empty, without / + #")
+        if any(c in settings.topic_prefix for c in "+#") or not settings.topic_prefix:
+            raise EdgeAsrError(f"mqtt topic_prefix {settings.topic_prefix!r}: must be non-empty, without + #")
         self.settings, self.journal, self.counters = settings, journal, counters
         self.client = make_client(settings.broker, f"edge-asr-{settings.device_id}", clean_session=True)
         offline = json.dumps({"state": "offline", "device": settings.device_id} | settings.describe)
@@ -156,6 +158,7 @@ class MqttSink:
             log(line + "; transcripts are spooled and retried")
         self.last_error = line
         self.state = "down"
+        self._commit(force=True)  # the acknowledgements that came before the drop
         self.failures += 1
         # Exponential backoff with jitter, so a plant's devices do not all return at once after an outage.
         delay = min(self.settings.reconnect_max, self.settings.reconnect_min * 2 ** min(self.failures - 1, 16))

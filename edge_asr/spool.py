@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,8 @@ class OffsetFile:
         except FileNotFoundError:
             return Position()
         except (ValueError, TypeError) as e:  # a hand-edited or foreign file: start over, duplicates are marked
-            print(f"edge-asr: {self.path}: unreadable offset ({e}); publishing the whole log again", flush=True)
+            print(f"edge-asr: {self.path}: unreadable offset ({e}); publishing the whole log again",
+                  file=sys.stderr, flush=True)
             return Position()
 
     def save(self, position: Position) -> None:
@@ -184,7 +186,8 @@ class SpoolReader:
             if line.endswith(b"\n"):
                 seq = line_seq(line)
                 if seq is None:
-                    print(f"edge-asr: {self.path}: skipped a line that is not a transcript record", flush=True)
+                    print(f"edge-asr: {self.path}: skipped a line that is not a transcript record",
+                          file=sys.stderr, flush=True)
                     continue
                 if seq <= self.after_seq:
                     continue

@@ -369,7 +369,8 @@ def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
     cases = {"[mqtt]\nhost = \"127.0.0.1\"\nbroker_url = \"x\"\n": "broker_url",
              f'[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
              f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\ntls = true\n'
-             f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file"}
+             f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file",
+             f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': "integer"}
     for text, expected in cases.items():
         config = tmp_path / "c.toml"
         config.write_text(f'[input]\nsource = "{stream_wav}"\n[model]\nbundle = "{bundle_int8}"\n' + text)
