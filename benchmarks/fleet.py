@@ -127,6 +127,7 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
     workdir.mkdir(parents=True, exist_ok=True)
     collect = subprocess.Popen([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}",
                                 "--db", str(db)], stderr=subprocess.PIPE, text=True)
+    procs = []
     try:
         _wait_for(lambda: db.exists(), 15, "collect did not start")
         time.sleep(0.5)  # its subscription is in place
@@ -144,8 +145,14 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
                 sent[r["id"]] = r
         _wait_for(lambda: _count(db) >= len(sent), 30, f"collect stored fewer than {len(sent)} rows")
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
         collect.send_signal(signal.SIGTERM)
-        collect.wait(timeout=30)
+        try:
+            collect.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            collect.kill()
     with sqlite3.connect(db) as con:
         rows = {r[0]: r[1:] for r in con.execute("SELECT id, text, time, received, duplicates FROM transcripts")}
     latencies = [rows[i][2] - datetime.fromisoformat(r["time"]).timestamp() for i, r in sent.items() if i in rows]

@@ -24,6 +24,19 @@ from fleet import Mosquitto, free_port, run_fleet  # noqa: E402
 pytest.importorskip("paho.mqtt.client", reason="the mqtt extra (setup.sh installs it)")
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
 @pytest.fixture
 def broker(tmp_path):
     b = Mosquitto(tmp_path / "broker").start()
@@ -34,6 +47,7 @@ def broker(tmp_path):
 def _collect(port, db, *extra):
     process = subprocess.Popen([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}",
                                 "--db", str(db), *extra], stderr=subprocess.PIPE, text=True)
+    STARTED.append(process)
     _wait(lambda: db.exists() or process.poll() is not None, 15)
     time.sleep(0.5)  # subscribed
     assert process.poll() is None, process.stderr.read()
@@ -90,8 +104,10 @@ def _daemon_config(tmp_path, source, bundle, port, realtime=True, status_port=No
 
 
 def _daemon(config):
-    return subprocess.Popen([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    STARTED.append(process)
+    return process
 
 
 def _assert_delivered(journal, db, timeout=30):
