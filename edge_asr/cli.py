@@ -561,6 +561,8 @@ def cmd_collect(args) -> int:
     host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
     if port and not port.isdigit():
         raise EdgeAsrError(f"--broker {args.broker}: expected HOST or HOST:PORT")
+    if not args.prefix.strip("/") or any(c in args.prefix for c in "+#"):
+        raise EdgeAsrError(f"--prefix {args.prefix!r}: the devices' topic prefix, without the wildcards + and #")
     settings = BrokerSettings(host=host, port=int(port) if port else None, tls=args.tls or bool(args.ca_file),
                               ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
                               credentials=args.credentials)

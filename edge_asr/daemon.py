@@ -99,6 +99,8 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
 
 def _kind_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if kinds == (int, float):
+        return "a number"
     return " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true or false",
                         type(None): "unset"}[k] for k in kinds)
 
