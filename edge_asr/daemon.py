@@ -147,8 +147,8 @@ class Daemon:
             from . import __version__
 
             describe = {"version": __version__, "bundle": Path(model["bundle"] or bundle_dir()).name}
+            # Not a sink: it follows the JSONL file on its own thread, whatever writes to it.
             self.mqtt = MqttSink(mqtt_settings(config, device_id, describe), journal, self._counters)
-            self.sinks.append(self.mqtt)
         self.started = time.time()
         self.stopping = False
         self.source = None
@@ -213,6 +213,8 @@ class Daemon:
         finally:
             for sink in self.sinks:
                 sink.close()
+            if self.mqtt:  # after the JSONL file: what the last final appended is still published
+                self.mqtt.close()
             if server:
                 server.shutdown()
         return 0

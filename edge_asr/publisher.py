@@ -73,7 +73,6 @@ class MqttSink:
         self.inflight: collections.deque[list] = collections.deque()  # [mid, Position, acknowledged], in order
         self.by_mid: dict[int, list] = {}
         journal.releasable = self.releasable
-        journal.listeners.append(lambda record: self.wake.set())
 
         self.state = "down"    # down, connecting, up
         self.failures = 0      # consecutive failed attempts, for the backoff
@@ -84,7 +83,6 @@ class MqttSink:
         self.last_save = 0.0
         self.caught_up = False
         self.next_counters = 0.0
-        self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
 
@@ -93,17 +91,10 @@ class MqttSink:
         self.thread.start()
         return self
 
-    def write(self, record: dict) -> dict:
-        return record  # the journal has it on disk already; its listener woke the thread
-
-    def reopen(self) -> None:
-        pass
-
     def close(self) -> None:
         if self.thread.ident is None:  # never started: the daemon failed before listening
             return
         self.stopping.set()
-        self.wake.set()
         self.thread.join(timeout=self.settings.drain_seconds + self.settings.broker.connect_timeout + 5)
 
     def status(self) -> dict:
@@ -124,8 +115,7 @@ class MqttSink:
                     if time.monotonic() >= self.next_attempt:
                         self._attempt()
                     else:
-                        self.wake.wait(min(0.5, self.next_attempt - time.monotonic()))
-                        self.wake.clear()
+                        self.stopping.wait(min(0.5, self.next_attempt - time.monotonic()))
                     continue
                 self._step()
             except Exception as e:  # noqa: BLE001 (the thread must outlive any one failure: the spool keeps the lines)

@@ -71,7 +71,6 @@ class JsonlSink:
         drop_torn_tail(self.path)
         self.seq = self._last_seq()
         self.file = self._open()
-        self.listeners = []  # called with each record once it is on disk
 
     def _last_seq(self) -> int:
         try:
@@ -98,8 +97,6 @@ class JsonlSink:
             self.file.write(line)
             self.file.flush()
             os.fsync(self.file.fileno())
-        for listener in self.listeners:
-            listener(record)
         return record
 
     def _rotate(self) -> None:
