@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-_SEQ = re.compile(rb'"seq": (\d+)')
 TAIL_BYTES = 65536  # more than any one line
 
 
@@ -32,23 +30,26 @@ def log_files(path: Path) -> list[Path]:
 
 def line_seq(line: bytes) -> int | None:
     """The `seq` of one complete log line; None for a line that is not one of ours (or not whole)."""
-    m = _SEQ.search(line)
-    if not m:
-        return None
     try:
         return int(json.loads(line)["seq"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
+def _tail(f, end: int | None = None) -> bytes:
+    """The last TAIL_BYTES of an open binary file before `end` (default: its end)."""
+    if end is None:
+        end = f.seek(0, os.SEEK_END)
+    start = max(0, end - TAIL_BYTES)
+    f.seek(start)
+    return f.read(end - start)
+
+
 def last_seq_in(path: Path) -> int | None:
     """The sequence of the last complete line of one file."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read()
+            tail = _tail(f)
     except OSError:
         return None
     for line in reversed(tail.split(b"\n")[:-1]):  # [:-1]: what follows the last newline is not whole
@@ -63,13 +64,9 @@ def drop_torn_tail(path: Path) -> None:
     appended to it and both would be lost."""
     try:
         with open(path, "r+b") as f:
-            f.seek(0, os.SEEK_END)
+            tail = _tail(f)
             size = f.tell()
-            if not size:
-                return
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read()
-            if tail.endswith(b"\n"):
+            if not size or tail.endswith(b"\n"):
                 return
             cut = tail.rfind(b"\n")
             f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= TAIL_BYTES else size))
@@ -165,8 +162,7 @@ class SpoolReader:
     def _seq_before(path: Path, byte: int) -> int | None:
         try:
             with open(path, "rb") as f:
-                f.seek(max(0, byte - TAIL_BYTES))
-                chunk = f.read(byte - max(0, byte - TAIL_BYTES))
+                chunk = _tail(f, byte)
         except OSError:
             return None
         if not chunk.endswith(b"\n"):
@@ -199,6 +195,8 @@ class SpoolReader:
 
     def _advance(self) -> bool:
         """At the end of the current file: move to the next newer one if the log has rotated past it."""
+        if _inode(self.path) == self.inode:
+            return False  # the live file, not rotated: the common case of every idle poll, one stat
         with self.lock:  # no line is written and no file renamed meanwhile
             files = log_files(self.path)
             inodes = [_inode(p) for p in files]
