@@ -34,6 +34,14 @@ class BrokerSettings:
         return f"{self.host}:{self.port or (8883 if self.tls else 1883)}"
 
 
+def topic_prefix(prefix: str, name: str) -> str:
+    """The devices' topic prefix without trailing slashes. Empty, or with a wildcard (+ or #, which no
+    publisher may use), it is an error; `name` says where it was given."""
+    if not prefix.strip("/") or any(c in prefix for c in "+#"):
+        raise EdgeAsrError(f"{name} {prefix!r}: the devices' topic prefix, non-empty, without the wildcards + and #")
+    return prefix.rstrip("/")
+
+
 def read_credentials(path: str) -> tuple[str, str]:
     try:
         text = Path(path).read_text(encoding="utf-8").strip()

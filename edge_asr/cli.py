@@ -556,17 +556,15 @@ def cmd_collect(args) -> int:
         return export(args.db, args.csv)
     if not args.broker:
         raise EdgeAsrError("collect needs --broker HOST[:PORT] (or --csv FILE to export the database)")
-    from .broker import BrokerSettings
+    from .broker import BrokerSettings, topic_prefix
 
     host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
     if port and not port.isdigit():
         raise EdgeAsrError(f"--broker {args.broker}: expected HOST or HOST:PORT")
-    if not args.prefix.strip("/") or any(c in args.prefix for c in "+#"):
-        raise EdgeAsrError(f"--prefix {args.prefix!r}: the devices' topic prefix, without the wildcards + and #")
     settings = BrokerSettings(host=host, port=int(port) if port else None, tls=args.tls or bool(args.ca_file),
                               ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
                               credentials=args.credentials)
-    return run_collect(settings, args.db, args.prefix.rstrip("/"), args.client_id, args.duration)
+    return run_collect(settings, args.db, topic_prefix(args.prefix, "--prefix"), args.client_id, args.duration)
 
 
 def cmd_bench(args) -> int:

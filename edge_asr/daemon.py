@@ -92,7 +92,7 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
     broker = BrokerSettings(host=m["host"], port=m["port"], tls=m["tls"], ca_file=m["ca_file"],
                             cert_file=m["cert_file"], key_file=m["key_file"], credentials=m["credentials"],
                             keepalive=m["keepalive"])
-    return MqttSettings(broker, device_id, topic_prefix=m["topic_prefix"].rstrip("/"), qos=m["qos"],
+    return MqttSettings(broker, device_id, topic_prefix=m["topic_prefix"], qos=m["qos"],
                         counters_interval=m["counters_interval"], reconnect_max=m["reconnect_max"],
                         describe=describe)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .broker import BrokerSettings, connect, connection_lost, log, make_client, refusal
+from .broker import BrokerSettings, connect, connection_lost, log, make_client, refusal, topic_prefix
 from .errors import EdgeAsrError
 from .sinks import JsonlSink
 from .spool import OffsetFile, SpoolReader, last_seq_in, log_files
@@ -47,6 +47,9 @@ class MqttSettings:
     drain_seconds: float = 2.0   # on stop, how long to wait for the broker to take what is still unsent
     describe: dict = field(default_factory=dict)  # version and bundle for the status topic
 
+    def __post_init__(self):
+        self.topic_prefix = topic_prefix(self.topic_prefix, "mqtt topic_prefix")
+
     def topic(self, leaf: str) -> str:
         return f"{self.topic_prefix}/{self.device_id}/{leaf}"
 
@@ -57,8 +60,6 @@ class MqttSink:
             raise EdgeAsrError(f"mqtt qos {settings.qos}: must be 0, 1 or 2 (1 or 2 for at-least-once delivery)")
         if any(c in settings.device_id for c in "/+#") or not settings.device_id:
             raise EdgeAsrError(f"mqtt device_id {settings.device_id!r}: must be non-empty, without / + #")
-        if any(c in settings.topic_prefix for c in "+#") or not settings.topic_prefix:
-            raise EdgeAsrError(f"mqtt topic_prefix {settings.topic_prefix!r}: must be non-empty, without + #")
         self.settings, self.journal, self.counters = settings, journal, counters
         self.client = make_client(settings.broker, f"edge-asr-{settings.device_id}", clean_session=True)
         offline = json.dumps({"state": "offline", "device": settings.device_id} | settings.describe)
