@@ -129,7 +129,7 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
                                 "--db", str(db)], stderr=subprocess.PIPE, text=True)
     procs = []
     try:
-        _wait_for(lambda: db.exists(), 15, "collect did not start")
+        wait_for(lambda: db.exists(), 15, "collect did not start")
         time.sleep(0.5)  # its subscription is in place
         procs = [subprocess.Popen([sys.executable, __file__, "device", "--journal", str(workdir / f"d{i:02d}.jsonl"),
                                    "--port", str(port), "--device-id", f"d{i:02d}", "--seconds", str(seconds),
@@ -143,7 +143,7 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
             for line in (workdir / f"d{i:02d}.jsonl").read_text().splitlines():
                 r = json.loads(line)
                 sent[r["id"]] = r
-        _wait_for(lambda: _count(db) >= len(sent), 30, f"collect stored fewer than {len(sent)} rows")
+        wait_for(lambda: _count(db) >= len(sent), 30, f"collect stored fewer than {len(sent)} rows")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -170,13 +170,15 @@ def _count(db: Path) -> int:
         return 0
 
 
-def _wait_for(condition, timeout: float, message: str) -> None:
+def wait_for(condition, timeout: float, message: str = "timed out") -> None:
+    """Poll `condition` until it holds; AssertionError with `message` after `timeout` seconds (the tests'
+    failure, and the benchmark's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.1)
-    raise RuntimeError(message)
+        time.sleep(0.05)
+    raise AssertionError(message)
 
 
 def _gap(text: str) -> tuple[float, float]:

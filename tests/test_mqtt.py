@@ -19,7 +19,7 @@ from edge_asr.sinks import JsonlSink, timestamped
 from edge_asr.spool import OffsetFile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from fleet import Mosquitto, free_port, run_fleet  # noqa: E402
+from fleet import Mosquitto, free_port, run_fleet, wait_for  # noqa: E402
 
 pytest.importorskip("paho.mqtt.client", reason="the mqtt extra (setup.sh installs it)")
 
@@ -48,7 +48,7 @@ def _collect(port, db, *extra):
     process = subprocess.Popen([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}",
                                 "--db", str(db), *extra], stderr=subprocess.PIPE, text=True)
     STARTED.append(process)
-    _wait(lambda: db.exists() or process.poll() is not None, 15)
+    wait_for(lambda: db.exists() or process.poll() is not None, 15)
     time.sleep(0.5)  # subscribed
     assert process.poll() is None, process.stderr.read()
     return process
@@ -62,15 +62,6 @@ def _stop(process, timeout=30):
         process.kill()
         raise
     return process.stderr.read() if process.stderr else ""
-
-
-def _wait(condition, timeout, message="timed out"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(message)
 
 
 def _rows(db):
@@ -111,7 +102,7 @@ def _daemon(config):
 
 
 def _assert_delivered(journal, db, timeout=30):
-    _wait(lambda: set(_journal(journal)) <= set(_rows(db)), timeout,
+    wait_for(lambda: set(_journal(journal)) <= set(_rows(db)), timeout,
           f"lost: {sorted(set(_journal(journal)) - set(_rows(db)))}")
     rows = _rows(db)
     for i, r in _journal(journal).items():
@@ -159,10 +150,10 @@ def test_rotation_keeps_unsent_files_until_they_are_acknowledged(tmp_path, broke
         rows = _assert_delivered(path, db)
         assert len(rows) == 30
         for i in range(8):  # past max_bytes again, each line acknowledged before the next
-            _wait(lambda: mqtt.status()["backlog_lines"] == 0, 10)
+            wait_for(lambda: mqtt.status()["backlog_lines"] == 0, 10)
             sink.write(timestamped({"text": f"after {i}", "start_s": 0.0, "end_s": 1.0}))
         _assert_delivered(path, db)
-        _wait(lambda: mqtt.status()["backlog_lines"] == 0, 10)
+        wait_for(lambda: mqtt.status()["backlog_lines"] == 0, 10)
     finally:
         if mqtt:
             sink.close()
@@ -231,10 +222,10 @@ def test_broker_outage_and_rotation_lose_nothing(tmp_path, broker, long_stream_w
     process = _daemon(_daemon_config(tmp_path, long_stream_wav, bundle_int8, broker.port, status_port=status_port,
                                      extra_output="max_bytes = 1500\nbackups = 1"))
     try:
-        _wait(lambda: len(_rows(db)) >= 1, 60, "nothing delivered before the outage")
+        wait_for(lambda: len(_rows(db)) >= 1, 60, "nothing delivered before the outage")
         broker.stop(signal.SIGTERM)
         down_at = time.monotonic()
-        _wait(lambda: len(_journal(journal)) >= len(_rows(db)) + 3, 30, "no finals made during the outage")
+        wait_for(lambda: len(_journal(journal)) >= len(_rows(db)) + 3, 30, "no finals made during the outage")
         during = _status(status_port)["mqtt"]
         assert not during["connected"] and during["backlog_lines"] >= 3 and during["backlog_bytes"] > 0
         assert "unreachable" in during["last_error"] or "lost" in during["last_error"]
@@ -261,12 +252,12 @@ def test_sigkill_while_publishing_then_restart_loses_nothing(tmp_path, broker, l
     collect = _collect(broker.port, db)
     try:
         process = _daemon(_daemon_config(tmp_path, long_stream_wav, bundle_int8, broker.port))
-        _wait(lambda: len(_journal(journal)) >= 3, 60, "no finals")
+        wait_for(lambda: len(_journal(journal)) >= 3, 60, "no finals")
         os.kill(process.pid, signal.SIGKILL)  # right after a line was appended: its PUBACK may be in flight
         process.wait(timeout=10)
         killed = _journal(journal)
         offset = OffsetFile(journal).load()
-        _wait(lambda: {i for i, r in killed.items() if r["seq"] <= offset.seq} <= set(_rows(db)), 10,
+        wait_for(lambda: {i for i, r in killed.items() if r["seq"] <= offset.seq} <= set(_rows(db)), 10,
               "a line up to the offset is not in the database")
 
         # The restart publishes what was after the offset, and new finals continue the sequence.
@@ -343,7 +334,7 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
     mqtt = MqttSink(MqttSettings(BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "good.secret"), **tls),
                                  "press-4"), sink).start()
     sink.write(timestamped({"text": "Delivered over TLS.", "start_s": 0.0, "end_s": 1.5}))
-    _wait(lambda: mqtt.status()["backlog_lines"] == 0, 15, f"not acknowledged: {mqtt.status()}")
+    wait_for(lambda: mqtt.status()["backlog_lines"] == 0, 15, f"not acknowledged: {mqtt.status()}")
     sink.close()
     mqtt.close()
     out = _collect_once(broker.port, db, pki, "good.secret")  # the session kept it
@@ -355,7 +346,7 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
     mqtt = MqttSink(MqttSettings(BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "bad.secret"), **tls),
                                  "press-4", reconnect_min=0.1, reconnect_max=0.3), sink).start()
     sink.write(timestamped({"text": "Not delivered.", "start_s": 0.0, "end_s": 1.0}))
-    _wait(lambda: mqtt.last_error is not None and mqtt.failures >= 3, 15)
+    wait_for(lambda: mqtt.last_error is not None and mqtt.failures >= 3, 15)
     status = mqtt.status()
     sink.close()
     mqtt.close()
