@@ -216,8 +216,8 @@ def main() -> int:
     finally:
         broker.stop()
     n, lat = len(result["sent"]), result["latencies"] * 1000
-    print(f"| devices | seconds | gap s | finals sent | stored | lost | duplicates | stored msg/s | broker CPU % | "
-          f"latency p50 ms | p99 ms |")
+    print("| devices | seconds | gap s | finals sent | stored | lost | duplicates | stored msg/s | broker CPU % | "
+          "latency p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
           f"{result['duplicates']} | {n / result['span']:.2f} | {100 * cpu / wall:.2f} | "

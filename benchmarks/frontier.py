@@ -168,7 +168,7 @@ def main() -> int:
 
     print(f"{args.threads} threads; ours: RTF median of {args.runs} runs (digits: {args.digits_runs}); peers: one pass "
           "after a warm-up; WER: Whisper EnglishTextNormalizer + jiwer")
-    head = (f"| system | backend | params | MB | pooled WER % | RTF wall | RTF CPU | peak RSS MB |"
+    head = ("| system | backend | params | MB | pooled WER % | RTF wall | RTF CPU | peak RSS MB |"
             + (" digits WER % | digits RTF wall |" if args.digits else ""))
     print(head)
     print("|" + "---|" * (head.count("|") - 1))

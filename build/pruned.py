@@ -20,7 +20,6 @@ and after (its own windows), and kept in the delta with the importance table and
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field

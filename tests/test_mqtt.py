@@ -374,7 +374,7 @@ def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
     from edge_asr.daemon import load_config
 
     cases = {"[mqtt]\nhost = \"127.0.0.1\"\nbroker_url = \"x\"\n": "broker_url",
-             f'[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
+             '[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
              f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\ntls = true\n'
              f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file",
              f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': "integer"}
