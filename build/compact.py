@@ -80,6 +80,8 @@ def calibrate(loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda 
     reference = loaded.model.eval()
     items = reference_items(reference, clips, mel_filters(16000, 400, reference.dims.n_mels), decoding_rules(loaded),
                             _encoder(loaded.tokenizer_json), [], mode_shares={"plain": 1.0})
+    if not parts:  # the clips and transcripts alone (layer pruning measures whole blocks, not inputs)
+        return Calibration(items, {})
     step("input moments of every layer")
     sides = tuple(sorted({"encoder" if p.startswith("encoder") else "decoder" for p in parts}))
     return Calibration(items, collect_moments(reference, items, sides=sides))
@@ -119,9 +121,9 @@ def compact_model(loaded, delta: Path = DEFAULT_COMPACT_DELTA, step: Callable[[s
     from edge_asr.bundle import sha256_file
     from edge_asr.errors import EdgeAsrError
 
-    from .lora import apply_delta, read_delta
+    from .lora import apply_delta, delta_metadata
 
-    _, metadata = read_delta(Path(delta))
+    metadata = delta_metadata(Path(delta))
     if metadata.get("kind") != "compact-lora":
         raise EdgeAsrError(f"{delta} is not a compact delta (kind {metadata.get('kind')!r})")
     recipe = metadata["recipe"]

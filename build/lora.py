@@ -107,9 +107,19 @@ def read_delta(path: Path) -> tuple[dict[str, Tensor], dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("edge_asr_delta", "{}"))
-        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    return tensors, metadata
+        return {k: f.get_tensor(k).float() for k in f.keys()}, _metadata(f)
+
+
+def delta_metadata(path: Path) -> dict:
+    """A delta file's metadata alone (its kind, recipe, structure), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return _metadata(f)
+
+
+def _metadata(f) -> dict:
+    return json.loads((f.metadata() or {}).get("edge_asr_delta", "{}"))
 
 
 def apply_delta(model: nn.Module, path: Path) -> dict:

@@ -18,7 +18,7 @@ from .compress import DEFAULT_PARTS, CompressionReport, compress_whisper, save_c
 from .export import export_decoder, export_encoder
 from .formats import add_ort, add_whisper_tflite
 from .loaders import DEFAULT_SOURCE, load_whisper
-from .lora import read_delta
+from .lora import delta_metadata
 from .quantize import BLOCKWISE, quantize_int4, quantize_int8
 
 PRECISIONS = ("int8", "int4", "fp32")
@@ -64,7 +64,7 @@ def build_whisper_bundle(
             loaded.model, adaptation = compact_model(loaded, Path(compact_delta), step)
         if delta is not None:
             step(f"apply the adapted delta {Path(delta).name}")
-            if read_delta(Path(delta))[1].get("kind") == "pruned-context-lora":
+            if delta_metadata(Path(delta)).get("kind") == "pruned-context-lora":
                 from .pruned import pruned_model
 
                 loaded.model, adaptation = pruned_model(loaded, Path(delta))

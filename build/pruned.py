@@ -87,7 +87,7 @@ def measure_importance(loaded, recipe: PrunedRecipe, step: Callable[[str], None]
     from .compact import calibrate
     from .layers import importance_table, layer_importance, prune_plan
 
-    calibration = calibrate(loaded, recipe.calibration, step, parts=("decoder",))
+    calibration = calibrate(loaded, recipe.calibration, step, parts=())
     distortion = Distortion.of_reference(loaded.model, calibration.items[: recipe.measure_clips])
     step("measure every block's importance")
     rows = layer_importance(loaded.model, distortion, progress)
@@ -177,9 +177,9 @@ def pruned_model(loaded, delta: Path) -> tuple[object, dict]:
     from edge_asr.errors import EdgeAsrError
 
     from .layers import prune
-    from .lora import apply_delta, read_delta
+    from .lora import apply_delta, delta_metadata
 
-    _, metadata = read_delta(Path(delta))
+    metadata = delta_metadata(Path(delta))
     if metadata.get("kind") != "pruned-context-lora":
         raise EdgeAsrError(f"{delta} is not a pruned delta (kind {metadata.get('kind')!r})")
     if metadata["source"].get("sha256") != loaded.source.get("sha256"):

@@ -254,7 +254,7 @@ def cmd_recover(args) -> int:
 
     from edge_asr_build import loaders
     from edge_asr_build.compact import CompactRecipe, recover_compact
-    from edge_asr_build.lora import read_delta
+    from edge_asr_build.lora import delta_metadata
 
     recipe = CompactRecipe()
     match = replace(recipe.match, seed=args.seed, device=args.device, steps=args.steps or recipe.match.steps)
@@ -264,7 +264,7 @@ def cmd_recover(args) -> int:
         loaders.check_source(args.source)
         if args.ranks_from and not Path(args.ranks_from).is_file():
             raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
-        structure = read_delta(Path(args.ranks_from))[1]["structure"] if args.ranks_from else None
+        structure = delta_metadata(Path(args.ranks_from))["structure"] if args.ranks_from else None
         metadata = recover_compact(args.source, Path(args.out), _folders(args.corpus), _folders(args.audio), recipe, Path(args.work) if args.work else None,
                                    args.resume, structure, step=progress,
                                    log=lambda message: print(message, file=sys.stderr))
@@ -293,7 +293,7 @@ def cmd_prune(args) -> int:
     recipe = replace(recipe, match=match, decoder_layers=args.decoder_layers,
                      train_clips=args.train_clips or recipe.train_clips)
     corpora, audio = _folders(args.corpus), _folders(args.audio)
-    progress = StepProgress(14, "prune")
+    progress = StepProgress(13, "prune")
     try:
         loaders.check_source(args.source)
         metadata = recover_pruned(args.source, Path(args.out), corpora, audio, recipe, Path(args.work) if args.work else None,
