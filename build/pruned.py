@@ -144,7 +144,7 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
         f"{wer['pruned']['wer']}% (30 s windows)")
     prepared = time.time() - started
     step(f"recover and adapt by reference matching ({recipe.match.steps} steps)")
-    checkpoint = work / f"checkpoint-pruned-{recipe.decoder_layers}.pt"
+    checkpoint = work / f"checkpoint-{plan_key}.pt"  # a resumed run must have pruned the same blocks
     if not resume:
         checkpoint.unlink(missing_ok=True)
     if recipe.match.steps:
