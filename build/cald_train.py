@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
+from edge_asr.threads import resolve_threads
 
 from .cald import CaldCtc, from_whisper, lstm_matrix_params, save_cald, teacher_stream
 
@@ -464,10 +465,10 @@ def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], wo
 
 
 def convert(out: Path, source: str = "tiny.en", corpora: list[Path] = (), user_audio: list[Path] = (),
-            recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False, threads: int = 2,
+            recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False, threads: int | None = None,
             step=lambda m: None, log=print) -> Path:
     """The whole conversion, stage by stage; writes `out` (.safetensors + .json)."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(resolve_threads(threads))
     recipe = recipe or CaldRecipe()
     torch.manual_seed(recipe.seed)
     started = time.time()
@@ -539,12 +540,12 @@ def recovery_loss(reference: CaldCtc, kl_weight: float = 1.0) -> Callable:
 def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, steps: int = 300,
                          corpora: list[Path] = (), user_audio: list[Path] = (), model_source: str = "tiny.en",
                          recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False,
-                         threads: int = 2, step=lambda m: None, log=print) -> Path:
+                         threads: int | None = None, step=lambda m: None, log=print) -> Path:
     """Joint SVD of a converted model to `ratio` of its LSTM matrices, then `steps` of recovery (the LSTMs
     and their factors train; the rest stays) on the conversion's clips; writes `out`."""
     from .cald import compress_cald, load_cald
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(resolve_threads(threads))
     recipe = recipe or CaldRecipe()
     reference, meta = load_cald(source)
     student, groups = compress_cald(reference, ratio)

@@ -229,7 +229,7 @@ def evaluate(model: LstmCtc, examples: list[Example]) -> float:
     return word_error_rate([spoken_form(e.text) for e in examples], transcribe_examples(model, examples))
 
 
-def teacher_transcripts(files: list[Path], bundle: str | Path | None = None, threads: int = 2,
+def teacher_transcripts(files: list[Path], bundle: str | Path | None = None, threads: int | None = None,
                         progress: bool = True) -> list[tuple[Path, str]]:
     """(file, transcript) pairs for audio without references, transcribed by a Whisper bundle."""
     from edge_asr.audio import load_audio

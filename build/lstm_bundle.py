@@ -24,7 +24,7 @@ from .quantize import quantize_lstm_int8
 
 
 def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", name: str | None = None,
-                      evaluate: bool = True, threads: int = 2, step: Callable[[str], None] = lambda m: None,
+                      evaluate: bool = True, threads: int | None = None, step: Callable[[str], None] = lambda m: None,
                       formats: list[str] = ("onnx",)) -> dict:
     """Export, quantize and package `checkpoint` (.safetensors + .json) into `out_dir`; returns the manifest.
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats."""
@@ -91,7 +91,7 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
     return manifest
 
 
-def evaluate_held_out(bundle_dir: Path, threads: int = 2) -> dict:
+def evaluate_held_out(bundle_dir: Path, threads: int | None = None) -> dict:
     """WER and RTF on dictation, digits and numbers that training never saw, in a voice it never used."""
     from edge_asr.bench import run_bench
     from edge_asr.transcriber import load_transcriber

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from edge_asr.threads import resolve_threads
+
 from .ctc_data import held_out_corpus, read_corpus, training_corpus
 from .ctc_train import TrainConfig, evaluate, normalization, prepare_features, teacher_transcripts, train_ctc
 from .lstm import LstmConfig, LstmCtc, compress_lstm, lstm_matrix_params, load_lstm, save_lstm
@@ -54,11 +56,11 @@ def held_out_examples(progress: bool = True):
 
 
 def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teacher_bundle: Path | None = None,
-               threads: int = 2, init: Path | None = None, log=print) -> Path:
+               threads: int | None = None, init: Path | None = None, log=print) -> Path:
     """Synthesize (once), featurize (once), train; write `out` (.safetensors + .json). Audio folders without
     transcripts are labelled by the Whisper teacher and added to the training set. With `init`, training
     goes on from that checkpoint (its layers and normalization) with a fresh schedule."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(resolve_threads(threads))
     start = time.time()
     items = training_items(recipe)
     for folder in audio_dirs:
@@ -98,11 +100,11 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
 
 
 def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: int = 3, lr: float = 1e-3,
-                         kd_weight: float = 1.0, recipe: LstmRecipe | None = None, threads: int = 2,
+                         kd_weight: float = 1.0, recipe: LstmRecipe | None = None, threads: int | None = None,
                          log=print) -> Path:
     """Joint SVD of `source` to `ratio` of its LSTM matrices, then recovery fine-tuning: CTC on the training
     labels plus KL to the uncompressed model's frame posteriors."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(resolve_threads(threads))
     teacher, meta = load_lstm(source)
     recipe = recipe or LstmRecipe(**meta.get("recipe", {}))
     student, groups = compress_lstm(teacher, ratio=ratio)

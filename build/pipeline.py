@@ -12,6 +12,7 @@ from typing import Callable
 
 from edge_asr.bundle import Bundle
 from edge_asr.context import ContextPolicy
+from edge_asr.threads import resolve_threads
 
 from .bundle import save_manifest, write_bundle
 from .compress import DEFAULT_PARTS, CompressionReport, compress_whisper, save_compressed
@@ -31,7 +32,7 @@ def build_whisper_bundle(
     name: str | None = None,
     tokenizer: str | None = None,
     evaluate_on: int = 12,
-    threads: int = 2,
+    threads: int | None = None,
     step: Callable[[str], None] = lambda message: None,
     formats: list[str] = ("onnx",),
     context: ContextPolicy | None = None,
@@ -45,8 +46,11 @@ def build_whisper_bundle(
     it, whose `delta` (from `adapt_context`) is merged into the weights before export. `compact_delta` (from
     `compact.recover_compact`) makes the compact model: activation-aware factors rebuilt and checked, then
     the recovered adapters merged."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
+    torch.set_num_threads(resolve_threads(threads))
     context = context or ContextPolicy.full()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +127,7 @@ def delta_summary(model, delta: Path) -> dict:
             "seconds": metadata.get("seconds")}
 
 
-def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:
+def evaluate_synthetic(bundle_dir: Path, count: int, threads: int | None = None) -> dict:
     """WER and RTF of a bundle on maintenance sentences spoken by the default piper voice."""
     from edge_asr.bench import run_bench
     from edge_asr.transcriber import Transcriber
@@ -133,7 +137,7 @@ def evaluate_synthetic(bundle_dir: Path, count: int, threads: int = 2) -> dict:
     folder = synthetic_set(count)
     result = run_bench(Transcriber(Bundle.load(bundle_dir), threads), [folder], runs=1)
     return {"set": folder.name, "description": f"{count} maintenance sentences (seed 0), piper en_US-joe-medium",
-            "wer": result["wer"], "words": result["words"], "rtf_wall": result["rtf_wall"], "threads": threads}
+            "wer": result["wer"], "words": result["words"], "rtf_wall": result["rtf_wall"], "threads": resolve_threads(threads)}
 
 
 # --- compression ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError, EdgeAsrError
+from .threads import resolve_threads
 
 BACKENDS = ("auto", "onnx", "ort", "tflite")
 
@@ -41,7 +42,7 @@ def resolve_backend(bundle: Bundle, backend: str = "auto") -> str:
                        "or ai-edge-litert / tflite-runtime for a bundle built with --formats tflite")
 
 
-def open_model(bundle: Bundle, threads: int = 2, backend: str = "auto"):
+def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"):
     """The acoustic model of `bundle` on the chosen backend."""
     backend = resolve_backend(bundle, backend)
     lstm = bundle.family == "lstm-ctc"
@@ -52,12 +53,12 @@ def open_model(bundle: Bundle, threads: int = 2, backend: str = "auto"):
     return (OnnxLstmCtc if lstm else OnnxWhisper)(bundle, threads, fmt=backend)
 
 
-def _session(path, threads: int, memory_arena: bool = True):
+def _session(path, threads: int | None, memory_arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -73,7 +74,7 @@ class OnnxWhisper:
 
     Caches are flat lists [k_0, v_0, k_1, v_1, …] in the graphs' input order."""
 
-    def __init__(self, bundle: Bundle, threads: int = 2, fmt: str = "onnx"):
+    def __init__(self, bundle: Bundle, threads: int | None = None, fmt: str = "onnx"):
         # The encoder's activations are large and short-lived (a 1500 x 1500 attention map per head): an
         # arena would keep its peak allocated for good. The decoder's many small tensors do profit from one.
         self.backend = fmt
@@ -114,7 +115,7 @@ class OnnxLstmCtc:
 
     The state is the graph's own list of (h, c) per layer, in its input order; zeros start an utterance."""
 
-    def __init__(self, bundle: Bundle, threads: int = 2, fmt: str = "onnx"):
+    def __init__(self, bundle: Bundle, threads: int | None = None, fmt: str = "onnx"):
         self.backend = fmt
         self.session = _session(bundle.file("acoustic", fmt), threads)
         inputs = self.session.get_inputs()

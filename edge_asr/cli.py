@@ -17,6 +17,7 @@ from . import __version__
 from .backend import BACKENDS
 from .context import ContextPolicy
 from .errors import EdgeAsrError
+from .threads import resolve_threads
 from .paths import DEFAULT_BUNDLE, bundle_dir
 from .writers import WRITERS
 
@@ -716,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_threads(p):
-        p.add_argument("--threads", type=int, default=2, help="CPU threads for inference (default 2)")
+        p.add_argument("--threads", type=int, help="CPU threads (default: $EDGE_ASR_THREADS, else 2)")
         return p
 
     def training_options(p):
@@ -967,10 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", 1) < 1:
-        print("edge-asr: error: --threads must be at least 1", file=sys.stderr)
-        return 2
     try:
+        if hasattr(args, "threads"):
+            args.threads = resolve_threads(args.threads)
         return args.func(args)
     except EdgeAsrError as e:
         print(f"edge-asr: error: {e}", file=sys.stderr)

@@ -42,7 +42,7 @@ def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.
 
 
 class CtcTranscriber:
-    def __init__(self, bundle: str | Bundle, threads: int = 2, options: CtcOptions | None = None,
+    def __init__(self, bundle: str | Bundle, threads: int | None = None, options: CtcOptions | None = None,
                  backend: str = "auto"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)

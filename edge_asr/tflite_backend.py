@@ -14,6 +14,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError, EdgeAsrError
+from .threads import resolve_threads
 
 
 def interpreter_class():
@@ -53,11 +54,11 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def _interpreter(path, threads: int):
+def _interpreter(path, threads: int | None):
     Interpreter = interpreter_class()
     try:
         with _stderr_silenced():
-            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            interpreter = Interpreter(model_path=str(path), num_threads=resolve_threads(threads))
             interpreter.allocate_tensors()  # where LiteRT applies its default delegate, and says so
             return interpreter
     except (ValueError, RuntimeError) as e:
@@ -91,7 +92,7 @@ class TfliteWhisper:
 
     backend = "tflite"
 
-    def __init__(self, bundle: Bundle, threads: int = 2):
+    def __init__(self, bundle: Bundle, threads: int | None = None):
         encoder = _interpreter(bundle.file("encoder", "tflite"), threads)
         self.encoders = {}
         for name in encoder.get_signature_list():
@@ -169,7 +170,7 @@ class TfliteLstmCtc:
 
     backend = "tflite"
 
-    def __init__(self, bundle: Bundle, threads: int = 2):
+    def __init__(self, bundle: Bundle, threads: int | None = None):
         interpreter = _interpreter(bundle.file("acoustic", "tflite"), threads)
         self.chunk = interpreter.get_signature_runner("chunk")
         self.step = interpreter.get_signature_runner("step")

@@ -28,7 +28,7 @@ MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two sp
 
 
 class Transcriber:
-    def __init__(self, bundle: str | Path | Bundle, threads: int = 2, options: DecodingOptions | None = None,
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, options: DecodingOptions | None = None,
                  backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
@@ -130,7 +130,7 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[Decodi
     return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
 
 
-def load_transcriber(bundle: str | Path | Bundle, threads: int = 2, settings: DecodingSettings | None = None,
+def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, settings: DecodingSettings | None = None,
                      backend: str = "auto"):
     """The transcriber a bundle's model family needs, Whisper's or the streaming LSTM-CTC one, on `backend`
     ("auto", "onnx", "ort" or "tflite"), decoding as `settings` ask (default: the bundle's own way)."""

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10, help="synthesized test sentences (default 10)")
     p.add_argument("--source", help="edge-asr source checkout the runtime wheel is built from (default: this one)")
     p.add_argument("--extra-index-url", action="append", help="another wheel index (armv7: piwheels)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, help="CPU threads (default: $EDGE_ASR_THREADS, else 2)")
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("android", help="an asset pack for an Android app")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="/opt/edge-asr")
     p.add_argument("--backend", help="one backend (default: every backend the archive carries)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, help="CPU threads (default: $EDGE_ASR_THREADS, else 2)")
     p.add_argument("--out", help="also write the report here")
     p.set_defaults(func=cmd_bench)
 

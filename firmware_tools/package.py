@@ -160,7 +160,7 @@ def device_config(backend: str) -> str:
 
 
 def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.11", testset: Path | None = None,
-                  count: int = 10, source: Path | None = None, index_urls: tuple[str, ...] = (), threads: int = 2,
+                  count: int = 10, source: Path | None = None, index_urls: tuple[str, ...] = (), threads: int | None = None,
                   step: Callable[[str], None] = lambda m: None) -> Path:
     """Write edge-asr-<version>-<bundle>-<target>.tar.gz into `out_dir`; returns its path."""
     from edge_asr import __version__

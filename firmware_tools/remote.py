@@ -100,7 +100,7 @@ def deploy(archive: Path, device, prefix: str = "/opt/edge-asr", staging: str = 
 
 
 def device_bench(device, prefix: str = "/opt/edge-asr", backends: list[str] | None = None, runs: int = 3,
-                 threads: int = 2) -> dict:
+                 threads: int | None = None) -> dict:
     """`edge-asr bench` of the installed test set on each backend, and whether each text is the one the
     packaging machine got: the device report."""
     expected = json.loads(device.run(f"cat {prefix}/testset/expected.json").stdout)
@@ -109,7 +109,7 @@ def device_bench(device, prefix: str = "/opt/edge-asr", backends: list[str] | No
               "backends": {}}
     for backend in backends or archive["backends"]:
         out = device.run(f"{prefix}/bin/edge-asr bench {prefix}/testset --json --hypotheses --bundle {prefix}/bundle "
-                         f"--backend {backend} --runs {runs} --threads {threads}")
+                         f"--backend {backend} --runs {runs}" + (f" --threads {threads}" if threads else ""))
         result = json.loads(out.stdout)
         hypotheses = next(iter(result["sets"].values())).pop("hypotheses")
         host = expected["texts"].get(backend, {})

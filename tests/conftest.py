@@ -20,6 +20,17 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """$EDGE_ASR_THREADS (default 2) sets every thread count of the suite: torch's in this process here, every
+    recognizer's and every command's by itself (`edge_asr.threads`). The suite passes at 1 and at 2."""
+    import torch
+
+    from edge_asr.threads import resolve_threads
+
+    torch.set_num_threads(resolve_threads())
+
+
+@pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory):
     """Keep caches (synthesized sets, bundles) out of the user's home."""
     home = tmp_path_factory.mktemp("edge_asr_home")
@@ -91,7 +102,7 @@ def bundle_fp32(tmp_path_factory):
 def transcriber_int8(bundle_int8):
     from edge_asr import Transcriber
 
-    return Transcriber(bundle_int8, threads=2)
+    return Transcriber(bundle_int8)
 
 
 def run_cli_without_torch(args: list[str], also_block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

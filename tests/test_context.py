@@ -183,7 +183,7 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
 
     golden = json.loads(GOLDEN.read_text())
     for backend in ("onnx", "tflite"):
-        transcriber = Transcriber(bundle_int8, threads=2, backend=backend)
+        transcriber = Transcriber(bundle_int8, backend=backend)
         assert transcriber.context == ContextPolicy.full()
         texts = [transcriber.transcribe(synthesize(t)).text for t in golden["texts"]]
         assert texts == golden["transcripts"][backend], backend
@@ -224,7 +224,7 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
     from edge_asr_build.synth import synthesize
 
     for backend in ("onnx", "tflite"):
-        transcriber = Transcriber(bundle_auto, threads=2, backend=backend)
+        transcriber = Transcriber(bundle_auto, backend=backend)
         seen = []
         encode = transcriber.model.encode
         transcriber.model.encode = lambda mel: seen.append(mel.shape[-1]) or encode(mel)

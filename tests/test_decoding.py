@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from noise_signals import CASES
 
-from edge_asr.decoding import DecodingOptions, TokenRules, forced_decoding, log_softmax
+from edge_asr.decoding import DecodingOptions, forced_decoding, log_softmax
 from edge_asr.frontend import window_features
 from edge_asr.guards import Guards, compression_ratio, loop_start
 from edge_asr.hotwords import TokenBias, read_word_list
