@@ -8,8 +8,9 @@ The recipe, in the order of the build step's passes:
                 reference (`compress.measure_groups`); ranks allocated greedily to the parameter budget
                 (`compress.allocate_measured`). Done once per recipe: the ranks ship in the delta.
   3. factor     every matrix by the SVD of its whitened form (`compress.apply_structure` with moments).
-                The result is deterministic; its digest (`compress.factors_sha256`) is recorded, and a delta
-                is only applied to the very factors it was trained on.
+                The delta records the factors' fingerprint (`compress.factors_fingerprint`), and is only
+                applied to factors within `compress.FACTORS_TOLERANCE` of it: the same factors up to the
+                last bits another CPU's kernels change, never those of another calibration or model.
   4. recover    LoRA adapters on the factored decoder trained by reference matching (`reference`): the
                 reference is the unchanged model on its 30 s window, the data the adapt pass's mix of
                 synthesized and recorded speech; the held-out loss selects the state kept.
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from .calibration import CalibrationMix, Distortion, calibration_clips, collect_moments
-from .compress import (DEFAULT_PARTS, CompressionReport, allocate_measured, apply_structure, collect_groups,
-                       factors_sha256, measure_groups, structure_of)
-from .reference import MatchConfig, match_reference, reference_items
+from .compress import (DEFAULT_PARTS, FACTORS_TOLERANCE, CompressionReport, allocate_measured, apply_structure,
+                       collect_groups, factors_fingerprint, fingerprint_distance, measure_groups, structure_of)
+from .reference import MatchConfig, items_key, match_reference, reference_items
 from .training_audio import AudioMix, HeldOutMix, describe_corpus
 
 DELTA_DIR = Path(__file__).parent / "deltas"
@@ -116,8 +117,8 @@ def factored(loaded, structure: dict, calibration: Calibration):
 def compact_model(loaded, delta: Path = DEFAULT_COMPACT_DELTA, step: Callable[[str], None] = lambda m: None,
                   calibration: Calibration | None = None):
     """The compact model of `delta` (from `recover_compact`): calibration and factors rebuilt from the recipe
-    in the delta (or from `calibration`), checked against its digest, then its adapters merged. Returns
-    (model, manifest summary)."""
+    in the delta (or from `calibration`), checked against its source and its factors' fingerprint, then its
+    adapters merged. Returns (model, manifest summary)."""
     from edge_asr.bundle import sha256_file
     from edge_asr.errors import EdgeAsrError
 
@@ -126,19 +127,24 @@ def compact_model(loaded, delta: Path = DEFAULT_COMPACT_DELTA, step: Callable[[s
     metadata = delta_metadata(Path(delta))
     if metadata.get("kind") != "compact-lora":
         raise EdgeAsrError(f"{delta} is not a compact delta (kind {metadata.get('kind')!r})")
+    if metadata["source"].get("sha256") != loaded.source.get("sha256"):
+        raise EdgeAsrError(f"{Path(delta).name} was made from another model (sha256 "
+                           f"{str(metadata['source'].get('sha256'))[:12]}…, this one {str(loaded.source.get('sha256'))[:12]}…)")
+    if "factors_fingerprint" not in metadata:
+        raise EdgeAsrError(f"{Path(delta).name} records no factors' fingerprint: rebuild the delta with `edge-asr recover`")
     recipe = metadata["recipe"]
     calibration = calibration or calibrate(loaded, CalibrationMix(**recipe["calibration"]), step, tuple(recipe["parts"]))
     step("activation-aware factors")
     model = factored(loaded, metadata["structure"], calibration)
-    digest = factors_sha256(model)
-    if digest != metadata["factors_sha256"]:
-        raise EdgeAsrError(f"{Path(delta).name} was trained on other factors (sha256 {metadata['factors_sha256'][:12]}…, "
-                           f"rebuilt {digest[:12]}…): rebuild the delta with `edge-asr recover`")
+    distance = fingerprint_distance(factors_fingerprint(model), metadata["factors_fingerprint"])
+    if not distance <= FACTORS_TOLERANCE:
+        raise EdgeAsrError(f"{Path(delta).name} was trained on other factors (the rebuilt ones differ by "
+                           f"{distance:.1e}, more than {FACTORS_TOLERANCE:.0e}): rebuild the delta with `edge-asr recover`")
     step(f"apply the recovered delta {Path(delta).name}")
     apply_delta(model, Path(delta))
     model.compression = metadata["structure"]
     summary = {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": "compact-lora",
-               "factors_sha256": digest, "parameters": {"before": metadata["params_before"],
+               "factors_distance": float(f"{distance:.2e}"), "parameters": {"before": metadata["params_before"],
                                                         "after": metadata["params_after"]},
                "held_out_loss": {"before": metadata["result"]["held_out_before"],
                                  "after": metadata["result"]["held_out_best"]}}
@@ -172,13 +178,15 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
                                               progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut"))
         log(report.table())
     student = factored(loaded, structure, calibration)
-    digest, params_after = factors_sha256(student), student.parameter_count()
+    fingerprint, params_after = factors_fingerprint(student), student.parameter_count()
     # The adapt pass's reference sets, shared: the same mixes make the same cache key.
     work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
                                            work, "context", ContextRecipe.version, step)
     prepared = time.time() - started
     step(f"recover by reference matching ({recipe.match.steps} steps)")
-    checkpoint = work / f"checkpoint-compact-{digest[:12]}.pt"
+    # named by what makes the factors (not by their last bits, which are this machine's)
+    tag = items_key(loaded.source.get("sha256"), json.dumps(structure, sort_keys=True), recipe.to_dict())
+    checkpoint = work / f"checkpoint-compact-{tag}.pt"
     if not resume:
         checkpoint.unlink(missing_ok=True)
     trainable = trainable_parameters(student, recipe.match)
@@ -198,11 +206,20 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
     metadata = {
         "kind": "compact-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
         "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),
-        "structure": structure, "factors_sha256": digest, "params_before": loaded.model.parameter_count(),
+        "structure": structure, "factors_fingerprint": fingerprint, "params_before": loaded.model.parameter_count(),
         "params_after": params_after, "corpora": [describe_corpus(p) for p in corpora],
         "user_audio": [str(p) for p in user_audio], "clips": {"train": len(train), "held_out": len(held_out)},
         "result": result.to_dict(), "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
     }
     save_delta(student, Path(out), metadata, whole=whole)
-    Path(out).with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    Path(out).with_suffix(".json").write_text(json.dumps(readable_metadata(metadata), indent=2) + "\n", encoding="utf-8")
     return metadata
+
+
+def readable_metadata(metadata: dict) -> dict:
+    """What the JSON beside a compact delta shows: its metadata with the fingerprint's numbers left in the
+    delta's header."""
+    fingerprint = metadata["factors_fingerprint"]
+    k = fingerprint["probes"]
+    return metadata | {"factors_fingerprint": f"{len(fingerprint['tensors'])} tensors, {k}x{k} probes each "
+                                              f"(in the delta's header)"}

@@ -535,16 +535,49 @@ def apply_structure(model: Whisper, structure: dict, weights_from_svd: bool = Tr
     return model
 
 
-def factors_sha256(model: Whisper) -> str:
-    """A digest of every weight of a (compressed) model, float32 in state-dict order: a delta trained on
-    factors refuses other factors (a different machine's SVD, other calibration audio)."""
-    import hashlib
+# Probes per side of each tensor's sketch, and the largest fingerprint distance that still counts as the same
+# factors. The compact recipe's factors, rebuilt at 1 thread instead of 2, moved by 1.2e-5; under generic
+# SSE4.2 kernels instead of AVX2 by 7.8e-5; from calibration audio of another seed by 2.0 (singular vectors
+# flip and turn). tests/test_compress.py holds the tolerance at least 10x away from both sides.
+FINGERPRINT_PROBES = 4
+FACTORS_TOLERANCE = 1e-2
 
-    digest = hashlib.sha256()
+
+def factors_fingerprint(model: Whisper) -> dict:
+    """A small sketch of every weight of a (compressed) model, to recognise the same factors on another CPU.
+
+    Each tensor W, seen as a matrix (its first axis by the rest), is summarised by its norm ‖W‖ and
+    S = Uᵀ W V, where U and V have FINGERPRINT_PROBES columns of ±1 drawn from a generator seeded by the
+    tensor's name: the same probes on every machine. Since E‖Uᵀ D V‖² = k² ‖D‖² for such probes, two
+    sketches estimate how far apart their tensors are (`fingerprint_distance`) without storing them.
+    A bit-exact digest would not do: SVD, Cholesky and matrix products differ in their last bits from
+    one CPU's kernels, or thread count, to another's."""
+    import zlib
+
+    k, tensors = FINGERPRINT_PROBES, {}
     for name, value in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        w = value.detach().double().cpu().numpy()
+        w = w.reshape(w.shape[0] if w.ndim else 1, -1)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        u = rng.integers(0, 2, (w.shape[0], k)) * 2.0 - 1
+        v = rng.integers(0, 2, (w.shape[1], k)) * 2.0 - 1
+        sketch = u.T @ w @ v
+        tensors[name] = {"norm": float(f"{np.linalg.norm(w):.9g}"),
+                         "sketch": [float(f"{x:.9g}") for x in sketch.ravel()]}
+    return {"probes": k, "tensors": tensors}
+
+
+def fingerprint_distance(a: dict, b: dict) -> float:
+    """The largest relative difference ‖W_a − W_b‖ / ‖W_b‖ over the tensors of two fingerprints, as their
+    sketches estimate it (inf where they hold different tensors or probes)."""
+    if a["probes"] != b["probes"] or a["tensors"].keys() != b["tensors"].keys():
+        return float("inf")
+    k, worst = a["probes"], 0.0
+    for name, ref in b["tensors"].items():
+        got, scale = a["tensors"][name], max(ref["norm"], 1e-12)
+        sketch = np.linalg.norm(np.subtract(got["sketch"], ref["sketch"])) / k
+        worst = max(worst, sketch / scale, abs(got["norm"] - ref["norm"]) / scale)
+    return worst
 
 
 def compress_whisper(model: Whisper, keep: float | None = None, energy: float | None = None, parts=DEFAULT_PARTS,
