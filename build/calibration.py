@@ -1,7 +1,7 @@
 """Calibration for compression: what the inputs of each matrix look like, and how much each cut costs.
 
 Two measurements on calibration audio (synthesized, varied, seeded: the same audio on every machine, so the
-factors it shapes are rebuilt bit for bit):
+factors it shapes are rebuilt everywhere to within float rounding, which `compress.factors_fingerprint` checks):
 
   * `collect_moments`: the second moment E[x x^T] of the input of every linear layer, and of the decoder's
     final state (the input of the output projection). Activation-aware factorization (`compress`) weights
