@@ -64,3 +64,32 @@ def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
     for fmt in int8.formats:  # what each backend loads is an int8 model of about the same size
         assert 0.25 * fp32.model_bytes(fmt) < int8.model_bytes(fmt) < 0.35 * fp32.model_bytes(fmt)
     assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("blockwise", [None, "MatMul$"])
+def test_int8_matmul_is_exact_on_this_cpu_where_pairs_of_products_overflow_16_bits(tmp_path, blockwise):
+    """The quantized MatMul computes what its own 8-bit numbers say, on any CPU. Activations and weights at
+    the ends of their ranges make sums of two products past 32767: ONNX Runtime's uint8 x int8 kernel
+    saturates those on x86 CPUs without VNNI (it did on an AVX2 EPYC: wrong by up to half a row), so a
+    bundle computed another function there than on VNNI or ARM CPUs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_asr_build.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(-1, 1, (256, 64)).astype(np.float32)
+    weight[:, :8] = np.sign(weight[:, :8])           # channels at full scale throughout
+    x = rng.uniform(-1, 1, (8, 256)).astype(np.float32)
+    x[0] = np.sign(weight[:, 0])                       # activations at the ends of the range, aligned with them
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+                              [numpy_helper.from_array(weight, "w")])
+    source, target = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    quantize_int8(source, target, blockwise)
+    y = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # 8-bit rounding of both sides moves each output by well under 2% of its scale (256 terms of +-1).
+    assert np.abs(y - x @ weight).max() < 0.02 * np.abs(x @ weight).max()
