@@ -17,8 +17,8 @@ from . import __version__
 from .backend import BACKENDS
 from .context import ContextPolicy
 from .errors import EdgeAsrError
-from .threads import resolve_threads
 from .paths import DEFAULT_BUNDLE, bundle_dir
+from .threads import resolve_threads
 from .writers import WRITERS
 
 DEMO_SENTENCE = "Replace the hydraulic filter on press number four before the night shift."
