@@ -25,6 +25,21 @@ def parse_formats(text: str) -> list[str]:
 
 
 def onnx_to_ort(source: Path, target: Path) -> Path:
+    import tempfile
+
+    import onnx
+
+    from .quantize import unsigned_weights
+
+    model = onnx.load(str(source))
+    if unsigned_weights(model):  # exact products on every CPU (see quantize.unsigned_weights)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save(model, str(Path(tmp) / "unsigned.onnx"))
+            return _save_ort(Path(tmp) / "unsigned.onnx", Path(target))
+    return _save_ort(Path(source), Path(target))
+
+
+def _save_ort(source: Path, target: Path) -> Path:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

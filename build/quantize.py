@@ -1,15 +1,18 @@
 """Quantize pass: int8 or int4 weights for an exported ONNX graph, with ONNX Runtime's own quantizers.
 
-Most MatMul weights become 8-bit per output channel with activations quantized on the fly, one scale
+Most MatMul weights become int8 per output channel with activations quantized on the fly, one scale
 per tensor (`quantize_dynamic`): the fastest int8 path on CPUs. The token embedding's Gather is
-quantized too, so the tied vocabulary matrix is stored once, in 8 bits.
+quantized too, so the tied vocabulary matrix is stored once, in int8.
 
-The weights are unsigned (`WEIGHT_TYPE`, uint8 x uint8 products), not signed. ONNX Runtime's
-uint8 x int8 kernel on x86 CPUs without VNNI (AVX2, and AVX-512 before VNNI) adds pairs of products in
-16 bits with saturation (VPMADDUBSW), so the same bundle computed another function there: on an AVX2
-EPYC, tiny.en's dev pooled WER was 4.26% against 5.11% on VNNI CPUs, and three LSTM and golden-transcript
-tests failed. uint8 x uint8 is exact on every CPU (ARM's UDOT, x86's VPMADDWD); here it gives 5.11%,
-the VNNI machine's figure, for about 4% more time (dev LJSpeech RTF 0.0700 against 0.0672).
+The weights are signed int8, as ONNX Runtime's and LiteRT's fast kernels expect. On x86 CPUs without
+VNNI (AVX2, and AVX-512 before VNNI) ONNX Runtime's uint8 x int8 kernel adds pairs of products in 16 bits
+with saturation (VPMADDUBSW), so there a bundle would compute another function than on VNNI or ARM CPUs:
+on an AVX2 EPYC, tiny.en's dev pooled WER moved from 5.11% to 4.26% and compact's from 9.94% to 7.10%,
+and golden-transcript and LSTM tests failed. The runtime turns on ONNX Runtime's own remedy, which on such
+CPUs alone stores those weights as uint8 when it loads the graph (session.x64quantprecision, in
+`edge_asr.backend`): the same bundle then computes the same function on every CPU, 5.11% and 9.94%
+there too (to 1 word), at no measurable cost (dev LJSpeech RTF 0.0675 against 0.0672 saturating).
+`.ort` files skip that load-time step, so `unsigned_weights` does it for them when they are made.
 
 The second feed-forward projection (fc2) is the exception. Its input, the GELU output, has the widest
 range in a Whisper block, and one activation scale for all of it costs the most accuracy: on
@@ -39,9 +42,6 @@ import numpy as np
 # Float tensors an int8 bundle stores as float16: convolution weights and the sinusoid table.
 FLOAT16 = r"(conv\d\.weight|positional_embedding)$"
 
-# 8-bit weights whose products with uint8 activations no CPU saturates (see above).
-WEIGHT_TYPE = "QUInt8"
-
 # Which weight MatMuls are quantized blockwise, by graph (node names as the exporter writes them).
 # A factored fc2 (compress pass) is two MatMuls; the first one takes the GELU output.
 BLOCKWISE = {"encoder": r"/mlp\.2/(first/)?MatMul$", "decoder": r"MatMul$"}
@@ -66,7 +66,7 @@ def quantize_int8(source: Path, target: Path, blockwise: str | None, block_size:
         dynamic = Path(tmp) / "dynamic.onnx"
         quantize_dynamic(
             str(source), str(dynamic), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
-            weight_type=QuantType[WEIGHT_TYPE], nodes_to_exclude=blockwise_nodes, extra_options={"MatMulConstBOnly": True},
+            weight_type=QuantType.QInt8, nodes_to_exclude=blockwise_nodes, extra_options={"MatMulConstBOnly": True},
         )
         model = onnx.load(str(dynamic))
         if blockwise_nodes:
@@ -155,13 +155,43 @@ def store_float16(model, pattern: str) -> None:
         model.graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
 
 
+def _graphs(graph):
+    """`graph` and every subgraph in it (a Scan's body, for instance), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
+                yield from _graphs(sub)
+
+
+def unsigned_weights(model) -> int:
+    """Store the int8 weights of `model`'s MatMulInteger nodes (and their zero points) as uint8, the same
+    numbers shifted by 128, so that (a - a0)(w - w0) is unchanged; `model` (an onnx ModelProto) is changed
+    in place, and the number of weights changed is returned.
+
+    This is what ONNX Runtime itself does when it loads an `.onnx` graph on an x86 CPU without VNNI
+    (session.x64quantprecision, set by the runtime), where its uint8 x int8 kernel would saturate.
+    `.ort` files are loaded without that step, so they get it here, once, for every CPU."""
+    from onnx import TensorProto, numpy_helper
+
+    graphs = list(_graphs(model.graph))
+    initializers = {i.name: i for g in graphs for i in g.initializer}
+    names = {name for g in graphs for n in g.node if n.op_type == "MatMulInteger"
+             for name in (n.input[1], n.input[3] if len(n.input) > 3 else "")
+             if name in initializers and initializers[name].data_type == TensorProto.INT8}
+    for name in names:
+        shifted = (numpy_helper.to_array(initializers[name]).astype(np.int16) + 128).astype(np.uint8)
+        initializers[name].CopyFrom(numpy_helper.from_array(shifted, name))
+    return len(names)
+
+
 def quantize_lstm_int8(source: Path, target: Path) -> Path:
-    """8-bit weights for an LSTM-CTC graph: every weight MatMul, those inside the time loop (a Scan
-    subgraph) included, dynamic 8-bit per output channel (`WEIGHT_TYPE`)."""
+    """int8 weights for an LSTM-CTC graph: every weight MatMul, those inside the time loop (a Scan
+    subgraph) included, dynamic int8 per output channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)
     quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType[WEIGHT_TYPE],
+                     weight_type=QuantType.QInt8,
                      extra_options={"MatMulConstBOnly": True, "EnableSubgraph": True})
     return Path(target)

@@ -53,7 +53,7 @@ def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"
     return (OnnxLstmCtc if lstm else OnnxWhisper)(bundle, threads, fmt=backend)
 
 
-def _session(path, threads: int | None, memory_arena: bool = True):
+def onnx_session(path, threads: int | None, memory_arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -62,6 +62,10 @@ def _session(path, threads: int | None, memory_arena: bool = True):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # On x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel saturates sums of two products at 16
+    # bits, so an int8 bundle would compute another function there than on VNNI or ARM CPUs. This makes
+    # ONNX Runtime store such weights as uint8 on those CPUs only (same values, exact products).
+    options.add_session_config_entry("session.x64quantprecision", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
@@ -78,8 +82,8 @@ class OnnxWhisper:
         # The encoder's activations are large and short-lived (a 1500 x 1500 attention map per head): an
         # arena would keep its peak allocated for good. The decoder's many small tensors do profit from one.
         self.backend = fmt
-        self.encoder = _session(bundle.file("encoder", fmt), threads, memory_arena=False)
-        self.decoder = _session(bundle.file("decoder", fmt), threads)
+        self.encoder = onnx_session(bundle.file("encoder", fmt), threads, memory_arena=False)
+        self.decoder = onnx_session(bundle.file("decoder", fmt), threads)
         self.max_tokens = int(bundle.manifest["model"]["dims"]["n_text_ctx"])
         names = [i.name for i in self.decoder.get_inputs()]
         self.self_names = [n for n in names if n.startswith("self_")]
@@ -117,7 +121,7 @@ class OnnxLstmCtc:
 
     def __init__(self, bundle: Bundle, threads: int | None = None, fmt: str = "onnx"):
         self.backend = fmt
-        self.session = _session(bundle.file("acoustic", fmt), threads)
+        self.session = onnx_session(bundle.file("acoustic", fmt), threads)
         inputs = self.session.get_inputs()
         self.state_names = [i.name for i in inputs[1:]]
         self.output_names = ["log_probs"] + [f"{n}_out" for n in self.state_names]
