@@ -702,7 +702,7 @@ def _demo_stream(args, folder: Path) -> None:
         print(f"  [{_clock(f.start_s)} - {_clock(f.end_s)}] {f.text}  "
               f"(final {f.emitted - source.started - f.last_speech_s:.2f} s after speech ended, RTF {f.rtf:.3f})")
 
-    print(f"live:       {wav} as a real-time stream ({len(source.audio) / 16000:.1f} s), min silence 0.5 s")
+    print(f"live:       {wav} as a real-time stream ({source.duration_s:.1f} s), min silence 0.5 s")
     recognizer = StreamRecognizer(_transcriber(args), Endpointer(EnergyVad(), min_silence=0.5), None, on_final=on_final)
     for block in source:
         recognizer.feed(block)

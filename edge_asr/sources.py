@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, decode_audio, load_audio
+from .audio import SAMPLE_RATE, AudioFile, decode_audio
 from .errors import AudioError
 
 BLOCK_SECONDS = 0.1
@@ -37,13 +37,20 @@ class AudioSource:
 
 
 class FileSource(AudioSource):
-    """A file (or '-' for WAV/FLAC on stdin) played as a stream, optionally at real-time pace."""
+    """A file (or '-' for WAV/FLAC on stdin) played as a stream, optionally at real-time pace. A file is
+    read block by block, so an hour of it takes no more memory than a second."""
 
     def __init__(self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS,
                  buffer_seconds: float = 30.0):
         super().__init__()
         self.name = path
-        self.audio = self._read_stdin() if path == "-" else load_audio(path)
+        if path == "-":
+            audio = self._read_stdin()
+            self._file, self.duration_s = None, len(audio) / SAMPLE_RATE
+            self._blocks = lambda n: (audio[i: i + n] for i in range(0, len(audio), n))
+        else:
+            self._file = AudioFile(path)
+            self.duration_s = self._file.duration_s
         self.realtime = realtime
         self.block = int(block_seconds * SAMPLE_RATE)
         self.buffer_seconds = buffer_seconds  # as much as a microphone source queues before dropping
@@ -56,22 +63,36 @@ class FileSource(AudioSource):
             raise AudioError("stdin: no audio")
         return decode_audio(io.BytesIO(data), "stdin")
 
+    def _read(self) -> Iterator[np.ndarray]:
+        """Blocks of exactly `self.block` samples (the last one shorter)."""
+        pieces = self._file.blocks(self.block / SAMPLE_RATE) if self._file else self._blocks(self.block)
+        pending = np.zeros(0, np.float32)
+        for piece in pieces:
+            pending = np.concatenate([pending, piece]) if len(pending) else piece
+            while len(pending) >= self.block:
+                yield pending[: self.block]
+                pending = pending[self.block:]
+        if len(pending):
+            yield pending
+
     def __iter__(self) -> Iterator[np.ndarray]:
         self.started = time.monotonic()
-        for offset in range(0, len(self.audio), self.block):
+        offset = 0
+        for block in self._read():
             if self._stopped:
                 return
+            offset += len(block)
             if self.realtime:
                 # Deliver each block when its last sample would have been recorded, on an absolute
                 # schedule: time spent downstream is caught up, never added up. A consumer more than
                 # buffer_seconds behind loses the block, as it would lose microphone input.
-                due = self.started + (offset + self.block) / SAMPLE_RATE
+                due = self.started + offset / SAMPLE_RATE
                 lag = time.monotonic() - due
                 if lag > self.buffer_seconds:
-                    self.dropped_frames += min(self.block, len(self.audio) - offset)
+                    self.dropped_frames += len(block)
                     continue
                 time.sleep(max(0.0, -lag))
-            yield self.audio[offset: offset + self.block]
+            yield block
 
 
 def _sounddevice():

@@ -56,6 +56,52 @@ def test_stream_transcript_matches_sentences(transcriber_int8, stream, tmp_path)
     assert recognizer.counters.utterances == len(texts) and 0 < recognizer.counters.rtf < 1
 
 
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_a_long_file_streams_without_being_loaded_whole(tmp_path, rate):
+    """Ten minutes of a file stream through one block at a time (38 MB as float32 at 16 kHz if read
+    whole, against a few blocks), and give the samples that reading the whole file gives."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    from edge_asr.audio import load_audio
+    from edge_asr.sources import FileSource
+
+    rng = np.random.default_rng(0)
+    minute = (rng.standard_normal(rate * 60) * 3000).astype(np.int16)
+    with sf.SoundFile(str(tmp_path / "long.wav"), "w", rate, 1, "PCM_16") as f:
+        for _ in range(10):
+            f.write(minute)
+    tracemalloc.start()
+    source = FileSource(str(tmp_path / "long.wav"))
+    count, checksum, first = 0, 0.0, None
+    for block in source:
+        first = block.copy() if first is None else first
+        count += len(block)
+        checksum += float(block.sum(dtype=np.float64))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000, f"{peak / 1e6:.1f} MB held while streaming"
+    whole = load_audio(tmp_path / "long.wav")
+    assert count == len(whole) and abs(source.duration_s - 600) < 1e-6
+    assert np.allclose(first, whole[: len(first)], atol=1e-6)
+    assert abs(checksum - whole.sum(dtype=np.float64)) <= 1e-6 * np.abs(whole).sum(dtype=np.float64)
+
+
+def test_a_file_that_turns_corrupt_midway_stops_the_stream_with_an_audio_error(tmp_path):
+    import soundfile as sf
+
+    from edge_asr.errors import AudioError
+    from edge_asr.sources import FileSource
+
+    audio = np.zeros(16000 * 3, np.float32)
+    audio[30000] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), audio, 16000, subtype="FLOAT")
+    source = FileSource(str(tmp_path / "nan.wav"))
+    with pytest.raises(AudioError, match="non-finite"):
+        list(source)
+
+
 def test_jsonl_sink_rotates_and_keeps_whole_lines(tmp_path):
     sink = JsonlSink(tmp_path / "t.jsonl", max_bytes=200, backups=2, device_id="pi")
     for i in range(20):
