@@ -177,8 +177,14 @@ def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_pat
 
 def test_full_context_reproduces_the_transcripts_from_before_context_policies(bundle_int8):
     """Golden texts made by the runtime and build step as they were before context policies existed
-    (commit 3db648e), on the same synthesized speech."""
+    (commit 3db648e), on the same synthesized speech.
+
+    Compared word by word after the WER normalizer, not character by character: the goldens come from
+    another CPU, and its last float bits (in the synthesized audio, the mel, the dynamic activation
+    scales) flip choices Whisper makes at near-ties, such as a full stop after a lone "7".  A broken
+    window or mask changes words, which this still catches."""
     from edge_asr import Transcriber
+    from edge_asr.metrics import normalize
     from edge_asr_build.synth import synthesize
 
     golden = json.loads(GOLDEN.read_text())
@@ -186,7 +192,7 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
         transcriber = Transcriber(bundle_int8, backend=backend)
         assert transcriber.context == ContextPolicy.full()
         texts = [transcriber.transcribe(synthesize(t)).text for t in golden["texts"]]
-        assert texts == golden["transcripts"][backend], backend
+        assert [normalize(t) for t in texts] == [normalize(t) for t in golden["transcripts"][backend]], (backend, texts)
 
 
 @pytest.fixture(scope="module")
