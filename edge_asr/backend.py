@@ -47,9 +47,9 @@ def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"
     backend = resolve_backend(bundle, backend)
     lstm = bundle.family == "lstm-ctc"
     if backend == "tflite":
-        from .tflite_backend import TfliteLstmCtc, TfliteWhisper
+        from .tflite_backend import TfliteLstmCtc, whisper_model
 
-        return (TfliteLstmCtc if lstm else TfliteWhisper)(bundle, threads)
+        return (TfliteLstmCtc if lstm else whisper_model)(bundle, threads)
     return (OnnxLstmCtc if lstm else OnnxWhisper)(bundle, threads, fmt=backend)
 
 

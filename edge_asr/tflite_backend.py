@@ -3,10 +3,18 @@ devices that run ai-edge-litert or tflite-runtime instead (armv7 has no onnxrunt
 
 The graphs have static shapes (see the build step's `tflite_export`): Whisper's decoder takes one token
 per call over a fixed number of cache slots, and the LSTM graph has a one-step and a chunk signature.
+
+Whisper runs on ai-edge-litert's CompiledModel API where it exists: its XNNPACK weight cache packs the
+weights a file's signatures share once, where the Interpreter API packs them again for every signature.
+A dynamic-context bundle has eight window lengths, so that is 100 MB loaded instead of 400
+(`benchmarks/memory.py`). tflite-runtime (armv7) has only the Interpreter API, which `InterpreterWhisper`
+serves.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import sys
 
@@ -29,6 +37,15 @@ def interpreter_class():
             raise EdgeAsrError("the tflite backend needs a LiteRT interpreter: pip install 'edge-asr[tflite]' "
                                "(ai-edge-litert), or tflite-runtime") from None
     return Interpreter
+
+
+def compiled_model_api():
+    """ai-edge-litert's CompiledModel module, or None where only the Interpreter API is installed."""
+    try:
+        from ai_edge_litert import compiled_model
+    except ImportError:
+        return None
+    return compiled_model
 
 
 def available() -> bool:
@@ -78,7 +95,137 @@ class _DecoderSignature:
         self.n_audio = int(details["cross_v_0"]["shape"][-2])
 
 
-class TfliteWhisper:
+@functools.lru_cache(maxsize=1)
+def _environment():
+    """One LiteRT environment for the process. It logs each accelerator it releases, so it lives until the
+    process ends, and by then stderr is closed to it: atexit handlers run after Python's own last words."""
+    from ai_edge_litert.environment import Environment
+
+    atexit.register(_silence_stderr)
+    return Environment.create(runtime_path=os.path.dirname(compiled_model_api().__file__))
+
+
+def _silence_stderr() -> None:
+    sys.stderr.flush()
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+
+
+def whisper_model(bundle: Bundle, threads: int | None = None):
+    """Whisper on LiteRT through the best API installed."""
+    return (CompiledWhisper if compiled_model_api() else InterpreterWhisper)(bundle, threads)
+
+
+class CompiledWhisper:
+    """Encoder and one-token decoder on LiteRT's CompiledModel API, with the protocol of
+    `InterpreterWhisper` (below): the runtime keeps the decoder's self-attention cache and writes each
+    step's new key and value into slot `position`. The API's tensor buffers are written and read whole
+    (no views), so a step copies the cache in (8 x 356 KB for tiny.en), which costs well under a
+    millisecond."""
+
+    backend = "tflite"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        api = compiled_model_api()
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        options = lambda: Options(  # noqa: E731
+            hardware_accelerators=HardwareAccelerator.CPU,
+            cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=":memory:"))
+        with _stderr_silenced():  # LiteRT logs its accelerator discovery on the process' stderr
+            environment = _environment()
+            self.encoder = self._load(api, bundle.file("encoder", "tflite"), environment, options())
+            self.decoder = self._load(api, bundle.file("decoder", "tflite"), environment, options())
+        self._encoders = {}  # frames -> signature name
+        for name in self.encoder.get_signature_list():
+            self._encoders[3000 if name == "encode" else int(name.rsplit("_", 1)[1])] = name
+        self._decoders = {}  # audio positions -> signature name
+        for name in self.decoder.get_signature_list():
+            self._decoders[int(self.decoder.get_input_tensor_details(name)["cross_v_0"]["shape"][-2])] = name
+        first = next(iter(self.decoder.get_signature_list()))
+        inputs = self.decoder.get_input_tensor_details(first)
+        self.n_layer = sum(name.startswith("self_k_") for name in inputs)
+        self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
+        self.cache_names = [f"self_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
+        self.max_tokens = int(inputs["self_k_0"]["shape"][-1])
+        # Every decoder signature has the same token, position, cache and output shapes: one set serves all.
+        self._cache = {name: np.zeros(inputs[name]["shape"], np.float32) for name in self.cache_names}
+        with _stderr_silenced():
+            self._step_in = {name: self.decoder.create_input_buffer_by_name(first, name)
+                             for name in ("token", "position", *self.cache_names)}
+            self._step_out = {name: self.decoder.create_output_buffer_by_name(first, name)
+                              for name in self.decoder.get_signature_list()[first]["outputs"]}
+        self._out_sizes = {name: int(np.prod(d["shape"])) for name, d in self.decoder.get_output_tensor_details(first).items()}
+        self._k_shape = self.decoder.get_output_tensor_details(first)["k_0"]["shape"]
+        self._v_shape = self.decoder.get_output_tensor_details(first)["v_0"]["shape"]
+        self._fed_cross = None
+        self._run = None
+
+    @staticmethod
+    def _load(api, path, environment, options):
+        try:
+            return api.CompiledModel.from_file(str(path), environment=environment, options=options)
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{path}: LiteRT cannot load this model ({str(e).splitlines()[0][:160]})") from None
+
+    def encode(self, mel: np.ndarray) -> list[np.ndarray]:
+        name = self._encoders.get(mel.shape[-1])
+        if name is None:
+            raise EdgeAsrError(f"this TFLite encoder takes windows of {sorted(self._encoders)} frames, "
+                               f"not {mel.shape[-1]}: the bundle's context policy and its models disagree")
+        index = self.encoder.get_signature_index(name)
+        with _stderr_silenced():  # the first run sets up LiteRT's accelerators, which log each one
+            inputs, outputs = self.encoder.create_input_buffers(index), self.encoder.create_output_buffers(index)
+            inputs[0].write(np.ascontiguousarray(mel[None], dtype=np.float32))
+            self.encoder.run_by_index(index, inputs, outputs)
+        details = self.encoder.get_output_tensor_details(name)
+        out = {n: b.read(int(np.prod(details[n]["shape"])), np.float32).reshape(details[n]["shape"])
+               for n, b in zip(self.encoder.get_signature_list()[name]["outputs"], outputs)}
+        return [out[n] for n in self.cross_names]
+
+    def empty_cache(self) -> int:
+        """The cache is the runtime's; what the decoder carries is the number of slots filled."""
+        return 0
+
+    def _feed(self, cross: list[np.ndarray]) -> None:
+        """Write a window's cross-attention keys and values, and pick the decoder signature for its length."""
+        name = self._decoders.get(cross[1].shape[-2])
+        if name is None:
+            raise EdgeAsrError(f"this TFLite decoder takes {sorted(self._decoders)} audio positions, "
+                               f"not {cross[1].shape[-2]}")
+        buffers = dict(self._step_in)
+        for n, value in zip(self.cross_names, cross):
+            buffers[n] = self.decoder.create_input_buffer_by_name(name, n)
+            buffers[n].write(np.ascontiguousarray(value, dtype=np.float32))
+        io = self.decoder.get_signature_list()[name]
+        self._run = (self.decoder.get_signature_index(name), [buffers[n] for n in io["inputs"]],
+                     [self._step_out[n] for n in io["outputs"]])
+        self._fed_cross = cross
+
+    def decode(self, tokens: list[int], position: int, cross: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
+        if cross is not self._fed_cross:
+            self._feed(cross)
+        index, inputs, outputs = self._run
+        step_in, step_out, cache = self._step_in, self._step_out, self._cache
+        for token in tokens:
+            if position >= self.max_tokens:
+                raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
+            step_in["token"].write(np.array([[token]], np.int32))
+            step_in["position"].write(np.array([position], np.int32))
+            for name in self.cache_names:
+                step_in[name].write(cache[name])
+            self.decoder.run_by_index(index, inputs, outputs)
+            for i in range(self.n_layer):
+                cache[f"self_k_{i}"][..., position] = step_out[f"k_{i}"].read(self._out_sizes[f"k_{i}"], np.float32).reshape(self._k_shape)[..., 0]
+                cache[f"self_v_{i}"][..., position, :] = step_out[f"v_{i}"].read(self._out_sizes[f"v_{i}"], np.float32).reshape(self._v_shape)[..., 0, :]
+            position += 1
+        return step_out["logits"].read(self._out_sizes["logits"], np.float32), position
+
+
+class InterpreterWhisper:
     """Encoder and one-token decoder. The decoder's self-attention cache lives in the interpreter's own
     input tensors: each step writes the new token's key and value into its slot, so nothing else is copied;
     the cross-attention keys and values are written once per window. The cache being the interpreter's,

@@ -154,9 +154,9 @@ def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_pat
     # Three signatures over one copy of the weights: the file grows by graph structure, not by 2 x 30 MB.
     assert three.stat().st_size < 1.1 * one.stat().st_size
 
-    from edge_asr.tflite_backend import TfliteWhisper
+    from edge_asr.tflite_backend import InterpreterWhisper
 
-    backend = TfliteWhisper.__new__(TfliteWhisper)
+    backend = InterpreterWhisper.__new__(InterpreterWhisper)
     interpreter = _interpreter(three, 2)
     backend.encoders = {int(n.rsplit("_", 1)[1]): interpreter.get_signature_runner(n) for n in interpreter.get_signature_list()}
     backend.cross_names = [f"cross_{k}_{i}" for i in range(4) for k in ("k", "v")]
@@ -240,3 +240,28 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
         assert wer < 0.15, (backend, texts)
         digit = transcriber.transcribe(synthesize("Seven.")).text
         assert seen[-1] == 300 and 1 <= len(digit.split()) <= 3, digit  # the 3 s floor
+
+
+def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(bundle_auto):
+    """ai-edge-litert's CompiledModel API (one packed copy of the weights for every bucket) against the
+    Interpreter API (tflite-runtime's, one copy per bucket), on windows of two lengths in turn, so that the
+    second window decodes over the first one's stale, masked cache slots."""
+    from edge_asr.bundle import Bundle
+    from edge_asr.tflite_backend import CompiledWhisper, InterpreterWhisper, whisper_model
+
+    bundle = Bundle.load(bundle_auto)
+    compiled, interpreted = whisper_model(bundle, 2), InterpreterWhisper(bundle, 2)
+    assert isinstance(compiled, CompiledWhisper)
+    rng = np.random.default_rng(3)
+    tokens = [50257, 50362, 383, 1110, 286, 262, 4252]
+    for frames in (800, 100):
+        mel = rng.normal(0, 0.5, (80, frames)).astype(np.float32)
+        cross = compiled.encode(mel), interpreted.encode(mel)
+        assert cross[0][1].shape[-2] == frames // 2
+        assert max(np.abs(a - b).max() for a, b in zip(*cross)) < 1e-4
+        (first, filled), (reference, reference_filled) = (m.decode(tokens[:-1], 0, c) for m, c in
+                                                          zip((compiled, interpreted), cross))
+        assert filled == reference_filled == len(tokens) - 1
+        assert np.abs(first - reference).max() < 1e-3
+        last = compiled.decode(tokens[-1:], filled, cross[0])[0]
+        assert np.abs(last - interpreted.decode(tokens[-1:], filled, cross[1])[0]).max() < 1e-3
