@@ -6,7 +6,7 @@ per call over a fixed number of cache slots, and the LSTM graph has a one-step a
 
 Whisper runs on ai-edge-litert's CompiledModel API where it exists: its XNNPACK weight cache packs the
 weights a file's signatures share once, where the Interpreter API packs them again for every signature.
-A dynamic-context bundle has eight window lengths, so that is 100 MB loaded instead of 400
+A dynamic-context bundle has eight window lengths, so that is 114 MB loaded instead of 400
 (`benchmarks/memory.py`). tflite-runtime (armv7) has only the Interpreter API, which `InterpreterWhisper`
 serves.
 """
@@ -111,6 +111,15 @@ def _silence_stderr() -> None:
         os.dup2(devnull.fileno(), 2)
 
 
+def _window_frames(signature: str) -> int:
+    """The mel frames of an encoder signature's window ("encode" alone: a bundle from before buckets, 30 s)."""
+    return 3000 if signature == "encode" else int(signature.rsplit("_", 1)[1])
+
+
+def _read(buffer, shape) -> np.ndarray:
+    return buffer.read(int(np.prod(shape)), np.float32).reshape(shape)
+
+
 def whisper_model(bundle: Bundle, threads: int | None = None):
     """Whisper on LiteRT through the best API installed."""
     return (CompiledWhisper if compiled_model_api() else InterpreterWhisper)(bundle, threads)
@@ -138,9 +147,7 @@ class CompiledWhisper:
             environment = _environment()
             self.encoder = self._load(api, bundle.file("encoder", "tflite"), environment, options())
             self.decoder = self._load(api, bundle.file("decoder", "tflite"), environment, options())
-        self._encoders = {}  # frames -> signature name
-        for name in self.encoder.get_signature_list():
-            self._encoders[3000 if name == "encode" else int(name.rsplit("_", 1)[1])] = name
+        self._encoders = {_window_frames(name): name for name in self.encoder.get_signature_list()}
         self._decoders = {}  # audio positions -> signature name
         for name in self.decoder.get_signature_list():
             self._decoders[int(self.decoder.get_input_tensor_details(name)["cross_v_0"]["shape"][-2])] = name
@@ -157,9 +164,7 @@ class CompiledWhisper:
                              for name in ("token", "position", *self.cache_names)}
             self._step_out = {name: self.decoder.create_output_buffer_by_name(first, name)
                               for name in self.decoder.get_signature_list()[first]["outputs"]}
-        self._out_sizes = {name: int(np.prod(d["shape"])) for name, d in self.decoder.get_output_tensor_details(first).items()}
-        self._k_shape = self.decoder.get_output_tensor_details(first)["k_0"]["shape"]
-        self._v_shape = self.decoder.get_output_tensor_details(first)["v_0"]["shape"]
+        self._out_shapes = {name: d["shape"] for name, d in self.decoder.get_output_tensor_details(first).items()}
         self._fed_cross = None
         self._run = None
 
@@ -181,8 +186,7 @@ class CompiledWhisper:
             inputs[0].write(np.ascontiguousarray(mel[None], dtype=np.float32))
             self.encoder.run_by_index(index, inputs, outputs)
         details = self.encoder.get_output_tensor_details(name)
-        out = {n: b.read(int(np.prod(details[n]["shape"])), np.float32).reshape(details[n]["shape"])
-               for n, b in zip(self.encoder.get_signature_list()[name]["outputs"], outputs)}
+        out = {n: _read(b, details[n]["shape"]) for n, b in zip(self.encoder.get_signature_list()[name]["outputs"], outputs)}
         return [out[n] for n in self.cross_names]
 
     def empty_cache(self) -> int:
@@ -219,10 +223,10 @@ class CompiledWhisper:
                 step_in[name].write(cache[name])
             self.decoder.run_by_index(index, inputs, outputs)
             for i in range(self.n_layer):
-                cache[f"self_k_{i}"][..., position] = step_out[f"k_{i}"].read(self._out_sizes[f"k_{i}"], np.float32).reshape(self._k_shape)[..., 0]
-                cache[f"self_v_{i}"][..., position, :] = step_out[f"v_{i}"].read(self._out_sizes[f"v_{i}"], np.float32).reshape(self._v_shape)[..., 0, :]
+                cache[f"self_k_{i}"][..., position] = _read(step_out[f"k_{i}"], self._out_shapes[f"k_{i}"])[..., 0]
+                cache[f"self_v_{i}"][..., position, :] = _read(step_out[f"v_{i}"], self._out_shapes[f"v_{i}"])[..., 0, :]
             position += 1
-        return step_out["logits"].read(self._out_sizes["logits"], np.float32), position
+        return _read(step_out["logits"], self._out_shapes["logits"])[0], position
 
 
 class InterpreterWhisper:
@@ -243,8 +247,7 @@ class InterpreterWhisper:
         encoder = _interpreter(bundle.file("encoder", "tflite"), threads)
         self.encoders = {}
         for name in encoder.get_signature_list():
-            frames = 3000 if name == "encode" else int(name.rsplit("_", 1)[1])
-            self.encoders[frames] = encoder.get_signature_runner(name)
+            self.encoders[_window_frames(name)] = encoder.get_signature_runner(name)
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self._wrapper = self.interpreter._interpreter  # noqa: SLF001
         signatures = [_DecoderSignature(self.interpreter, name) for name in self.interpreter.get_signature_list()]
