@@ -125,11 +125,15 @@ def test_a_delta_merges_into_the_same_function(tiny, tmp_path):
 
 
 def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
+    import onnx
     import onnxruntime as ort
 
     from edge_asr_build.export import export_encoder
 
     path = export_encoder(tiny.model, tmp_path / "encoder.onnx", dynamic_length=True)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    # Self-attention is fused: no node holds a (T x T) score matrix of its own.
+    assert ops.count("MultiHeadAttention") == tiny.model.dims.n_audio_layer and "Softmax" not in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for frames in (100, 800, 3000):
