@@ -104,6 +104,10 @@ class OnnxWhisper:
         logits, cache = self.decode_batch(np.asarray([tokens]), cache, cross)
         return logits[0], cache
 
+    def select_beams(self, cache: list[np.ndarray], sources: list[int]) -> list[np.ndarray]:
+        """The caches of beams that extend beams `sources`."""
+        return [c[sources] for c in cache]
+
     def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
         """The same for a batch of sequences (beams): tokens (batch, n), caches and cross keys/values with
         that batch on their first axis; logits (batch, n_vocab)."""

@@ -432,7 +432,7 @@ def decoding_settings(args) -> "DecodingSettings":
               "logprob_threshold": getattr(args, "logprob_threshold", None),
               "compression_ratio_threshold": getattr(args, "compression_ratio_threshold", None),
               "vad_gate": getattr(args, "vad_gate", None)}
-    return DecodingSettings(beam=getattr(args, "beam", 0), prompt=getattr(args, "prompt", None),
+    return DecodingSettings(beam=getattr(args, "beam", None), prompt=getattr(args, "prompt", None),
                             hotwords=list(dict.fromkeys(words)), hotword_bonus=getattr(args, "bias", None),
                             hotword_prompt=getattr(args, "hotword_prompt", None),
                             timestamps=getattr(args, "timestamps", False), guards=guards,
@@ -442,7 +442,7 @@ def decoding_settings(args) -> "DecodingSettings":
 def _transcriber(args):
     from .transcriber import load_transcriber
 
-    if getattr(args, "beam", 0) < 0:
+    if (getattr(args, "beam", None) or 0) < 0:
         raise EdgeAsrError("--beam must be 0 (greedy) or more")
     return load_transcriber(args.bundle, threads=args.threads, settings=decoding_settings(args),
                             backend=getattr(args, "backend", "auto"))
@@ -739,8 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="onnx (ONNX Runtime), ort (ONNX Runtime, mobile-format files), tflite (LiteRT); "
                             "auto: ONNX Runtime if installed, else LiteRT")
         decoding = p.add_argument_group("decoding")
-        decoding.add_argument("--beam", type=int, default=0, metavar="N",
-                              help="beam search width (default 0: greedy); Whisper runs beams on onnx/ort")
+        decoding.add_argument("--beam", type=int, default=None, metavar="N",
+                              help="beam search width for every window, 0: greedy (default: the bundle's way; "
+                                   "the adapted model: beam 5 on windows up to 5 s, on onnx/ort)")
         decoding.add_argument("--prompt", metavar="TEXT", help="Whisper: text the speech follows on from "
                                                                "(style, spelling of names)")
         decoding.add_argument("--hotwords", metavar="WORDS", help="favour these words or phrases, comma-separated "

@@ -29,9 +29,9 @@ DEFAULTS = {
     "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
     "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
     "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "backend": "auto",
-              "beam": 0, "bias_words": []},  # the last two: older places of [decoding] beam and vocabulary
+              "beam": None, "bias_words": []},  # the last two: older places of [decoding] beam and vocabulary
     # Thresholds left out (None) are the bundle's; see `edge-asr transcribe --help` for their meaning.
-    "decoding": {"beam": 0, "prompt": None, "vocabulary": [], "hotword_bonus": None, "hotword_prompt": None,
+    "decoding": {"beam": None, "prompt": None, "vocabulary": [], "hotword_bonus": None, "hotword_prompt": None,
                  "guards": True,
                  "no_speech_threshold": None, "logprob_threshold": None, "compression_ratio_threshold": None,
                  "vad_gate": None, "seed": 0},
@@ -72,7 +72,7 @@ def decoding_settings(config: dict) -> DecodingSettings:
         raise EdgeAsrError("[decoding] vocabulary must be a list of words, e.g. [\"Kestrolix\", \"KX-40\"]")
     guards = {"enabled": d["guards"]} | {k: d[k] for k in ("no_speech_threshold", "logprob_threshold",
                                                              "compression_ratio_threshold", "vad_gate")}
-    return DecodingSettings(beam=d["beam"] or model["beam"], prompt=d["prompt"], hotwords=list(vocabulary),
+    return DecodingSettings(beam=d["beam"] if d["beam"] is not None else model["beam"], prompt=d["prompt"], hotwords=list(vocabulary),
                             hotword_bonus=d["hotword_bonus"], hotword_prompt=d["hotword_prompt"], guards=guards,
                             vad=config["vad"]["kind"], seed=d["seed"])
 

@@ -163,7 +163,7 @@ class WindowDecoder:
         self.task = task
         self.rules = TokenRules(decoder_config, options.timestamps, options.hotwords)
         if options.beam_size > 1 and not hasattr(model, "decode_batch"):
-            raise EdgeAsrError(f"beam search needs a backend that decodes beams as a batch (onnx or ort), "
+            raise EdgeAsrError(f"beam search needs a backend that decodes beams (onnx, ort, or tflite on ai-edge-litert), "
                                f"not {model.backend}")
 
     @property
@@ -259,7 +259,7 @@ class WindowDecoder:
             beams = kept
             if cross[0].shape[0] != len(beams):
                 cross = [np.repeat(c[:1], len(beams), axis=0) for c in window.cross]
-            cache = [c[sources] for c in cache]  # each beam goes on from the cache of the beam it extends
+            cache = self.model.select_beams(cache, sources)  # each beam goes on from the cache of the one it extends
             logits, cache = self.model.decode_batch(np.array([[seq[-1]] for seq, _ in beams]), cache, cross)
         if not finished:
             finished = {tuple(seq): score for seq, score in beams}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DecodingSettings:
-    beam: int = 0                          # 0 or 1: greedy
+    beam: int | None = None                # None: the bundle's own way; 0 or 1: greedy; more: beam width
     prompt: str | None = None              # Whisper's previous-text prompt
     hotwords: list[str] = field(default_factory=list)
     hotword_bonus: float | None = None     # None: the bundle's (Whisper: logits per token; LSTM-CTC: nats per character)

@@ -130,7 +130,7 @@ class CompiledWhisper:
     `InterpreterWhisper` (below): the runtime keeps the decoder's self-attention cache and writes each
     step's new key and value into slot `position`. The API's tensor buffers are written and read whole
     (no views), so a step copies the cache in (8 x 356 KB for tiny.en), which costs well under a
-    millisecond."""
+    millisecond. Beam search runs the beams one after another, each from cache rows of its own."""
 
     backend = "tflite"
 
@@ -227,6 +227,48 @@ class CompiledWhisper:
                 cache[f"self_v_{i}"][..., position, :] = _read(step_out[f"v_{i}"], self._out_shapes[f"v_{i}"])[..., 0, :]
             position += 1
         return _read(step_out["logits"], self._out_shapes["logits"])[0], position
+
+    def select_beams(self, cache, sources: list[int]) -> list[np.ndarray]:
+        """The caches of beams that extend beams `sources`. Beams carry their own caches, flat as ONNX's
+        ([k_0, v_0, …] with the beams first and the filled slots only); right after prefill, `cache` is the
+        number of slots filled, and every beam starts from the runtime's cache."""
+        if isinstance(cache, int):
+            cache = [self._cache[name][..., :cache] if "_k_" in name else self._cache[name][..., :cache, :]
+                     for name in self.cache_names]
+        return [c[sources] for c in cache]
+
+    def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
+        """One new token per beam (tokens (beams, 1)), the beams one after another through the decoder:
+        logits (beams, n_vocab) and the beams' caches one slot longer. `cross` is the window's, repeated
+        per beam (rows alike: the first is fed)."""
+        if cross is not self._fed_cross:
+            self._feed([c[:1] for c in cross])
+            self._fed_cross = cross
+        index, inputs, outputs = self._run
+        step_in, step_out = self._step_in, self._step_out
+        position = cache[0].shape[-1]
+        if position >= self.max_tokens:
+            raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
+        logits, new = [], [[] for _ in cache]
+        for beam, token in enumerate(np.asarray(tokens)[:, -1]):
+            # The runtime's cache array is scratch: slots past `position` are masked, whatever they hold.
+            for name, c in zip(self.cache_names, cache):
+                scratch = self._cache[name]
+                if "_k_" in name:
+                    scratch[..., :position] = c[beam]
+                else:
+                    scratch[..., :position, :] = c[beam]
+                step_in[name].write(scratch)
+            step_in["token"].write(np.array([[token]], np.int32))
+            step_in["position"].write(np.array([position], np.int32))
+            self.decoder.run_by_index(index, inputs, outputs)
+            logits.append(_read(step_out["logits"], self._out_shapes["logits"])[0])
+            for i, name in enumerate(self.cache_names):
+                out = name.removeprefix("self_")  # the step's new key or value: k_0, v_0, …
+                new[i].append(_read(step_out[out], self._out_shapes[out]))
+        cache = [np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
+                 for name, c, rows in zip(self.cache_names, cache, new)]
+        return np.stack(logits), cache
 
 
 class InterpreterWhisper:

@@ -3,11 +3,16 @@
 Long audio is cut at pauses into windows of at most 30 s (or the bundle's longest context). Each window is
 decoded once (greedy or beam search); the guards then drop it as no speech, or have it decoded again by
 seeded sampling at rising temperatures when the result looks like a loop or is improbable.
+
+A bundle may recommend beam search for short windows (`short_window_beam` in its manifest's decoding
+section): the adapted dynamic-context model does, for windows in its shortest bucket. There the encoder is
+cheap and a single word has no context to recover from a wrong first token, so a few beams pay off; longer
+windows stay greedy. A width the user gives (`--beam`, 0 for greedy) applies to every window instead.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +34,18 @@ MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two sp
 
 class Transcriber:
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, options: DecodingOptions | None = None,
-                 backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0):
+                 backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0,
+                 short_window_beam: ShortWindowBeam | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
+        # Beam search on short windows, where the backend decodes beams as a batch (LiteRT stays greedy).
+        self.short_decoder, self.short_samples = None, 0
+        if short_window_beam and self.decoder.options.beam_size == 1 and hasattr(self.model, "decode_batch"):
+            self.short_decoder = WindowDecoder(self.model, decoder_config,
+                                               replace(self.decoder.options, beam_size=short_window_beam.beam_size))
+            self.short_samples = round(short_window_beam.max_seconds * SAMPLE_RATE)
         # With hotwords named in the prompt: the decoder for windows that say none of them.
         self.plain_decoder = (WindowDecoder(self.model, decoder_config, replace(
             options, vocabulary_prompt=(), hotwords=None)) if options and options.vocabulary_prompt else None)
@@ -70,15 +82,20 @@ class Transcriber:
         if self.guards.enabled and self.guards.vad_gate and speech_seconds(audio, self.vad) < MIN_SPEECH_SECONDS:
             self.counters.vad_skipped += 1
             return []
-        window = self.decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
+        decoder = self.decoder_for(len(audio))
+        window = decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
         rng = np.random.default_rng([self.seed, index])  # fallback sampling: the same audio, the same text
-        decoded = self._decode_guarded(self.decoder, window, rng)
+        decoded = self._decode_guarded(decoder, window, rng)
         if self.plain_decoder and (decoded is None or not mentions(decoded[1], self.decoder.options.vocabulary)):
             decoded = self._decode_guarded(self.plain_decoder, self.plain_decoder.prefill(cross=window.cross), rng)
         if decoded is None:
             self.counters.no_speech += 1
             return []
         return self._segments(*decoded, offset, len(audio) / SAMPLE_RATE)
+
+    def decoder_for(self, samples: int) -> WindowDecoder:
+        """The decoder of a window of `samples`: beams for a short one where the bundle recommends them."""
+        return self.short_decoder if self.short_decoder and samples <= self.short_samples else self.decoder
 
     def _decode_guarded(self, decoder: WindowDecoder, window, rng):
         """(result, text, compression ratio) of a window after the guards' fallback, or None for no speech."""
@@ -125,9 +142,23 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[Decodi
         in_prompt = settings.hotword_prompt if settings.hotword_prompt is not None else recorded.get(
             "hotword_prompt", DEFAULT_WHISPER_PROMPT)
         named = tuple(tokenizer.encode(" " + hotword_prompt(settings.hotwords))) if in_prompt else ()
-    options = DecodingOptions(beam_size=max(1, settings.beam), timestamps=settings.timestamps, prompt=prompt,
+    options = DecodingOptions(beam_size=max(1, settings.beam or 0), timestamps=settings.timestamps, prompt=prompt,
                               vocabulary=tuple(settings.hotwords), vocabulary_prompt=named, hotwords=bias)
     return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
+
+
+@dataclass(frozen=True)
+class ShortWindowBeam:
+    max_seconds: float    # windows with at most this much audio
+    beam_size: int
+
+    @classmethod
+    def recommended(cls, bundle: Bundle, settings: DecodingSettings) -> ShortWindowBeam | None:
+        """The bundle's recommendation, unless the user chose a beam width (0: greedy) for every window."""
+        recorded = bundle.manifest.get("decoding", {}).get("short_window_beam")
+        if settings.beam is not None or not recorded:
+            return None
+        return cls(float(recorded["max_seconds"]), int(recorded["beam_size"]))
 
 
 def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, settings: DecodingSettings | None = None,
@@ -139,8 +170,9 @@ def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, se
     if bundle.family == "lstm-ctc":
         from .ctc_transcriber import CtcTranscriber, decoding_options
 
-        options = decoding_options(settings.beam, settings.hotwords,
+        options = decoding_options(settings.beam or 0, settings.hotwords,
                                    1.0 if settings.hotword_bonus is None else settings.hotword_bonus)
         return CtcTranscriber(bundle, threads, options, backend)
     options, guards = whisper_decoding(bundle, settings)
-    return Transcriber(bundle, threads, options, backend=backend, guards=guards, vad=settings.vad, seed=settings.seed)
+    return Transcriber(bundle, threads, options, backend=backend, guards=guards, vad=settings.vad, seed=settings.seed,
+                       short_window_beam=ShortWindowBeam.recommended(bundle, settings))

@@ -246,6 +246,29 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
         assert seen[-1] == 300 and 1 <= len(digit.split()) <= 3, digit  # the 3 s floor
 
 
+def test_adapted_bundle_decodes_short_windows_with_beams_unless_told_otherwise(bundle_auto):
+    """The manifest recommends beam 5 up to 5 s of audio; longer windows stay greedy, and a width the user
+    gives (0: greedy) holds for every window. Both backends follow it."""
+    from edge_asr.settings import DecodingSettings
+    from edge_asr.transcriber import load_transcriber
+    from edge_asr_build.synth import synthesize
+
+    assert json.loads((bundle_auto / "manifest.json").read_text())["decoding"]["short_window_beam"] == {
+        "max_seconds": 5.0, "beam_size": 5}
+    command = synthesize("Open valve four.")
+    for backend in ("onnx", "tflite"):
+        default = load_transcriber(bundle_auto, backend=backend)
+        assert default.decoder.options.beam_size == 1 and default.short_decoder.options.beam_size == 5
+        assert default.decoder_for(5 * 16000) is default.short_decoder
+        assert default.decoder_for(5 * 16000 + 1) is default.decoder
+        beams = load_transcriber(bundle_auto, settings=DecodingSettings(beam=5), backend=backend)
+        assert default.transcribe(command).text == beams.transcribe(command).text
+        for beam in (0, 3):
+            chosen = load_transcriber(bundle_auto, settings=DecodingSettings(beam=beam), backend=backend)
+            assert chosen.short_decoder is None and chosen.decoder.options.beam_size == max(1, beam)
+            assert chosen.decoder_for(16000) is chosen.decoder
+
+
 def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(bundle_auto):
     """ai-edge-litert's CompiledModel API (one packed copy of the weights for every bucket) against the
     Interpreter API (tflite-runtime's, one copy per bucket), on windows of two lengths in turn, so that the

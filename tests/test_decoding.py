@@ -68,18 +68,25 @@ def test_fallback_sampling_is_seeded_and_counted(bundle_int8, speech):
     assert texts[0] == texts[1] and texts[0]
 
 
-def test_beam_search_scores_match_a_fresh_teacher_forced_pass(bundle_fp32, bundle_int8, speech):
-    """The beams share one batched decoder call per step and swap cache rows as they overtake each other;
-    the winner's score must equal the log-probability of its tokens decoded alone from scratch. (In fp32:
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_beam_search_scores_match_a_fresh_teacher_forced_pass(bundle_fp32, speech, backend):
+    """ONNX Runtime runs the beams as one batched decoder call per step, LiteRT one beam after another from
+    each beam's own cache rows; either way beams swap cache rows as they overtake each other, and the
+    winner's score must equal the log-probability of its tokens decoded alone from scratch. (In fp32:
     int8's dynamic quantization scales activations per batch, so a beam's numbers depend on its company.)"""
-    t = Transcriber(bundle_fp32, options=DecodingOptions(beam_size=5), guards=Guards.off())
+    t = Transcriber(bundle_fp32, options=DecodingOptions(beam_size=5), guards=Guards.off(), backend=backend)
     mel = window_features(speech[1][1], t.bundle.mel_filters)
-    result = t.decoder.decode(t.decoder.prefill(mel))
+    window = t.decoder.prefill(mel)
+    result = t.decoder.decode(window)
+    assert t.decoder.decode(window, temperature=0.0).tokens == result.tokens  # the runtime's cache was left usable
     _, logits, _ = forced_decoding(t.model, mel, t.decoder.prompt, result.tokens + [t.decoder.eot])
     rules = t.decoder.rules
     total = sum(float(log_softmax(rules.apply(logits[i], result.tokens[:i]))[token])
                 for i, token in enumerate(result.tokens + [t.decoder.eot]))
     assert total == pytest.approx(result.sum_logprob, abs=2e-3)
+
+
+def test_a_beam_of_one_is_greedy_and_beams_transcribe(bundle_int8, speech):
     greedy = Transcriber(bundle_int8, guards=Guards.off())
     assert Transcriber(bundle_int8, options=DecodingOptions(beam_size=1), guards=Guards.off()).transcribe(
         speech[1][1]).text == greedy.transcribe(speech[1][1]).text
