@@ -181,8 +181,15 @@ def _has_formats(bundle: Path, formats: str) -> bool:
     return all(f.strip() in have for f in formats.split(",") if f.strip())
 
 
+def default_context(source: str, compact: bool, delta: str | None) -> str:
+    """`build`'s context policy when none is asked for: the adapted dynamic context where there is a delta
+    for it (given, or shipped: tiny.en's), else Whisper's 30 s (other sources, and the compact model)."""
+    return "auto" if not compact and (delta or source == "tiny.en") else "full"
+
+
 def cmd_build(args) -> int:
     _build_side()
+    args.context = args.context or default_context(args.source, args.compact, args.delta)
     try:
         name = default_bundle_name(args.source, args.precision, args.compact, args.context, args.delta,
                                    args.compact_delta)
@@ -660,13 +667,15 @@ def cmd_demo(args) -> int:
     default = bundle_dir(DEFAULT_BUNDLE)
     if not _has_formats(default, DEMO_FORMATS):
         print(f"building the default bundle {DEFAULT_BUNDLE} (once; cached in {default})", file=sys.stderr)
-        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS)
+        build_bundle("tiny.en", "int8", default, None, 12, args.threads, formats=DEMO_FORMATS, context="auto")
     wav = home() / "demo" / "maintenance.wav"
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
         write_wav(wav, synthesize(DEMO_SENTENCE))
     args.bundle = str(default)
     t = _transcriber(args).transcribe(load_audio(wav))
+    print(f"bundle:     {DEFAULT_BUNDLE} (tiny.en adapted to each window's length, int8; "
+          f"`edge-asr build --context full` makes the 30 s model)")
     print(f"audio:      {wav} ({t.audio_seconds:.2f} s, synthesized)")
     print(f"reference:  {DEMO_SENTENCE}")
     print(f"transcript: {t.text}")
@@ -678,8 +687,33 @@ def cmd_demo(args) -> int:
     print(f"LiteRT:     {lite.text}  (RTF {lite.rtf:.3f} wall, {lite.rtf_cpu:.3f} CPU; "
           + ("the same text as ONNX Runtime)" if lite.text == t.text else
              "its own int8 quantization: the text differs from ONNX Runtime's)"))
+    peak = _recognizer_peak_rss_mb(default, wav, args.threads)
+    if peak:
+        print(f"memory:     peak RSS {peak:.0f} MB (a process that only loads the bundle and transcribes the clip)")
     _demo_stream(args, home() / "demo")
     return 0
+
+
+# Run in a process of its own: VmHWM (the peak RSS) starts afresh at exec, whereas ru_maxrss would also
+# count the pages this process (torch, the build) had when it forked the child.
+_PEAK_RSS_CHILD = """import sys
+from edge_asr.audio import load_audio
+from edge_asr.transcriber import load_transcriber
+load_transcriber(sys.argv[1], int(sys.argv[2])).transcribe(load_audio(sys.argv[3]))
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def _recognizer_peak_rss_mb(bundle: Path, wav: Path, threads: int) -> float | None:
+    """Peak RSS of a process that only loads `bundle` and transcribes `wav` (this one also built and
+    synthesized); None where that cannot be measured (no /proc)."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        return None
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, str(bundle), str(threads), str(wav)],
+                          capture_output=True, text=True, check=False)
+    return int(done.stdout.split()[-1]) / 1024 if done.returncode == 0 and done.stdout.strip() else None
 
 
 def _demo_stream(args, folder: Path) -> None:
@@ -784,9 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the compact model: activation-aware factors with measured ranks and the recovered delta "
                         "shipped for tiny.en (30%% fewer parameters; less accurate on rare words, see the README)")
     p.add_argument("--compact-delta", metavar="DELTA", help="the compact delta for --compact (from `edge-asr recover`)")
-    p.add_argument("--context", default="full", metavar="auto|full|SECONDS",
-                   help="encoder window: auto (the audio's own length + margin, bucketed; the adapted model), "
-                        "full (Whisper's 30 s, default), or a fixed number of seconds")
+    p.add_argument("--context", metavar="auto|full|SECONDS",
+                   help="encoder window: auto (the audio's own length + margin, bucketed; the adapted model: the "
+                        "default for tiny.en), full (Whisper's 30 s: the default for other sources and --compact), "
+                        "or a fixed number of seconds")
     p.add_argument("--delta", help="the adapted delta for --context auto|SECONDS (default: the one shipped for tiny.en)")
     p.set_defaults(func=cmd_build)
 

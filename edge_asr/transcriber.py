@@ -40,7 +40,9 @@ class Transcriber:
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
-        # Beam search on short windows, where the backend decodes beams as a batch (LiteRT stays greedy).
+        if options is None and short_window_beam is None:  # the bundle's own way, as load_transcriber's default
+            short_window_beam = ShortWindowBeam.recommended(self.bundle, DecodingSettings())
+        # Beam search on short windows, where the backend decodes beams (not LiteRT through tflite-runtime).
         self.short_decoder, self.short_samples = None, 0
         if short_window_beam and self.decoder.options.beam_size == 1 and hasattr(self.model, "decode_batch"):
             self.short_decoder = WindowDecoder(self.model, decoder_config,

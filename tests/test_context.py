@@ -211,15 +211,22 @@ def bundle_auto(tmp_path_factory):
     return out
 
 
-def test_an_adapted_bundle_is_named_after_its_delta_and_policy():
-    from edge_asr.cli import default_bundle_name
-    from edge_asr.paths import DEFAULT_BUNDLE
+def test_the_default_build_is_the_adapted_model_under_its_own_name():
+    """`edge-asr build` with no flags makes the adapted dynamic-context tiny.en, whose name (a hash of delta
+    and policy) is the runtime's default bundle; the 30 s model and a fixed context are named apart."""
+    from edge_asr.cli import default_bundle_name, default_context
+    from edge_asr.paths import DEFAULT_BUNDLE, FULL_CONTEXT_BUNDLE
     from edge_asr_build.context_adapt import DEFAULT_DELTA
     from edge_asr_build.lora import read_delta
 
+    assert default_context("tiny.en", compact=False, delta=None) == "auto"
+    assert default_context("tiny.en", compact=True, delta=None) == "full"       # no compact delta for it yet
+    assert default_context("base", compact=False, delta=None) == "full"         # no delta shipped for base
+    assert default_context("base", compact=False, delta="d.safetensors") == "auto"
     auto = default_bundle_name("tiny.en", "int8", context="auto")
-    assert auto.startswith("tiny.en-auto-") and auto.endswith("-int8")
-    assert len({auto, default_bundle_name("tiny.en", "int8", context="10"), DEFAULT_BUNDLE}) == 3
+    assert auto == DEFAULT_BUNDLE and auto.startswith("tiny.en-auto-") and auto.endswith("-int8")
+    assert default_bundle_name("tiny.en", "int8", context="full") == FULL_CONTEXT_BUNDLE == "tiny.en-int8"
+    assert len({auto, default_bundle_name("tiny.en", "int8", context="10"), FULL_CONTEXT_BUNDLE}) == 3
     assert DEFAULT_DELTA.stat().st_size < 10e6
     _, metadata = read_delta(DEFAULT_DELTA)
     assert metadata["kind"] == "context-lora" and metadata["recipe"]["match"]["seed"] == 0
@@ -292,3 +299,16 @@ def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(
         assert np.abs(first - reference).max() < 1e-3
         last = compiled.decode(tokens[-1:], filled, cross[0])[0]
         assert np.abs(last - interpreted.decode(tokens[-1:], filled, cross[1])[0]).max() < 1e-3
+
+
+def test_build_with_no_flags_makes_the_adapted_model(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "default"
+    run = subprocess.run([sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert ContextPolicy.from_manifest(manifest) == ContextPolicy.auto()
+    assert manifest["decoding"]["short_window_beam"]["beam_size"] > 1 and "adaptation" in manifest
