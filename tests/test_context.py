@@ -12,6 +12,7 @@ import torch
 from edge_asr.context import ContextPolicy
 
 GOLDEN = Path(__file__).parent / "golden" / "full_context_transcripts.json"
+DEFAULT_GOLDEN = Path(__file__).parent / "golden" / "default_transcripts.json"
 
 
 def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
@@ -209,6 +210,23 @@ def bundle_auto(tmp_path_factory):
     build_whisper_bundle("tiny.en", out, "int8", evaluate_on=0, formats=["onnx", "tflite"],
                          context=ContextPolicy.auto(), delta=DEFAULT_DELTA)
     return out
+
+
+def test_default_bundle_reproduces_its_golden_transcripts(bundle_auto):
+    """The default model as users run it (default decoding and the runtime's memory and thread settings:
+    fused encoder attention, no spinning pools, LiteRT's shared weight cache) against transcripts made when
+    it became the default (how: the file's "made_by"), on both backends; word by word after the WER
+    normalizer, for the reason given above."""
+    from edge_asr.metrics import normalize
+    from edge_asr.transcriber import load_transcriber
+    from edge_asr_build.synth import synthesize
+
+    golden = json.loads(DEFAULT_GOLDEN.read_text())
+    audio = [synthesize(t) for t in golden["texts"]]
+    for backend in ("onnx", "tflite"):
+        transcriber = load_transcriber(bundle_auto, backend=backend)
+        texts = [transcriber.transcribe(a).text for a in audio]
+        assert [normalize(t) for t in texts] == [normalize(t) for t in golden["transcripts"][backend]], (backend, texts)
 
 
 def test_the_default_build_is_the_adapted_model_under_its_own_name():
