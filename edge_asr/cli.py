@@ -775,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
         decoding = p.add_argument_group("decoding")
         decoding.add_argument("--beam", type=int, default=None, metavar="N",
                               help="beam search width for every window, 0: greedy (default: the bundle's way; "
-                                   "the adapted model: beam 5 on windows up to 5 s, on onnx/ort)")
+                                   "the adapted model: beam 5 on windows up to 5 s, greedy beyond)")
         decoding.add_argument("--prompt", metavar="TEXT", help="Whisper: text the speech follows on from "
                                                                "(style, spelling of names)")
         decoding.add_argument("--hotwords", metavar="WORDS", help="favour these words or phrases, comma-separated "

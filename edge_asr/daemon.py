@@ -72,7 +72,8 @@ def decoding_settings(config: dict) -> DecodingSettings:
         raise EdgeAsrError("[decoding] vocabulary must be a list of words, e.g. [\"Kestrolix\", \"KX-40\"]")
     guards = {"enabled": d["guards"]} | {k: d[k] for k in ("no_speech_threshold", "logprob_threshold",
                                                              "compression_ratio_threshold", "vad_gate")}
-    return DecodingSettings(beam=d["beam"] if d["beam"] is not None else model["beam"], prompt=d["prompt"], hotwords=list(vocabulary),
+    beam = d["beam"] if d["beam"] is not None else model["beam"]  # None: the bundle's way
+    return DecodingSettings(beam=beam, prompt=d["prompt"], hotwords=list(vocabulary),
                             hotword_bonus=d["hotword_bonus"], hotword_prompt=d["hotword_prompt"], guards=guards,
                             vad=config["vad"]["kind"], seed=d["seed"])
 

@@ -5,7 +5,7 @@ decoded once (greedy or beam search); the guards then drop it as no speech, or h
 seeded sampling at rising temperatures when the result looks like a loop or is improbable.
 
 A bundle may recommend beam search for short windows (`short_window_beam` in its manifest's decoding
-section): the adapted dynamic-context model does, for windows in its shortest bucket. There the encoder is
+section): the adapted dynamic-context model does, for windows of up to 5 s of audio. There the encoder is
 cheap and a single word has no context to recover from a wrong first token, so a few beams pay off; longer
 windows stay greedy. A width the user gives (`--beam`, 0 for greedy) applies to every window instead.
 """
