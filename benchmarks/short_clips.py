@@ -20,14 +20,15 @@ each in its own process, and a table printed: WER per set, the longest hypothesi
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_peers import run_ours  # noqa: E402
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -53,7 +54,7 @@ def telephone(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def digits_set(folder: Path, per_digit: int, seed: int) -> Path:
-    from edge_asr_build.training_audio import ESPEAK_HELD_OUT_VOICES, espeak
+    from edge_asr_build.training_audio import ESPEAK_HELD_OUT_VOICES, cut_tight, espeak
 
     if (folder / "refs.tsv").exists():
         return folder
@@ -61,9 +62,8 @@ def digits_set(folder: Path, per_digit: int, seed: int) -> Path:
     clips = []
     for digit in DIGITS:
         for i in range(per_digit):
-            audio = espeak(digit, rng.choice(ESPEAK_HELD_OUT_VOICES), rate=rng.randrange(120, 200), pitch=rng.randrange(25, 75))
-            voiced = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
-            audio = audio[voiced[0]: voiced[-1] + 1]
+            audio = cut_tight(espeak(digit, rng.choice(ESPEAK_HELD_OUT_VOICES), rate=rng.randrange(120, 200),
+                                     pitch=rng.randrange(25, 75)))
             pad = lambda: np.zeros(int(16000 * rng.uniform(0.1, 0.3)), np.float32)
             clips.append((f"{digit}_{i}", telephone(np.concatenate([pad(), audio, pad()]), np_rng), digit))
     return write_set(folder, clips)
@@ -80,15 +80,6 @@ def wake_word_set(folder: Path, audio_dir: Path, count: int, seed: int) -> Path:
         sys.exit(f"{audio_dir}: no 'smart mirror' folder of recordings (the wake-word benchmark's audio/)")
     chosen = random.Random(seed).sample(files, min(count, len(files)))
     return write_set(folder, [(f"mirror_{p.stem}", load_audio(p), "smart mirror") for p in chosen])
-
-
-def bench(bundle: str, folder: Path, flags: str, threads: int, runs: int) -> dict:
-    cmd = [sys.executable, "-m", "edge_asr", "bench", "--bundle", bundle, "--json", "--hypotheses",
-           "--threads", str(threads), "--runs", str(runs), *shlex.split(flags), str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-    return json.loads(done.stdout)
 
 
 def longest(result: dict) -> int:
@@ -123,7 +114,7 @@ def main() -> None:
         for name, flags in variants:
             cells = []
             for folder in sets.values():
-                r = bench(bundle, folder, f"--backend {args.backend} {flags}", args.threads, args.runs)
+                r = run_ours(bundle, [str(folder)], args.threads, args.runs, ["--backend", args.backend, *shlex.split(flags)])
                 cells += [f"{r['wer']:.2f}", str(longest(r)), f"{r['rtf_wall']:.4f}"]
             print(f"| {Path(bundle).name} | {name} | " + " | ".join(cells) + " |", flush=True)
 

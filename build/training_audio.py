@@ -299,6 +299,13 @@ def training_clips(mix: AudioMix, corpora: list[Path] = (), user_audio: list[Pat
     return clips
 
 
+def cut_tight(audio: np.ndarray) -> np.ndarray:
+    """A synthesized utterance without its leading and trailing silence (from the first to the last sample
+    above 2% of its peak)."""
+    voiced = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
+    return audio[voiced[0]: voiced[-1] + 1] if len(voiced) else audio
+
+
 def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
     """`mix.isolated_words` digits, words and commands by piper and espeak-ng, cut tight and augmented."""
     from .sentences import short_phrases
@@ -307,10 +314,7 @@ def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
     rng, np_rng = random.Random(mix.seed + 1), np.random.default_rng(mix.seed + 1)
     clips = []
     for i, text in enumerate(progress(short_phrases(mix.isolated_words, seed=200 + mix.seed), "synthesize isolated words")):
-        audio = _either_voice(i, text, rng)
-        voiced = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
-        if len(voiced):
-            audio = audio[voiced[0]: voiced[-1] + 1]
+        audio = cut_tight(_either_voice(i, text, rng))
         clips.append(Clip(augment(audio, np_rng, max_pad_s=0.2, band_share=0.35), "isolated", text))
     return clips
 
