@@ -120,6 +120,11 @@ def _read(buffer, shape) -> np.ndarray:
     return buffer.read(int(np.prod(shape)), np.float32).reshape(shape)
 
 
+def _slots(name: str, cache: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Cache slots start..stop of a self-attention key or value (keys are stored transposed: slots last)."""
+    return cache[..., start:stop] if "_k_" in name else cache[..., start:stop, :]
+
+
 def whisper_model(bundle: Bundle, threads: int | None = None):
     """Whisper on LiteRT through the best API installed."""
     return (CompiledWhisper if compiled_model_api() else InterpreterWhisper)(bundle, threads)
@@ -208,33 +213,38 @@ class CompiledWhisper:
                      [self._step_out[n] for n in io["outputs"]])
         self._fed_cross = cross
 
+    def _step(self, token: int, position: int) -> None:
+        """One decoder run: `token` at slot `position`, attending to the runtime's cache arrays' first
+        `position` slots (later slots are masked, whatever they hold)."""
+        if position >= self.max_tokens:
+            raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
+        self._step_in["token"].write(np.array([[token]], np.int32))
+        self._step_in["position"].write(np.array([position], np.int32))
+        for name in self.cache_names:
+            self._step_in[name].write(self._cache[name])
+        index, inputs, outputs = self._run
+        self.decoder.run_by_index(index, inputs, outputs)
+
+    def _output(self, name: str) -> np.ndarray:
+        return _read(self._step_out[name], self._out_shapes[name])
+
     def decode(self, tokens: list[int], position: int, cross: list[np.ndarray]) -> tuple[np.ndarray, int]:
         """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
         if cross is not self._fed_cross:
             self._feed(cross)
-        index, inputs, outputs = self._run
-        step_in, step_out, cache = self._step_in, self._step_out, self._cache
         for token in tokens:
-            if position >= self.max_tokens:
-                raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
-            step_in["token"].write(np.array([[token]], np.int32))
-            step_in["position"].write(np.array([position], np.int32))
-            for name in self.cache_names:
-                step_in[name].write(cache[name])
-            self.decoder.run_by_index(index, inputs, outputs)
-            for i in range(self.n_layer):
-                cache[f"self_k_{i}"][..., position] = _read(step_out[f"k_{i}"], self._out_shapes[f"k_{i}"])[..., 0]
-                cache[f"self_v_{i}"][..., position, :] = _read(step_out[f"v_{i}"], self._out_shapes[f"v_{i}"])[..., 0, :]
+            self._step(token, position)
+            for name in self.cache_names:  # the step's new key or value (output k_0, v_0, …) into its slot
+                _slots(name, self._cache[name], position, position + 1)[...] = self._output(name.removeprefix("self_"))
             position += 1
-        return _read(step_out["logits"], self._out_shapes["logits"])[0], position
+        return self._output("logits")[0], position
 
     def select_beams(self, cache, sources: list[int]) -> list[np.ndarray]:
         """The caches of beams that extend beams `sources`. Beams carry their own caches, flat as ONNX's
         ([k_0, v_0, …] with the beams first and the filled slots only); right after prefill, `cache` is the
         number of slots filled, and every beam starts from the runtime's cache."""
         if isinstance(cache, int):
-            cache = [self._cache[name][..., :cache] if "_k_" in name else self._cache[name][..., :cache, :]
-                     for name in self.cache_names]
+            cache = [_slots(name, self._cache[name], 0, cache) for name in self.cache_names]
         return [c[sources] for c in cache]
 
     def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
@@ -244,28 +254,15 @@ class CompiledWhisper:
         if cross is not self._fed_cross:
             self._feed([c[:1] for c in cross])
             self._fed_cross = cross
-        index, inputs, outputs = self._run
-        step_in, step_out = self._step_in, self._step_out
         position = cache[0].shape[-1]
-        if position >= self.max_tokens:
-            raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
         logits, new = [], [[] for _ in cache]
         for beam, token in enumerate(np.asarray(tokens)[:, -1]):
-            # The runtime's cache array is scratch: slots past `position` are masked, whatever they hold.
-            for name, c in zip(self.cache_names, cache):
-                scratch = self._cache[name]
-                if "_k_" in name:
-                    scratch[..., :position] = c[beam]
-                else:
-                    scratch[..., :position, :] = c[beam]
-                step_in[name].write(scratch)
-            step_in["token"].write(np.array([[token]], np.int32))
-            step_in["position"].write(np.array([position], np.int32))
-            self.decoder.run_by_index(index, inputs, outputs)
-            logits.append(_read(step_out["logits"], self._out_shapes["logits"])[0])
-            for i, name in enumerate(self.cache_names):
-                out = name.removeprefix("self_")  # the step's new key or value: k_0, v_0, …
-                new[i].append(_read(step_out[out], self._out_shapes[out]))
+            for name, c in zip(self.cache_names, cache):  # the runtime's cache arrays are this beam's scratch
+                _slots(name, self._cache[name], 0, position)[...] = c[beam]
+            self._step(token, position)
+            logits.append(self._output("logits")[0])
+            for rows, name in zip(new, self.cache_names):
+                rows.append(self._output(name.removeprefix("self_")))
         cache = [np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
                  for name, c, rows in zip(self.cache_names, cache, new)]
         return np.stack(logits), cache
