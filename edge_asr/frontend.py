@@ -17,28 +17,35 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in one 30 s window
 _HANN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-def power_spectrogram(audio: np.ndarray) -> np.ndarray:
-    """|STFT|² with torch.stft's defaults (center=True, reflect padding), last frame dropped: (201, T)."""
-    padded = np.pad(audio.astype(np.float32, copy=False), N_FFT // 2, mode="reflect")
-    n_frames = 1 + (len(padded) - N_FFT) // HOP_LENGTH
-    frames = np.lib.stride_tricks.as_strided(
-        padded, shape=(n_frames - 1, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
-    )
+# Frames are transformed this many at a time: a 30 s window's spectrum at once held about 25 MB of
+# temporaries (windowed frames, complex spectrum, power), more than the rest of a window's working memory.
+BLOCK_FRAMES = 256
+
+
+def power_spectrogram(frames: np.ndarray) -> np.ndarray:
+    """|FFT|² of (T, N_FFT) frames after the Hann window: (201, T) float32."""
     spectrum = np.fft.rfft(frames * _HANN, axis=-1)
     return (spectrum.real**2 + spectrum.imag**2).T.astype(np.float32)
 
 
 def log_mel_spectrogram(audio: np.ndarray, mel_filters: np.ndarray, padding: int = 0) -> np.ndarray:
-    """Whisper's normalized log-mel spectrogram (n_mels, T) of 16 kHz mono float32 audio.
+    """Whisper's normalized log-mel spectrogram (n_mels, T) of 16 kHz mono float32 audio: torch.stft's
+    defaults (center=True, reflect padding, last frame dropped), mel power, log10, clamped to 8 below the
+    maximum.
 
     `padding` zero samples are appended first, as Whisper does with 30 s so that the last window is full.
     """
-    if padding:
-        audio = np.pad(audio, (0, padding))
-    mel = mel_filters @ power_spectrogram(audio)
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    audio = np.pad(audio.astype(np.float32, copy=False), (0, padding)) if padding else audio
+    padded = np.pad(audio.astype(np.float32, copy=False), N_FFT // 2, mode="reflect")
+    n_frames = (len(padded) - N_FFT) // HOP_LENGTH
+    frames = np.lib.stride_tricks.as_strided(
+        padded, shape=(n_frames, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0]))
+    mel = np.empty((mel_filters.shape[0], n_frames), dtype=np.float32)
+    for start in range(0, n_frames, BLOCK_FRAMES):
+        mel[:, start:start + BLOCK_FRAMES] = mel_filters @ power_spectrogram(frames[start:start + BLOCK_FRAMES])
+    log_spec = np.log10(np.maximum(mel, 1e-10, out=mel), out=mel)
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
+    return (log_spec + 4.0) / 4.0
 
 
 def window_features(audio: np.ndarray, mel_filters: np.ndarray, frames: int = N_FRAMES) -> np.ndarray:
