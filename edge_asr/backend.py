@@ -114,8 +114,8 @@ class OnnxWhisper:
         return [c[sources] for c in cache]
 
     def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
-        """The same for a batch of sequences (beams): tokens (batch, n), caches and cross keys/values with
-        that batch on their first axis; logits (batch, n_vocab)."""
+        """The same for a batch of sequences (beams): tokens (batch, n) and caches with that batch on their
+        first axis, cross keys and values with it or with batch 1 (broadcast); logits (batch, n_vocab)."""
         feeds = {"tokens": np.asarray(tokens, dtype=np.int64)}
         feeds.update(zip(self.self_names, cache))
         feeds.update(zip(self.cross_names, cross))

@@ -249,11 +249,10 @@ class CompiledWhisper:
 
     def decode_batch(self, tokens: np.ndarray, cache: list[np.ndarray], cross: list[np.ndarray]):
         """One new token per beam (tokens (beams, 1)), the beams one after another through the decoder:
-        logits (beams, n_vocab) and the beams' caches one slot longer. `cross` is the window's, repeated
-        per beam (rows alike: the first is fed)."""
+        logits (beams, n_vocab) and the beams' caches one slot longer. `cross` is the window's (batch 1),
+        the same for every beam."""
         if cross is not self._fed_cross:
-            self._feed([c[:1] for c in cross])
-            self._fed_cross = cross
+            self._feed(cross)
         position = cache[0].shape[-1]
         logits, new = [], [[] for _ in cache]
         for beam, token in enumerate(np.asarray(tokens)[:, -1]):
