@@ -10,6 +10,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError, EdgeAsrError
+from .heap import return_large_blocks
 from .threads import resolve_threads
 
 BACKENDS = ("auto", "onnx", "ort", "tflite")
@@ -45,6 +46,7 @@ def resolve_backend(bundle: Bundle, backend: str = "auto") -> str:
 def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"):
     """The acoustic model of `bundle` on the chosen backend."""
     backend = resolve_backend(bundle, backend)
+    return_large_blocks()  # before the sessions allocate: their load buffers are the first large blocks freed
     lstm = bundle.family == "lstm-ctc"
     if backend == "tflite":
         from .tflite_backend import TfliteLstmCtc, whisper_model
