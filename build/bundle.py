@@ -15,6 +15,7 @@ from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
 
 from .loaders import LoadedWhisper
 from .mel import mel_filters
+from .quantize import external_data
 from .vocabulary import special_tokens, token_strings
 
 
@@ -56,7 +57,10 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
     special = special_tokens(tokens)
     (out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
     np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
-    files = [*(p.name for p in graphs.values()), *format_files(formats), "tokens.json", "mel_filters.npy"]
+    # Tensors a graph keeps in files of their own (quantize.store_apart): listed with their checksums.
+    data = {role: names for role, path in graphs.items() if (names := external_data(path))}
+    files = [*(p.name for p in graphs.values()), *(n for names in data.values() for n in names),
+             *format_files(formats), "tokens.json", "mel_filters.npy"]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -70,6 +74,7 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
             "parameters": loaded.model.parameter_count(),
             "precision": precision,
             "graphs": {role: p.name for role, p in graphs.items()},
+            **({"graph_data": data} if data else {}),
             **formats,
         },
         "source": loaded.source,

@@ -29,10 +29,11 @@ def onnx_to_ort(source: Path, target: Path) -> Path:
 
     import onnx
 
-    from .quantize import unsigned_weights
+    from .quantize import lookup_from_shared, unsigned_weights
 
     model = onnx.load(str(source))
-    if unsigned_weights(model):  # exact products on every CPU (see quantize.unsigned_weights)
+    tied = lookup_from_shared(model)  # an .ort file keeps its tensors inline: one table, not two
+    if unsigned_weights(model) or tied:  # exact products on every CPU (see quantize.unsigned_weights)
         with tempfile.TemporaryDirectory() as tmp:
             onnx.save(model, str(Path(tmp) / "unsigned.onnx"))
             return _save_ort(Path(tmp) / "unsigned.onnx", Path(target))

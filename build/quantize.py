@@ -75,9 +75,96 @@ def quantize_int8(source: Path, target: Path, blockwise: str | None, block_size:
             quantizer.process()
             quantizer.model.topological_sort()
             model = quantizer.model.model
+    rows = lookup_from_rows(model)
     store_float16(model, FLOAT16)
+    if rows is not None:
+        store_apart(rows, target.with_name(target.stem + ".rows.bin"))
     onnx.save(model, str(target))
     return target
+
+
+def lookup_from_rows(model):
+    """Give the tied token embedding's lookup a table of its own, a row per token, and return it (None
+    where no lookup shares a MatMulInteger's weight).
+
+    The output projection's MatMulInteger packs its weight into the kernel's layout when the session loads,
+    and ONNX Runtime frees the weight afterwards unless another node reads it. The lookup did, so the
+    vocabulary matrix was resident twice: packed, and as the Gather's table (20 MB in tiny.en). A row-major
+    table read from a file mapped in place (`store_apart`) costs only the pages of the tokens looked up, at
+    the price of those 20 MB on disk. The rows hold the same bytes as the shared weight, so the lookup's
+    values are unchanged."""
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    projected = {n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"}
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in projected), None)
+    if gather is None or any(a.name == "axis" and a.i != 1 for a in gather.attribute):
+        return None
+    dequantize = next(n for n in model.graph.node if gather.output[0] in n.input)
+    weight = numpy_helper.to_array(initializers[gather.input[0]])
+    rows = numpy_helper.from_array(np.ascontiguousarray(weight.T), gather.input[0] + "_rows")
+    # The projection's zero point may be rewritten to uint8 at load time (session.x64quantprecision); the
+    # lookup's table is not, so it keeps a zero point of its own.
+    zero_point = numpy_helper.from_array(numpy_helper.to_array(initializers[dequantize.input[2]]),
+                                         rows.name + "_zero_point")
+    model.graph.initializer.extend([rows, zero_point])
+    rows = model.graph.initializer[-2]  # extend copies: the graph's own message is the one to move out
+    dequantize.input[2] = zero_point.name
+    position = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.insert(position, helper.make_node("Gather", [rows.name, gather.input[1]], [rows.name + "_looked_up"],
+                                                       name=gather.name, axis=0))
+    model.graph.node.insert(position + 1, helper.make_node("Transpose", [rows.name + "_looked_up"], [gather.output[0]],
+                                                           name=gather.name + "_t", perm=[1, 0]))
+    return rows
+
+
+def lookup_from_shared(model) -> bool:
+    """Undo `lookup_from_rows`: the lookup reads the projection's weight again (Gather on axis 1), and the
+    row table and its zero point leave the graph. For `.ort` files, which keep every tensor inline: there
+    the rows would add their 20 MB to the file. True where the graph had a row table."""
+    from onnx import helper
+
+    nodes = list(model.graph.node)
+    gather = next((n for n in nodes if n.op_type == "Gather" and n.input[0].endswith("_rows")), None)
+    if gather is None:
+        return False
+    rows = gather.input[0]
+    transpose = next(n for n in nodes if n.op_type == "Transpose" and n.input[0] == gather.output[0])
+    dequantize = next(n for n in nodes if transpose.output[0] in n.input)
+    projection = next(n for n in nodes if n.op_type == "MatMulInteger" and n.input[1] == rows[: -len("_rows")])
+    dequantize.input[2] = projection.input[3]
+    position = nodes.index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.remove(transpose)
+    model.graph.node.insert(position, helper.make_node("Gather", [projection.input[1], gather.input[1]],
+                                                       [transpose.output[0]], name=gather.name, axis=1))
+    kept = [i for i in model.graph.initializer if i.name not in (rows, rows + "_zero_point")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return True
+
+
+def store_apart(tensor, path: Path) -> None:
+    """Move `tensor`'s bytes out of the graph into `path` (ONNX external data, at offset 0), which ONNX
+    Runtime maps into memory instead of copying: a page becomes resident only when it is read."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data
+
+    path.write_bytes(tensor.raw_data)
+    set_external_data(tensor, location=path.name, offset=0, length=len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def external_data(path: Path) -> list[str]:
+    """The files an ONNX graph keeps tensors in, beside it."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for g in _graphs(model.graph) for t in g.initializer
+                   if uses_external_data(t)})
 
 
 def quantize_int4(source: Path, target: Path, block_size: int = 32) -> Path:

@@ -29,6 +29,13 @@ def model_graphs(manifest: dict, fmt: str) -> dict[str, str]:
     return model.get("graphs", {}) if fmt == "onnx" else model.get(fmt, {}).get("graphs", {})
 
 
+def model_files(manifest: dict, fmt: str) -> set[str]:
+    """Every file the graphs of format `fmt` load: the graphs, and for ONNX the files some of their tensors
+    are kept in (`model.graph_data`, role -> names)."""
+    data = manifest["model"].get("graph_data", {}) if fmt == "onnx" else {}
+    return set(model_graphs(manifest, fmt).values()).union(*data.values())
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,7 +85,7 @@ class Bundle:
         if verify:
             verify_files(path, manifest)
         frontend, tokenizer = manifest["frontend"], manifest["tokenizer"]
-        listed = {frontend["mel_filters"]}.union(*(model_graphs(manifest, f).values() for f in MODEL_FORMATS))
+        listed = {frontend["mel_filters"]}.union(*(model_files(manifest, f) for f in MODEL_FORMATS))
         listed |= {tokenizer["tokens"]} if "tokens" in tokenizer else set()
         unlisted = listed - set(manifest["files"])
         if unlisted:  # a file without a checksum could be swapped unnoticed
@@ -112,7 +119,7 @@ class Bundle:
 
     def model_bytes(self, fmt: str = "onnx") -> int:
         """What one backend loads: the graphs of format `fmt` and the files every format shares."""
-        others = set().union(*(model_graphs(self.manifest, f).values() for f in self.formats if f != fmt))
+        others = set().union(*(model_files(self.manifest, f) for f in self.formats if f != fmt))
         return sum(info["bytes"] for name, info in self.manifest["files"].items() if name not in others)
 
     @property

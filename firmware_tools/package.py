@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from edge_asr.bundle import MANIFEST, Bundle, model_graphs, sha256_file
+from edge_asr.bundle import MANIFEST, Bundle, model_files, sha256_file
 from edge_asr.errors import EdgeAsrError
 
 from .targets import Target
@@ -107,9 +107,10 @@ def slim_bundle(source: Path | Bundle, dest: Path, formats: list[str]) -> dict:
     manifest = json.loads(json.dumps(bundle.manifest))
     dropped = set()
     for fmt in [f for f in bundle.formats if f not in formats]:
-        dropped |= set(model_graphs(manifest, fmt).values())
+        dropped |= model_files(manifest, fmt)
         if fmt == "onnx":
             manifest["model"]["graphs"] = {}
+            manifest["model"].pop("graph_data", None)
         else:
             del manifest["model"][fmt]
     manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in dropped}

@@ -67,15 +67,16 @@ def test_not_a_bundle(tmp_path, wav):
     assert_one_line_error(run_cli("transcribe", "--bundle", tmp_path, wav), "corrupt manifest")
 
 
-def test_tampered_bundle_is_refused(bundle_int8, tmp_path, wav):
+@pytest.mark.parametrize("name", ["decoder.int8.onnx", "decoder.int8.rows.bin"])
+def test_tampered_bundle_is_refused(bundle_int8, tmp_path, wav, name):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle_int8, copy)
-    with open(copy / "decoder.int8.onnx", "r+b") as f:
+    with open(copy / name, "r+b") as f:
         f.seek(1000)
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), "decoder.int8.onnx", "sha256")
+    assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), name, "sha256")
 
 
 def test_incomplete_bundle_is_refused(bundle_int8, tmp_path, wav):

@@ -59,10 +59,12 @@ def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
     assert m["model"]["precision"] == "int8" and m["model"]["parameters"] == 37_184_256
     assert m["decoder"]["prompt"] == [50257, 50362]
     graphs = {f"{role}.int8.{ext}" for role in ("encoder", "decoder") for ext in ("onnx", "ort", "tflite")}
-    assert set(m["files"]) == graphs | {"tokens.json", "mel_filters.npy"}
+    assert set(m["files"]) == graphs | {"decoder.int8.rows.bin", "tokens.json", "mel_filters.npy"}
+    assert m["model"]["graph_data"] == {"decoder": ["decoder.int8.rows.bin"]}
     assert m["model"]["tflite"]["graphs"] == {"encoder": "encoder.int8.tflite", "decoder": "decoder.int8.tflite"}
     for fmt in int8.formats:  # what each backend loads is an int8 model of about the same size
-        assert 0.25 * fp32.model_bytes(fmt) < int8.model_bytes(fmt) < 0.35 * fp32.model_bytes(fmt)
+        assert 0.25 * fp32.model_bytes(fmt) < int8.model_bytes(fmt) < 0.35 * fp32.model_bytes(fmt) + (
+            (bundle_int8 / "decoder.int8.rows.bin").stat().st_size if fmt == "onnx" else 0)
     assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
 
 
@@ -95,3 +97,45 @@ def test_int8_matmul_is_exact_on_this_cpu_where_pairs_of_products_overflow_16_bi
         y = onnx_session(path, threads=None).run(None, {"x": x})[0]
         # 8-bit rounding of both sides moves each output by well under 2% of its scale (256 terms of +-1).
         assert np.abs(y - x @ weight).max() < 0.02 * np.abs(x @ weight).max(), path.name
+
+
+def test_tied_lookup_reads_rows_of_its_own_with_the_same_numbers(tmp_path):
+    """The int8 token lookup reads a row table kept apart from the graph (mapped in place, so only the
+    rows looked up become resident), and computes exactly what it computed when it shared the output
+    projection's weight; the .ort file shares the weight again, holding the table once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_asr.backend import onnx_session
+    from edge_asr_build.formats import onnx_to_ort
+    from edge_asr_build.quantize import external_data, lookup_from_shared, quantize_int8
+
+    rng = np.random.default_rng(0)
+    vocabulary, width = 300, 64
+    table = rng.normal(size=(width, vocabulary)).astype(np.float32)  # stored transposed, as the exporter does
+    nodes = [helper.make_node("Gather", ["table", "tokens"], ["columns"], name="Gather", axis=1),
+             helper.make_node("Transpose", ["columns"], ["embedded"], name="T", perm=[1, 0]),
+             helper.make_node("MatMul", ["embedded", "table"], ["logits"], name="Projection")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [5])],
+                              [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [5, width]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, vocabulary])],
+                              [numpy_helper.from_array(table, "table")])
+    source, target = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    quantize_int8(source, target, None)
+    assert external_data(target) == ["int8.rows.bin"]
+    model = onnx.load(str(target), load_external_data=False)
+    lookup = next(n for n in model.graph.node if n.op_type == "Gather")
+    assert lookup.input[0].endswith("_rows") and lookup.attribute[0].i == 0
+
+    tokens = {"tokens": np.array([0, 7, 299, 7, 42], np.int64)}
+    embedded, logits = onnx_session(target, threads=None).run(None, tokens)
+    assert np.abs(embedded - table.T[tokens["tokens"]]).max() < 0.01 * np.abs(table).max()  # int8 rounding
+    shared = onnx.load(str(target))
+    assert lookup_from_shared(shared)
+    assert not any(i.name.endswith("_rows") for i in shared.graph.initializer)
+    onnx.save(shared, str(tmp_path / "shared.onnx"))
+    for path in (tmp_path / "shared.onnx", onnx_to_ort(target, tmp_path / "int8.ort")):
+        again = onnx_session(path, threads=None).run(None, tokens)
+        assert np.array_equal(again[0], embedded) and np.allclose(again[1], logits, atol=1e-5), path.name
+    assert (tmp_path / "int8.ort").stat().st_size < (tmp_path / "int8.rows.bin").stat().st_size * 1.5

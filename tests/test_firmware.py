@@ -85,6 +85,7 @@ def test_android_asset_pack_describes_its_graphs(bundle_int8, speech, tmp_path):
         contract = json.loads((out / "contract.json").read_text())
         bundle = Bundle.load(out)  # every file it keeps is listed with its sha256
         assert bundle.formats == [fmt]
+        assert not (out / "decoder.int8.rows.bin").exists()  # the .onnx graph's rows go with it
         filters = np.fromfile(out / contract["frontend"]["mel_filters"]["file"], "<f4")
         assert filters.size == np.prod(contract["frontend"]["mel_filters"]["shape"]) == 80 * 201
         assert contract["decoder"]["prompt"] == [50257, 50362]
