@@ -56,10 +56,16 @@ def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"
 
 
 def onnx_session(path, threads: int | None, memory_arena: bool = True):
+    """A CPU session; `memory_arena=False` for a graph whose activations are large and short-lived: each
+    tensor is then allocated when it is made and freed after its last use."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
+    # A memory pattern plans one block per input shape for all of a run's activations and allocates it
+    # whole; without an arena that block was the peak: 10 s windows took the default bundle from 117 MB
+    # loaded to 159 MB, and to 144 MB with each tensor allocated on its own.
+    options.enable_mem_pattern = memory_arena
     options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
