@@ -26,7 +26,13 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 class Utterance:
     uid: str
     reference: str
-    audio: np.ndarray
+    path: Path
+
+    @property
+    def audio(self) -> np.ndarray:
+        """Decoded each time it is asked for, so that a set is never held whole: dev/ljspeech's 106 s were
+        7 MB of the bench's peak RSS."""
+        return load_audio(self.path)
 
 
 def load_speech_set(folder: str | Path) -> list[Utterance]:
@@ -44,7 +50,7 @@ def load_speech_set(folder: str | Path) -> list[Utterance]:
         path = next((folder / (uid + e) for e in AUDIO_EXTENSIONS if (folder / (uid + e)).exists()), None)
         if path is None:
             raise AudioError(f"{folder}: no audio file for id {uid!r}")
-        items.append(Utterance(uid, text, load_audio(path)))
+        items.append(Utterance(uid, text, path))
     if not items:
         raise AudioError(f"{refs}: no utterances listed")
     return items
@@ -75,13 +81,15 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
     results, pooled_refs, pooled_hyps = {}, [], []
     pooled_audio, pooled_wall, pooled_cpu = 0.0, [0.0] * runs, [0.0] * runs
     for label, items in sets.items():
-        audio_s = sum(len(u.audio) for u in items) / SAMPLE_RATE
-        walls, cpus, hyps = [], [], []
+        samples, walls, cpus, hyps = 0, [], [], []
         for r in range(runs):
             before = counters.to_dict() if counters else {}
             wall = cpu = 0.0
             for u in items:
-                t = transcriber.transcribe(u.audio)
+                audio = u.audio
+                samples += len(audio) if r == 0 else 0
+                t = transcriber.transcribe(audio)
+                del audio
                 wall += t.wall_seconds
                 cpu += t.cpu_seconds
                 if r == 0:
@@ -94,6 +102,7 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
             cpus.append(cpu)
             pooled_wall[r] += wall
             pooled_cpu[r] += cpu
+        audio_s = samples / SAMPLE_RATE
         refs = [u.reference for u in items]
         results[label] = dict(
             n=len(items), audio_s=round(audio_s, 1), words=sum(len(normalize(x).split()) for x in refs),
