@@ -102,7 +102,8 @@ def test_bench_json_on_synthesized_set(bundle_int8, tmp_path, speech):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert {"wer", "rtf_wall", "rtf_cpu", "peak_rss_mb", "bundle_mb", "params"} <= set(out)
-    assert out["wer"] <= 10.0 and out["params"] == 37_184_256 and 30 < out["bundle_mb"] < 60
+    # bundle_mb: what ONNX Runtime loads, the decoder's lookup rows (20 MB, mapped in place) included
+    assert out["wer"] <= 10.0 and out["params"] == 37_184_256 and 50 < out["bundle_mb"] < 65
     assert 0 < out["rtf_wall"] < 1 and out["peak_rss_mb"] > 0
 
 
