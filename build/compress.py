@@ -104,9 +104,19 @@ def exact_token_ids(dims: ModelDimensions, frequent: int) -> list[int]:
 
 # --- the factorizations -------------------------------------------------------------------------------------
 
+def _canonical_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular pairs (u_j, v_j) with the sign fixed: the entry of u_j largest in magnitude positive.
+    An SVD determines each pair only up to a common sign, and LAPACK builds pick differently: with another
+    CPU's kernels a pair came out negated, the same product but other factors (scikit-learn's svd_flip)."""
+    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    signs[signs == 0] = 1
+    return u * signs, v * signs
+
+
 def _svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return u, s, vh
+    u, v = _canonical_signs(u, vh.T)
+    return u, s, v.T
 
 
 def _low_rank_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +124,8 @@ def _low_rank_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     qa, ra = torch.linalg.qr(a.double())
     qb, rb = torch.linalg.qr(b.double())
     u, s, vh = torch.linalg.svd(ra @ rb.T)
-    return qa @ u, s, qb @ vh.T
+    left, right = _canonical_signs(qa @ u, qb @ vh.T)
+    return left, s, right
 
 
 def _split_heads(weight: Tensor, n_head: int) -> list[Tensor]:
