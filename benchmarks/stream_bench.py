@@ -14,6 +14,9 @@ ends, because we assembled the stream. The script prints:
 
 Add --soak MINUTES to replay the stream at full speed for that long and print RSS over time
 (with --plot, a PNG); the 60-minute soak is `--soak 60 --skip-realtime`.
+
+With --grammar FILE the stream is of that grammar's phrases instead (commands, picked at random), and
+the recognizer runs in command mode: the latency of a command's final.
 """
 from __future__ import annotations
 
@@ -27,14 +30,16 @@ import numpy as np
 SAMPLE_RATE = 16000
 
 
-def build_stream(minutes: float, seed: int) -> tuple[np.ndarray, list[str], list[float]]:
-    """(audio, sentences, stream time of each sentence's last speech sample)."""
+def build_stream(minutes: float, seed: int, phrases: list[str] | None = None) -> tuple[np.ndarray, list[str], list[float]]:
+    """(audio, sentences, stream time of each sentence's last speech sample); `phrases` instead of the
+    written sentences, picked at random."""
     from edge_asr_build.sentences import general_sentences
     from edge_asr_build.synth import synthesize
 
     rng = np.random.default_rng(seed)
     parts, texts, ends, t = [np.zeros(SAMPLE_RATE, np.float32)], [], [], 1.0
-    for text in general_sentences(10_000, seed):
+    spoken = (phrases[i] for i in rng.integers(0, len(phrases), 10_000)) if phrases else general_sentences(10_000, seed)
+    for text in spoken:
         if t > minutes * 60:
             break
         audio = synthesize(text)
@@ -92,6 +97,7 @@ def main() -> int:
     parser.add_argument("--skip-realtime", action="store_true")
     parser.add_argument("--soak", type=float, default=0.0, help="minutes of audio for the RSS soak (0: none)")
     parser.add_argument("--plot", help="PNG of RSS over the soak")
+    parser.add_argument("--grammar", help="command mode: a stream of this grammar's phrases, decoded under it")
     args = parser.parse_args()
 
     from edge_asr.metrics import word_error_rate
@@ -100,9 +106,14 @@ def main() -> int:
     from edge_asr.transcriber import Transcriber
     from edge_asr_build.synth import write_wav
 
-    transcriber = Transcriber(args.bundle or bundle_dir(), threads=args.threads)
-    audio, texts, ends = build_stream(args.minutes, args.seed)
-    wav = Path(f"/tmp/edge-asr-stream-{args.seed}-{args.minutes}.wav")
+    transcriber = Transcriber(args.bundle or bundle_dir(), threads=args.threads, grammar=args.grammar)
+    phrases = None
+    if args.grammar:
+        from edge_asr.grammar import Grammar
+
+        phrases = Grammar.from_file(args.grammar).phrases(limit=1000)
+    audio, texts, ends = build_stream(args.minutes, args.seed, phrases)
+    wav = Path(f"/tmp/edge-asr-stream-{args.seed}-{args.minutes}{'-' + Path(args.grammar).stem if phrases else ''}.wav")
     write_wav(wav, audio)
     print(f"stream: {len(texts)} sentences, {len(audio) / SAMPLE_RATE / 60:.1f} min, min silence {args.min_silence} s, "
           f"{args.vad} VAD, {args.threads} threads", file=sys.stderr)

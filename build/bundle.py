@@ -9,6 +9,7 @@ import numpy as np
 
 from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_asr.commands import DEFAULT_REJECTION_THRESHOLD
 from edge_asr.context import ContextPolicy
 from edge_asr.guards import Guards
 from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
@@ -100,11 +101,11 @@ SHORT_WINDOW_BEAM = {"max_seconds": 5.0, "beam_size": 5}
 
 
 def decoding_defaults(context: ContextPolicy | None = None) -> dict:
-    """The runtime's decoding thresholds and hotword handling, recorded so that a deployed bundle keeps the
+    """The runtime's decoding thresholds, hotword handling and command mode's rejection threshold, recorded so that a deployed bundle keeps the
     values it was measured with (see edge_asr.guards and edge_asr.hotwords for how they were chosen); for
     a dynamic-context model, beam search on short windows."""
     defaults = {"guards": Guards().to_dict(), "hotword_bonus": DEFAULT_WHISPER_BONUS,
-                "hotword_prompt": DEFAULT_WHISPER_PROMPT}
+                "hotword_prompt": DEFAULT_WHISPER_PROMPT, "grammar_threshold": DEFAULT_REJECTION_THRESHOLD}
     if context is not None and context.mode == "auto":
         defaults["short_window_beam"] = dict(SHORT_WINDOW_BEAM)
     return defaults

@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import __version__
 from .backend import BACKENDS
+from .commands import DEFAULT_REJECTION_THRESHOLD
 from .context import ContextPolicy
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
@@ -443,7 +444,9 @@ def decoding_settings(args) -> "DecodingSettings":
                             hotwords=list(dict.fromkeys(words)), hotword_bonus=getattr(args, "bias", None),
                             hotword_prompt=getattr(args, "hotword_prompt", None),
                             timestamps=getattr(args, "timestamps", False), guards=guards,
-                            vad=getattr(args, "vad", "energy"), seed=getattr(args, "seed", 0))
+                            vad=getattr(args, "vad", "energy"), seed=getattr(args, "seed", 0),
+                            grammar=getattr(args, "grammar", None),
+                            grammar_threshold=getattr(args, "grammar_threshold", None))
 
 
 def _transcriber(args):
@@ -787,6 +790,13 @@ def build_parser() -> argparse.ArgumentParser:
         decoding.add_argument("--bias", type=float, metavar="X",
                               help="hotword strength: logits per token (Whisper) or nats per character (LSTM-CTC); "
                                    "default: the bundle's")
+        command = p.add_argument_group("command mode (Whisper)")
+        command.add_argument("--grammar", metavar="FILE",
+                             help="say only phrases of this grammar (GBNF subset, or one phrase per line), "
+                                  "and [unk] for anything else; examples in examples/grammars/")
+        command.add_argument("--grammar-threshold", type=float, metavar="C",
+                             help="confidence below which a phrase is rejected as [unk] (default: the bundle's, "
+                                  f"else {DEFAULT_REJECTION_THRESHOLD})")
         guards = p.add_argument_group("guards against text from silence, noise and loops (Whisper)")
         guards.add_argument("--no-speech-threshold", type=float, metavar="P",
                             help="probability of <|nospeech|> above which an improbable window is dropped "

@@ -32,7 +32,10 @@ CREATE TABLE IF NOT EXISTS transcripts (
     duplicates INTEGER NOT NULL DEFAULT 0,
     record TEXT NOT NULL          -- the whole JSON object, as published
 )"""
-CSV_COLUMNS = ["id", "device", "seq", "time", "clock_synced", "start_s", "end_s", "text", "received", "duplicates"]
+CSV_COLUMNS = ["id", "device", "seq", "time", "clock_synced", "start_s", "end_s", "text", "received", "duplicates",
+               "rule", "confidence"]
+# Columns read from the stored record itself: command mode's, empty for free transcription.
+_RECORD_COLUMNS = {"rule": "json_extract(record, '$.rule')", "confidence": "json_extract(record, '$.confidence')"}
 
 
 class TranscriptStore:
@@ -70,7 +73,8 @@ class TranscriptStore:
         return True
 
     def export_csv(self, out) -> int:
-        rows = self.db.execute(f"SELECT {', '.join(CSV_COLUMNS)} FROM transcripts ORDER BY device, seq").fetchall()
+        columns = ", ".join(_RECORD_COLUMNS.get(c, c) for c in CSV_COLUMNS)
+        rows = self.db.execute(f"SELECT {columns} FROM transcripts ORDER BY device, seq").fetchall()
         writer = csv.writer(out)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)

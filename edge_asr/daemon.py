@@ -34,7 +34,10 @@ DEFAULTS = {
     "decoding": {"beam": None, "prompt": None, "vocabulary": [], "hotword_bonus": None, "hotword_prompt": None,
                  "guards": True,
                  "no_speech_threshold": None, "logprob_threshold": None, "compression_ratio_threshold": None,
-                 "vad_gate": None, "seed": 0},
+                 "vad_gate": None, "seed": 0, "grammar": None, "grammar_threshold": None},
+    # Named grammars for command mode, name = "FILE"; [decoding] grammar names the one active at start (or is
+    # a file), and POST /grammar {"name": …} on the status endpoint switches between them (null: free text).
+    "grammars": {},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
     # Publishing to a broker: off while host is unset. device_id also names the JSONL lines' ids.
@@ -54,7 +57,9 @@ def load_config(path: str | Path) -> dict:
     config = {}
     for section, defaults in DEFAULTS.items():
         given = user.get(section, {})
-        unknown = set(given) - set(defaults)
+        unknown = set(given) - set(defaults) if section != "grammars" else set()
+        if section == "grammars" and not all(isinstance(v, str) for v in given.values()):
+            raise EdgeAsrError(f"{path}: [grammars] maps names to grammar files, e.g. menu = \"menu.gbnf\"")
         if unknown:
             raise EdgeAsrError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
         config[section] = defaults | given
@@ -75,7 +80,9 @@ def decoding_settings(config: dict) -> DecodingSettings:
     beam = d["beam"] if d["beam"] is not None else model["beam"]  # None: the bundle's way
     return DecodingSettings(beam=beam, prompt=d["prompt"], hotwords=list(vocabulary),
                             hotword_bonus=d["hotword_bonus"], hotword_prompt=d["hotword_prompt"], guards=guards,
-                            vad=config["vad"]["kind"], seed=d["seed"])
+                            vad=config["vad"]["kind"], seed=d["seed"],
+                            grammar=config["grammars"].get(d["grammar"], d["grammar"]),
+                            grammar_threshold=d["grammar_threshold"])
 
 
 def mqtt_settings(config: dict, device_id: str, describe: dict):
@@ -106,11 +113,40 @@ def _kind_name(kind) -> str:
                         type(None): "unset"}[k] for k in kinds)
 
 
+MAX_REQUEST_BYTES = 4096  # a grammar request is a name; anything longer is not one
+
+
 def _status_handler(daemon: "Daemon"):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            body = json.dumps(daemon.status()).encode()
-            self.send_response(200 if self.path in ("/", "/status", "/health") else 404)
+            self._reply(200 if self.path in ("/", "/status", "/health") else 404, daemon.status())
+
+        def do_POST(self):  # noqa: N802
+            if self.path != "/grammar":
+                return self._reply(404, {"error": "POST /grammar {\"name\": …} is the only change accepted"})
+            try:
+                size = int(self.headers.get("Content-Length") or 0)
+                if size > MAX_REQUEST_BYTES:
+                    raise ValueError(f"more than {MAX_REQUEST_BYTES} bytes")
+                request = json.loads(self.rfile.read(size) or b"{}")
+                if not isinstance(request, dict) or not isinstance(request.get("name"), (str, type(None))):
+                    raise ValueError('expected {"name": "GRAMMAR"} or {"name": null}')
+            except ValueError as e:
+                return self._reply(400, {"error": f"not a grammar request: {e}"})
+            name = request.get("name")
+            if not hasattr(daemon.transcriber, "use_command"):
+                return self._reply(409, {"error": "this bundle cannot take a grammar (command mode needs Whisper)"})
+            if name is not None and name not in daemon.config["grammars"]:
+                return self._reply(404, {"error": f"no grammar named {name!r} in [grammars]"})
+            try:
+                daemon.switch_grammar(name)
+            except EdgeAsrError as e:  # the file went missing or does not parse
+                return self._reply(422, {"error": str(e)})
+            self._reply(200, {"grammar": name})
+
+        def _reply(self, status: int, payload: dict):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -153,6 +189,29 @@ class Daemon:
         self.started = time.time()
         self.stopping = False
         self.source = None
+        self.grammar = config["decoding"]["grammar"]  # the active grammar's name (or file)
+        self._switch = None  # (name, CommandMode or None) for the decoding loop to take up between blocks
+
+    def feed(self, block) -> None:
+        """One block of audio, after taking up a grammar switch asked for since the last."""
+        if self._switch is not None:
+            (self.grammar, command), self._switch = self._switch, None
+            self.transcriber.use_command(command)
+        self.recognizer.feed(block)
+
+    def switch_grammar(self, name: str | None) -> None:
+        """Compile the named grammar (or none: free text) for the decoding loop to switch to. From the status
+        endpoint's thread: the loop itself switches, between two blocks of audio."""
+        from .commands import CommandMode
+
+        if not hasattr(self.transcriber, "use_command"):
+            raise EdgeAsrError("this bundle cannot take a grammar (command mode needs a Whisper bundle)")
+        if name is not None and name not in self.config["grammars"]:
+            known = ", ".join(sorted(self.config["grammars"])) or "none in [grammars]"
+            raise EdgeAsrError(f"no grammar named {name!r} ({known})")
+        command = None if name is None else CommandMode.load(self.config["grammars"][name], self.transcriber.bundle,
+                                                             self.config["decoding"]["grammar_threshold"])
+        self._switch = (name, command)
 
     def _record(self, final) -> None:
         record = timestamped(final.to_dict())
@@ -164,7 +223,7 @@ class Daemon:
         counters.dropped_frames = self.source.dropped_frames if self.source else 0
         guards = getattr(self.transcriber, "counters", None)  # Whisper's guards; LSTM-CTC bundles have none
         return {"state": "stopping" if self.stopping else "listening", "uptime_s": round(time.time() - self.started, 1),
-                "source": self.source.name if self.source else None} | counters.to_dict() | (
+                "source": self.source.name if self.source else None, "grammar": self.grammar} | counters.to_dict() | (
                     {"guards": guards.to_dict()} if guards else {}) | (
                     {"mqtt": self.mqtt.status()} if self.mqtt else {})
 
@@ -207,7 +266,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._reopen)
         try:
             for block in self.source:
-                self.recognizer.feed(block)
+                self.feed(block)
                 if self.stopping and not self.recognizer.in_speech:
                     break
             self.recognizer.finish()

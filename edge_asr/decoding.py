@@ -7,6 +7,9 @@
 2. **Tokens** until `<|endoftext|>`: greedy (temperature 0), sampled (temperature > 0, for the guards'
    fallback), or beam search, always under Whisper's rules (`TokenRules`): suppressed tokens, no empty
    transcript, timestamps in pairs and never going back; plus the hotword bias when one is given.
+   With a grammar (command mode), only the tokens that continue one of its phrases may be chosen
+   (`constraint.TokenGrammar`); log-probabilities stay the model's own, over all tokens, and the result
+   says how many nats the grammar cost against the model's own choice at each step (`grammar_gap`).
 
 Decoding stops early in a repetition loop (see `guards.loop_start`), keeping one copy of the repeated
 span. A window's tokens, its summed log-probability and its no-speech probability are what the guards
@@ -14,13 +17,17 @@ and the segment timestamps are computed from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import EdgeAsrError
 from .guards import loop_start
 from .hotwords import TokenBias
+
+if TYPE_CHECKING:
+    from .constraint import TokenGrammar
 
 SECONDS_PER_TIMESTAMP = 0.02
 MAX_INITIAL_TIMESTAMP = 1.0   # Whisper's: the first segment starts within the window's first second
@@ -35,6 +42,7 @@ class DecodingOptions:
     vocabulary_prompt: tuple[int, ...] = ()  # tokens naming them after the prompt (see hotwords.py)
     hotwords: TokenBias | None = None  # their logit bonus, if any
     max_new_tokens: int = 224          # openai-whisper's sample_len: half the text context
+    grammar: TokenGrammar | None = None  # command mode: only phrases of this grammar are written
 
 
 @dataclass
@@ -54,6 +62,8 @@ class DecodingResult:
     no_speech_prob: float
     temperature: float
     looped: bool = False
+    # With a grammar: the sum over steps of log p(chosen token) - max log p, both over all tokens (<= 0).
+    grammar_gap: float = 0.0
 
     @property
     def avg_logprob(self) -> float:
@@ -146,7 +156,7 @@ class TokenRules:
 
 class WindowDecoder:
     def __init__(self, model, decoder_config: dict, options: DecodingOptions | None = None):
-        self.model = model
+        self.model, self.decoder_config = model, decoder_config
         self.options = options = options or DecodingOptions()
         special = decoder_config["special_tokens"]
         self.eot, self.sot, self.timestamp_begin = special["eot"], special["sot"], special["timestamp_begin"]
@@ -162,9 +172,15 @@ class WindowDecoder:
         self.head.append(self.sot)
         self.task = task
         self.rules = TokenRules(decoder_config, options.timestamps, options.hotwords)
+        if options.grammar is not None and options.timestamps:
+            raise EdgeAsrError("a grammar's phrases have no timestamps: leave out --timestamps with --grammar")
         if options.beam_size > 1 and not hasattr(model, "decode_batch"):
             raise EdgeAsrError(f"beam search needs a backend that decodes beams (onnx, ort, or tflite on ai-edge-litert), "
                                f"not {model.backend}")
+
+    def with_options(self, **changes) -> WindowDecoder:
+        """The same decoder with some options changed (`grammar=…` to switch command mode)."""
+        return WindowDecoder(self.model, self.decoder_config, replace(self.options, **changes))
 
     @property
     def prompt(self) -> list[int]:
@@ -176,7 +192,12 @@ class WindowDecoder:
         logits, cache = self.model.decode(self.head, self.model.empty_cache(), cross)
         no_speech_prob = 0.0
         if self.no_speech is not None:
-            no_speech_prob = float(np.exp(log_softmax(logits.astype(np.float32))[self.no_speech]))
+            probe = logits
+            if self.options.grammar is not None and len(self.head) > 1:
+                # Read without the prompt: a grammar's words named there talked the model out of hearing
+                # noise as noise (4 of 8 noise and silence clips got a phrase or [unk]; without it, none).
+                probe, _ = self.model.decode([self.sot], self.model.empty_cache(), cross)
+            no_speech_prob = float(np.exp(log_softmax(probe.astype(np.float32))[self.no_speech]))
         if self.task:
             logits, cache = self.model.decode(self.task, cache, cross)
         return Prefilled(cross, logits, cache, len(self.head) + len(self.task), no_speech_prob)
@@ -199,19 +220,28 @@ class WindowDecoder:
         start = loop_start([sampled[i] for i in positions])
         return None if start is None else positions[start]
 
+    def _allowed_only(self, logprobs: np.ndarray, sampled: list[int]) -> np.ndarray:
+        """`logprobs` where the grammar allows the next token after `sampled`, -inf elsewhere."""
+        allowed = self.options.grammar.allowed_after(sampled)
+        kept = np.full_like(logprobs, -np.inf)
+        kept[allowed] = logprobs[allowed]
+        return kept
+
     def _single_path(self, window: Prefilled, temperature: float, rng) -> DecodingResult:
         logits, cache = window.logits, window.cache
         sampled: list[int] = []
-        total, looped = 0.0, False
+        total, gap, looped = 0.0, 0.0, False
         for _ in range(self._limit(window)):
             row = self.rules.apply(logits, sampled)
             logprobs = log_softmax(row)
+            choices = logprobs if self.options.grammar is None else self._allowed_only(logprobs, sampled)
             if temperature > 0:
-                p = np.exp(logprobs / temperature - (logprobs / temperature).max())
+                p = np.exp(choices / temperature - (choices / temperature).max())
                 token = int(rng.choice(len(p), p=p / p.sum()))
             else:
-                token = int(np.argmax(row))
+                token = int(np.argmax(row if self.options.grammar is None else choices))
             total += float(logprobs[token])
+            gap += float(logprobs[token] - logprobs.max())
             if token == self.eot:
                 break
             sampled.append(token)
@@ -220,39 +250,44 @@ class WindowDecoder:
                 sampled, looped = sampled[:cut], True
                 break
             logits, cache = self.model.decode([token], cache, window.cross)
-        return DecodingResult(sampled, total, window.no_speech_prob, temperature, looped)
+        return DecodingResult(sampled, total, window.no_speech_prob, temperature, looped,
+                              gap if self.options.grammar is not None else 0.0)
 
     def _beam_search(self, window: Prefilled) -> DecodingResult:
         """openai-whisper's beam search (patience 1, no length penalty: the best mean log-probability), with
-        the beams run as one batch and the self-attention cache reordered to follow them."""
-        size = self.options.beam_size
-        beams: list[tuple[list[int], float]] = [([], 0.0)]
-        finished: dict[tuple[int, ...], float] = {}
+        the beams run as one batch and the self-attention cache reordered to follow them. A beam is
+        (tokens, summed log-probability, grammar gap)."""
+        size, grammar = self.options.beam_size, self.options.grammar
+        beams: list[tuple[list[int], float, float]] = [([], 0.0, 0.0)]
+        finished: dict[tuple[int, ...], tuple[float, float]] = {}
         looped: set[tuple[int, ...]] = set()
         # The window's cross keys and values go in once, batch 1: the decoder broadcasts them over the beams.
         # Repeated per beam they were 17 MB for a 5 s window, the largest allocation of a short command.
         logits, cache, cross = window.logits[None], window.cache, window.cross
         for _ in range(self._limit(window)):
-            logprobs = log_softmax(np.stack([self.rules.apply(row, seq) for row, (seq, _) in zip(logits, beams)]))
+            logprobs = log_softmax(np.stack([self.rules.apply(row, seq) for row, (seq, *_) in zip(logits, beams)]))
             candidates = []
-            for i, (seq, score) in enumerate(beams):
-                top = np.argpartition(-logprobs[i], size)[:size + 1]
-                candidates += [(score + float(logprobs[i, t]), i, int(t)) for t in top]
+            for i, (seq, score, gap) in enumerate(beams):
+                choices = logprobs[i] if grammar is None else self._allowed_only(logprobs[i], seq)
+                top = np.argpartition(-choices, size)[:size + 1]
+                best = float(logprobs[i].max())
+                candidates += [(score + float(logprobs[i, t]), i, int(t), gap + float(logprobs[i, t]) - best)
+                               for t in top if choices[t] > -np.inf]
             candidates.sort(key=lambda c: -c[0])
             kept, sources = [], []
-            for score, i, token in candidates:
+            for score, i, token, gap in candidates:
                 seq = beams[i][0]
                 if token == self.eot:
                     if len(finished) < size:
-                        finished.setdefault(tuple(seq), score)
+                        finished.setdefault(tuple(seq), (score, gap))
                     continue
                 seq = seq + [token]
                 cut = self._loop_cut(seq)
                 if cut is not None:
-                    finished.setdefault(tuple(seq[:cut]), score)
+                    finished.setdefault(tuple(seq[:cut]), (score, gap))
                     looped.add(tuple(seq[:cut]))
                     continue
-                kept.append((seq, score))
+                kept.append((seq, score, gap))
                 sources.append(i)
                 if len(kept) == size:
                     break
@@ -260,11 +295,12 @@ class WindowDecoder:
                 break
             beams = kept
             cache = self.model.select_beams(cache, sources)  # each beam goes on from the cache of the one it extends
-            logits, cache = self.model.decode_batch(np.array([[seq[-1]] for seq, _ in beams]), cache, cross)
+            logits, cache = self.model.decode_batch(np.array([[seq[-1]] for seq, *_ in beams]), cache, cross)
         if not finished:
-            finished = {tuple(seq): score for seq, score in beams}
-        best, score = max(finished.items(), key=lambda item: item[1] / max(1, len(item[0])))
-        return DecodingResult(list(best), score, window.no_speech_prob, 0.0, best in looped)
+            finished = {tuple(seq): (score, gap) for seq, score, gap in beams}
+        best, (score, gap) = max(finished.items(), key=lambda item: item[1][0] / max(1, len(item[0])))
+        return DecodingResult(list(best), score, window.no_speech_prob, 0.0, best in looped,
+                              gap if grammar is not None else 0.0)
 
 
 def split_segments(tokens: list[int], timestamp_begin: int, duration: float) -> list[tuple[float, float, list[int]]]:

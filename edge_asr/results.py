@@ -27,6 +27,8 @@ class Segment:
     temperature: float | None = None      # the decoding temperature that produced it (0: greedy or beam)
     compression_ratio: float | None = None
     words: list[Word] | None = None       # word times and confidences (LSTM-CTC)
+    rule: str | None = None               # command mode: the grammar rule the phrase came from
+    confidence: float | None = None       # command mode: the phrase's confidence (commands.CommandMode)
 
     def to_dict(self) -> dict:
         d = {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()

@@ -16,3 +16,5 @@ class DecodingSettings:
     guards: dict = field(default_factory=dict)  # overrides of guards.Guards: enabled, thresholds, vad_gate
     vad: str = "energy"                    # the detector of the voice activity gate
     seed: int = 0                          # of the guards' fallback sampling
+    grammar: str | None = None             # Whisper: command mode, a grammar or phrase list file
+    grammar_threshold: float | None = None  # its rejection threshold (None: the bundle's)

@@ -34,13 +34,16 @@ class Final:
     emitted: float            # time.monotonic() when the text was ready
     forced_cut: bool = False
     words: list | None = None  # results.Word, times from the utterance's start (streaming LSTM-CTC finals)
+    rule: str | None = None    # command mode: the grammar rule of the phrase
+    confidence: float | None = None  # command mode: the phrase's confidence
 
     @property
     def rtf(self) -> float:
         return self.processing_s / max(1e-9, self.end_s - self.start_s)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("emitted", "words")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("emitted", "words")
+             and not (k in ("rule", "confidence") and v is None)}
         d = {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} | {"rtf": round(self.rtf, 4)}
         if self.words is not None:
             d["words"] = [w.to_dict() | {"start": round(self.start_s + w.start, 3), "end": round(self.start_s + w.end, 3)}
@@ -108,15 +111,19 @@ class StreamRecognizer:
         """End of input: decode the utterance in flight."""
         return [self._final(u) for u in self.endpointer.flush()]
 
-    def _timed(self, audio) -> tuple[str, float]:
+    def _timed(self, audio) -> tuple[str, float, dict]:
+        """The text of `audio`, the seconds it took, and in command mode the phrase's rule and confidence."""
         start = time.perf_counter()
-        text = self.transcriber.transcribe(audio).text
+        transcript = self.transcriber.transcribe(audio)
         spent = time.perf_counter() - start
         self.counters.processing_s += spent
-        return text, spent
+        command = {}
+        if getattr(self.transcriber, "command", None) and transcript.segments:
+            command = {"rule": transcript.segments[0].rule, "confidence": transcript.segments[0].confidence}
+        return transcript.text, spent, command
 
     def _partial(self, audio) -> None:
-        text, _ = self._timed(audio)
+        text, *_ = self._timed(audio)
         self._last_partial_at = len(audio) / SAMPLE_RATE
         self._emit_partial(text, len(audio))
 
@@ -138,26 +145,26 @@ class StreamRecognizer:
         if text and text != self._previous_partial:
             self._emit_partial(text, len(current))
 
-    def _final_text(self, utterance: Utterance) -> tuple[str, float, list | None]:
-        """The final's text, the seconds it took, and its words where the stream gives them."""
+    def _final_text(self, utterance: Utterance) -> tuple[str, float, dict]:
+        """The final's text, the seconds it took, and its words where the stream gives them or its rule and
+        confidence in command mode."""
         stream, fed = self._stream, self._fed
         self._stream, self._fed = None, 0
         if stream is None or utterance.forced:
             # A forced cut ends before what the stream was fed; its rest starts the next utterance.
-            return (*self._timed(utterance.audio), None)
+            return self._timed(utterance.audio)
         # Cut at silence: what was fed is the utterance (plus at most its trailing silence); add the rest.
         start = time.perf_counter()
         stream.accept(utterance.audio[fed:])
         text = stream.finish()
         spent = time.perf_counter() - start
         self.counters.processing_s += spent
-        return text, spent, stream.words
+        return text, spent, {"words": stream.words}
 
     def _final(self, utterance: Utterance) -> Final:
-        text, spent, words = (self._final_text(utterance) if self.incremental
-                              else (*self._timed(utterance.audio), None))
+        text, spent, extra = self._final_text(utterance) if self.incremental else self._timed(utterance.audio)
         final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
-                      utterance.forced, words)
+                      utterance.forced, **extra)
         self._last_partial_at, self._previous_partial = 0.0, ""
         if text:
             self.counters.utterances += 1

@@ -8,6 +8,9 @@ A bundle may recommend beam search for short windows (`short_window_beam` in its
 section): the adapted dynamic-context model does, for windows of up to 5 s of audio. There the encoder is
 cheap and a single word has no context to recover from a wrong first token, so a few beams pay off; longer
 windows stay greedy. A width the user gives (`--beam`, 0 for greedy) applies to every window instead.
+
+In command mode (`commands.CommandMode`) a window is decoded once, under the grammar, with no fallback:
+its text is a phrase of the grammar, or `[unk]` when the grammar had to overrule the model too far.
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ import numpy as np
 
 from .backend import open_model
 from .bundle import Bundle
+from .commands import CommandMode
 from .context import ContextPolicy
 from .decoding import DecodingOptions, WindowDecoder, split_segments
 from .frontend import HOP_LENGTH, SAMPLE_RATE, window_features
+from .grammar import GrammarError
 from .guards import GuardCounters, Guards, compression_ratio
 from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, hotword_prompt, mentions
 from .results import Segment, Transcript
@@ -35,12 +40,19 @@ MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two sp
 class Transcriber:
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, options: DecodingOptions | None = None,
                  backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0,
-                 short_window_beam: ShortWindowBeam | None = None):
+                 short_window_beam: ShortWindowBeam | None = None, command: CommandMode | None = None,
+                 grammar: str | Path | None = None):
+        """`grammar`: a grammar file for command mode (`command`: one already compiled)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if grammar is not None and command is None:
+            command = CommandMode.load(grammar, self.bundle)
+        own_way = options is None
+        if command is not None:
+            options = replace(options or DecodingOptions(), **command.decoding)
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
-        if options is None and short_window_beam is None:  # the bundle's own way, as load_transcriber's default
+        if own_way and short_window_beam is None:  # the bundle's own way, as load_transcriber's default
             short_window_beam = ShortWindowBeam.recommended(self.bundle, DecodingSettings())
         # Beam search on short windows, where the backend decodes beams (not LiteRT through tflite-runtime).
         self.short_decoder, self.short_samples = None, 0
@@ -48,16 +60,27 @@ class Transcriber:
             self.short_decoder = WindowDecoder(self.model, decoder_config,
                                                replace(self.decoder.options, beam_size=short_window_beam.beam_size))
             self.short_samples = round(short_window_beam.max_seconds * SAMPLE_RATE)
-        # With hotwords named in the prompt: the decoder for windows that say none of them.
+        # With hotwords named in the prompt: the decoder for windows that say none of them (a grammar's words
+        # in the prompt stay: every window is one of its phrases or [unk]).
+        names_hotwords = options is not None and options.vocabulary_prompt and options.grammar is None
         self.plain_decoder = (WindowDecoder(self.model, decoder_config, replace(
-            options, vocabulary_prompt=(), hotwords=None)) if options and options.vocabulary_prompt else None)
+            options, vocabulary_prompt=(), hotwords=None)) if names_hotwords else None)
         self.tokenizer = self.bundle.tokenizer
         self.context = ContextPolicy.from_manifest(self.bundle.manifest)
         self.guards = guards or Guards.from_manifest(self.bundle.manifest)
         # The gate's detector: energy is computed per window; Silero is a model, loaded once.
         self.vad = make_vad(vad) if self.guards.vad_gate and vad != "energy" else vad
         self.seed = seed
+        self.command = command
         self.counters = GuardCounters()
+
+    def use_command(self, command: CommandMode | None) -> None:
+        """Switch command mode to another grammar, or off (None), between windows: a menu's next screen."""
+        self.command = command
+        changes = command.decoding if command else {"grammar": None, "vocabulary_prompt": ()}
+        self.decoder = self.decoder.with_options(**changes)
+        if self.short_decoder:
+            self.short_decoder = self.short_decoder.with_options(**changes)
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Transcribe 16 kHz mono float32 audio of any length, in windows of at most 30 s (or the bundle's
@@ -86,6 +109,8 @@ class Transcriber:
             return []
         decoder = self.decoder_for(len(audio))
         window = decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
+        if self.command:
+            return self._command(decoder, window, offset, len(audio) / SAMPLE_RATE)
         rng = np.random.default_rng([self.seed, index])  # fallback sampling: the same audio, the same text
         decoded = self._decode_guarded(decoder, window, rng)
         if self.plain_decoder and (decoded is None or not mentions(decoded[1], self.decoder.options.vocabulary)):
@@ -117,6 +142,18 @@ class Transcriber:
         return max(attempts, key=lambda a: (not a[0].looped and a[2] <= self.guards.compression_ratio_threshold,
                                             a[0].avg_logprob))
 
+    def _command(self, decoder: WindowDecoder, window, offset: float, duration: float) -> list[Segment]:
+        """The window's phrase or `[unk]`; nothing for a window without speech."""
+        result = decoder.decode(window)
+        self.counters.loops_cut += result.looped
+        if self.guards.is_no_speech(window.no_speech_prob, result.avg_logprob):
+            self.counters.no_speech += 1
+            return []
+        verdict = self.command.verdict(self.tokenizer.decode(result.tokens), result.grammar_gap, len(result.tokens))
+        return [Segment(offset, offset + duration, verdict.phrase, avg_logprob=result.avg_logprob,
+                        no_speech_prob=result.no_speech_prob, temperature=0.0, rule=verdict.rule,
+                        confidence=verdict.confidence)]
+
     def _segments(self, result, text: str, ratio: float, offset: float, duration: float) -> list[Segment]:
         stats = dict(avg_logprob=result.avg_logprob, no_speech_prob=result.no_speech_prob,
                      temperature=result.temperature, compression_ratio=ratio)
@@ -130,9 +167,10 @@ class Transcriber:
         return segments
 
 
-def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[DecodingOptions, Guards]:
+def whisper_decoding(bundle: Bundle, settings: DecodingSettings, command: CommandMode | None = None
+                     ) -> tuple[DecodingOptions, Guards]:
     """Decoding options and guards for a Whisper bundle from a user's settings: the bundle's recorded
-    thresholds and hotword bonus unless the settings override them."""
+    thresholds and hotword bonus unless the settings override them; `command`'s grammar if there is one."""
     recorded = bundle.manifest.get("decoding", {})
     tokenizer = bundle.tokenizer
     prompt = tuple(tokenizer.encode(" " + settings.prompt.strip())) if settings.prompt else ()
@@ -146,6 +184,8 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings) -> tuple[Decodi
         named = tuple(tokenizer.encode(" " + hotword_prompt(settings.hotwords))) if in_prompt else ()
     options = DecodingOptions(beam_size=max(1, settings.beam or 0), timestamps=settings.timestamps, prompt=prompt,
                               vocabulary=tuple(settings.hotwords), vocabulary_prompt=named, hotwords=bias)
+    if command:
+        options = replace(options, **command.decoding)
     return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
 
 
@@ -169,12 +209,19 @@ def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, se
     ("auto", "onnx", "ort" or "tflite"), decoding as `settings` ask (default: the bundle's own way)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     settings = settings or DecodingSettings()
+    command = None
+    if settings.grammar:
+        if bundle.family != "whisper":
+            raise GrammarError(f"--grammar needs a Whisper bundle; {bundle.path.name} is {bundle.family}")
+        if settings.hotwords:
+            raise GrammarError("--grammar and hotwords do not mix: the grammar already says which words may come")
+        command = CommandMode.load(settings.grammar, bundle, settings.grammar_threshold)
     if bundle.family == "lstm-ctc":
         from .ctc_transcriber import CtcTranscriber, decoding_options
 
         options = decoding_options(settings.beam or 0, settings.hotwords,
                                    1.0 if settings.hotword_bonus is None else settings.hotword_bonus)
         return CtcTranscriber(bundle, threads, options, backend)
-    options, guards = whisper_decoding(bundle, settings)
+    options, guards = whisper_decoding(bundle, settings, command)
     return Transcriber(bundle, threads, options, backend=backend, guards=guards, vad=settings.vad, seed=settings.seed,
-                       short_window_beam=ShortWindowBeam.recommended(bundle, settings))
+                       short_window_beam=ShortWindowBeam.recommended(bundle, settings), command=command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,7 @@ def test_cli_lstm_bundle_transcribes_and_reports(words_bundle, word_audio, tmp_p
     assert "lstm-ctc int8" in info.stdout
     bad = subprocess.run([sys.executable, "-m", "edge_asr", "lstm", "build", str(wav)], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "not an LSTM-CTC checkpoint" in bad.stderr
+    grammar = Path(__file__).resolve().parent.parent / "examples" / "grammars" / "digits.gbnf"
+    no_grammar = run_cli_without_torch(["transcribe", "--bundle", str(words_bundle), "--grammar", str(grammar), str(wav)])
+    assert no_grammar.returncode == 2 and no_grammar.stderr.count("\n") == 1, no_grammar.stderr
+    assert "needs a Whisper bundle" in no_grammar.stderr

@@ -1,0 +1,89 @@
+"""Command mode: decoding constrained to a grammar's phrases, and rejection of what is not one of them.
+
+Decoding can only write a phrase of the grammar (`constraint.TokenGrammar`), so a sentence, a cough or a
+near miss ("start line nine" where lines go to eight) would otherwise come out as the nearest phrase. At
+each step the decoder also notes how much likelier the model's own choice was than the token the grammar
+let it take (`DecodingResult.grammar_gap`, in nats, summed over the phrase's tokens and end-of-text). The
+phrase's confidence is exp(gap / tokens), the geometric mean of those probability ratios: 1 where the
+model would have written that phrase anyway, small where the grammar had to overrule it at every step.
+Below the threshold the result is `[unk]`.
+
+The grammar's words are also named in the previous-text prompt, as hotwords are (`hotwords.py`): a
+model that has "just heard" them writes them where the audio allows. The prompt is paid for in every
+window (LiteRT's decoder takes it a token at a time), so it is short: the words once each, joined by
+spaces, at most PROMPT_TOKENS. On the tuning voices (ONNX Runtime, with each variant's threshold set to
+reject 90% of the non-commands), commands right and kept: no prompt 87 and 80 of 90; the words
+comma-separated, up to 100 tokens, 88 and 87; up to 16 tokens 85 and 79; space-separated (31 tokens for
+the menu) 90 and 88.
+
+The mean, not the sum: on the tuning voices, the sum rejected correct commands that free decoding had
+garbled over several words ("Can you make us lower?" for "conveyor slower") as readily as near misses,
+whose one overruled word costs as much; per token, 92% of the commands decoded right were kept with 90%
+of the non-commands rejected, against 88% for the sum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .grammar import UNKNOWN, Grammar
+
+# For bundles whose decoding section records none. Chosen on the tuning voices (espeak-ng en-us+m1 and
+# en-gb+m3, piper's joe; in no evaluation set) by `benchmarks/commands.py --tune`: 0.25 and 0.3 both kept
+# 97.8% of the 90 commands on both backends (all 90 decoded right); 0.3 rejected 100% (ONNX Runtime) and
+# 95% (LiteRT) of the 20 non-commands, 0.25 90% on both.
+DEFAULT_REJECTION_THRESHOLD = 0.3
+PROMPT_TOKENS = 32        # the grammar's words named in the prompt, at most this many tokens of them
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phrase: str          # the grammar's words, or "[unk]"
+    rule: str | None     # the rule of root it came from (None for "[unk]")
+    confidence: float
+
+
+class CommandMode:
+    def __init__(self, grammar: Grammar, tokenizer, threshold: float = DEFAULT_REJECTION_THRESHOLD):
+        from .constraint import (
+            TokenGrammar,  # numpy: not imported where the CLI only parses its flags
+        )
+
+        self.grammar, self.threshold = grammar, threshold
+        self.tokens = TokenGrammar(grammar, tokenizer)
+        self.prompt = named_words(grammar, tokenizer)
+
+    @property
+    def decoding(self) -> dict:
+        """The decoding options command mode sets: the grammar, and its words in the prompt."""
+        return {"grammar": self.tokens, "vocabulary_prompt": self.prompt}
+
+    @classmethod
+    def load(cls, path: str | Path, bundle, threshold: float | None = None) -> CommandMode:
+        """A grammar file compiled over `bundle`'s tokenizer, with the rejection threshold given, else the
+        bundle's, else the default."""
+        recorded = bundle.manifest.get("decoding", {}).get("grammar_threshold", DEFAULT_REJECTION_THRESHOLD)
+        return cls(Grammar.from_file(path), bundle.tokenizer, recorded if threshold is None else threshold)
+
+    def verdict(self, text: str, grammar_gap: float, tokens: int) -> Verdict:
+        """The phrase `text` says (decoded under the grammar as `tokens` tokens), or `[unk]` if the grammar
+        overruled the model by more than the threshold allows."""
+        confidence = math.exp(min(0.0, grammar_gap) / (tokens + 1))  # end-of-text is a step too
+        found = self.grammar.phrase_of(text)
+        if found is None or confidence < self.threshold:
+            return Verdict(UNKNOWN, None, confidence)
+        return Verdict(found[0], found[1], confidence)
+
+
+def named_words(grammar: Grammar, tokenizer) -> tuple[int, ...]:
+    """Tokens naming the grammar's words in the order they first appear ("start stop line one …"), as many
+    as fit in PROMPT_TOKENS. Letters and digits alone are not named: on the tuning voices' spelled codes,
+    "a, b, c, …" in the prompt took the codes matched from 20 to 16 of 30."""
+    words, tokens = [], ()
+    for word in dict.fromkeys(word for _, word, _ in grammar.automaton.words if len(word) > 1):
+        encoded = tuple(tokenizer.encode(" " + " ".join([*words, word])))
+        if len(encoded) > PROMPT_TOKENS:
+            break
+        words, tokens = [*words, word], encoded
+    return tokens

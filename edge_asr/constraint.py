@@ -1,0 +1,279 @@
+"""A grammar over a bundle's tokens: which tokens may come next, so that decoding can only write a phrase.
+
+The word automaton (`grammar.WordAutomaton`) becomes a character automaton in the spellings Whisper writes:
+each word in each of its spellings (`grammar.word_spellings`) in lower case, capitalized or in capitals
+("start", "Start", "START"), words joined by a space, optionally after punctuation (", " ". "), single
+letters and digits also back to back ("452", "B73"), an optional space before the first word and optional
+punctuation after the last. Mixed case is not a spelling: allowed, it let decoding wander into pieces
+such as "suPERVISOR" that the model finds improbable, which cost the right phrase its confidence.
+
+A token may continue the text when its characters walk the character automaton without falling off it.
+Every token of the vocabulary is tried that way at once, through a trie of the token strings walked beside
+the automaton: a branch ends where either does, so a state costs as many steps as there are token
+prefixes it allows, not a pass over 51,864 tokens. The automaton is determinized lazily (sets of character states), and each
+state's allowed tokens are computed once and kept: a grammar is compiled once per bundle, and a state is
+paid for the first time a decode reaches it. End-of-text is allowed only where a phrase may end.
+"""
+from __future__ import annotations
+
+import re
+import weakref
+
+import numpy as np
+
+from .grammar import Grammar, word_spellings
+
+_SEPARATOR_PUNCTUATION = ",.;:!?"
+_FINAL_PUNCTUATION = ".!?,"
+_ASCII_TOKEN = re.compile(r"[Ġ!-~]+")  # GPT-2's byte alphabet: printable ASCII as itself, the space as Ġ
+
+
+class SpokenForms:
+    """The character automaton of a grammar's phrases as Whisper may write them, built as it is walked.
+
+    Its states are tuples over the word automaton's states q: ("start",); ("before", q), where a word may
+    begin; ("in", q, spelling, i), i characters into a spelling of a word that leads to q; ("after", q),
+    just after a word; ("digit", q) and ("letter", q), just after a one-character word, where a digit may
+    follow at once, and after a digit also a letter ("452", "B73X", not "and" as a spelled a-n-d); ("punct", q), after punctuation between words; ("end",), after the final punctuation.
+    Nothing is built ahead: a grammar of 1,000 phrases has tens of thousands of such states, and a decode
+    visits a few dozen."""
+
+    def __init__(self, grammar: Grammar):
+        words = grammar.automaton
+        self.word_start, self.accept = words.start, words.accept
+        reaches_accept = _co_reachable(words)
+        self.words_from: dict[int, list[tuple[str, int]]] = {}
+        for a, word, b in words.words:
+            if b in reaches_accept:  # a word that leads nowhere is no spelling of a phrase
+                self.words_from.setdefault(a, []).append((word, b))
+        self.spellings = {word: sorted({case for form in word_spellings(word)
+                                        for case in (form, form.capitalize(), form.upper())})
+                          for word, _ in (w for ws in self.words_from.values() for w in ws)}
+        self._following: dict[int, list[int]] = {}
+        for a, b in words.empty:
+            self._following.setdefault(a, []).append(b)
+        self._closures: dict[int, tuple[int, ...]] = {}
+        self._starts: dict[int, dict[str, list[tuple[int, str]]]] = {}
+        self.start = self.closure([("start",), ("before", words.start)])
+
+    def _word_closure(self, q: int) -> tuple[int, ...]:
+        if q not in self._closures:
+            seen, todo = {q}, [q]
+            while todo:
+                for b in self._following.get(todo.pop(), ()):
+                    if b not in seen:
+                        seen.add(b)
+                        todo.append(b)
+            self._closures[q] = tuple(sorted(seen))
+        return self._closures[q]
+
+    def closure(self, states) -> frozenset:
+        """`states` and what their empty moves reach: a word state's empty edges, and a one-character word's
+        end being a word's end too."""
+        done = set()
+        for state in states:
+            kind = state[0]
+            if kind in ("before", "after", "digit", "letter"):
+                # Only the word states where something can happen are kept: where a word starts, or the end.
+                reached = [q for q in self._word_closure(state[1]) if q in self.words_from or q == self.accept]
+                done.update((kind, q) for q in reached if kind == "after" or q in self.words_from)
+                if kind in ("digit", "letter"):
+                    done.update(("after", q) for q in reached)
+            else:
+                done.add(state)
+        return frozenset(done)
+
+    def moves(self, state: tuple, c: str) -> list[tuple]:
+        kind = state[0]
+        if kind == "start":
+            return [("before", self.word_start)] if c == " " else []
+        if kind == "before":
+            return [self._spelled(b, spelling, 1) for b, spelling in self._first_chars(state[1]).get(c, ())]
+        if kind == "in":
+            _, b, spelling, i = state
+            return [self._spelled(b, spelling, i + 1)] if spelling[i] == c else []
+        if kind in ("digit", "letter"):
+            if kind == "letter" and not c.isdigit():
+                return []
+            return [self._spelled(b, spelling, 1) for b, spelling in self._first_chars(state[1]).get(c, ())
+                    if len(spelling) == 1]
+        if kind == "after":
+            q, found = state[1], []
+            if q in self.words_from:
+                if c == " ":
+                    found.append(("before", q))
+                elif c in _SEPARATOR_PUNCTUATION:
+                    found.append(("punct", q))
+            if q == self.accept and c in _FINAL_PUNCTUATION:
+                found.append(("end",))
+            return found
+        if kind == "punct":
+            return [("before", state[1])] if c == " " else []
+        return []
+
+    def _first_chars(self, q: int) -> dict[str, list[tuple[int, str]]]:
+        """{first character: [(state after the word, spelling), …]} of the words from word state q."""
+        if q not in self._starts:
+            index: dict[str, list[tuple[int, str]]] = {}
+            for word, b in self.words_from.get(q, ()):
+                for spelling in self.spellings[word]:
+                    index.setdefault(spelling[0], []).append((b, spelling))
+            self._starts[q] = index
+        return self._starts[q]
+
+    @staticmethod
+    def _spelled(b: int, spelling: str, i: int) -> tuple:
+        if i < len(spelling):
+            return ("in", b, spelling, i)
+        if len(spelling) > 1:
+            return ("after", b)
+        return ("digit", b) if spelling.isdigit() else ("letter", b)
+
+    def step(self, states: frozenset, c: str) -> frozenset:
+        return self.closure([m for state in states for m in self.moves(state, c)])
+
+    def next_chars(self, states: frozenset) -> set[str]:
+        chars = set()
+        for state in states:
+            kind = state[0]
+            if kind == "start" or kind == "punct":
+                chars.add(" ")
+            elif kind == "before":
+                chars.update(self._first_chars(state[1]))
+            elif kind in ("digit", "letter"):
+                chars.update(c for c, ends in self._first_chars(state[1]).items()
+                             if (kind == "digit" or c.isdigit()) and any(len(spelling) == 1 for _, spelling in ends))
+            elif kind == "in":
+                chars.add(state[2][state[3]])
+            elif kind == "after":
+                if state[1] in self.words_from:
+                    chars.update(" " + _SEPARATOR_PUNCTUATION)
+                if state[1] == self.accept:
+                    chars.update(_FINAL_PUNCTUATION)
+        return chars
+
+    def accepting(self, states: frozenset) -> bool:
+        return ("after", self.accept) in states or ("end",) in states
+
+
+def _co_reachable(words) -> set[int]:
+    """The word automaton's states from which its accepting state can be reached."""
+    back: dict[int, list[int]] = {}
+    for a, b in words.empty:
+        back.setdefault(b, []).append(a)
+    for a, _, b in words.words:
+        back.setdefault(b, []).append(a)
+    seen, todo = {words.accept}, [words.accept]
+    while todo:
+        for a in back.get(todo.pop(), ()):
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+class TokenTrie:
+    """A vocabulary's text tokens that are printable ASCII, as a character trie: `children[node]` maps a
+    character to the next node (node 0 is the empty prefix), `ends[node]` the tokens spelled to there."""
+
+    def __init__(self, tokens: list[str], eot: int):
+        self.children: list[dict[str, int]] = [{}]
+        self.ends: dict[int, list[int]] = {}
+        for token, spelled in enumerate(tokens[:eot]):
+            if not _ASCII_TOKEN.fullmatch(spelled):
+                continue
+            node = 0
+            for c in spelled.replace("Ġ", " "):
+                following = self.children[node]
+                if c not in following:
+                    following[c] = len(self.children)
+                    self.children.append({})
+                node = following[c]
+            self.ends.setdefault(node, []).append(token)
+
+
+_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_trie(tokenizer) -> TokenTrie:
+    """The trie of a tokenizer's tokens, built once per tokenizer (every grammar of a bundle shares it)."""
+    if tokenizer not in _TRIES:
+        _TRIES[tokenizer] = TokenTrie(tokenizer.tokens, tokenizer.eot)
+    return _TRIES[tokenizer]
+
+
+class TokenGrammar:
+    """The tokens allowed after any text a grammar's phrases begin with, over one tokenizer.
+
+    States are ints; `allowed(state)` gives the token ids (with end-of-text where a phrase may end) and
+    the state after each."""
+
+    def __init__(self, grammar: Grammar, tokenizer):
+        self.grammar = grammar
+        self.eot = tokenizer.eot
+        self.trie = token_trie(tokenizer)
+        self.forms = SpokenForms(grammar)
+        self._ids: dict[frozenset, int] = {}
+        self._sets: list[frozenset] = []
+        self._steps: dict[tuple[int, str], int | None] = {}
+        self._chars: dict[int, set[str]] = {}
+        self._allowed: dict[int, tuple[np.ndarray, dict[int, int]]] = {}
+        self.start = self._state(self.forms.start)
+
+    def _state(self, states: frozenset) -> int:
+        if states not in self._ids:
+            self._ids[states] = len(self._sets)
+            self._sets.append(states)
+        return self._ids[states]
+
+    def _step(self, state: int, c: str) -> int | None:
+        key = (state, c)
+        if key not in self._steps:
+            moved = self.forms.step(self._sets[state], c)
+            self._steps[key] = self._state(moved) if moved else None
+        return self._steps[key]
+
+    def accepts(self, state: int) -> bool:
+        return self.forms.accepting(self._sets[state])
+
+    def _next_chars(self, state: int) -> set[str]:
+        if state not in self._chars:
+            self._chars[state] = self.forms.next_chars(self._sets[state])
+        return self._chars[state]
+
+    def allowed(self, state: int) -> tuple[np.ndarray, dict[int, int]]:
+        """(ids of the tokens that may come next, sorted; {token: state after it})."""
+        if state not in self._allowed:
+            following: dict[int, int] = {}
+            children, ends = self.trie.children, self.trie.ends
+            todo = [(0, state)]
+            while todo:  # the trie and the automaton side by side: a branch ends where either does
+                node, at = todo.pop()
+                kids, chars = children[node], self._next_chars(at)
+                for c in (chars if len(chars) < len(kids) else kids):
+                    child = kids.get(c)
+                    if child is None or c not in chars:
+                        continue
+                    after = self._step(at, c)
+                    if after is None:
+                        continue
+                    for token in ends.get(child, ()):
+                        following[token] = after
+                    todo.append((child, after))
+            tokens = sorted(following) + ([self.eot] if self.accepts(state) else [])
+            self._allowed[state] = (np.asarray(tokens, dtype=np.int64), following)
+        return self._allowed[state]
+
+    def state_after(self, tokens: list[int]) -> int | None:
+        """The state after `tokens` from the start, or None if they leave the grammar."""
+        state = self.start
+        for token in tokens:
+            state = self.allowed(state)[1].get(token)
+            if state is None:
+                return None
+        return state
+
+    def allowed_after(self, tokens: list[int]) -> np.ndarray:
+        """The token ids that may follow `tokens` (none if they already left the grammar)."""
+        state = self.state_after(tokens)
+        return np.zeros(0, dtype=np.int64) if state is None else self.allowed(state)[0]
