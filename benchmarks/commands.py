@@ -22,7 +22,7 @@ matched exactly (ignoring spaces and case), and whether the quiet clips gave any
   python benchmarks/commands.py --bundle ~/.cache/edge-asr/bundles/tiny.en-auto-22bb97e4-int8 --tune
   python benchmarks/commands.py --bundle … --backend onnx --backend tflite
 
-With --digits DIR (a folder of spoken digits with refs.tsv, such as dev/fsdd: evaluation only) it runs
+With --compile it times a cold compile of 1,000 phrases instead. With --digits DIR (a folder of spoken digits with refs.tsv, such as dev/fsdd: evaluation only) it runs
 `edge-asr bench` instead, each in its own process: WER and RTF (median of 3) of the digits grammar against
 free decoding, by the bundle's own decoding and greedy, on each backend; the same greedy pair on the command
 set (the cost of the grammar); free decoding of --reference-bundle (the 30 s model) and faster-whisper int8
@@ -331,6 +331,25 @@ def timing(bundle: str, backends: list[str], digits: Path, commands: Path, refer
                 print(f"| faster-whisper int8, free | {folder.name} | {s['wer']:.2f} | {s['rtf_wall']:.4f} | |", flush=True)
 
 
+def compile_time(bundle: str, phrases: int = 1000, seed: int = 0) -> None:
+    """Cold compile of a phrase list: parse, token automaton, the first state's allowed tokens."""
+    import time
+
+    from edge_asr.bundle import Bundle
+    from edge_asr.constraint import TokenGrammar
+    from edge_asr.grammar import Grammar
+
+    tokenizer = Bundle.load(bundle).tokenizer
+    words = ("start stop line press pump valve open close check report part number zero one two three four five six "
+             "seven eight nine alpha bravo charlie delta echo left right up down conveyor faster slower reset alarm").split()
+    rng = random.Random(seed)
+    texts = sorted({" ".join(rng.choice(words) for _ in range(rng.randint(1, 5))) for _ in range(2 * phrases)})[:phrases]
+    start = time.perf_counter()
+    automaton = TokenGrammar(Grammar.from_text("\n".join(texts)), tokenizer)
+    automaton.allowed(automaton.start)
+    print(f"compile, cold: {len(texts)} phrases in {time.perf_counter() - start:.3f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)
@@ -340,10 +359,13 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, help="the rejection threshold (default: the bundle's)")
     ap.add_argument("--digits", type=Path, help="spoken digits with refs.tsv: run the bench comparison instead")
     ap.add_argument("--reference-bundle", help="with --digits: a bundle whose free decoding is reported beside")
+    ap.add_argument("--compile", action="store_true", help="time a cold compile of 1,000 phrases (run with 1 thread)")
     ap.add_argument("--peers", type=Path, default=ROOT.parent / "shared" / "tools" / "peers_bench.py")
     args = ap.parse_args()
     sets = build_sets(args.sets)
     backends = args.backend or ["onnx"]
+    if args.compile:
+        return compile_time(args.bundle)
     if args.digits:
         return timing(args.bundle, backends, args.digits, sets["commands"], args.reference_bundle, args.peers)
     if args.tune:
