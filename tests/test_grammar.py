@@ -148,6 +148,7 @@ def test_a_command_is_recognized_and_a_sentence_is_rejected(bundle_int8, tmp_pat
     ('\nroot ::= "a" {3,1}\n', "2:14"),
     ('root ::= "a" ; "b"\n', "1:14"),
     ('digit ::= [0-9]\n', None),
+    ('root ::= ((("a" | "b"){64}){64}){64}\n', None),
 ])
 def test_an_invalid_grammar_names_its_line_and_column(tmp_path, text, where):
     path = tmp_path / "bad.gbnf"
