@@ -41,32 +41,22 @@ class SpokenForms:
     visits a few dozen."""
 
     def __init__(self, grammar: Grammar):
-        words = grammar.automaton
+        words = self.words = grammar.automaton
         self.word_start, self.accept = words.start, words.accept
-        reaches_accept = _co_reachable(words)
-        self.words_from: dict[int, list[tuple[str, int]]] = {}
-        for a, word, b in words.words:
-            if b in reaches_accept:  # a word that leads nowhere is no spelling of a phrase
-                self.words_from.setdefault(a, []).append((word, b))
+        reaches_accept = words.reaching_accept()
+        # A word that leads nowhere is no spelling of a phrase.
+        self.words_from = {a: kept for a, edges in words.words_from.items()
+                           if (kept := [(word, b) for word, b in edges if b in reaches_accept])}
         self.spellings = {word: sorted({case for form in word_spellings(word)
                                         for case in (form, form.capitalize(), form.upper())})
                           for word, _ in (w for ws in self.words_from.values() for w in ws)}
-        self._following: dict[int, list[int]] = {}
-        for a, b in words.empty:
-            self._following.setdefault(a, []).append(b)
         self._closures: dict[int, tuple[int, ...]] = {}
         self._starts: dict[int, dict[str, list[tuple[int, str]]]] = {}
         self.start = self.closure([("start",), ("before", words.start)])
 
     def _word_closure(self, q: int) -> tuple[int, ...]:
         if q not in self._closures:
-            seen, todo = {q}, [q]
-            while todo:
-                for b in self._following.get(todo.pop(), ()):
-                    if b not in seen:
-                        seen.add(b)
-                        todo.append(b)
-            self._closures[q] = tuple(sorted(seen))
+            self._closures[q] = tuple(sorted(self.words.closure([q])))
         return self._closures[q]
 
     def closure(self, states) -> frozenset:
@@ -156,22 +146,6 @@ class SpokenForms:
 
     def accepting(self, states: frozenset) -> bool:
         return ("after", self.accept) in states or ("end",) in states
-
-
-def _co_reachable(words) -> set[int]:
-    """The word automaton's states from which its accepting state can be reached."""
-    back: dict[int, list[int]] = {}
-    for a, b in words.empty:
-        back.setdefault(b, []).append(a)
-    for a, _, b in words.words:
-        back.setdefault(b, []).append(a)
-    seen, todo = {words.accept}, [words.accept]
-    while todo:
-        for a in back.get(todo.pop(), ()):
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 class TokenTrie:

@@ -116,6 +116,14 @@ def _kind_name(kind) -> str:
 MAX_REQUEST_BYTES = 4096  # a grammar request is a name; anything longer is not one
 
 
+class NoCommandMode(EdgeAsrError):
+    """The daemon's bundle cannot take a grammar (LSTM-CTC)."""
+
+
+class UnknownGrammar(EdgeAsrError):
+    """No grammar of that name in [grammars]."""
+
+
 def _status_handler(daemon: "Daemon"):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -133,16 +141,15 @@ def _status_handler(daemon: "Daemon"):
                     raise ValueError('expected {"name": "GRAMMAR"} or {"name": null}')
             except ValueError as e:
                 return self._reply(400, {"error": f"not a grammar request: {e}"})
-            name = request.get("name")
-            if not hasattr(daemon.transcriber, "use_command"):
-                return self._reply(409, {"error": "this bundle cannot take a grammar (command mode needs Whisper)"})
-            if name is not None and name not in daemon.config["grammars"]:
-                return self._reply(404, {"error": f"no grammar named {name!r} in [grammars]"})
             try:
-                daemon.switch_grammar(name)
+                daemon.switch_grammar(request.get("name"))
+            except NoCommandMode as e:
+                return self._reply(409, {"error": str(e)})
+            except UnknownGrammar as e:
+                return self._reply(404, {"error": str(e)})
             except EdgeAsrError as e:  # the file went missing or does not parse
                 return self._reply(422, {"error": str(e)})
-            self._reply(200, {"grammar": name})
+            self._reply(200, {"grammar": request.get("name")})
 
         def _reply(self, status: int, payload: dict):
             body = json.dumps(payload).encode()
@@ -205,10 +212,10 @@ class Daemon:
         from .commands import CommandMode
 
         if not hasattr(self.transcriber, "use_command"):
-            raise EdgeAsrError("this bundle cannot take a grammar (command mode needs a Whisper bundle)")
+            raise NoCommandMode("this bundle cannot take a grammar (command mode needs a Whisper bundle)")
         if name is not None and name not in self.config["grammars"]:
             known = ", ".join(sorted(self.config["grammars"])) or "none in [grammars]"
-            raise EdgeAsrError(f"no grammar named {name!r} ({known})")
+            raise UnknownGrammar(f"no grammar named {name!r} ({known})")
         command = None if name is None else CommandMode.load(self.config["grammars"][name], self.transcriber.bundle,
                                                              self.config["decoding"]["grammar_threshold"])
         self._switch = (name, command)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import EdgeAsrError
@@ -48,6 +49,17 @@ def word_spellings(word: str) -> set[str]:
         forms.add(DIGIT_WORDS[word])
     forms.update(w for w, d in DIGIT_WORDS.items() if d == word)
     return forms
+
+
+def reachable(edges: dict[int, list[int]], starts) -> set[int]:
+    """`starts` and every state reachable from them along `edges` ({state: following states})."""
+    seen, todo = set(starts), list(starts)
+    while todo:
+        for b in edges.get(todo.pop(), ()):
+            if b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return seen
 
 
 def text_words(text: str) -> list[str]:
@@ -76,17 +88,35 @@ class WordAutomaton:
         self.n += 1
         return self.n - 1
 
-    def closure(self, states) -> set[int]:
+    # Adjacency, read once the automaton is built (compiling only adds edges; reading only follows them).
+    @cached_property
+    def empty_from(self) -> dict[int, list[int]]:
+        """{state: the states its empty edges lead to}."""
         following: dict[int, list[int]] = {}
         for a, b in self.empty:
             following.setdefault(a, []).append(b)
-        seen, todo = set(states), list(states)
-        while todo:
-            for b in following.get(todo.pop(), ()):
-                if b not in seen:
-                    seen.add(b)
-                    todo.append(b)
-        return seen
+        return following
+
+    @cached_property
+    def words_from(self) -> dict[int, list[tuple[str, int]]]:
+        """{state: its word edges as (word, state after it)}."""
+        following: dict[int, list[tuple[str, int]]] = {}
+        for a, word, b in self.words:
+            following.setdefault(a, []).append((word, b))
+        return following
+
+    def closure(self, states) -> set[int]:
+        """`states` and every state their empty edges reach."""
+        return reachable(self.empty_from, states)
+
+    def reaching_accept(self) -> set[int]:
+        """The states from which the accepting state can be reached, over edges of either kind."""
+        back: dict[int, list[int]] = {}
+        for a, b in self.empty:
+            back.setdefault(b, []).append(a)
+        for a, _, b in self.words:
+            back.setdefault(b, []).append(a)
+        return reachable(back, [self.accept])
 
     def phrases(self, limit: int = 10_000, max_words: int = 16) -> list[str]:
         """The phrases the automaton accepts, shortest first, up to `limit` of them and `max_words` long."""
@@ -96,26 +126,20 @@ class WordAutomaton:
             found.update((" ".join(words), None) for s, words in sorted(layer) if s == self.accept)
             if len(found) >= limit or not layer:
                 break
-            layer = {(t, words + (word,)) for s, words in layer for a, word, b in self.words if a == s
+            layer = {(t, words + (word,)) for s, words in layer for word, b in self.words_from.get(s, ())
                      for t in self.closure([b])}
         return list(found)[:limit]
 
     def phrase_of(self, text: str) -> tuple[str, str] | None:
         """(phrase in the grammar's own words, rule) that `text` says, or None when it says none."""
-        empty: dict[int, list[int]] = {}
-        for a, b in self.empty:
-            empty.setdefault(a, []).append(b)
-        by_state: dict[int, list[tuple[str, int]]] = {}
-        for a, word, b in self.words:
-            by_state.setdefault(a, []).append((word, b))
-
         def close(paths: dict[int, tuple]) -> dict[int, tuple]:
-            """`paths` ({state: (grammar words said, rule)}) and where their empty edges lead."""
+            """`paths` ({state: (grammar words said, rule)}) and where their empty edges lead, the rule
+            taken from the first labelled state on the way."""
             todo = list(paths)
             while todo:
                 state = todo.pop()
                 words, rule = paths[state]
-                for b in empty.get(state, ()):
+                for b in self.empty_from.get(state, ()):
                     if b not in paths:
                         paths[b] = (words, self.labels.get(b, rule))
                         todo.append(b)
@@ -124,7 +148,7 @@ class WordAutomaton:
         def advance(paths: dict[int, tuple], spoken: str) -> dict[int, tuple]:
             moved: dict[int, tuple] = {}
             for state, (said, rule) in paths.items():
-                for word, b in by_state.get(state, ()):
+                for word, b in self.words_from.get(state, ()):
                     if spoken in word_spellings(word):
                         moved.setdefault(b, (said + (word,), rule))
             return close(moved)
