@@ -10,11 +10,18 @@ Below the threshold the result is `[unk]`.
 
 The grammar's words are also named in the previous-text prompt, as hotwords are (`hotwords.py`): a
 model that has "just heard" them writes them where the audio allows. The prompt is paid for in every
-window (LiteRT's decoder takes it a token at a time), so it is short: the words once each, joined by
-spaces, at most PROMPT_TOKENS. On the tuning voices (ONNX Runtime, with each variant's threshold set to
-reject 90% of the non-commands), commands right and kept: no prompt 87 and 80 of 90; the words
-comma-separated, up to 100 tokens, 88 and 87; up to 16 tokens 85 and 79; space-separated (31 tokens for
-the menu) 90 and 88.
+window (LiteRT's decoder takes it a token at a time), so it is short: the words once each, at most
+PROMPT_TOKENS. On the tuning voices (ONNX Runtime, with each variant's threshold set to reject 90% of the
+non-commands), commands right and kept: no prompt 87 and 80 of 90; the words comma-separated, up to 100
+tokens, 88 and 87; up to 16 tokens 85 and 79; space-separated (31 tokens for the menu) 90 and 88.
+
+A word list (a grammar each of whose words is a phrase by itself: digit strings, yes/no) is named as
+sentences instead, "Zero. Oh. One. …", and decoded greedily. As a run of words the prompt read as a list
+to continue, and the model repeated the digit it heard ("three three", at 0.61 against end-of-text's 0.33).
+On the held-out digits (`benchmarks/short_clips.py`'s espeak-ng voices, 120 single digits), right of 120,
+ONNX Runtime / LiteRT: words spaced, greedy 94 / 101, beams 75 / 99; as sentences, greedy 109 / 110, beams
+102 / 109. As sentences, the menu's tuning commands fell from 85-88 to 71-79 of 90 (each word read as a
+command of its own), so a grammar of phrases keeps the spaced words and the bundle's beams.
 
 The mean, not the sum: on the tuning voices, the sum rejected correct commands that free decoding had
 garbled over several words ("Can you make us lower?" for "conveyor slower") as readily as near misses,
@@ -52,7 +59,8 @@ class CommandMode:
 
         self.grammar, self.threshold = grammar, threshold
         self.tokens = TokenGrammar(grammar, tokenizer)
-        self.prompt = named_words(grammar, tokenizer)
+        self.greedy = is_word_list(grammar)  # decoded greedily even where the bundle recommends beams
+        self.prompt = named_words(grammar, tokenizer, as_sentences=self.greedy)
 
     @property
     def decoding(self) -> dict:
@@ -76,14 +84,31 @@ class CommandMode:
         return Verdict(found[0], found[1], confidence)
 
 
-def named_words(grammar: Grammar, tokenizer) -> tuple[int, ...]:
-    """Tokens naming the grammar's words in the order they first appear ("start stop line one …"), as many
-    as fit in PROMPT_TOKENS. Letters and digits alone are not named: on the tuning voices' spelled codes,
-    "a, b, c, …" in the prompt took the codes matched from 20 to 16 of 30."""
-    words, tokens = [], ()
-    for word in dict.fromkeys(word for _, word, _ in grammar.automaton.words if len(word) > 1):
-        encoded = tuple(tokenizer.encode(" " + " ".join([*words, word])))
+def is_word_list(grammar: Grammar) -> bool:
+    """Whether each of the grammar's words is a phrase by itself (digit strings, yes/no; not spelled codes
+    of 2 or more symbols, nor a menu)."""
+    automaton = grammar.automaton
+    first = automaton.closure([automaton.start])
+    alone = {word for state, word, after in automaton.words
+             if state in first and automaton.accept in automaton.closure([after])}
+    return all(word in alone for _, word, _ in automaton.words)
+
+
+def named(grammar: Grammar) -> list[str]:
+    """The grammar's words of 2 letters or more, in the order they first appear."""
+    return list(dict.fromkeys(word for _, word, _ in grammar.automaton.words if len(word) > 1))
+
+
+def named_words(grammar: Grammar, tokenizer, as_sentences: bool = False) -> tuple[int, ...]:
+    """Tokens naming the grammar's words in the order they first appear ("start stop line one …", or
+    "Zero. Oh. One. …" `as_sentences`), as many as fit in PROMPT_TOKENS. Letters and digits alone are not
+    named: on the tuning voices' spelled codes, "a, b, c, …" in the prompt took the codes matched from 20
+    to 16 of 30."""
+    pieces, tokens = [], ()
+    for word in named(grammar):
+        piece = word.capitalize() + "." if as_sentences else word
+        encoded = tuple(tokenizer.encode(" " + " ".join([*pieces, piece])))
         if len(encoded) > PROMPT_TOKENS:
             break
-        words, tokens = [*words, word], encoded
+        pieces, tokens = [*pieces, piece], encoded
     return tokens

@@ -121,7 +121,10 @@ class Transcriber:
         return self._segments(*decoded, offset, len(audio) / SAMPLE_RATE)
 
     def decoder_for(self, samples: int) -> WindowDecoder:
-        """The decoder of a window of `samples`: beams for a short one where the bundle recommends them."""
+        """The decoder of a window of `samples`: beams for a short one where the bundle recommends them,
+        unless command mode's grammar is a word list (decoded greedily: see commands.py)."""
+        if self.command and self.command.greedy:
+            return self.decoder
         return self.short_decoder if self.short_decoder and samples <= self.short_samples else self.decoder
 
     def _decode_guarded(self, decoder: WindowDecoder, window, rng):

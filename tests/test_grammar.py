@@ -142,6 +142,26 @@ def test_a_command_is_recognized_and_a_sentence_is_rejected(bundle_int8, tmp_pat
     assert transcriber.transcribe(np.zeros(32000, np.float32)).segments == []  # silence: nothing, not [unk]
 
 
+def test_a_word_list_is_named_as_sentences_and_decoded_greedily(tokenizer):
+    from edge_asr.commands import CommandMode, is_word_list
+
+    lists = {"digits.gbnf": True, "yes_no.txt": True, "machine.gbnf": False, "codes.gbnf": False}
+    assert {name: is_word_list(Grammar.from_file(EXAMPLES / name)) for name in lists} == lists
+    digits = CommandMode(Grammar.from_file(EXAMPLES / "digits.gbnf"), tokenizer)
+    assert digits.greedy and tokenizer.decode(list(digits.prompt)).startswith(" Zero. Oh. One. Two.")
+    menu = CommandMode(Grammar.from_file(EXAMPLES / "machine.gbnf"), tokenizer)
+    assert not menu.greedy and tokenizer.decode(list(menu.prompt)).startswith(" start stop line one two")
+
+
+def test_command_mode_takes_beams_only_for_a_grammar_of_phrases(bundle_int8):
+    from edge_asr.transcriber import ShortWindowBeam, Transcriber
+
+    for name, beams in (("digits.gbnf", False), ("machine.gbnf", True)):
+        transcriber = Transcriber(bundle_int8, grammar=EXAMPLES / name, short_window_beam=ShortWindowBeam(5.0, 5))
+        assert (transcriber.decoder_for(16000).options.beam_size > 1) is beams, name
+        assert transcriber.decoder_for(8 * 16000).options.beam_size == 1
+
+
 @pytest.mark.parametrize("text, where", [
     ('root ::= "start" (\n', "2:1"),
     ('root ::= "yes" | start\n', "1:18"),
