@@ -2,7 +2,8 @@
 devices that run ai-edge-litert or tflite-runtime instead (armv7 has no onnxruntime wheel).
 
 The graphs have static shapes (see the build step's `tflite_export`): Whisper's decoder takes one token
-per call over a fixed number of cache slots, and the LSTM graph has a one-step and a chunk signature.
+per call over a fixed number of cache slots (and, in bundles since prompt chunks, a prompt 8 tokens per
+call: CompiledModel API only), and the LSTM graph has a one-step and a chunk signature.
 
 Whisper runs on ai-edge-litert's CompiledModel API where it exists: its XNNPACK weight cache packs the
 weights a file's signatures share once, where the Interpreter API packs them again for every signature.
@@ -23,6 +24,8 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError, EdgeAsrError
 from .threads import resolve_threads
+
+CHUNK_PREFIX = "prefill_"  # decoder signatures that take a prompt several tokens at a time
 
 
 def interpreter_class():
@@ -153,10 +156,11 @@ class CompiledWhisper:
             self.encoder = self._load(api, bundle.file("encoder", "tflite"), environment, options())
             self.decoder = self._load(api, bundle.file("decoder", "tflite"), environment, options())
         self._encoders = {_window_frames(name): name for name in self.encoder.get_signature_list()}
-        self._decoders = {}  # audio positions -> signature name
+        self._decoders, self._chunks = {}, {}  # audio positions -> step / prompt-chunk signature name
         for name in self.decoder.get_signature_list():
-            self._decoders[int(self.decoder.get_input_tensor_details(name)["cross_v_0"]["shape"][-2])] = name
-        first = next(iter(self.decoder.get_signature_list()))
+            positions = int(self.decoder.get_input_tensor_details(name)["cross_v_0"]["shape"][-2])
+            (self._chunks if name.startswith(CHUNK_PREFIX) else self._decoders)[positions] = name
+        first = next(name for name in self.decoder.get_signature_list() if not name.startswith(CHUNK_PREFIX))
         inputs = self.decoder.get_input_tensor_details(first)
         self.n_layer = sum(name.startswith("self_k_") for name in inputs)
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
@@ -170,8 +174,18 @@ class CompiledWhisper:
             self._step_out = {name: self.decoder.create_output_buffer_by_name(first, name)
                               for name in self.decoder.get_signature_list()[first]["outputs"]}
         self._out_shapes = {name: d["shape"] for name, d in self.decoder.get_output_tensor_details(first).items()}
+        self._chunk_in, self._chunk_out, self._chunk_tokens = {}, {}, 0
+        if self._chunks:  # a bundle from before prompt chunks has none: its prompts go a token at a time
+            chunk = next(iter(self._chunks.values()))
+            self._chunk_tokens = int(self.decoder.get_input_tensor_details(chunk)["token"]["shape"][-1])
+            with _stderr_silenced():
+                self._chunk_in = {name: self.decoder.create_input_buffer_by_name(chunk, name)
+                                  for name in ("token", "position", *self.cache_names)}
+                self._chunk_out = {name: self.decoder.create_output_buffer_by_name(chunk, name)
+                                   for name in self.decoder.get_signature_list()[chunk]["outputs"]}
+            self._chunk_shapes = {n: d["shape"] for n, d in self.decoder.get_output_tensor_details(chunk).items()}
         self._fed_cross = None
-        self._run = None
+        self._run = self._chunk_run = None
 
     @staticmethod
     def _load(api, path, environment, options):
@@ -211,6 +225,13 @@ class CompiledWhisper:
         io = self.decoder.get_signature_list()[name]
         self._run = (self.decoder.get_signature_index(name), [buffers[n] for n in io["inputs"]],
                      [self._step_out[n] for n in io["outputs"]])
+        chunk = self._chunks.get(cross[1].shape[-2])
+        self._chunk_run = None
+        if chunk is not None:  # the same cross-attention buffers serve both signatures: written once
+            chunk_buffers = {**buffers, **self._chunk_in}
+            io = self.decoder.get_signature_list()[chunk]
+            self._chunk_run = (self.decoder.get_signature_index(chunk), [chunk_buffers[n] for n in io["inputs"]],
+                               [self._chunk_out[n] for n in io["outputs"]])
         self._fed_cross = cross
 
     def _step(self, token: int, position: int) -> None:
@@ -232,12 +253,34 @@ class CompiledWhisper:
         """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
         if cross is not self._fed_cross:
             self._feed(cross)
-        for token in tokens:
+        logits, start, n = None, 0, self._chunk_tokens
+        while self._chunk_run is not None and len(tokens) - start >= n:  # a prompt, a chunk at a time
+            logits = self._chunk(tokens[start:start + n], position)
+            start, position = start + n, position + n
+        for token in tokens[start:]:
             self._step(token, position)
             for name in self.cache_names:  # the step's new key or value (output k_0, v_0, …) into its slot
                 _slots(name, self._cache[name], position, position + 1)[...] = self._output(name.removeprefix("self_"))
             position += 1
-        return self._output("logits")[0], position
+            logits = None
+        return (self._output("logits")[0] if logits is None else logits), position
+
+    def _chunk(self, tokens: list[int], position: int) -> np.ndarray:
+        """`tokens` (a chunk's worth) at slots position…: their keys and values into the cache, and the
+        logits after the last of them."""
+        if position + len(tokens) > self.max_tokens:
+            raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
+        self._chunk_in["token"].write(np.array([tokens], np.int32))
+        self._chunk_in["position"].write(np.array([position], np.int32))
+        for name in self.cache_names:
+            self._chunk_in[name].write(self._cache[name])
+        index, inputs, outputs = self._chunk_run
+        self.decoder.run_by_index(index, inputs, outputs)
+        for name in self.cache_names:
+            out = name.removeprefix("self_")
+            _slots(name, self._cache[name], position, position + len(tokens))[...] = \
+                _read(self._chunk_out[out], self._chunk_shapes[out])
+        return _read(self._chunk_out["logits"], self._chunk_shapes["logits"])[0]
 
     def select_beams(self, cache, sources: list[int]) -> list[np.ndarray]:
         """The caches of beams that extend beams `sources`. Beams carry their own caches, flat as ONNX's
@@ -288,7 +331,9 @@ class InterpreterWhisper:
             self.encoders[_window_frames(name)] = encoder.get_signature_runner(name)
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self._wrapper = self.interpreter._interpreter  # noqa: SLF001
-        signatures = [_DecoderSignature(self.interpreter, name) for name in self.interpreter.get_signature_list()]
+        # Prompt-chunk signatures are left to the CompiledModel API: here each signature holds its own cache.
+        signatures = [_DecoderSignature(self.interpreter, name) for name in self.interpreter.get_signature_list()
+                      if not name.startswith(CHUNK_PREFIX)]
         self.decoders = {signature.n_audio: signature for signature in signatures}
         self._allocated: set[int] = set()  # subgraphs get their tensors when a window first needs them
         first = signatures[0]

@@ -65,6 +65,31 @@ def test_tflite_decoder_refuses_more_tokens_than_its_slots(bundle_fp32):
         model.decode([50257] * (model.max_tokens + 1), model.empty_cache(), cross)
 
 
+def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32, speech):
+    from edge_asr.tflite_backend import CompiledWhisper, _slots
+
+    bundle = Bundle.load(bundle_fp32)
+    model = CompiledWhisper(bundle)
+    assert model._chunk_tokens == 8
+    text, audio = speech[0]
+    cross = model.encode(window_features(audio, bundle.mel_filters))
+    tokens = [50361, *bundle.tokenizer.encode(" Zero. Oh. One. Two. Three. Four. Five. Six. Seven."), 50257, 50362]
+    assert len(tokens) % 8 != 0  # whole chunks, then steps
+
+    def decoded(chunks: bool):
+        model._feed(cross)
+        if not chunks:
+            model._chunk_run = None
+        logits, filled = model.decode(tokens, model.empty_cache(), cross)
+        after, _ = model.decode([bundle.tokenizer.encode(" Hello")[0]], filled, cross)
+        return logits, after, [_slots(n, model._cache[n], 0, filled + 1).copy() for n in model.cache_names]
+
+    by_token, in_chunks = decoded(False), decoded(True)
+    for a, b in zip(by_token[:2], in_chunks[:2]):
+        assert np.abs(a - b).max() < 1e-3 and a.argmax() == b.argmax()
+    assert max(np.abs(a - b).max() for a, b in zip(by_token[2], in_chunks[2])) < 1e-3
+
+
 def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
     from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm
     from edge_asr_build.tflite_export import CHUNK_STEPS, export_lstm_tflite
