@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=0.0, help="minutes of audio for the RSS soak (0: none)")
     parser.add_argument("--plot", help="PNG of RSS over the soak")
     parser.add_argument("--grammar", help="command mode: a stream of this grammar's phrases, decoded under it")
+    parser.add_argument("--block", type=float, help="seconds of audio per block the source gives "
+                        "(default: the runtime's, as `edge-asr listen` reads a microphone)")
     args = parser.parse_args()
 
     from edge_asr.metrics import word_error_rate
@@ -123,12 +125,13 @@ def main() -> int:
     alone = [transcriber.transcribe(audio[a:int((e + 0.3) * SAMPLE_RATE)]).text for a, e in zip(starts, ends)]
     rows = [("each sentence alone", word_error_rate([" ".join(texts)], [" ".join(alone)]), len(texts), 0, None)]
 
-    finals, rec = run_stream(transcriber, FileSource(str(wav)), args)
+    blocks = {} if args.block is None else {"block_seconds": args.block}
+    finals, rec = run_stream(transcriber, FileSource(str(wav), **blocks), args)
     rows.append(("stream, full speed", word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
                  len(finals), 0, rec.counters.rtf))
     latencies = []
     if not args.skip_realtime:
-        source = FileSource(str(wav), realtime=True)
+        source = FileSource(str(wav), realtime=True, **blocks)
         finals, rec = run_stream(transcriber, source, args)
         rows.append(("stream, real time", word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
                      len(finals), source.dropped_frames, rec.counters.rtf))

@@ -499,14 +499,14 @@ def _clock(seconds: float) -> str:
 
 def cmd_listen(args) -> int:
     from .endpointer import Endpointer
-    from .sources import FileSource, MicrophoneSource
+    from .sources import BLOCK_SECONDS, FileSource, MicrophoneSource
     from .stream import StreamRecognizer
     from .vad import make_vad
 
     transcriber = _transcriber(args)
-    # A streaming model answers within a block: small blocks keep its partials early. Whisper re-decodes the
-    # whole utterance per partial, for which 100 ms blocks are plenty.
-    block = args.block or (0.02 if hasattr(transcriber, "stream") else 0.1)
+    # A streaming model answers within a block: small blocks keep its partials early. Whisper's final comes
+    # at an endpoint, which the endpointer finds per voice-activity frame: a block is one such frame.
+    block = args.block or (0.02 if hasattr(transcriber, "stream") else BLOCK_SECONDS)
     source = (FileSource(args.file, realtime=args.realtime, block_seconds=block) if args.file
               else MicrophoneSource(args.device, args.rate, block_seconds=block))
     tty = sys.stderr.isatty() and not args.json
@@ -957,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-utterance", type=float, default=20.0, help="longer speech is split at its quietest point")
     p.add_argument("--pre-roll", type=float, default=0.3, help="seconds of audio kept before speech onset")
     p.add_argument("--block", type=float, help="seconds of audio per block from the source "
-                                               "(default: 0.02 for LSTM-CTC bundles, 0.1 for Whisper)")
+                                               "(default: 0.02 for LSTM-CTC bundles, 0.032 for Whisper)")
     p.add_argument("--partial-interval", type=float, default=1.0,
                    help="Whisper: re-decode the growing utterance every N seconds of audio (0: no partials); "
                         "LSTM-CTC bundles give partials as their characters come")
