@@ -17,7 +17,9 @@ from .errors import BundleError
 from .tokenizer import Tokenizer
 
 FORMAT = "edge-asr-bundle"
-FORMAT_VERSION = 1
+# 2: the TFLite decoder has "prefill_" signatures beside its "decode_" ones, which a runtime of format 1
+# would take for one-token steps. A runtime reads every version up to its own.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FORMATS = ("onnx", "ort", "tflite")
 

@@ -86,6 +86,23 @@ def test_incomplete_bundle_is_refused(bundle_int8, tmp_path, wav):
     assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), "missing tokens.json")
 
 
+def test_bundle_format_versions_up_to_the_runtimes_load_and_a_newer_one_is_refused(bundle_int8, tmp_path, wav):
+    from edge_asr.bundle import FORMAT_VERSION, Bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_int8, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    # bundles made before the version was written, and before prompt chunks
+    for older in ({k: v for k, v in manifest.items() if k != "format_version"}, {**manifest, "format_version": 1}):
+        (copy / "manifest.json").write_text(json.dumps(older))
+        assert Bundle.load(copy).manifest["name"] == manifest["name"]
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), f"bundle format {FORMAT_VERSION + 1}",
+                          "newer than this runtime reads")
+
+
 def test_unknown_build_source(tmp_path):
     assert_one_line_error(run_cli("build", "--source", tmp_path / "no-model", "--out", tmp_path / "b"), "no such file")
 

@@ -71,7 +71,7 @@ def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32
     bundle = Bundle.load(bundle_fp32)
     model = CompiledWhisper(bundle)
     assert model._chunk_tokens == 8
-    text, audio = speech[0]
+    _, audio = speech[0]
     cross = model.encode(window_features(audio, bundle.mel_filters))
     tokens = [50361, *bundle.tokenizer.encode(" Zero. Oh. One. Two. Three. Four. Five. Six. Seven."), 50257, 50362]
     assert len(tokens) % 8 != 0  # whole chunks, then steps
