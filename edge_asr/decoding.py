@@ -189,14 +189,16 @@ class WindowDecoder:
     def prefill(self, mel: np.ndarray | None = None, cross: list | None = None) -> Prefilled:
         """The window of `mel`, or of the encoder output `cross` another prefill already computed."""
         cross = self.model.encode(mel) if cross is None else cross
+        # Read without the prompt: a grammar's words named there talked the model out of hearing noise as
+        # noise (4 of 8 noise and silence clips got a phrase or [unk]; without it, none). Read first: a LiteRT
+        # model keeps one cache, whose first slot the prompt then takes back.
+        probe = None
+        if self.no_speech is not None and self.options.grammar is not None and len(self.head) > 1:
+            probe, _ = self.model.decode([self.sot], self.model.empty_cache(), cross)
         logits, cache = self.model.decode(self.head, self.model.empty_cache(), cross)
         no_speech_prob = 0.0
         if self.no_speech is not None:
-            probe = logits
-            if self.options.grammar is not None and len(self.head) > 1:
-                # Read without the prompt: a grammar's words named there talked the model out of hearing
-                # noise as noise (4 of 8 noise and silence clips got a phrase or [unk]; without it, none).
-                probe, _ = self.model.decode([self.sot], self.model.empty_cache(), cross)
+            probe = logits if probe is None else probe
             no_speech_prob = float(np.exp(log_softmax(probe.astype(np.float32))[self.no_speech]))
         if self.task:
             logits, cache = self.model.decode(self.task, cache, cross)

@@ -90,6 +90,28 @@ def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32
     assert max(np.abs(a - b).max() for a, b in zip(by_token[2], in_chunks[2])) < 1e-3
 
 
+def test_command_mode_reads_the_same_window_on_every_backend(fp32_backends, speech):
+    """Command mode reads the no-speech probability without its prompt: on LiteRT, whose model keeps one
+    cache, that read must not leave its token in the slot the prompt starts from."""
+    from pathlib import Path
+
+    from edge_asr.commands import CommandMode
+    from edge_asr.grammar import Grammar
+
+    grammar = Grammar.from_file(Path(__file__).parent.parent / "examples" / "grammars" / "machine.gbnf")
+    _, audio = speech[0]
+    windows = {}
+    for backend in ("onnx", "tflite"):
+        transcriber = fp32_backends[backend]
+        command = CommandMode(grammar, transcriber.tokenizer)
+        decoder = transcriber.decoder.with_options(**command.decoding)
+        window = decoder.prefill(window_features(audio, transcriber.bundle.mel_filters))
+        windows[backend] = (window.logits, window.no_speech_prob, decoder.decode(window).tokens)
+    (logits, no_speech, tokens), (other_logits, other_no_speech, other_tokens) = windows["onnx"], windows["tflite"]
+    assert np.abs(logits - other_logits).max() < 1e-3
+    assert abs(no_speech - other_no_speech) < 1e-4 and tokens == other_tokens
+
+
 def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
     from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm
     from edge_asr_build.tflite_export import CHUNK_STEPS, export_lstm_tflite
