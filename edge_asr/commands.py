@@ -10,10 +10,11 @@ Below the threshold the result is `[unk]`.
 
 The grammar's words are also named in the previous-text prompt, as hotwords are (`hotwords.py`): a
 model that has "just heard" them writes them where the audio allows. The prompt is paid for in every
-window (LiteRT's decoder takes it a token at a time), so it is short: the words once each, at most
-PROMPT_TOKENS. On the tuning voices (ONNX Runtime, with each variant's threshold set to reject 90% of the
-non-commands), commands right and kept: no prompt 87 and 80 of 90; the words comma-separated, up to 100
-tokens, 88 and 87; up to 16 tokens 85 and 79; space-separated (31 tokens for the menu) 90 and 88.
+window (LiteRT's decoder takes it 8 tokens a run, or a token at a time through the Interpreter API), so
+it is short: the words once each, at most PROMPT_TOKENS. On the tuning voices (ONNX Runtime, with each
+variant's threshold set to reject 90% of the non-commands), commands right and kept: no prompt 87 and 80
+of 90; the words comma-separated, up to 100 tokens, 88 and 87; up to 16 tokens 85 and 79; space-separated
+(31 tokens for the menu) 90 and 88.
 
 A word list (a grammar each of whose words is a phrase by itself: digit strings, yes/no) is named as
 sentences instead, "Zero. Oh. One. …", and decoded greedily. As a run of words the prompt read as a list

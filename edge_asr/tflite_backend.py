@@ -174,7 +174,7 @@ class CompiledWhisper:
             self._step_out = {name: self.decoder.create_output_buffer_by_name(first, name)
                               for name in self.decoder.get_signature_list()[first]["outputs"]}
         self._out_shapes = {name: d["shape"] for name, d in self.decoder.get_output_tensor_details(first).items()}
-        self._chunk_in, self._chunk_out, self._chunk_tokens = {}, {}, 0
+        self._chunk_in, self._chunk_out, self._chunk_shapes, self._chunk_tokens = {}, {}, {}, 0
         if self._chunks:  # a bundle from before prompt chunks has none: its prompts go a token at a time
             chunk = next(iter(self._chunks.values()))
             self._chunk_tokens = int(self.decoder.get_input_tensor_details(chunk)["token"]["shape"][-1])
