@@ -13,9 +13,9 @@ TFLite wants static shapes, so the graphs differ from the ONNX ones in how they 
            `position` of the cache it feeds back. Slots at or after `position` are masked, so unwritten
            slots never matter, and a step copies a few kilobytes instead of the whole cache.
                            "prefill_<frames / 2>": the same for PROMPT_CHUNK tokens at once (token
-               (1, PROMPT_CHUNK), slots position…, each token seeing the slots up to its own; k_i and v_i for each), so that
-               a prompt costs a run per chunk: a command grammar's 24-token prompt took 106-185 ms a token
-               at a time and 16-28 ms in chunks (LiteRT, 2 threads, a 1 s window).
+               (1, PROMPT_CHUNK), slots position…, each token seeing the slots up to its own; k_i and v_i
+               for each), so that a prompt costs a run per chunk: a command grammar's 24-token prompt took
+               106-185 ms a token at a time and 16-28 ms in chunks (LiteRT, 2 threads, a 1 s window).
   lstm-ctc acoustic.tflite  signatures "step" (1 step: `stack` frames) and "chunk" (CHUNK_STEPS steps),
            each  features (steps * stack, n_mels), h_i, c_i -> log_probs (steps, n_symbols), h_i', c_i'
            A stream runs whole chunks and the remainder step by step; the state carries across calls, so the
