@@ -97,7 +97,7 @@ class DecoderStepGraph(nn.Module):
 
     def _written(self, written: Tensor, k_t: Tensor, v: Tensor, cached_k: Tensor, cached_v: Tensor):
         """The cache with the new tokens' keys and values in their slots."""
-        if self.n_tokens == 1:  # broadcast over the slot axis
+        if self.n_tokens == 1:  # broadcast over the slot axis: the one-token graph as it was before chunks
             return torch.where(written, k_t, cached_k), torch.where(written.T, v, cached_v)
         # One-hot products place each token's key and value in its slot (exact: every other term is zero).
         placed = written.to(k_t.dtype)

@@ -133,6 +133,30 @@ def whisper_model(bundle: Bundle, threads: int | None = None):
     return (CompiledWhisper if compiled_model_api() else InterpreterWhisper)(bundle, threads)
 
 
+class _DecoderBuffers:
+    """The token, position and cache input buffers and the output buffers of a decoder signature, shared by
+    the signatures of every window length that take as many tokens per run; `bind` adds a window's
+    cross-attention buffers and picks its signature (None: this window has none)."""
+
+    def __init__(self, model, name: str, cache_names: list[str]):
+        self.tokens = int(model.get_input_tensor_details(name)["token"]["shape"][-1])
+        self.inputs = {n: model.create_input_buffer_by_name(name, n) for n in ("token", "position", *cache_names)}
+        self.outputs = {n: model.create_output_buffer_by_name(name, n) for n in model.get_signature_list()[name]["outputs"]}
+        self.shapes = {n: d["shape"] for n, d in model.get_output_tensor_details(name).items()}
+        self.run = None  # (signature index, input buffers, output buffers) of the window fed last
+
+    def bind(self, model, name: str | None, cross_buffers: dict) -> None:
+        if name is None:
+            self.run = None
+            return
+        buffers, io = {**cross_buffers, **self.inputs}, model.get_signature_list()[name]
+        self.run = (model.get_signature_index(name), [buffers[n] for n in io["inputs"]],
+                    [self.outputs[n] for n in io["outputs"]])
+
+    def output(self, name: str) -> np.ndarray:
+        return _read(self.outputs[name], self.shapes[name])
+
+
 class CompiledWhisper:
     """Encoder and one-token decoder on LiteRT's CompiledModel API, with the protocol of
     `InterpreterWhisper` (below): the runtime keeps the decoder's self-attention cache and writes each
@@ -166,26 +190,15 @@ class CompiledWhisper:
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
         self.cache_names = [f"self_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
         self.max_tokens = int(inputs["self_k_0"]["shape"][-1])
-        # Every decoder signature has the same token, position, cache and output shapes: one set serves all.
         self._cache = {name: np.zeros(inputs[name]["shape"], np.float32) for name in self.cache_names}
+        # Every one-token signature has the same token, position, cache and output shapes: one set of buffers
+        # serves all; so for the prompt-chunk signatures (none in a bundle from before them: its prompts go
+        # a token at a time).
         with _stderr_silenced():
-            self._step_in = {name: self.decoder.create_input_buffer_by_name(first, name)
-                             for name in ("token", "position", *self.cache_names)}
-            self._step_out = {name: self.decoder.create_output_buffer_by_name(first, name)
-                              for name in self.decoder.get_signature_list()[first]["outputs"]}
-        self._out_shapes = {name: d["shape"] for name, d in self.decoder.get_output_tensor_details(first).items()}
-        self._chunk_in, self._chunk_out, self._chunk_shapes, self._chunk_tokens = {}, {}, {}, 0
-        if self._chunks:  # a bundle from before prompt chunks has none: its prompts go a token at a time
-            chunk = next(iter(self._chunks.values()))
-            self._chunk_tokens = int(self.decoder.get_input_tensor_details(chunk)["token"]["shape"][-1])
-            with _stderr_silenced():
-                self._chunk_in = {name: self.decoder.create_input_buffer_by_name(chunk, name)
-                                  for name in ("token", "position", *self.cache_names)}
-                self._chunk_out = {name: self.decoder.create_output_buffer_by_name(chunk, name)
-                                   for name in self.decoder.get_signature_list()[chunk]["outputs"]}
-            self._chunk_shapes = {n: d["shape"] for n, d in self.decoder.get_output_tensor_details(chunk).items()}
+            self._step_io = _DecoderBuffers(self.decoder, first, self.cache_names)
+            self._chunk_io = (_DecoderBuffers(self.decoder, next(iter(self._chunks.values())), self.cache_names)
+                              if self._chunks else None)
         self._fed_cross = None
-        self._run = self._chunk_run = None
 
     @staticmethod
     def _load(api, path, environment, options):
@@ -218,69 +231,41 @@ class CompiledWhisper:
         if name is None:
             raise EdgeAsrError(f"this TFLite decoder takes {sorted(self._decoders)} audio positions, "
                                f"not {cross[1].shape[-2]}")
-        buffers = dict(self._step_in)
+        cross_buffers = {}
         for n, value in zip(self.cross_names, cross):
-            buffers[n] = self.decoder.create_input_buffer_by_name(name, n)
-            buffers[n].write(np.ascontiguousarray(value, dtype=np.float32))
-        io = self.decoder.get_signature_list()[name]
-        self._run = (self.decoder.get_signature_index(name), [buffers[n] for n in io["inputs"]],
-                     [self._step_out[n] for n in io["outputs"]])
-        chunk = self._chunks.get(cross[1].shape[-2])
-        self._chunk_run = None
-        if chunk is not None:  # the same cross-attention buffers serve both signatures: written once
-            chunk_buffers = {**buffers, **self._chunk_in}
-            io = self.decoder.get_signature_list()[chunk]
-            self._chunk_run = (self.decoder.get_signature_index(chunk), [chunk_buffers[n] for n in io["inputs"]],
-                               [self._chunk_out[n] for n in io["outputs"]])
+            cross_buffers[n] = self.decoder.create_input_buffer_by_name(name, n)
+            cross_buffers[n].write(np.ascontiguousarray(value, dtype=np.float32))
+        self._step_io.bind(self.decoder, name, cross_buffers)
+        if self._chunk_io is not None:  # the same cross-attention buffers serve both signatures: written once
+            self._chunk_io.bind(self.decoder, self._chunks.get(cross[1].shape[-2]), cross_buffers)
         self._fed_cross = cross
 
-    def _step(self, token: int, position: int) -> None:
-        """One decoder run: `token` at slot `position`, attending to the runtime's cache arrays' first
-        `position` slots (later slots are masked, whatever they hold)."""
-        if position >= self.max_tokens:
-            raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
-        self._step_in["token"].write(np.array([[token]], np.int32))
-        self._step_in["position"].write(np.array([position], np.int32))
-        for name in self.cache_names:
-            self._step_in[name].write(self._cache[name])
-        index, inputs, outputs = self._run
-        self.decoder.run_by_index(index, inputs, outputs)
-
-    def _output(self, name: str) -> np.ndarray:
-        return _read(self._step_out[name], self._out_shapes[name])
-
-    def decode(self, tokens: list[int], position: int, cross: list[np.ndarray]) -> tuple[np.ndarray, int]:
-        """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
-        if cross is not self._fed_cross:
-            self._feed(cross)
-        logits, start, n = None, 0, self._chunk_tokens
-        while self._chunk_run is not None and len(tokens) - start >= n:  # a prompt, a chunk at a time
-            logits = self._chunk(tokens[start:start + n], position)
-            start, position = start + n, position + n
-        for token in tokens[start:]:
-            self._step(token, position)
-            for name in self.cache_names:  # the step's new key or value (output k_0, v_0, …) into its slot
-                _slots(name, self._cache[name], position, position + 1)[...] = self._output(name.removeprefix("self_"))
-            position += 1
-            logits = None
-        return (self._output("logits")[0] if logits is None else logits), position
-
-    def _chunk(self, tokens: list[int], position: int) -> np.ndarray:
-        """`tokens` (a chunk's worth) at slots position…: their keys and values into the cache, and the
-        logits after the last of them."""
+    def _run(self, io: _DecoderBuffers, tokens: list[int], position: int) -> None:
+        """One decoder run of `io`'s signature: `tokens` at slots `position`…, attending to the runtime's
+        cache arrays' slots before them (later slots are masked, whatever they hold)."""
         if position + len(tokens) > self.max_tokens:
             raise EdgeAsrError(f"the TFLite decoder holds {self.max_tokens} tokens per window")
-        self._chunk_in["token"].write(np.array([tokens], np.int32))
-        self._chunk_in["position"].write(np.array([position], np.int32))
+        io.inputs["token"].write(np.array([tokens], np.int32))
+        io.inputs["position"].write(np.array([position], np.int32))
         for name in self.cache_names:
-            self._chunk_in[name].write(self._cache[name])
-        index, inputs, outputs = self._chunk_run
-        self.decoder.run_by_index(index, inputs, outputs)
-        for name in self.cache_names:
-            out = name.removeprefix("self_")
-            _slots(name, self._cache[name], position, position + len(tokens))[...] = \
-                _read(self._chunk_out[out], self._chunk_shapes[out])
-        return _read(self._chunk_out["logits"], self._chunk_shapes["logits"])[0]
+            io.inputs[name].write(self._cache[name])
+        self.decoder.run_by_index(*io.run)
+
+    def decode(self, tokens: list[int], position: int, cross: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them: a prompt
+        a chunk at a time where the window has a chunk signature, the rest a token at a time."""
+        if cross is not self._fed_cross:
+            self._feed(cross)
+        chunk, io, start = self._chunk_io, self._step_io, 0
+        while start < len(tokens):
+            whole_chunk = chunk is not None and chunk.run is not None and len(tokens) - start >= chunk.tokens
+            io = chunk if whole_chunk else self._step_io
+            self._run(io, tokens[start:start + io.tokens], position)
+            for name in self.cache_names:  # the run's new keys or values (outputs k_0, v_0, …) into their slots
+                _slots(name, self._cache[name], position, position + io.tokens)[...] = \
+                    io.output(name.removeprefix("self_"))
+            start, position = start + io.tokens, position + io.tokens
+        return io.output("logits")[0], position
 
     def select_beams(self, cache, sources: list[int]) -> list[np.ndarray]:
         """The caches of beams that extend beams `sources`. Beams carry their own caches, flat as ONNX's
@@ -301,10 +286,10 @@ class CompiledWhisper:
         for beam, token in enumerate(np.asarray(tokens)[:, -1]):
             for name, c in zip(self.cache_names, cache):  # the runtime's cache arrays are this beam's scratch
                 _slots(name, self._cache[name], 0, position)[...] = c[beam]
-            self._step(token, position)
-            logits.append(self._output("logits")[0])
+            self._run(self._step_io, [token], position)
+            logits.append(self._step_io.output("logits")[0])
             for rows, name in zip(new, self.cache_names):
-                rows.append(self._output(name.removeprefix("self_")))
+                rows.append(self._step_io.output(name.removeprefix("self_")))
         cache = [np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
                  for name, c, rows in zip(self.cache_names, cache, new)]
         return np.stack(logits), cache

@@ -70,7 +70,7 @@ def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32
 
     bundle = Bundle.load(bundle_fp32)
     model = CompiledWhisper(bundle)
-    assert model._chunk_tokens == 8
+    assert model._chunk_io.tokens == 8
     _, audio = speech[0]
     cross = model.encode(window_features(audio, bundle.mel_filters))
     tokens = [50361, *bundle.tokenizer.encode(" Zero. Oh. One. Two. Three. Four. Five. Six. Seven."), 50257, 50362]
@@ -79,7 +79,7 @@ def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32
     def decoded(chunks: bool):
         model._feed(cross)
         if not chunks:
-            model._chunk_run = None
+            model._chunk_io.run = None
         logits, filled = model.decode(tokens, model.empty_cache(), cross)
         after, _ = model.decode([bundle.tokenizer.encode(" Hello")[0]], filled, cross)
         return logits, after, [_slots(n, model._cache[n], 0, filled + 1).copy() for n in model.cache_names]
