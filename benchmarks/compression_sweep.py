@@ -12,6 +12,7 @@ own process (so that peak RSS is the bundle's alone): 2 threads, RTF the median 
 `--recovered` are compact deltas (`edge-asr recover`), built as `edge-asr build --compact` builds them.
 A table is printed; with --plot, WER against MB, parameters, peak RSS and RTF is saved as one PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,26 @@ from pathlib import Path
 
 
 def bench(bundle: Path, dirs: list[str], runs: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "edge_asr", "bench", "--json", "--bundle", str(bundle), "--backend", "onnx",
-                          "--runs", str(runs), "--threads", str(threads), *dirs], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_asr",
+            "bench",
+            "--json",
+            "--bundle",
+            str(bundle),
+            "--backend",
+            "onnx",
+            "--runs",
+            str(runs),
+            "--threads",
+            str(threads),
+            *dirs,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise SystemExit(f"bench failed on {bundle}: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout)
@@ -62,35 +81,66 @@ def main() -> int:
                 bundle = Path(tmp) / f"{label}-{precision}"
                 build(bundle, precision)
                 r = bench(bundle, args.dirs, args.runs, args.threads)
-            rows.append({"label": label, "factors": factors, "recovery": recovery, "precision": precision,
-                         "params": params, "bundle_mb": r["bundle_mb"], "peak_rss_mb": r["peak_rss_mb"],
-                         "wer": r["wer"], "rtf_wall": r["rtf_wall"], "rtf_cpu": r["rtf_cpu"]})
+            rows.append(
+                {
+                    "label": label,
+                    "factors": factors,
+                    "recovery": recovery,
+                    "precision": precision,
+                    "params": params,
+                    "bundle_mb": r["bundle_mb"],
+                    "peak_rss_mb": r["peak_rss_mb"],
+                    "wer": r["wer"],
+                    "rtf_wall": r["rtf_wall"],
+                    "rtf_cpu": r["rtf_cpu"],
+                }
+            )
             print(f"{label} {precision}: WER {r['wer']:.2f}", file=sys.stderr)
 
-    point("tiny.en", "-", "-", before,
-          lambda out, precision: build_whisper_bundle("tiny.en", out, precision, evaluate_on=0))
+    point(
+        "tiny.en",
+        "-",
+        "-",
+        before,
+        lambda out, precision: build_whisper_bundle("tiny.en", out, precision, evaluate_on=0),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for keep in args.keep:
             structure, report = measure_structure(loaded, replace(recipe, keep=keep), calibration)
             for factors, moments in (("plain", None), ("activation", calibration.moments)):
                 model = apply_structure(copy.deepcopy(loaded.model), structure, moments=moments)
                 checkpoint = save_compressed(model, Path(tmp) / f"keep{keep}-{factors}", {"teacher": "tiny.en"})
-                point(f"keep {keep:.2f}", factors, "no", model.parameter_count(),
-                      lambda out, precision: build_whisper_bundle(str(checkpoint), out, precision, evaluate_on=0))
+                point(
+                    f"keep {keep:.2f}",
+                    factors,
+                    "no",
+                    model.parameter_count(),
+                    lambda out, precision: build_whisper_bundle(str(checkpoint), out, precision, evaluate_on=0),
+                )
     for delta in args.recovered:
         from edge_asr_build.lora import read_delta
 
         meta = read_delta(Path(delta))[1]
-        point(Path(delta).stem, "activation", f"{meta['result']['steps']} steps", meta["params_after"],
-              lambda out, precision: build_whisper_bundle("tiny.en", out, precision, evaluate_on=0,
-                                                          compact_delta=Path(delta)))
+        point(
+            Path(delta).stem,
+            "activation",
+            f"{meta['result']['steps']} steps",
+            meta["params_after"],
+            lambda out, precision: build_whisper_bundle(
+                "tiny.en", out, precision, evaluate_on=0, compact_delta=Path(delta)
+            ),
+        )
 
-    print(f"{'model':28} {'factors':>10} {'recovery':>10} {'prec':>5} {'params M':>9} {'fewer':>6} {'MB':>6} "
-          f"{'RSS MB':>7} {'WER%':>7} {'RTF wall':>9} {'RTF cpu':>8}")
+    print(
+        f"{'model':28} {'factors':>10} {'recovery':>10} {'prec':>5} {'params M':>9} {'fewer':>6} {'MB':>6} "
+        f"{'RSS MB':>7} {'WER%':>7} {'RTF wall':>9} {'RTF cpu':>8}"
+    )
     for r in rows:
-        print(f"{r['label']:28} {r['factors']:>10} {r['recovery']:>10} {r['precision']:>5} {r['params'] / 1e6:9.2f} "
-              f"{1 - r['params'] / before:6.1%} {r['bundle_mb']:6.1f} {r['peak_rss_mb']:7.0f} {r['wer']:7.2f} "
-              f"{r['rtf_wall']:9.4f} {r['rtf_cpu']:8.4f}")
+        print(
+            f"{r['label']:28} {r['factors']:>10} {r['recovery']:>10} {r['precision']:>5} {r['params'] / 1e6:9.2f} "
+            f"{1 - r['params'] / before:6.1%} {r['bundle_mb']:6.1f} {r['peak_rss_mb']:7.0f} {r['wer']:7.2f} "
+            f"{r['rtf_wall']:9.4f} {r['rtf_cpu']:8.4f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.plot:
@@ -104,22 +154,39 @@ def plot(rows: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_of = [("params", "parameters (M)", 1e-6), ("bundle_mb", "bundle MB", 1), ("peak_rss_mb", "peak RSS MB", 1),
-               ("rtf_wall", "RTF (wall, 2 threads)", 1)]
+    axes_of = [
+        ("params", "parameters (M)", 1e-6),
+        ("bundle_mb", "bundle MB", 1),
+        ("peak_rss_mb", "peak RSS MB", 1),
+        ("rtf_wall", "RTF (wall, 2 threads)", 1),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
     series = {}
     for r in rows:
-        key = ("uncompressed" if r["factors"] == "-" else f"{r['factors']} factors"
-               + (", recovered" if r["recovery"] not in ("-", "no") else ""), r["precision"])
+        key = (
+            "uncompressed"
+            if r["factors"] == "-"
+            else f"{r['factors']} factors" + (", recovered" if r["recovery"] not in ("-", "no") else ""),
+            r["precision"],
+        )
         series.setdefault(key, []).append(r)
     markers = {"int8": "o", "int4": "s", "fp32": "^"}
-    colors = {"uncompressed": "black", "plain factors": "tab:gray", "activation factors": "tab:blue",
-              "activation factors, recovered": "tab:red"}
+    colors = {
+        "uncompressed": "black",
+        "plain factors": "tab:gray",
+        "activation factors": "tab:blue",
+        "activation factors, recovered": "tab:red",
+    }
     for ax, (field, title, scale) in zip(axes, axes_of):
         for (kind, precision), points in series.items():
             pts = sorted((p[field] * scale, p["wer"]) for p in points)
-            ax.plot(*zip(*pts), marker=markers[precision], color=colors.get(kind, "tab:green"),
-                    linestyle="-" if len(pts) > 1 else "none", label=f"{kind} {precision}")
+            ax.plot(
+                *zip(*pts),
+                marker=markers[precision],
+                color=colors.get(kind, "tab:green"),
+                linestyle="-" if len(pts) > 1 else "none",
+                label=f"{kind} {precision}",
+            )
         ax.set_xlabel(title)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -7,6 +7,7 @@ what the bundle's manifest then records.
 
   python benchmarks/context_margin.py --bundle BUNDLE --margins 0,0.25,0.5,1 --floors 1 DIR [DIR ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def main() -> None:
 
     transcriber = Transcriber(args.bundle, args.threads, backend=args.backend)
     base = transcriber.context
-    policies = [dataclasses.replace(base, margin_s=float(m), floor_s=float(f))
-                for f in args.floors.split(",") for m in args.margins.split(",")]
+    policies = [
+        dataclasses.replace(base, margin_s=float(m), floor_s=float(f))
+        for f in args.floors.split(",")
+        for m in args.margins.split(",")
+    ]
     if args.full:
         policies.append(ContextPolicy.full())
     print(f"{'policy':58s} " + " ".join(f"{s[-14:]:>14s}" for s in args.dirs) + f" {'pooled WER':>10s} {'RTF':>7s}")

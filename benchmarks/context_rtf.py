@@ -10,6 +10,7 @@ CPU RTF and peak RSS per length, and writes a PNG of wall RTF against length.
       --bundle ~/.cache/edge-asr/bundles/tiny.en-auto-XXXXXXXX-int8 --decode litert=--backend tflite \\
       --png benchmarks/results/context_rtf.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,13 @@ def length_sets(root: Path, lengths=LENGTHS, per_length: int = 6) -> dict[float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", action="append", required=True, help="bundle directory (repeatable)")
-    ap.add_argument("--decode", action="append", default=[], metavar="NAME=ARGS",
-                    help="also run every bundle with these `edge-asr bench` options (e.g. 'litert=--backend tflite')")
+    ap.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also run every bundle with these `edge-asr bench` options (e.g. 'litert=--backend tflite')",
+    )
     ap.add_argument("--peers", default="faster-whisper-int8,moonshine-base-en")
     ap.add_argument("--peers-script", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--threads", type=int, default=2)
@@ -80,20 +86,27 @@ def main() -> None:
         for variant, options in variants:
             r = run_ours(bundle, dirs, args.threads, args.runs, options)
             name = f"edge-asr {r['bundle']}" + (f" {variant}" if variant else "")
-            results[name] = {L: r["sets"][Path(d).parent.name + "/" + Path(d).name] | {"peak_rss_mb": r["peak_rss_mb"]}
-                             for L, d in zip(LENGTHS, dirs)}
+            results[name] = {
+                L: r["sets"][Path(d).parent.name + "/" + Path(d).name] | {"peak_rss_mb": r["peak_rss_mb"]}
+                for L, d in zip(LENGTHS, dirs)
+            }
     for peer in filter(None, args.peers.split(",")):
         r = run_peer(args.peers_script, peer, dirs, args.threads)
         if r:
-            results[peer] = {L: r[Path(d).parent.name + "/" + Path(d).name] | {"peak_rss_mb": r["peak_rss_mb"]}
-                             for L, d in zip(LENGTHS, dirs)}
+            results[peer] = {
+                L: r[Path(d).parent.name + "/" + Path(d).name] | {"peak_rss_mb": r["peak_rss_mb"]}
+                for L, d in zip(LENGTHS, dirs)
+            }
 
     print(f"{args.threads} threads; wall RTF (edge-asr: median of {args.runs} runs; peers: one run after a warm-up)")
     width = max(len(n) for n in results)
     print(f"{'system':{width}s} " + " ".join(f"{f'{L:g} s':>8s}" for L in LENGTHS) + f" {'cpu@1s':>8s} {'peak MB':>8s}")
     for name, by_length in results.items():
-        print(f"{name:{width}s} " + " ".join(f"{by_length[L]['rtf_wall']:8.4f}" for L in LENGTHS)
-              + f" {by_length[1]['rtf_cpu']:8.4f} {max(v['peak_rss_mb'] for v in by_length.values()):8d}")
+        print(
+            f"{name:{width}s} "
+            + " ".join(f"{by_length[L]['rtf_wall']:8.4f}" for L in LENGTHS)
+            + f" {by_length[1]['rtf_cpu']:8.4f} {max(v['peak_rss_mb'] for v in by_length.values()):8d}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
@@ -106,8 +119,13 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, by_length in results.items():
             ax.plot(LENGTHS, [by_length[L]["rtf_wall"] for L in LENGTHS], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="clip length (s)", ylabel="wall RTF (lower is faster)",
-               title=f"RTF against clip length, {args.threads} threads")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="clip length (s)",
+            ylabel="wall RTF (lower is faster)",
+            title=f"RTF against clip length, {args.threads} threads",
+        )
         ax.set_xticks(LENGTHS, [f"{L:g}" for L in LENGTHS])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

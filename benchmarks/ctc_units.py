@@ -5,6 +5,7 @@ teacher's transcripts (synthesized sentences, short utterances, recorded speaker
 
   python benchmarks/ctc_units.py ~/models/tiny-cald.json --corpus speechocean762 --corpus wake-word-benchmark/audio
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,10 @@ def main() -> int:
     features, held_features = encoder_outputs(model, train, 3000), encoder_outputs(model, held_out, 3000)
     subsets = {"sentences": slice(0, 30), "short": slice(30, 60), "recorded": slice(60, None), "all": slice(None)}
     units = [("characters", None)] + [(f"BPE {n}", bpe([c.text for c in train], int(n))) for n in args.bpe.split(",")]
-    print(f"{len(train)} training clips, {len(held_out)} held out, {args.steps} steps of a linear head each", file=sys.stderr)
+    print(
+        f"{len(train)} training clips, {len(held_out)} held out, {args.steps} steps of a linear head each",
+        file=sys.stderr,
+    )
     print("| units | symbols | " + " | ".join(f"{k} WER %" for k in subsets) + " | train s |")
     print("|---|---|" + "---|" * (len(subsets) + 1))
     for name, tokenizer in units:
@@ -64,15 +68,21 @@ def main() -> int:
             chosen = rng.sample(range(len(train)), 32)
             x = torch.nn.utils.rnn.pad_sequence([features[i].float() for i in chosen], batch_first=True)
             log_probs = head(x).log_softmax(-1).transpose(0, 1)
-            loss = torch.nn.functional.ctc_loss(log_probs, torch.cat([labels[i] for i in chosen]),
-                                                torch.tensor([len(features[i]) for i in chosen]),
-                                                torch.tensor([len(labels[i]) for i in chosen]), zero_infinity=True)
+            loss = torch.nn.functional.ctc_loss(
+                log_probs,
+                torch.cat([labels[i] for i in chosen]),
+                torch.tensor([len(features[i]) for i in chosen]),
+                torch.tensor([len(labels[i]) for i in chosen]),
+                zero_infinity=True,
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            hyps = [" ".join(decode(greedy_symbols(head(f.float()).log_softmax(-1).numpy())[0]).split())
-                    for f in held_features]
+            hyps = [
+                " ".join(decode(greedy_symbols(head(f.float()).log_softmax(-1).numpy())[0]).split())
+                for f in held_features
+            ]
         refs = [c.text for c in held_out]
         wers = [word_error_rate(refs[s], hyps[s]) for s in subsets.values()]
         print(f"| {name} | {n_symbols} | " + " | ".join(f"{w:.1f}" for w in wers) + f" | {time.time() - started:.0f} |")

@@ -11,6 +11,7 @@ SQLite. Everything runs on 127.0.0.1.
 
 The tests (tests/test_mqtt.py) use `Mosquitto` and `run_fleet` from here with 3 devices for 60 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,22 +61,28 @@ class Mosquitto:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
-        user = f"user {os.environ.get('USER') or 'root'}\n" if os.geteuid() == 0 else ""  # root would drop to 'mosquitto'
+        user = (
+            f"user {os.environ.get('USER') or 'root'}\n" if os.geteuid() == 0 else ""
+        )  # root would drop to 'mosquitto'
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n{extra or 'allow_anonymous true'}\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             "max_queued_messages 0\nmax_inflight_messages 0\n"
-            f"log_dest file {self.dir}/mosquitto.log\n{user}")
+            f"log_dest file {self.dir}/mosquitto.log\n{user}"
+        )
         self.process = None
 
     def start(self) -> "Mosquitto":
-        self.process = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().strip()} "
-                                   f"{(self.dir / 'mosquitto.log').read_text()[-500:] if (self.dir / 'mosquitto.log').exists() else ''}")
+                raise RuntimeError(
+                    f"mosquitto exited: {self.process.stderr.read().strip()} "
+                    f"{(self.dir / 'mosquitto.log').read_text()[-500:] if (self.dir / 'mosquitto.log').exists() else ''}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
@@ -101,8 +108,14 @@ def run_device(journal: Path, port: int, device_id: str, seconds: float, gap=(2.
 
     rng = random.Random(seed)
     sink = JsonlSink(journal, device_id=device_id)
-    settings = MqttSettings(BrokerSettings("127.0.0.1", port), device_id, reconnect_min=0.2, reconnect_max=2.0,
-                            drain_seconds=10.0, describe={"version": "fleet-bench"})
+    settings = MqttSettings(
+        BrokerSettings("127.0.0.1", port),
+        device_id,
+        reconnect_min=0.2,
+        reconnect_max=2.0,
+        drain_seconds=10.0,
+        describe={"version": "fleet-bench"},
+    )
     mqtt = MqttSink(settings, sink).start()
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *a: stop.update(now=True))
@@ -125,16 +138,39 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
     """Run `devices` device processes for `seconds` while `edge-asr collect` stores into `db`; wait for
     every final to arrive. Returns what was sent and what arrived."""
     workdir.mkdir(parents=True, exist_ok=True)
-    collect = subprocess.Popen([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}",
-                                "--db", str(db)], stderr=subprocess.PIPE, text=True)
+    collect = subprocess.Popen(
+        [sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}", "--db", str(db)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs = []
     try:
         wait_for(lambda: db.exists(), 15, "collect did not start")
         time.sleep(0.5)  # its subscription is in place
-        procs = [subprocess.Popen([sys.executable, __file__, "device", "--journal", str(workdir / f"d{i:02d}.jsonl"),
-                                   "--port", str(port), "--device-id", f"d{i:02d}", "--seconds", str(seconds),
-                                   "--seed", str(i), "--gap", f"{gap[0]},{gap[1]}"], stderr=subprocess.PIPE, text=True)
-                 for i in range(devices)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "device",
+                    "--journal",
+                    str(workdir / f"d{i:02d}.jsonl"),
+                    "--port",
+                    str(port),
+                    "--device-id",
+                    f"d{i:02d}",
+                    "--seconds",
+                    str(seconds),
+                    "--seed",
+                    str(i),
+                    "--gap",
+                    f"{gap[0]},{gap[1]}",
+                ],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(devices)
+        ]
         for p in procs:
             if p.wait(timeout=seconds + 60) != 0:
                 raise RuntimeError(f"a device failed: {p.stderr.read()[-1000:]}")
@@ -158,8 +194,14 @@ def run_fleet(workdir: Path, port: int, devices: int, seconds: float, db: Path, 
     latencies = [rows[i][2] - datetime.fromisoformat(r["time"]).timestamp() for i, r in sent.items() if i in rows]
     first = min(datetime.fromisoformat(r["time"]).timestamp() for r in sent.values())
     span = max(r[2] for r in rows.values()) - first  # from the first final made to the last row stored
-    return {"sent": sent, "rows": rows, "latencies": np.array(latencies), "span": span,
-            "lost": sorted(set(sent) - set(rows)), "duplicates": sum(r[3] for r in rows.values())}
+    return {
+        "sent": sent,
+        "rows": rows,
+        "latencies": np.array(latencies),
+        "span": span,
+        "lost": sorted(set(sent) - set(rows)),
+        "duplicates": sum(r[3] for r in rows.values()),
+    }
 
 
 def _count(db: Path) -> int:
@@ -197,8 +239,12 @@ def main() -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--gap", default="2,6")
     parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--gap", default="2,6", help="seconds between a device's finals, MIN,MAX (default 2,6: "
-                                                      "dictation; 0.01,0.02 for the throughput ceiling)")
+    parser.add_argument(
+        "--gap",
+        default="2,6",
+        help="seconds between a device's finals, MIN,MAX (default 2,6: "
+        "dictation; 0.01,0.02 for the throughput ceiling)",
+    )
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edge-asr-fleet"))
     args = parser.parse_args()
@@ -210,18 +256,28 @@ def main() -> int:
     broker = Mosquitto(args.workdir / "broker").start()
     try:
         cpu0, t0 = broker.cpu_seconds(), time.monotonic()
-        result = run_fleet(args.workdir / "devices", broker.port, args.devices, args.seconds, args.workdir / "fleet.sqlite",
-                           _gap(args.gap))
+        result = run_fleet(
+            args.workdir / "devices",
+            broker.port,
+            args.devices,
+            args.seconds,
+            args.workdir / "fleet.sqlite",
+            _gap(args.gap),
+        )
         cpu, wall = broker.cpu_seconds() - cpu0, time.monotonic() - t0
     finally:
         broker.stop()
     n, lat = len(result["sent"]), result["latencies"] * 1000
-    print("| devices | seconds | gap s | finals sent | stored | lost | duplicates | stored msg/s | broker CPU % | "
-          "latency p50 ms | p99 ms |")
+    print(
+        "| devices | seconds | gap s | finals sent | stored | lost | duplicates | stored msg/s | broker CPU % | "
+        "latency p50 ms | p99 ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
-          f"{result['duplicates']} | {n / result['span']:.2f} | {100 * cpu / wall:.2f} | "
-          f"{np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} |")
+    print(
+        f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
+        f"{result['duplicates']} | {n / result['span']:.2f} | {100 * cpu / wall:.2f} | "
+        f"{np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} |"
+    )
     return 0 if not result["lost"] else 1
 
 

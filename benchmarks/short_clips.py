@@ -17,6 +17,7 @@ each in its own process, and a table printed: WER per set, the longest hypothesi
       --bundle ~/.cache/edge-asr/bundles/tiny.en-auto-22bb97e4-int8 --variant greedy= --variant beam5='--beam 5' \\
       --wake-words /work/.mirror/wake-word-benchmark/audio
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def telephone(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     import soxr
 
     audio = soxr.resample(soxr.resample(audio, 16000, 8000), 8000, 16000).astype(np.float32)
-    power = float(np.mean(audio ** 2)) or 1e-8
+    power = float(np.mean(audio**2)) or 1e-8
     noise = rng.normal(0, np.sqrt(power / 10 ** (rng.uniform(20, 35) / 10)), len(audio))
     return np.clip(audio + noise, -1, 1).astype(np.float32)
 
@@ -62,8 +63,11 @@ def digits_set(folder: Path, per_digit: int, seed: int) -> Path:
     clips = []
     for digit in DIGITS:
         for i in range(per_digit):
-            audio = cut_tight(espeak(digit, rng.choice(ESPEAK_HELD_OUT_VOICES), rate=rng.randrange(120, 200),
-                                     pitch=rng.randrange(25, 75)))
+            audio = cut_tight(
+                espeak(
+                    digit, rng.choice(ESPEAK_HELD_OUT_VOICES), rate=rng.randrange(120, 200), pitch=rng.randrange(25, 75)
+                )
+            )
             pad = lambda: np.zeros(int(16000 * rng.uniform(0.1, 0.3)), np.float32)
             clips.append((f"{digit}_{i}", telephone(np.concatenate([pad(), audio, pad()]), np_rng), digit))
     return write_set(folder, clips)
@@ -89,8 +93,13 @@ def longest(result: dict) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", action="append", required=True)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                    help="a decoding to measure, as edge-asr bench flags (default: greedy=)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="a decoding to measure, as edge-asr bench flags (default: greedy=)",
+    )
     ap.add_argument("--backend", default="onnx")
     ap.add_argument("--wake-words", type=Path, help="the wake-word benchmark's audio/ folder")
     ap.add_argument("--sets", type=Path, default=Path.home() / ".cache/edge-asr/held-out-short")
@@ -103,8 +112,9 @@ def main() -> None:
 
     sets = {"digits": digits_set(args.sets / f"digits-{args.per_digit}-{args.seed}", args.per_digit, args.seed)}
     if args.wake_words:
-        sets["smart-mirror"] = wake_word_set(args.sets / f"smart-mirror-{args.mirror}-{args.seed}",
-                                             args.wake_words, args.mirror, args.seed)
+        sets["smart-mirror"] = wake_word_set(
+            args.sets / f"smart-mirror-{args.mirror}-{args.seed}", args.wake_words, args.mirror, args.seed
+        )
     variants = [v.split("=", 1) for v in args.variant] or [["greedy", ""]]
     counts = ", ".join(f"{name} ({len(list(folder.glob('*.wav')))} clips)" for name, folder in sets.items())
     print(f"sets: {counts}; backend {args.backend}, {args.threads} threads\n")
@@ -114,7 +124,9 @@ def main() -> None:
         for name, flags in variants:
             cells = []
             for folder in sets.values():
-                r = run_ours(bundle, [str(folder)], args.threads, args.runs, ["--backend", args.backend, *shlex.split(flags)])
+                r = run_ours(
+                    bundle, [str(folder)], args.threads, args.runs, ["--backend", args.backend, *shlex.split(flags)]
+                )
                 cells += [f"{r['wer']:.2f}", str(longest(r)), f"{r['rtf_wall']:.4f}"]
             print(f"| {Path(bundle).name} | {name} | " + " | ".join(cells) + " |", flush=True)
 

@@ -18,6 +18,7 @@ Add --soak MINUTES to replay the stream at full speed for that long and print RS
 With --grammar FILE the stream is of that grammar's phrases instead (commands, picked at random), and
 the recognizer runs in command mode: the latency of a command's final.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ import numpy as np
 SAMPLE_RATE = 16000
 
 
-def build_stream(minutes: float, seed: int, phrases: list[str] | None = None) -> tuple[np.ndarray, list[str], list[float]]:
+def build_stream(
+    minutes: float, seed: int, phrases: list[str] | None = None
+) -> tuple[np.ndarray, list[str], list[float]]:
     """(audio, sentences, stream time of each sentence's last speech sample); `phrases` instead of the
     written sentences, picked at random."""
     from edge_asr_build.sentences import general_sentences
@@ -68,7 +71,7 @@ class ArraySource:
     def __iter__(self):
         for _ in range(self.repeats):
             for i in range(0, len(self.audio), 1600):
-                yield self.audio[i:i + 1600]
+                yield self.audio[i : i + 1600]
 
 
 def make_recognizer(transcriber, args):
@@ -98,8 +101,12 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=0.0, help="minutes of audio for the RSS soak (0: none)")
     parser.add_argument("--plot", help="PNG of RSS over the soak")
     parser.add_argument("--grammar", help="command mode: a stream of this grammar's phrases, decoded under it")
-    parser.add_argument("--block", type=float, help="seconds of audio per block the source gives "
-                        "(default: the runtime's, as `edge-asr listen` reads a microphone)")
+    parser.add_argument(
+        "--block",
+        type=float,
+        help="seconds of audio per block the source gives "
+        "(default: the runtime's, as `edge-asr listen` reads a microphone)",
+    )
     args = parser.parse_args()
 
     from edge_asr.metrics import word_error_rate
@@ -117,24 +124,41 @@ def main() -> int:
     audio, texts, ends = build_stream(args.minutes, args.seed, phrases)
     wav = Path(f"/tmp/edge-asr-stream-{args.seed}-{args.minutes}{'-' + Path(args.grammar).stem if phrases else ''}.wav")
     write_wav(wav, audio)
-    print(f"stream: {len(texts)} sentences, {len(audio) / SAMPLE_RATE / 60:.1f} min, min silence {args.min_silence} s, "
-          f"{args.vad} VAD, {args.threads} threads", file=sys.stderr)
+    print(
+        f"stream: {len(texts)} sentences, {len(audio) / SAMPLE_RATE / 60:.1f} min, min silence {args.min_silence} s, "
+        f"{args.vad} VAD, {args.threads} threads",
+        file=sys.stderr,
+    )
 
     # Each sentence alone: cut exactly where it was put into the stream.
     starts = [0] + [int((e + 0.3) * SAMPLE_RATE) for e in ends[:-1]]
-    alone = [transcriber.transcribe(audio[a:int((e + 0.3) * SAMPLE_RATE)]).text for a, e in zip(starts, ends)]
+    alone = [transcriber.transcribe(audio[a : int((e + 0.3) * SAMPLE_RATE)]).text for a, e in zip(starts, ends)]
     rows = [("each sentence alone", word_error_rate([" ".join(texts)], [" ".join(alone)]), len(texts), 0, None)]
 
     blocks = {} if args.block is None else {"block_seconds": args.block}
     finals, rec = run_stream(transcriber, FileSource(str(wav), **blocks), args)
-    rows.append(("stream, full speed", word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
-                 len(finals), 0, rec.counters.rtf))
+    rows.append(
+        (
+            "stream, full speed",
+            word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
+            len(finals),
+            0,
+            rec.counters.rtf,
+        )
+    )
     latencies = []
     if not args.skip_realtime:
         source = FileSource(str(wav), realtime=True, **blocks)
         finals, rec = run_stream(transcriber, source, args)
-        rows.append(("stream, real time", word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
-                     len(finals), source.dropped_frames, rec.counters.rtf))
+        rows.append(
+            (
+                "stream, real time",
+                word_error_rate([" ".join(texts)], [" ".join(f.text for f in finals)]),
+                len(finals),
+                source.dropped_frames,
+                rec.counters.rtf,
+            )
+        )
         for f in finals:
             nearest = min(ends, key=lambda e: abs(e - f.last_speech_s))
             if abs(nearest - f.last_speech_s) < 0.5:
@@ -145,9 +169,11 @@ def main() -> int:
         print(f"{name:22} {wer:6.2f} {n:7d} {dropped:8d} {'' if rtf is None else f'{rtf:7.4f}'}")
     if latencies:
         q = np.percentile(latencies, [50, 90])
-        print(f"latency, last speech sample -> final text (real time, {len(latencies)} utterances): "
-              f"median {q[0]:.3f} s, p90 {q[1]:.3f} s, max {max(latencies):.3f} s "
-              f"(min silence {args.min_silence} s; bound {0.5 + args.min_silence:.1f} s)")
+        print(
+            f"latency, last speech sample -> final text (real time, {len(latencies)} utterances): "
+            f"median {q[0]:.3f} s, p90 {q[1]:.3f} s, max {max(latencies):.3f} s "
+            f"(min silence {args.min_silence} s; bound {0.5 + args.min_silence:.1f} s)"
+        )
 
     if args.soak:
         repeats = max(1, round(args.soak * 60 / (len(audio) / SAMPLE_RATE)))
@@ -161,13 +187,17 @@ def main() -> int:
         samples.append((recognizer.counters.audio_s / 60, rss_mb()))
         after5 = [r for m, r in samples if m >= min(5.0, samples[-1][0] / 2)]  # short soaks: the second half
         growth = (max(after5) - after5[0]) / after5[0]
-        print(f"soak: {samples[-1][0]:.0f} min of audio in {time.monotonic() - started:.0f} s, "
-              f"{recognizer.counters.utterances} utterances")
+        print(
+            f"soak: {samples[-1][0]:.0f} min of audio in {time.monotonic() - started:.0f} s, "
+            f"{recognizer.counters.utterances} utterances"
+        )
         print(f"{'audio min':>9} {'RSS MB':>8}")
         for m, r in samples[:: max(1, len(samples) // 13)]:
             print(f"{m:9.1f} {r:8.1f}")
-        print(f"RSS growth after the first {min(5.0, samples[-1][0] / 2):.1f} minutes: {growth:+.1%} "
-              f"(from {after5[0]:.1f} to max {max(after5):.1f} MB)")
+        print(
+            f"RSS growth after the first {min(5.0, samples[-1][0] / 2):.1f} minutes: {growth:+.1%} "
+            f"(from {after5[0]:.1f} to max {max(after5):.1f} MB)"
+        )
         if args.plot:
             import matplotlib
 

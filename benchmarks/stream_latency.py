@@ -12,6 +12,7 @@ is); and from the end of speech to the final; then the stream's WER and RTF.
   python benchmarks/stream_latency.py ../shared/data/dev/fsdd --bundle ~/.cache/edge-asr/bundles/digits-lstm-int8 \\
       --clips 60 --block 0.02
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,15 @@ def build_stream(folder: str, count: int, seed: int) -> tuple[np.ndarray, list[d
     parts.append(pause(1.0))
     t = 1.0
     for u in chosen:
-        clips.append({"reference": u.reference, "start": t, "onset": t + onset(u.audio), "offset": t + offset(u.audio),
-                      "end": t + len(u.audio) / SAMPLE_RATE})
+        clips.append(
+            {
+                "reference": u.reference,
+                "start": t,
+                "onset": t + onset(u.audio),
+                "offset": t + offset(u.audio),
+                "end": t + len(u.audio) / SAMPLE_RATE,
+            }
+        )
         parts += [u.audio, pause(p := rng.uniform(1.0, 1.5))]
         t += len(u.audio) / SAMPLE_RATE + p
     return np.concatenate(parts), clips
@@ -67,7 +75,7 @@ def build_stream(folder: str, count: int, seed: int) -> tuple[np.ndarray, list[d
 def _holds(partial: list[str], words: list[str]) -> bool:
     """Whether the partial's words contain the reference's words in a row."""
     n = len(words)
-    return any(partial[i:i + n] == words for i in range(len(partial) - n + 1)) if n else False
+    return any(partial[i : i + n] == words for i in range(len(partial) - n + 1)) if n else False
 
 
 def main() -> int:
@@ -101,10 +109,18 @@ def main() -> int:
         write_wav(wav, audio)
         source = FileSource(str(wav), realtime=True, block_seconds=args.block)
     partials, finals = [], []
-    recognizer = StreamRecognizer(transcriber, Endpointer(EnergyVad(), min_silence=args.min_silence), 0.5,
-                                  on_partial=partials.append, on_final=finals.append)
-    print(f"{len(clips)} clips from {args.folder}, {len(audio) / SAMPLE_RATE:.1f} s stream at real-time pace, "
-          f"{args.block * 1000:.0f} ms blocks, bundle {transcriber.bundle.manifest['name']}", file=sys.stderr)
+    recognizer = StreamRecognizer(
+        transcriber,
+        Endpointer(EnergyVad(), min_silence=args.min_silence),
+        0.5,
+        on_partial=partials.append,
+        on_final=finals.append,
+    )
+    print(
+        f"{len(clips)} clips from {args.folder}, {len(audio) / SAMPLE_RATE:.1f} s stream at real-time pace, "
+        f"{args.block * 1000:.0f} ms blocks, bundle {transcriber.bundle.manifest['name']}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     for block in source:
         recognizer.feed(block)
@@ -132,19 +148,27 @@ def main() -> int:
 
     def summary(values):
         ms = sorted(1000 * v for v in values)
-        return (f"median {statistics.median(ms):.0f} ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.0f} ms, "
-                f"max {ms[-1]:.0f} ms (n={len(ms)})")
+        return (
+            f"median {statistics.median(ms):.0f} ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.0f} ms, "
+            f"max {ms[-1]:.0f} ms (n={len(ms)})"
+        )
 
     refs = [c["reference"] for c in clips]  # scored per clip: the normalizer joins spoken digits into numbers
     c = recognizer.counters
-    print(f"speech onset -> first non-empty partial:        {summary(first_partial)}; clips without a partial: {missed}")
-    print(f"end of speech -> partial holding its words:     {summary(word_partial)}; "
-          f"clips whose partials never held them: {len(clips) - len(word_partial)}")
+    print(
+        f"speech onset -> first non-empty partial:        {summary(first_partial)}; clips without a partial: {missed}"
+    )
+    print(
+        f"end of speech -> partial holding its words:     {summary(word_partial)}; "
+        f"clips whose partials never held them: {len(clips) - len(word_partial)}"
+    )
     print(f"end of speech -> final:                         {summary(to_final)} (min-silence {args.min_silence:.2f} s)")
-    print(f"stream WER {word_error_rate(refs, hyps):.2f}% (finals matched to clips by time), "
-          f"{c.utterances} finals for {len(clips)} clips, "
-          f"RTF {c.rtf:.4f} (processing {c.processing_s:.2f} s; wall {wall:.1f} s), "
-          f"dropped frames {source.dropped_frames}")
+    print(
+        f"stream WER {word_error_rate(refs, hyps):.2f}% (finals matched to clips by time), "
+        f"{c.utterances} finals for {len(clips)} clips, "
+        f"RTF {c.rtf:.4f} (processing {c.processing_s:.2f} s; wall {wall:.1f} s), "
+        f"dropped frames {source.dropped_frames}"
+    )
     return 0
 
 

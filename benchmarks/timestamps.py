@@ -7,6 +7,7 @@ sentence (Whisper may split a sentence at a comma, or join two).
 
     python benchmarks/timestamps.py [--bundle DIR] [--files 8] [--sentences 6] [--beam N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,12 @@ def trim(audio: np.ndarray, threshold_db: float = -45.0) -> np.ndarray:
     n = len(audio) // 160
     db = 10 * np.log10(np.mean(audio[: n * 160].reshape(n, 160) ** 2, axis=1) + 1e-12)
     loud = np.flatnonzero(db > threshold_db)
-    return audio[loud[0] * 160:(loud[-1] + 1) * 160]
+    return audio[loud[0] * 160 : (loud[-1] + 1) * 160]
 
 
-def dictation(sentences: list[str], rng: np.random.Generator, synthesize) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def dictation(
+    sentences: list[str], rng: np.random.Generator, synthesize
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Audio of the sentences with pauses, and each pause's (start, end) in seconds."""
     parts, pauses, t = [np.zeros(int(0.3 * 16000), np.float32)], [], 0.3
     for i, text in enumerate(sentences):
@@ -68,18 +71,22 @@ def main() -> int:
     errors, n_segments, n_sentences = [], 0, 0
     print(f"{'file':>4s} {'audio_s':>7s} {'sentences':>9s} {'segments':>8s} {'on time':>8s} {'worst_s':>7s}")
     for f in range(args.files):
-        sentences = texts[f * args.sentences:(f + 1) * args.sentences]
+        sentences = texts[f * args.sentences : (f + 1) * args.sentences]
         audio, pauses = dictation(sentences, rng, synthesize)
         segments = transcriber.transcribe(audio).segments
         e = boundary_errors(pauses, segments)
         errors += e
         n_segments += len(segments)
         n_sentences += len(sentences)
-        print(f"{f:4d} {len(audio) / 16000:7.1f} {len(sentences):9d} {len(segments):8d} "
-              f"{sum(x <= TOLERANCE_S for x in e):4d}/{len(e):<3d} {max(e):7.2f}")
+        print(
+            f"{f:4d} {len(audio) / 16000:7.1f} {len(sentences):9d} {len(segments):8d} "
+            f"{sum(x <= TOLERANCE_S for x in e):4d}/{len(e):<3d} {max(e):7.2f}"
+        )
     on_time = sum(x <= TOLERANCE_S for x in errors)
-    print(f"boundaries within {TOLERANCE_S} s: {on_time}/{len(errors)} ({100 * on_time / len(errors):.1f}%); "
-          f"segments {n_segments} for {n_sentences} sentences ({n_segments / n_sentences:.2f} per sentence)")
+    print(
+        f"boundaries within {TOLERANCE_S} s: {on_time}/{len(errors)} ({100 * on_time / len(errors):.1f}%); "
+        f"segments {n_segments} for {n_sentences} sentences ({n_segments / n_sentences:.2f} per sentence)"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Package pass: graphs, tokenizer and mel filters into a bundle folder with its manifest."""
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,25 @@ def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
     """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
     dims = loaded.model.dims
     special = special or special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
-    return {"prompt": decoder_prompt(special, dims.is_multilingual), "special_tokens": special,
-            "suppress_tokens": loaded.suppress_tokens, "suppress_blank": loaded.suppress_blank_tokens,
-            "mode": "no-timestamps"}
+    return {
+        "prompt": decoder_prompt(special, dims.is_multilingual),
+        "special_tokens": special,
+        "suppress_tokens": loaded.suppress_tokens,
+        "suppress_blank": loaded.suppress_blank_tokens,
+        "mode": "no-timestamps",
+    }
 
 
-def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, precision: str,
-                 name: str, extra: dict | None = None, formats: dict | None = None,
-                 context: ContextPolicy | None = None) -> dict:
+def write_bundle(
+    loaded: LoadedWhisper,
+    graphs: dict[str, Path],
+    out_dir: Path,
+    precision: str,
+    name: str,
+    extra: dict | None = None,
+    formats: dict | None = None,
+    context: ContextPolicy | None = None,
+) -> dict:
     """Write tokens, mel filters and the manifest next to the graphs already in `out_dir`.
 
     `graphs` maps a role ("encoder", "decoder") to an ONNX file inside out_dir; `formats` holds the manifest
@@ -60,8 +72,13 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
     np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
     # Tensors a graph keeps in files of their own (quantize.store_apart): listed with their checksums.
     data = {role: names for role, path in graphs.items() if (names := external_data(path))}
-    files = [*(p.name for p in graphs.values()), *(n for names in data.values() for n in names),
-             *format_files(formats), "tokens.json", "mel_filters.npy"]
+    files = [
+        *(p.name for p in graphs.values()),
+        *(n for names in data.values() for n in names),
+        *format_files(formats),
+        "tokens.json",
+        "mel_filters.npy",
+    ]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -79,9 +96,15 @@ def write_bundle(loaded: LoadedWhisper, graphs: dict[str, Path], out_dir: Path, 
             **formats,
         },
         "source": loaded.source,
-        "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": dims.n_mels,
-                     "chunk_seconds": 30, "mel_filters": "mel_filters.npy",
-                     "context": (context or ContextPolicy.full()).to_dict()},
+        "frontend": {
+            "sample_rate": 16000,
+            "n_fft": 400,
+            "hop_length": 160,
+            "n_mels": dims.n_mels,
+            "chunk_seconds": 30,
+            "mel_filters": "mel_filters.npy",
+            "context": (context or ContextPolicy.full()).to_dict(),
+        },
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
         "decoder": decoder_section(loaded, special),
         "decoding": decoding_defaults(context),
@@ -104,8 +127,12 @@ def decoding_defaults(context: ContextPolicy | None = None) -> dict:
     """The runtime's decoding thresholds, hotword handling and command mode's rejection threshold, recorded so that a deployed bundle keeps the
     values it was measured with (see edge_asr.guards and edge_asr.hotwords for how they were chosen); for
     a dynamic-context model, beam search on short windows."""
-    defaults = {"guards": Guards().to_dict(), "hotword_bonus": DEFAULT_WHISPER_BONUS,
-                "hotword_prompt": DEFAULT_WHISPER_PROMPT, "grammar_threshold": DEFAULT_REJECTION_THRESHOLD}
+    defaults = {
+        "guards": Guards().to_dict(),
+        "hotword_bonus": DEFAULT_WHISPER_BONUS,
+        "hotword_prompt": DEFAULT_WHISPER_PROMPT,
+        "grammar_threshold": DEFAULT_REJECTION_THRESHOLD,
+    }
     if context is not None and context.mode == "auto":
         defaults["short_window_beam"] = dict(SHORT_WINDOW_BEAM)
     return defaults

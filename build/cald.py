@@ -21,6 +21,7 @@ Features are the runtime's streaming log-mel (`edge_asr.frontend.frame_log_mel`,
 the graph clamps them at a fixed floor (Whisper clamps at the window's maximum - 8, which a stream cannot
 know) and scales them as Whisper does, (x + 4) / 4.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,10 @@ class CaldConfig:
     n_state: int = 384
     n_mlp: int = 1536
     hidden: list[int] = field(default_factory=lambda: [384] * 4)
-    proj: list[int] = field(default_factory=lambda: [0] * 4)          # 0: no recurrent projection
-    input_rank: list[int] = field(default_factory=lambda: [0] * 4)    # 0: W_ih dense
-    mel_floor: float = -6.0          # log10 mel power floor of the streaming features
-    alphabet: str = ALPHABET         # CTC symbols, index 0 the blank
+    proj: list[int] = field(default_factory=lambda: [0] * 4)  # 0: no recurrent projection
+    input_rank: list[int] = field(default_factory=lambda: [0] * 4)  # 0: W_ih dense
+    mel_floor: float = -6.0  # log10 mel power floor of the streaming features
+    alphabet: str = ALPHABET  # CTC symbols, index 0 the blank
 
     @property
     def n_layer(self) -> int:
@@ -64,7 +65,7 @@ class CaldConfig:
 
 def lstm_layer(n_in: int, hidden: int, proj: int) -> nn.Module:
     if proj >= hidden:
-        return FullRankLSTMP(n_in, hidden)   # the full-rank factorization, for checks
+        return FullRankLSTMP(n_in, hidden)  # the full-rank factorization, for checks
     return nn.LSTM(n_in, hidden, proj_size=proj, batch_first=True)
 
 
@@ -114,8 +115,9 @@ class CaldCtc(nn.Module):
         super().__init__()
         c = self.config = config
         self.front = StreamingConvFront(c.n_mels, c.n_state)
-        self.blocks = nn.ModuleList(LstmBlock(c.n_state, c.n_mlp, h, p, r)
-                                    for h, p, r in zip(c.hidden, c.proj, c.input_rank))
+        self.blocks = nn.ModuleList(
+            LstmBlock(c.n_state, c.n_mlp, h, p, r) for h, p, r in zip(c.hidden, c.proj, c.input_rank)
+        )
         self.ln_post = nn.LayerNorm(c.n_state)
         self.head = nn.Linear(c.n_state, c.n_symbols)
 
@@ -157,12 +159,17 @@ class CaldCtc(nn.Module):
 
 # --- from Whisper ---------------------------------------------------------------------------------------------
 
+
 def from_whisper(encoder, config: CaldConfig | None = None) -> CaldCtc:
     """A converted encoder with Whisper's convolutions, norms and FFNs; new LSTMs and head."""
-    c = config or CaldConfig(n_mels=encoder.conv1.in_channels, n_state=encoder.conv1.out_channels,
-                             n_mlp=encoder.blocks[0].mlp[0].out_features,
-                             hidden=[encoder.conv1.out_channels] * len(encoder.blocks),
-                             proj=[0] * len(encoder.blocks), input_rank=[0] * len(encoder.blocks))
+    c = config or CaldConfig(
+        n_mels=encoder.conv1.in_channels,
+        n_state=encoder.conv1.out_channels,
+        n_mlp=encoder.blocks[0].mlp[0].out_features,
+        hidden=[encoder.conv1.out_channels] * len(encoder.blocks),
+        proj=[0] * len(encoder.blocks),
+        input_rank=[0] * len(encoder.blocks),
+    )
     model = CaldCtc(c)
     with torch.no_grad():
         for name in ("conv1", "conv2"):
@@ -171,7 +178,7 @@ def from_whisper(encoder, config: CaldConfig | None = None) -> CaldCtc:
             student.attn_ln.load_state_dict(teacher.attn_ln.state_dict())
             student.mlp_ln.load_state_dict(teacher.mlp_ln.state_dict())
             student.mlp.load_state_dict(teacher.mlp.state_dict())
-            student.out.weight.mul_(0.1)   # a new block starts close to "no attention"
+            student.out.weight.mul_(0.1)  # a new block starts close to "no attention"
             student.out.bias.zero_()
         model.ln_post.load_state_dict(encoder.ln_post.state_dict())
     return model
@@ -207,6 +214,7 @@ def lstm_matrix_params(model: CaldCtc) -> int:
 
 # --- joint low-rank factorization ----------------------------------------------------------------------------
 
+
 def factor_groups(model: CaldCtc) -> list[Group]:
     """Per block: the input matrix W_ih alone, and [W_hh; W_out], which both read the LSTM's output."""
     groups = []
@@ -215,11 +223,27 @@ def factor_groups(model: CaldCtc) -> list[Group]:
             raise ValueError("the model is already factored; factor the unfactored model")
         w_ih = block.lstm.weight_ih_l0.detach().double()
         n_out, n_in = w_ih.shape
-        groups.append(Group(f"input{i}", "linear", torch.linalg.svdvals(w_ih).numpy() ** 2, n_in + n_out,
-                            n_in * n_out, n_in * n_out // (n_in + n_out)))
+        groups.append(
+            Group(
+                f"input{i}",
+                "linear",
+                torch.linalg.svdvals(w_ih).numpy() ** 2,
+                n_in + n_out,
+                n_in * n_out,
+                n_in * n_out // (n_in + n_out),
+            )
+        )
         stacked = torch.cat([block.lstm.weight_hh_l0.detach(), block.out.weight.detach()]).double()
-        groups.append(Group(f"block{i}", "joint", torch.linalg.svdvals(stacked).numpy() ** 2,
-                            stacked.shape[0] + stacked.shape[1], stacked.numel(), block.lstm.hidden_size))
+        groups.append(
+            Group(
+                f"block{i}",
+                "joint",
+                torch.linalg.svdvals(stacked).numpy() ** 2,
+                stacked.shape[0] + stacked.shape[1],
+                stacked.numel(),
+                block.lstm.hidden_size,
+            )
+        )
     return groups
 
 
@@ -230,8 +254,9 @@ def joint_factor(model: CaldCtc, ranks: dict[str, int | None]) -> CaldCtc:
     c = model.config
     proj = [ranks.get(f"block{i}") or 0 for i in range(c.n_layer)]
     input_rank = [ranks.get(f"input{i}") or 0 for i in range(c.n_layer)]
-    student = CaldCtc(CaldConfig(c.n_mels, c.n_state, c.n_mlp, list(c.hidden), proj, input_rank, c.mel_floor,
-                                 c.alphabet))
+    student = CaldCtc(
+        CaldConfig(c.n_mels, c.n_state, c.n_mlp, list(c.hidden), proj, input_rank, c.mel_floor, c.alphabet)
+    )
     state = {k: v for k, v in model.state_dict().items() if ".lstm." not in k and ".out." not in k}
     student.load_state_dict(state, strict=False)
     with torch.no_grad():
@@ -251,7 +276,7 @@ def joint_factor(model: CaldCtc, ranks: dict[str, int | None]) -> CaldCtc:
                 u, s, vh = torch.linalg.svd(torch.cat([w_hh, w_out]).double(), full_matrices=False)
                 a = (u[:, :r] * s[:r]).float()
                 dst.lstm.weight_hr_l0.copy_(vh[:r].float())
-                w_hh, w_out = a[: len(w_hh)], a[len(w_hh):]
+                w_hh, w_out = a[: len(w_hh)], a[len(w_hh) :]
             dst.lstm.weight_hh_l0.copy_(w_hh)
             dst.out.weight.copy_(w_out)
     return student
@@ -266,6 +291,7 @@ def compress_cald(model: CaldCtc, ratio: float) -> tuple[CaldCtc, list[Group]]:
 
 
 # --- checkpoints: safetensors weights + a JSON description, never pickle ------------------------------------
+
 
 def save_cald(model: CaldCtc, path: str | Path, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file

@@ -7,6 +7,7 @@ so the streaming transcriber, partials, hotwords and the daemon run it unchanged
 graph layer by layer: the convolutions, norms, input matrices, output matrices and FFNs are batched over
 the chunk's frames; only each block's recurrence is a `Scan` over time, one per block.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,13 @@ class _Graph:
         return self.node("Add", [y, self.init(f"{name}.b", _np(layer.bias))], name)
 
     def layer_norm(self, x: str, norm, name: str) -> str:
-        return self.node("LayerNormalization", [x, self.init(f"{name}.g", _np(norm.weight)),
-                                                self.init(f"{name}.b", _np(norm.bias))], name, axis=-1,
-                         epsilon=norm.eps)
+        return self.node(
+            "LayerNormalization",
+            [x, self.init(f"{name}.g", _np(norm.weight)), self.init(f"{name}.b", _np(norm.bias))],
+            name,
+            axis=-1,
+            epsilon=norm.eps,
+        )
 
 
 def _recurrence(block, i: int) -> onnx.GraphProto:
@@ -77,8 +82,11 @@ def _recurrence(block, i: int) -> onnx.GraphProto:
     h, c = f"h{i}_in", f"c{i}_in"
     rec = g.node("MatMul", [h, g.init(f"W_hh{i}", _np(lstm.weight_hh_l0).T)], "rec")
     gates = g.node("Add", ["gates_t", rec], "gates")
-    g.nodes.append(helper.make_node("Split", [gates, g.init("split", np.array([hidden] * 4, dtype=np.int64))],
-                                    ["gi", "gf", "gg", "go"], axis=1))   # torch's gate order: i, f, g, o
+    g.nodes.append(
+        helper.make_node(
+            "Split", [gates, g.init("split", np.array([hidden] * 4, dtype=np.int64))], ["gi", "gf", "gg", "go"], axis=1
+        )
+    )  # torch's gate order: i, f, g, o
     si, sf = g.node("Sigmoid", ["gi"], "si"), g.node("Sigmoid", ["gf"], "sf")
     tg, so = g.node("Tanh", ["gg"], "tg"), g.node("Sigmoid", ["go"], "so")
     c_new = g.node("Add", [g.node("Mul", [sf, c], "fc"), g.node("Mul", [si, tg], "ig")], f"c{i}_out")
@@ -98,8 +106,14 @@ def export_cald(model: CaldCtc, path: str | Path) -> Path:
     model = model.eval()
     c = model.config
     g = _Graph()
-    for name, value in (("inv_sqrt2", 1 / math.sqrt(2)), ("one", 1.0), ("half", 0.5), ("floor", c.mel_floor),
-                        ("four", 4.0), ("quarter", 0.25)):
+    for name, value in (
+        ("inv_sqrt2", 1 / math.sqrt(2)),
+        ("one", 1.0),
+        ("half", 0.5),
+        ("floor", c.mel_floor),
+        ("four", 4.0),
+        ("quarter", 0.25),
+    ):
         g.init(name, np.array(value, dtype=np.float32))
     g.init("axis0", np.array([0], dtype=np.int64))
     g.init("axis1", np.array([1], dtype=np.int64))
@@ -108,17 +122,29 @@ def export_cald(model: CaldCtc, path: str | Path) -> Path:
     g.init("axis2", np.array([2], dtype=np.int64))
 
     # features -> Whisper's scale, (1, n_mels, T)
-    scaled = g.node("Mul", [g.node("Add", [g.node("Max", ["features", "floor"], "floored"), "four"], "shifted"),
-                            "quarter"], "scaled")
+    scaled = g.node(
+        "Mul",
+        [g.node("Add", [g.node("Max", ["features", "floor"], "floored"), "four"], "shifted"), "quarter"],
+        "scaled",
+    )
     mel = g.node("Unsqueeze", [g.node("Transpose", [scaled], "mel_t", perm=[1, 0]), "axis0"], "mel")
     x1 = g.node("Concat", ["mel_tail", mel], "conv1_in", axis=2)
     g.node("Slice", [x1, "tail_start", "tail_end", "axis2"], "mel_tail_out")
-    conv1 = g.node("Conv", [x1, g.init("conv1.W", _np(model.front.conv1.weight)), g.init("conv1.b", _np(model.front.conv1.bias))],
-                   "conv1", kernel_shape=[3])
+    conv1 = g.node(
+        "Conv",
+        [x1, g.init("conv1.W", _np(model.front.conv1.weight)), g.init("conv1.b", _np(model.front.conv1.bias))],
+        "conv1",
+        kernel_shape=[3],
+    )
     y = g.node("Concat", ["conv_tail", g.gelu(conv1, "conv1_g")], "conv2_in", axis=2)
     g.node("Slice", [y, "tail_start", "tail_end", "axis2"], "conv_tail_out")
-    conv2 = g.node("Conv", [y, g.init("conv2.W", _np(model.front.conv2.weight)), g.init("conv2.b", _np(model.front.conv2.bias))],
-                   "conv2", kernel_shape=[3], strides=[2])
+    conv2 = g.node(
+        "Conv",
+        [y, g.init("conv2.W", _np(model.front.conv2.weight)), g.init("conv2.b", _np(model.front.conv2.bias))],
+        "conv2",
+        kernel_shape=[3],
+        strides=[2],
+    )
     x = g.node("Transpose", [g.node("Squeeze", [g.gelu(conv2, "conv2_g"), "axis0"], "conv2_sq")], "x0", perm=[1, 0])
 
     for i, block in enumerate(model.blocks):
@@ -129,17 +155,28 @@ def export_cald(model: CaldCtc, path: str | Path) -> Path:
         w_ih = g.init(f"b{i}.W_ih", _np(lstm.weight_ih_l0).T)
         bias = g.init(f"b{i}.b_lstm", _np(lstm.bias_ih_l0) + _np(lstm.bias_hh_l0))
         gates = g.node("Add", [g.node("MatMul", [h, w_ih], f"b{i}.ih"), bias], f"b{i}.gates")
-        seq = g.node("Unsqueeze", [gates, "axis1"], f"b{i}.gates_seq")   # (T, 1, 4H): a step is (1, 4H)
-        g.nodes.append(helper.make_node("Scan", [f"h{i}", f"c{i}", seq], [f"h{i}_out", f"c{i}_out", f"b{i}.h_seq"],
-                                        body=_recurrence(block, i), num_scan_inputs=1))
+        seq = g.node("Unsqueeze", [gates, "axis1"], f"b{i}.gates_seq")  # (T, 1, 4H): a step is (1, 4H)
+        g.nodes.append(
+            helper.make_node(
+                "Scan",
+                [f"h{i}", f"c{i}", seq],
+                [f"h{i}_out", f"c{i}_out", f"b{i}.h_seq"],
+                body=_recurrence(block, i),
+                num_scan_inputs=1,
+            )
+        )
         h_seq = g.node("Squeeze", [f"b{i}.h_seq", "axis1"], f"b{i}.h")
         m = g.node("Add", [x, g.linear(h_seq, block.out, f"b{i}.out")], f"b{i}.m")
-        ffn = g.linear(g.gelu(g.linear(g.layer_norm(m, block.mlp_ln, f"b{i}.mlp_ln"), block.mlp[0], f"b{i}.fc1"),
-                              f"b{i}.fc1_g"), block.mlp[2], f"b{i}.fc2")
+        ffn = g.linear(
+            g.gelu(g.linear(g.layer_norm(m, block.mlp_ln, f"b{i}.mlp_ln"), block.mlp[0], f"b{i}.fc1"), f"b{i}.fc1_g"),
+            block.mlp[2],
+            f"b{i}.fc2",
+        )
         x = g.node("Add", [m, ffn], f"x{i + 1}")
     logits = g.linear(g.layer_norm(x, model.ln_post, "ln_post"), model.head, "head")
     g.node("LogSoftmax", [logits], "log_probs", axis=-1)
 
     shapes = state_shapes(model)
-    return save_streaming_graph("cald_ctc", g.nodes, g.inits, c.n_mels, c.n_symbols,
-                                {n: shapes[n] for n in state_names(model)}, path)
+    return save_streaming_graph(
+        "cald_ctc", g.nodes, g.inits, c.n_mels, c.n_symbols, {n: shapes[n] for n in state_names(model)}, path
+    )

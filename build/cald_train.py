@@ -23,6 +23,7 @@ the teacher's variance in that layer, as `reference.matching_loss` does for the 
 `recover` is the same joint matching with the unfactored converted model as the reference, for a
 jointly factored copy, plus the KL divergence of its CTC posteriors.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,16 @@ def _extra_mix():
     from .training_audio import AudioMix
 
     # More recorded speech and short utterances than the shared mix: CTC learns to spell from these.
-    return AudioMix(piper_sentences=100, espeak_sentences=100, short_utterances=400, recorded=1200, long_windows=0,
-                    non_speech=20, isolated_words=500, seed=1)
+    return AudioMix(
+        piper_sentences=100,
+        espeak_sentences=100,
+        short_utterances=400,
+        recorded=1200,
+        long_windows=0,
+        non_speech=20,
+        isolated_words=500,
+        seed=1,
+    )
 
 
 @dataclass
@@ -58,11 +67,11 @@ class CaldRecipe:
     joint_steps: int = 400
     head_steps: int = 1500
     ctc_steps: int = 3000
-    match_weight: float = 1.0         # the stream-matching term beside CTC in the end-to-end stage
-    extra_mix: object = field(default_factory=_extra_mix)   # a second reference set (AudioMix), for CTC
-    batch_frames: int = 3000          # encoder frames (20 ms) per batch
-    lr_new: float = 1e-3              # the LSTMs and their output matrices: new parameters
-    lr_transferred: float = 1e-5      # Whisper's FFNs and norms: pretrained, kept close
+    match_weight: float = 1.0  # the stream-matching term beside CTC in the end-to-end stage
+    extra_mix: object = field(default_factory=_extra_mix)  # a second reference set (AudioMix), for CTC
+    batch_frames: int = 3000  # encoder frames (20 ms) per batch
+    lr_new: float = 1e-3  # the LSTMs and their output matrices: new parameters
+    lr_transferred: float = 1e-5  # Whisper's FFNs and norms: pretrained, kept close
     lr_head: float = 3e-3
     mel_floor: float = -6.0
     seed: int = 0
@@ -75,8 +84,10 @@ class CaldRecipe:
         """What trains in a stage, at which learning rate: the new LSTMs fast, Whisper's weights slowly."""
         if stage == "layerwise":
             return [{"params": lstm_params(model), "lr": self.lr_new}]
-        groups = [{"params": lstm_params(model), "lr": self.lr_new / 3},
-                  {"params": transferred_params(model), "lr": self.lr_transferred}]
+        groups = [
+            {"params": lstm_params(model), "lr": self.lr_new / 3},
+            {"params": transferred_params(model), "lr": self.lr_transferred},
+        ]
         if stage == "ctc":
             groups[1]["lr"] = 3 * self.lr_transferred
             groups.append({"params": list(model.head.parameters()), "lr": self.lr_head})
@@ -85,9 +96,9 @@ class CaldRecipe:
 
 @dataclass
 class Clip:
-    mel: Tensor          # (n_mels, T) float16: Whisper's scaled log-mel of the clip, T even
-    targets: Tensor      # (2L + 1, T/2, n_state) float16: the teacher's x_0 … x_L, then m_0 … m_{L-1}
-    labels: Tensor       # (K,) int64: the teacher's transcript in ALPHABET ids
+    mel: Tensor  # (n_mels, T) float16: Whisper's scaled log-mel of the clip, T even
+    targets: Tensor  # (2L + 1, T/2, n_state) float16: the teacher's x_0 … x_L, then m_0 … m_{L-1}
+    labels: Tensor  # (K,) int64: the teacher's transcript in ALPHABET ids
     text: str
 
     @property
@@ -97,6 +108,7 @@ class Clip:
 
 # --- data -----------------------------------------------------------------------------------------------------
 
+
 def transcript_text(tokens: Tensor, decoding: dict, decode: Callable[[list[int]], str]) -> str:
     """The text a reference item's decoder input holds after its prompt (timestamps and specials dropped)."""
     special = decoding["special_tokens"]
@@ -105,7 +117,9 @@ def transcript_text(tokens: Tensor, decoding: dict, decode: Callable[[list[int]]
     return decode([t for t in ids[start:] if t < special["eot"]])
 
 
-def teacher_clips(encoder, items: list, decoding: dict, decode: Callable[[list[int]], str], progress=None) -> list[Clip]:
+def teacher_clips(
+    encoder, items: list, decoding: dict, decode: Callable[[list[int]], str], progress=None
+) -> list[Clip]:
     """Each reference item's mel, its teacher states on the audio's own length (bucketed as the
     dynamic-context runtime pads it) cut to the clip's frames, and its transcript as CTC labels."""
     from edge_asr.context import ContextPolicy
@@ -146,8 +160,10 @@ def load_clips(path: Path) -> list[Clip]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         texts = meta["texts"].split("\n")
-        return [Clip(f.get_tensor(f"{i}.mel"), f.get_tensor(f"{i}.targets"), f.get_tensor(f"{i}.labels"), texts[i])
-                for i in range(int(meta["count"]))]
+        return [
+            Clip(f.get_tensor(f"{i}.mel"), f.get_tensor(f"{i}.targets"), f.get_tensor(f"{i}.labels"), texts[i])
+            for i in range(int(meta["count"]))
+        ]
 
 
 def batches(clips: list[Clip], max_frames: int, rng: random.Random) -> list[list[Clip]]:
@@ -169,13 +185,13 @@ def collate(batch: list[Clip], model: CaldCtc) -> tuple[Tensor, Tensor, Tensor]:
     (B, S)): student frame k holds teacher frame k - 1, so frame 0 (a lead frame) is masked out."""
     steps = max(c.steps for c in batch) + 1
     mel = torch.zeros(len(batch), batch[0].mel.shape[0], 2 * steps)
-    mel[:] = (model.config.mel_floor + 4) / 4   # what follows a clip: silence at the floor
+    mel[:] = (model.config.mel_floor + 4) / 4  # what follows a clip: silence at the floor
     targets = torch.zeros(len(batch), batch[0].targets.shape[0], steps, batch[0].targets.shape[-1])
     mask = torch.zeros(len(batch), steps, dtype=torch.bool)
     for i, c in enumerate(batch):
         mel[i, :, : 2 * c.steps] = c.mel.float()
-        targets[i, :, 1: c.steps + 1] = c.targets.float()
-        mask[i, 1: c.steps] = True   # the teacher's last frame needs the mel frame after the clip
+        targets[i, :, 1 : c.steps + 1] = c.targets.float()
+        mask[i, 1 : c.steps] = True  # the teacher's last frame needs the mel frame after the clip
     return model.floor_whisper_mel(mel), targets, mask
 
 
@@ -186,6 +202,7 @@ def _normalized_error(prediction: Tensor, target: Tensor, mask: Tensor) -> Tenso
 
 
 # --- stage losses -----------------------------------------------------------------------------------------------
+
 
 def layerwise_loss(model: CaldCtc, batch: list[Clip]) -> Tensor:
     """Each block's attention replacement, fed the teacher's input to that block (block 0: the converted
@@ -229,9 +246,13 @@ def ctc_stream_loss(match_weight: float = 1.0, augment: bool = True, seed: int =
             mel = spec_augment(mel.transpose(1, 2), torch.full((b,), t), floor, rng).transpose(1, 2)
         out, _, stream = model.encode(mel, hidden=True)
         log_probs = model.head(out).log_softmax(-1).transpose(0, 1)
-        ctc = torch.nn.functional.ctc_loss(log_probs, torch.cat([c.labels for c in batch]),
-                                           torch.tensor([c.steps + 1 for c in batch]),
-                                           torch.tensor([len(c.labels) for c in batch]), zero_infinity=True)
+        ctc = torch.nn.functional.ctc_loss(
+            log_probs,
+            torch.cat([c.labels for c in batch]),
+            torch.tensor([c.steps + 1 for c in batch]),
+            torch.tensor([len(c.labels) for c in batch]),
+            zero_infinity=True,
+        )
         return ctc + match_weight * _stream_error(stream, targets, mask)
 
     return loss_fn
@@ -239,14 +260,26 @@ def ctc_stream_loss(match_weight: float = 1.0, augment: bool = True, seed: int =
 
 # --- training loop ---------------------------------------------------------------------------------------------
 
+
 def _schedule(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
 
-def run_stage(name: str, model: CaldCtc, param_groups: list[dict], loss_fn: Callable, clips: list[Clip],
-              held_out: list[Clip], steps: int, recipe: CaldRecipe, checkpoint: Path | None = None,
-              log=print, score: Callable[[CaldCtc], float] | None = None) -> dict:
+def run_stage(
+    name: str,
+    model: CaldCtc,
+    param_groups: list[dict],
+    loss_fn: Callable,
+    clips: list[Clip],
+    held_out: list[Clip],
+    steps: int,
+    recipe: CaldRecipe,
+    checkpoint: Path | None = None,
+    log=print,
+    score: Callable[[CaldCtc], float] | None = None,
+) -> dict:
     """Train `param_groups` of `model` for `steps` batches of `clips` on `loss_fn(model, batch)`; keep the
     parameters that score lowest on the held-out clips: `score(model)`, by default the mean held-out loss.
     Checkpointed every `eval_every` steps."""
@@ -268,7 +301,11 @@ def run_stage(name: str, model: CaldCtc, param_groups: list[dict], loss_fn: Call
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, curve = int(state["step"]), [dict(zip(("step", "train", "held_out"), r)) for r in state["curve"].tolist()]
-        best = {"loss": float(state["best_loss"]), "step": int(state["best_step"]), "params": state["best_params"] or None}
+        best = {
+            "loss": float(state["best_loss"]),
+            "step": int(state["best_step"]),
+            "params": state["best_params"] or None,
+        }
         rng.seed(recipe.seed + step)
         log(f"{name}: resumed at step {step}")
 
@@ -278,8 +315,9 @@ def run_stage(name: str, model: CaldCtc, param_groups: list[dict], loss_fn: Call
             if score is not None:
                 value = score(model)
             else:
-                value = sum(float(loss_fn(model, b)) * len(b)
-                            for b in batches(held_out, recipe.batch_frames, random.Random(0))) / len(held_out)
+                value = sum(
+                    float(loss_fn(model, b)) * len(b) for b in batches(held_out, recipe.batch_frames, random.Random(0))
+                ) / len(held_out)
         model.train()
         return value
 
@@ -304,23 +342,40 @@ def run_stage(name: str, model: CaldCtc, param_groups: list[dict], loss_fn: Call
         bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
         if step % recipe.eval_every == 0 or step == steps:
             held = held_out_loss()
-            curve.append({"step": step, "train": round(float(np.mean(running[-recipe.eval_every:])), 5),
-                          "held_out": round(held, 5)})
+            curve.append(
+                {
+                    "step": step,
+                    "train": round(float(np.mean(running[-recipe.eval_every :])), 5),
+                    "held_out": round(held, 5),
+                }
+            )
             if held < best["loss"]:
                 best = {"loss": held, "step": step, "params": [p.detach().clone() for p in params]}
             if checkpoint is not None:
                 rows = [[c["step"], -1.0 if c["train"] is None else c["train"], c["held_out"]] for c in curve]
                 tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "step": step, "curve": torch.tensor(rows),
-                            "best_loss": best["loss"], "best_step": best["step"], "best_params": best["params"] or []}, tmp)
+                torch.save(
+                    {
+                        "params": [p.detach() for p in params],
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "curve": torch.tensor(rows),
+                        "best_loss": best["loss"],
+                        "best_step": best["step"],
+                        "best_params": best["params"] or [],
+                    },
+                    tmp,
+                )
                 tmp.replace(checkpoint)
     bar.close()
     if best["params"] is not None:
         for p, value in zip(params, best["params"]):
             p.data.copy_(value)
     model.eval().requires_grad_(False)
-    log(f"{name}: held-out {'score' if score else 'loss'} {curve[0]['held_out']} -> {best['loss']:.5f} (step {best['step']})")
+    log(
+        f"{name}: held-out {'score' if score else 'loss'} {curve[0]['held_out']} -> {best['loss']:.5f} (step {best['step']})"
+    )
     return {"steps": steps, "best_step": best["step"], "held_out_best": round(best["loss"], 5), "curve": curve}
 
 
@@ -333,6 +388,7 @@ def transferred_params(model: CaldCtc) -> list:
 
 
 # --- the CTC head ------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def encoder_outputs(model: CaldCtc, clips: list[Clip], batch_frames: int) -> list[Tensor]:
@@ -353,8 +409,13 @@ def ctc_loss(head: torch.nn.Module, features: list[Tensor], labels: list[Tensor]
     for i, f in enumerate(features):
         x[i, : len(f)] = f.float()
     log_probs = head(x).log_softmax(-1).transpose(0, 1)
-    return torch.nn.functional.ctc_loss(log_probs, torch.cat(labels), torch.tensor([len(f) for f in features]),
-                                        torch.tensor([len(l) for l in labels]), zero_infinity=True)
+    return torch.nn.functional.ctc_loss(
+        log_probs,
+        torch.cat(labels),
+        torch.tensor([len(f) for f in features]),
+        torch.tensor([len(l) for l in labels]),
+        zero_infinity=True,
+    )
 
 
 def greedy_texts(head: torch.nn.Module, features: list[Tensor], alphabet: str = ALPHABET) -> list[str]:
@@ -371,6 +432,7 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 def held_out_wer(held_out: list[Clip], batch_frames: int) -> Callable[[CaldCtc], float]:
     """A score for `run_stage`: greedy WER of the model against the teacher's transcripts of `held_out`."""
+
     def score(model: CaldCtc) -> float:
         features = encoder_outputs(model, held_out, batch_frames)
         return word_error_rate([c.text for c in held_out], greedy_texts(model.head, features, model.config.alphabet))
@@ -408,10 +470,16 @@ def train_head(model: CaldCtc, clips: list[Clip], held_out: list[Clip], recipe: 
     head.load_state_dict(best["state"])
     head.requires_grad_(False)
     log(f"head: held-out WER against the teacher {best['wer']:.2f} (step {best['step']})")
-    return {"steps": recipe.head_steps, "best_step": best["step"], "held_out_wer": round(best["wer"], 2), "curve": curve}
+    return {
+        "steps": recipe.head_steps,
+        "best_step": best["step"],
+        "held_out_wer": round(best["wer"], 2),
+        "curve": curve,
+    }
 
 
 # --- the whole conversion ---------------------------------------------------------------------------------------
+
 
 def teacher_encoder(loaded, delta: Path | None = None):
     """The encoder of a loaded Whisper with the dynamic-context delta merged into it (in place): the teacher."""
@@ -422,9 +490,15 @@ def teacher_encoder(loaded, delta: Path | None = None):
     return loaded.model.encoder.eval()
 
 
-def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], work: Path | None,
-                    step=lambda m: None, delta: Path | None = None,
-                    recipe: CaldRecipe | None = None) -> tuple[Path, list[Clip], list[Clip], dict]:
+def conversion_sets(
+    source: str,
+    corpora: list[Path],
+    user_audio: list[Path],
+    work: Path | None,
+    step=lambda m: None,
+    delta: Path | None = None,
+    recipe: CaldRecipe | None = None,
+) -> tuple[Path, list[Clip], list[Clip], dict]:
     """(work folder, training clips, held-out clips, provenance), made once and cached in the work folder:
     the reference sets every matching pass shares, and the recipe's extra set."""
     from tokenizers import Tokenizer
@@ -437,11 +511,31 @@ def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], wo
 
     shared = ContextRecipe()
     loaded = load_whisper(source)
-    work, train_items, held_items = reference_sets(loaded, shared.mix, shared.held_out, shared.match.seed, corpora,
-                                                   user_audio, None, "context", shared.version, step)
+    work, train_items, held_items = reference_sets(
+        loaded,
+        shared.mix,
+        shared.held_out,
+        shared.match.seed,
+        corpora,
+        user_audio,
+        None,
+        "context",
+        shared.version,
+        step,
+    )
     extra_mix = (recipe or CaldRecipe()).extra_mix
-    _, extra_items, _ = reference_sets(loaded, extra_mix, shared.held_out, shared.match.seed, corpora, user_audio,
-                                       None, "context", shared.version, step)
+    _, extra_items, _ = reference_sets(
+        loaded,
+        extra_mix,
+        shared.held_out,
+        shared.match.seed,
+        corpora,
+        user_audio,
+        None,
+        "context",
+        shared.version,
+        step,
+    )
     decoding = decoding_rules(loaded)
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))
     decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
@@ -454,26 +548,44 @@ def conversion_sets(source: str, corpora: list[Path], user_audio: list[Path], wo
             step(f"teacher states of {len(items)} clips ({name})")
             # The reference sets are made: the loaded model may now become the teacher.
             encoder = encoder or teacher_encoder(loaded, delta)
-            save_clips(teacher_clips(encoder, items, decoding, decode,
-                                     lambda xs: tqdm(xs, desc=f"teacher {name}", unit="clip")), path)
+            save_clips(
+                teacher_clips(
+                    encoder, items, decoding, decode, lambda xs: tqdm(xs, desc=f"teacher {name}", unit="clip")
+                ),
+                path,
+            )
         sets[name] = load_clips(path)
     train = sets["train"] + sets["extra"]
-    provenance = {"teacher": loaded.source, "teacher_delta": str(delta or "tiny.en-context-auto"),
-                  "clips": {k: len(v) for k, v in sets.items()}, "mixes": [shared.mix.to_dict(), extra_mix.to_dict()],
-                  "hours": round(sum(c.steps for c in train) / 50 / 3600, 2)}
+    provenance = {
+        "teacher": loaded.source,
+        "teacher_delta": str(delta or "tiny.en-context-auto"),
+        "clips": {k: len(v) for k, v in sets.items()},
+        "mixes": [shared.mix.to_dict(), extra_mix.to_dict()],
+        "hours": round(sum(c.steps for c in train) / 50 / 3600, 2),
+    }
     return cache, train, sets["held-out"], provenance
 
 
-def convert(out: Path, source: str = "tiny.en", corpora: list[Path] = (), user_audio: list[Path] = (),
-            recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False, threads: int | None = None,
-            step=lambda m: None, log=print) -> Path:
+def convert(
+    out: Path,
+    source: str = "tiny.en",
+    corpora: list[Path] = (),
+    user_audio: list[Path] = (),
+    recipe: CaldRecipe | None = None,
+    work: Path | None = None,
+    resume: bool = False,
+    threads: int | None = None,
+    step=lambda m: None,
+    log=print,
+) -> Path:
     """The whole conversion, stage by stage; writes `out` (.safetensors + .json)."""
     torch.set_num_threads(resolve_threads(threads))
     recipe = recipe or CaldRecipe()
     torch.manual_seed(recipe.seed)
     started = time.time()
-    cache, train, held_out, provenance = conversion_sets(source, list(corpora), list(user_audio), work, step,
-                                                         recipe=recipe)
+    cache, train, held_out, provenance = conversion_sets(
+        source, list(corpora), list(user_audio), work, step, recipe=recipe
+    )
     prepared = time.time() - started
     step(f"convert ({len(train)} clips, {provenance['hours']} h)")
     from .loaders import load_whisper
@@ -499,24 +611,50 @@ def convert(out: Path, source: str = "tiny.en", corpora: list[Path] = (), user_a
         if stage == "head":
             history[stage] = train_head(model, train, held_out, recipe, log)
         else:
-            loss, steps, score = {"layerwise": (layerwise_loss, recipe.layerwise_steps, None),
-                                  "joint": (stream_loss, recipe.joint_steps, None),
-                                  "ctc": (ctc_stream_loss(recipe.match_weight, seed=recipe.seed), recipe.ctc_steps,
-                                          held_out_wer(held_out, recipe.batch_frames))}[stage]
-            history[stage] = run_stage(stage, model, recipe.stage_groups(stage, model), loss, train, held_out, steps,
-                                       recipe, stages_dir / f"{stage}.pt", log, score)
+            loss, steps, score = {
+                "layerwise": (layerwise_loss, recipe.layerwise_steps, None),
+                "joint": (stream_loss, recipe.joint_steps, None),
+                "ctc": (
+                    ctc_stream_loss(recipe.match_weight, seed=recipe.seed),
+                    recipe.ctc_steps,
+                    held_out_wer(held_out, recipe.batch_frames),
+                ),
+            }[stage]
+            history[stage] = run_stage(
+                stage,
+                model,
+                recipe.stage_groups(stage, model),
+                loss,
+                train,
+                held_out,
+                steps,
+                recipe,
+                stages_dir / f"{stage}.pt",
+                log,
+                score,
+            )
         seconds[stage] = round(time.time() - t, 1)
         history[stage]["seconds"] = seconds[stage]
         save_cald(model, done, {"stage": history[stage]})
-    return save_cald(model, out, {
-        "recipe": recipe.to_dict(), "provenance": provenance, "history": history, "seconds": seconds,
-        "corpora": [str(c) for c in corpora], "user_audio": [str(a) for a in user_audio],
-        "parameters": sum(p.numel() for p in model.parameters()), "lstm_matrix_parameters": lstm_matrix_params(model),
-        "held_out_wer_vs_teacher": history["ctc"]["held_out_best"],
-    })
+    return save_cald(
+        model,
+        out,
+        {
+            "recipe": recipe.to_dict(),
+            "provenance": provenance,
+            "history": history,
+            "seconds": seconds,
+            "corpora": [str(c) for c in corpora],
+            "user_audio": [str(a) for a in user_audio],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "lstm_matrix_parameters": lstm_matrix_params(model),
+            "held_out_wer_vs_teacher": history["ctc"]["held_out_best"],
+        },
+    )
 
 
 # --- joint SVD and recovery against the unfactored converted model --------------------------------------------
+
 
 def recovery_loss(reference: CaldCtc, kl_weight: float = 1.0) -> Callable:
     """Reference matching against the unfactored converted model: its residual stream after every block,
@@ -537,10 +675,21 @@ def recovery_loss(reference: CaldCtc, kl_weight: float = 1.0) -> Callable:
     return loss_fn
 
 
-def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, steps: int = 300,
-                         corpora: list[Path] = (), user_audio: list[Path] = (), model_source: str = "tiny.en",
-                         recipe: CaldRecipe | None = None, work: Path | None = None, resume: bool = False,
-                         threads: int | None = None, step=lambda m: None, log=print) -> Path:
+def compress_and_recover(
+    source: Path,
+    out: Path,
+    ratio: float = 1 / 3,
+    steps: int = 300,
+    corpora: list[Path] = (),
+    user_audio: list[Path] = (),
+    model_source: str = "tiny.en",
+    recipe: CaldRecipe | None = None,
+    work: Path | None = None,
+    resume: bool = False,
+    threads: int | None = None,
+    step=lambda m: None,
+    log=print,
+) -> Path:
     """Joint SVD of a converted model to `ratio` of its LSTM matrices, then `steps` of recovery (the LSTMs
     and their factors train; the rest stays) on the conversion's clips; writes `out`."""
     from .cald import compress_cald, load_cald
@@ -552,20 +701,46 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, steps: i
     before, after = lstm_matrix_params(reference), lstm_matrix_params(student)
     ranks = {g.name: g.rank for g in groups}
     log(f"joint SVD: {before:,} -> {after:,} LSTM matrix parameters ({after / before:.3f}), ranks {ranks}")
-    cache, train, held_out, provenance = conversion_sets(model_source, list(corpora), list(user_audio), work, step,
-                                                         recipe=recipe)
+    cache, train, held_out, provenance = conversion_sets(
+        model_source, list(corpora), list(user_audio), work, step, recipe=recipe
+    )
     checkpoint = Path(work or cache) / f"recover-{Path(source).stem}-{ratio:.3f}.pt"
     if not resume:
         checkpoint.unlink(missing_ok=True)
     step(f"recover ({steps} steps)")
     started = time.time()
-    history = run_stage("recover", student, [{"params": lstm_params(student), "lr": recipe.lr_new / 3}],
-                        recovery_loss(reference), train, held_out, steps, recipe, checkpoint, log) if steps else {}
+    history = (
+        run_stage(
+            "recover",
+            student,
+            [{"params": lstm_params(student), "lr": recipe.lr_new / 3}],
+            recovery_loss(reference),
+            train,
+            held_out,
+            steps,
+            recipe,
+            checkpoint,
+            log,
+        )
+        if steps
+        else {}
+    )
     history["seconds"] = round(time.time() - started, 1)
-    return save_cald(student, out, {
-        "recipe": meta.get("recipe"), "provenance": meta.get("provenance"), "teacher": str(source),
-        "compression": {"ratio_target": ratio, "ranks": ranks, "lstm_matrix_parameters_before": before,
-                        "lstm_matrix_parameters_after": after},
-        "recovery": history, "parameters": sum(p.numel() for p in student.parameters()),
-        "lstm_matrix_parameters": after,
-    })
+    return save_cald(
+        student,
+        out,
+        {
+            "recipe": meta.get("recipe"),
+            "provenance": meta.get("provenance"),
+            "teacher": str(source),
+            "compression": {
+                "ratio_target": ratio,
+                "ranks": ranks,
+                "lstm_matrix_parameters_before": before,
+                "lstm_matrix_parameters_after": after,
+            },
+            "recovery": history,
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "lstm_matrix_parameters": after,
+        },
+    )

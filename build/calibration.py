@@ -11,6 +11,7 @@ factors it shapes are rebuilt everywhere to within float rounding, which `compre
     over every position: the price of a cut, measured on the output instead of guessed from singular
     values (`compress.measure_groups` factors one matrix at a time at each candidate rank).
 """
+
 from __future__ import annotations
 
 import random
@@ -50,7 +51,9 @@ def calibration_clips(mix: CalibrationMix = CalibrationMix()) -> list[np.ndarray
     from .training_audio import augment
 
     rng, np_rng = random.Random(mix.seed), np.random.default_rng(mix.seed)
-    texts = dictation_sentences(mix.sentences, seed=500 + mix.seed) + short_phrases(mix.short_utterances, 500 + mix.seed)
+    texts = dictation_sentences(mix.sentences, seed=500 + mix.seed) + short_phrases(
+        mix.short_utterances, 500 + mix.seed
+    )
     clips = []
     for text in texts:
         audio = synthesize(text, length_scale=round(rng.uniform(0.8, 1.25), 2))
@@ -59,6 +62,7 @@ def calibration_clips(mix: CalibrationMix = CalibrationMix()) -> list[np.ndarray
 
 
 # --- input moments ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class InputMoments:
@@ -96,8 +100,13 @@ class InputMoments:
 
 
 @torch.inference_mode()
-def collect_moments(model: Whisper, items: list[ReferenceItem], frames: int = N_FRAMES, device: str = "cpu",
-                    sides: tuple[str, ...] = ("encoder", "decoder")) -> dict[str, InputMoments]:
+def collect_moments(
+    model: Whisper,
+    items: list[ReferenceItem],
+    frames: int = N_FRAMES,
+    device: str = "cpu",
+    sides: tuple[str, ...] = ("encoder", "decoder"),
+) -> dict[str, InputMoments]:
     """{layer name: moments of its input} for every linear layer of `sides`, and `FINAL_STATE` for the
     decoder's final state, over `items` (each clip on a window of `frames`, its reference transcript
     teacher-forced)."""
@@ -107,10 +116,14 @@ def collect_moments(model: Whisper, items: list[ReferenceItem], frames: int = N_
         def record(module, inputs, result):
             x = result if output else inputs[0]
             moments.setdefault(name, InputMoments.empty(x.shape[-1])).add(x)
+
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".")[0] in sides]
+    handles = [
+        m.register_forward_hook(hook(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.split(".")[0] in sides
+    ]
     handles.append(model.get_submodule(FINAL_STATE).register_forward_hook(hook(FINAL_STATE, output=True)))
     try:
         model.eval().to(device)
@@ -126,20 +139,22 @@ def collect_moments(model: Whisper, items: list[ReferenceItem], frames: int = N_
 
 # --- output distortion --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Distortion:
     """The reference's log-probabilities on calibration items, to score other models against."""
 
     items: list[ReferenceItem]
-    features: list[Tensor]                  # the reference encoder's output per item
-    log_probs: list[Tensor]                 # (L, n_vocab) per item
+    features: list[Tensor]  # the reference encoder's output per item
+    log_probs: list[Tensor]  # (L, n_vocab) per item
     frames: int = N_FRAMES
     device: str = "cpu"
 
     @classmethod
     @torch.inference_mode()
-    def of_reference(cls, reference: Whisper, items: list[ReferenceItem], frames: int = N_FRAMES,
-                     device: str = "cpu") -> "Distortion":
+    def of_reference(
+        cls, reference: Whisper, items: list[ReferenceItem], frames: int = N_FRAMES, device: str = "cpu"
+    ) -> "Distortion":
         reference.eval().to(device)
         features, log_probs = [], []
         for item in items:

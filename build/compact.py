@@ -18,6 +18,7 @@ The recipe, in the order of the build step's passes:
 `compact_model` rebuilds 1 and 3 and applies a shipped delta (2 and 4 stored in it): what `build --compact`
 does in minutes. `recover_compact` runs the whole recipe and writes such a delta.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,18 @@ from pathlib import Path
 from typing import Callable
 
 from .calibration import CalibrationMix, Distortion, calibration_clips, collect_moments
-from .compress import (DEFAULT_PARTS, FACTORS_TOLERANCE, CompressionReport, allocate_measured, apply_structure,
-                       collect_groups, factors_fingerprint, fingerprint_distance, measure_groups, structure_of)
+from .compress import (
+    DEFAULT_PARTS,
+    FACTORS_TOLERANCE,
+    CompressionReport,
+    allocate_measured,
+    apply_structure,
+    collect_groups,
+    factors_fingerprint,
+    fingerprint_distance,
+    measure_groups,
+    structure_of,
+)
 from .reference import MatchConfig, items_key, match_reference, reference_items
 from .training_audio import AudioMix, HeldOutMix, describe_corpus
 
@@ -39,23 +50,34 @@ DEFAULT_COMPACT_DELTA = DELTA_DIR / "tiny.en-compact.safetensors"
 
 @dataclass(frozen=True)
 class CompactRecipe:
-    keep: float = 0.70                      # of all parameters (embedding, norms, positions included)
+    keep: float = 0.70  # of all parameters (embedding, norms, positions included)
     parts: tuple[str, ...] = DEFAULT_PARTS
     # The embedding's exact rows and tail rank are fixed, chosen on the held-out sets: its output projection
     # matters for rare words far more than the calibration's logit KL shows (see the README).
     frequent_tokens: int = 24000
     embedding_rank: int = 64
     calibration: CalibrationMix = field(default_factory=CalibrationMix)
-    measure_clips: int = 32                 # calibration clips the rank measurements are scored on
+    measure_clips: int = 32  # calibration clips the rank measurements are scored on
     mix: AudioMix = field(default_factory=AudioMix)
     held_out: HeldOutMix = field(default_factory=HeldOutMix)
     # LoRA on the decoder (the factored part) and the embedding's shared projection, low learning rate, with
     # the next-token KL beside the hidden states; sized for 2 CPU cores in under 30 minutes.
     # Recovery is off by default: on the held-out sets, 300 steps lowered the matching loss by a quarter but
     # raised WER (30.53% against 28.72% for the factors alone; README). `edge-asr recover --steps 300` runs it.
-    match: MatchConfig = field(default_factory=lambda: MatchConfig(
-        steps=0, batch_size=8, learning_rate=1e-4, warmup_steps=30, lora_rank=16, lora_alpha=16.0,
-        parts=("decoder",), checkpoint_every=50, eval_every=50, output_weight=0.5))
+    match: MatchConfig = field(
+        default_factory=lambda: MatchConfig(
+            steps=0,
+            batch_size=8,
+            learning_rate=1e-4,
+            warmup_steps=30,
+            lora_rank=16,
+            lora_alpha=16.0,
+            parts=("decoder",),
+            checkpoint_every=50,
+            eval_every=50,
+            output_weight=0.5,
+        )
+    )
     version: int = 1
 
     def to_dict(self) -> dict:
@@ -64,12 +86,13 @@ class CompactRecipe:
 
 @dataclass
 class Calibration:
-    items: list            # ReferenceItems of the calibration clips
-    moments: dict          # layer name -> InputMoments
+    items: list  # ReferenceItems of the calibration clips
+    moments: dict  # layer name -> InputMoments
 
 
-def calibrate(loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda m: None,
-              parts: tuple[str, ...] = DEFAULT_PARTS) -> Calibration:
+def calibrate(
+    loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda m: None, parts: tuple[str, ...] = DEFAULT_PARTS
+) -> Calibration:
     """Calibration clips, the reference's transcripts of them, and the input moments of every layer."""
     from .context_adapt import _encoder
     from .mel import mel_filters
@@ -79,8 +102,15 @@ def calibrate(loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda 
     clips = calibration_clips(mix)
     step("reference transcripts of the calibration clips")
     reference = loaded.model.eval()
-    items = reference_items(reference, clips, mel_filters(16000, 400, reference.dims.n_mels), decoding_rules(loaded),
-                            _encoder(loaded.tokenizer_json), [], mode_shares={"plain": 1.0})
+    items = reference_items(
+        reference,
+        clips,
+        mel_filters(16000, 400, reference.dims.n_mels),
+        decoding_rules(loaded),
+        _encoder(loaded.tokenizer_json),
+        [],
+        mode_shares={"plain": 1.0},
+    )
     if not parts:  # the clips and transcripts alone (layer pruning measures whole blocks, not inputs)
         return Calibration(items, {})
     step("input moments of every layer")
@@ -88,8 +118,9 @@ def calibrate(loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda 
     return Calibration(items, collect_moments(reference, items, sides=sides))
 
 
-def measure_structure(loaded, recipe: CompactRecipe, calibration: Calibration, device: str = "cpu",
-                      progress=None) -> tuple[dict, CompressionReport]:
+def measure_structure(
+    loaded, recipe: CompactRecipe, calibration: Calibration, device: str = "cpu", progress=None
+) -> tuple[dict, CompressionReport]:
     """The ranks of `recipe.keep`: the embedding at the recipe's rank, every other matrix from measured
     distortions. Returns (structure, report)."""
     model = loaded.model
@@ -114,8 +145,12 @@ def factored(loaded, structure: dict, calibration: Calibration):
     return apply_structure(copy.deepcopy(loaded.model), structure, moments=calibration.moments).eval()
 
 
-def compact_model(loaded, delta: Path = DEFAULT_COMPACT_DELTA, step: Callable[[str], None] = lambda m: None,
-                  calibration: Calibration | None = None):
+def compact_model(
+    loaded,
+    delta: Path = DEFAULT_COMPACT_DELTA,
+    step: Callable[[str], None] = lambda m: None,
+    calibration: Calibration | None = None,
+):
     """The compact model of `delta` (from `recover_compact`): calibration and factors rebuilt from the recipe
     in the delta (or from `calibration`), checked against its source and its factors' fingerprint, then its
     adapters merged. Returns (model, manifest summary)."""
@@ -128,32 +163,55 @@ def compact_model(loaded, delta: Path = DEFAULT_COMPACT_DELTA, step: Callable[[s
     if metadata.get("kind") != "compact-lora":
         raise EdgeAsrError(f"{delta} is not a compact delta (kind {metadata.get('kind')!r})")
     if metadata["source"].get("sha256") != loaded.source.get("sha256"):
-        raise EdgeAsrError(f"{Path(delta).name} was made from another model (sha256 "
-                           f"{str(metadata['source'].get('sha256'))[:12]}…, this one {str(loaded.source.get('sha256'))[:12]}…)")
+        raise EdgeAsrError(
+            f"{Path(delta).name} was made from another model (sha256 "
+            f"{str(metadata['source'].get('sha256'))[:12]}…, this one {str(loaded.source.get('sha256'))[:12]}…)"
+        )
     if "factors_fingerprint" not in metadata:
-        raise EdgeAsrError(f"{Path(delta).name} records no factors' fingerprint: rebuild the delta with `edge-asr recover`")
+        raise EdgeAsrError(
+            f"{Path(delta).name} records no factors' fingerprint: rebuild the delta with `edge-asr recover`"
+        )
     recipe = metadata["recipe"]
-    calibration = calibration or calibrate(loaded, CalibrationMix(**recipe["calibration"]), step, tuple(recipe["parts"]))
+    calibration = calibration or calibrate(
+        loaded, CalibrationMix(**recipe["calibration"]), step, tuple(recipe["parts"])
+    )
     step("activation-aware factors")
     model = factored(loaded, metadata["structure"], calibration)
     distance = fingerprint_distance(factors_fingerprint(model), metadata["factors_fingerprint"])
     if not distance <= FACTORS_TOLERANCE:
-        raise EdgeAsrError(f"{Path(delta).name} was trained on other factors (the rebuilt ones differ by "
-                           f"{distance:.1e}, more than {FACTORS_TOLERANCE:.0e}): rebuild the delta with `edge-asr recover`")
+        raise EdgeAsrError(
+            f"{Path(delta).name} was trained on other factors (the rebuilt ones differ by "
+            f"{distance:.1e}, more than {FACTORS_TOLERANCE:.0e}): rebuild the delta with `edge-asr recover`"
+        )
     step(f"apply the recovered delta {Path(delta).name}")
     apply_delta(model, Path(delta))
     model.compression = metadata["structure"]
-    summary = {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": "compact-lora",
-               "factors_distance": float(f"{distance:.2e}"), "parameters": {"before": metadata["params_before"],
-                                                        "after": metadata["params_after"]},
-               "held_out_loss": {"before": metadata["result"]["held_out_before"],
-                                 "after": metadata["result"]["held_out_best"]}}
+    summary = {
+        "delta": Path(delta).name,
+        "sha256": sha256_file(Path(delta)),
+        "kind": "compact-lora",
+        "factors_distance": float(f"{distance:.2e}"),
+        "parameters": {"before": metadata["params_before"], "after": metadata["params_after"]},
+        "held_out_loss": {
+            "before": metadata["result"]["held_out_before"],
+            "after": metadata["result"]["held_out_best"],
+        },
+    }
     return model, summary
 
 
-def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
-                    recipe: CompactRecipe | None = None, work: Path | None = None, resume: bool = False,
-                    structure: dict | None = None, step: Callable[[str], None] = lambda m: None, log=print) -> dict:
+def recover_compact(
+    source: str,
+    out: Path,
+    corpora: list[Path] = (),
+    user_audio: list[Path] = (),
+    recipe: CompactRecipe | None = None,
+    work: Path | None = None,
+    resume: bool = False,
+    structure: dict | None = None,
+    step: Callable[[str], None] = lambda m: None,
+    log=print,
+) -> dict:
     """Run the whole recipe on `source` and write the compact delta `out` (safetensors, a JSON summary
     beside it). `structure` skips the rank measurements (for example the ranks of a shipped delta)."""
     import torch
@@ -174,14 +232,25 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
     calibration = calibrate(loaded, recipe.calibration, step, recipe.parts)
     if structure is None:
         step("measure each matrix's distortion at each candidate rank")
-        structure, report = measure_structure(loaded, recipe, calibration,
-                                              progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut"))
+        structure, report = measure_structure(
+            loaded, recipe, calibration, progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut")
+        )
         log(report.table())
     student = factored(loaded, structure, calibration)
     fingerprint, params_after = factors_fingerprint(student), student.parameter_count()
     # The adapt pass's reference sets, shared: the same mixes make the same cache key.
-    work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
-                                           work, "context", ContextRecipe.version, step)
+    work, train, held_out = reference_sets(
+        loaded,
+        recipe.mix,
+        recipe.held_out,
+        recipe.match.seed,
+        corpora,
+        user_audio,
+        work,
+        "context",
+        ContextRecipe.version,
+        step,
+    )
     prepared = time.time() - started
     step(f"recover by reference matching ({recipe.match.steps} steps)")
     # named by what makes the factors (not by their last bits, which are this machine's)
@@ -197,22 +266,50 @@ def recover_compact(source: str, out: Path, corpora: list[Path] = (), user_audio
         trainable.append(student.get_parameter(name).requires_grad_(True))
     projection = loaded.model.decoder.token_embedding.weight
     if recipe.match.steps:
-        result = match_reference(student, train, recipe.match, held_out=held_out, trainable=trainable,
-                                 checkpoint=checkpoint, reference_projection=projection, log=log)
+        result = match_reference(
+            student,
+            train,
+            recipe.match,
+            held_out=held_out,
+            trainable=trainable,
+            checkpoint=checkpoint,
+            reference_projection=projection,
+            log=log,
+        )
     else:  # factors only: the delta carries the ranks and the factors' digest, its adapters are zero
-        loss = round(held_out_loss(student, held_out, lambda frames, rng: N_FRAMES, torch.device("cpu"),
-                                   reference_projection=projection, output_weight=recipe.match.output_weight), 5)
+        loss = round(
+            held_out_loss(
+                student,
+                held_out,
+                lambda frames, rng: N_FRAMES,
+                torch.device("cpu"),
+                reference_projection=projection,
+                output_weight=recipe.match.output_weight,
+            ),
+            5,
+        )
         result = MatchResult(0, 0.0, "cpu", 0, loss, loss, 0, [{"step": 0, "train_loss": None, "held_out_loss": loss}])
     metadata = {
-        "kind": "compact-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
-        "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),
-        "structure": structure, "factors_fingerprint": fingerprint, "params_before": loaded.model.parameter_count(),
-        "params_after": params_after, "corpora": [describe_corpus(p) for p in corpora],
-        "user_audio": [str(p) for p in user_audio], "clips": {"train": len(train), "held_out": len(held_out)},
-        "result": result.to_dict(), "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
+        "kind": "compact-lora",
+        "source": loaded.source,
+        "rank": recipe.match.lora_rank,
+        "alpha": recipe.match.lora_alpha,
+        "parts": list(recipe.match.parts),
+        "recipe": recipe.to_dict(),
+        "structure": structure,
+        "factors_fingerprint": fingerprint,
+        "params_before": loaded.model.parameter_count(),
+        "params_after": params_after,
+        "corpora": [describe_corpus(p) for p in corpora],
+        "user_audio": [str(p) for p in user_audio],
+        "clips": {"train": len(train), "held_out": len(held_out)},
+        "result": result.to_dict(),
+        "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
     }
     save_delta(student, Path(out), metadata, whole=whole)
-    Path(out).with_suffix(".json").write_text(json.dumps(readable_metadata(metadata), indent=2) + "\n", encoding="utf-8")
+    Path(out).with_suffix(".json").write_text(
+        json.dumps(readable_metadata(metadata), indent=2) + "\n", encoding="utf-8"
+    )
     return metadata
 
 
@@ -221,5 +318,6 @@ def readable_metadata(metadata: dict) -> dict:
     delta's header."""
     fingerprint = metadata["factors_fingerprint"]
     k = fingerprint["probes"]
-    return metadata | {"factors_fingerprint": f"{len(fingerprint['tensors'])} tensors, {k}x{k} probes each "
-                                              f"(in the delta's header)"}
+    return metadata | {
+        "factors_fingerprint": f"{len(fingerprint['tensors'])} tensors, {k}x{k} probes each (in the delta's header)"
+    }

@@ -25,6 +25,7 @@ returns the compressed copy and a report (ranks, parameters, reconstruction erro
 A compressed model is saved as safetensors plus a JSON description of its shapes (`save_compressed`), so
 loading it never unpickles anything.
 """
+
 from __future__ import annotations
 
 import copy
@@ -104,6 +105,7 @@ def exact_token_ids(dims: ModelDimensions, frequent: int) -> list[int]:
 
 # --- the factorizations -------------------------------------------------------------------------------------
 
+
 def _canonical_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Singular pairs (u_j, v_j) with the sign fixed: the entry of u_j largest in magnitude positive.
     An SVD determines each pair only up to a common sign, and LAPACK builds pick differently: with another
@@ -136,6 +138,7 @@ def _split_heads(weight: Tensor, n_head: int) -> list[Tensor]:
 # SVD of W L truncated to rank r and mapped back by L^-1 minimizes E||(W - W_r) x||^2 instead of ||W - W_r||.
 # At full rank the mapping back undoes the whitening exactly. Without moments, L is the identity (plain SVD).
 
+
 def _unwhiten(factor: Tensor, whitener: Tensor | None) -> Tensor:
     """L^-T @ factor: right factors in whitened coordinates, back in the input's own."""
     if whitener is None:
@@ -152,8 +155,9 @@ def _whitener(moments: dict | None, name: str, with_constant: bool = False) -> T
     return None if moments is None else moments[name].whitener(with_constant)
 
 
-def query_key_spectra(attn: MultiHeadAttention, query_whitener: Tensor | None = None,
-                      key_whitener: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+def query_key_spectra(
+    attn: MultiHeadAttention, query_whitener: Tensor | None = None, key_whitener: Tensor | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per head, the SVD of the score form [W_q | b_q]^T W_k ((n_state + 1) x n_state), weighted on both
     sides by the whiteners of the query's input (with its constant 1) and the key's input: (U, S, V) with
     the form = U diag(S) V^T and S the whitened singular values."""
@@ -165,7 +169,9 @@ def query_key_spectra(attn: MultiHeadAttention, query_whitener: Tensor | None = 
     return spectra
 
 
-def value_out_spectra(attn: MultiHeadAttention, value_whitener: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+def value_out_spectra(
+    attn: MultiHeadAttention, value_whitener: Tensor | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per head, the SVD of the output map W_o,h W_v,h (n_state x n_state), weighted by the whitener of
     the value's input: (U, S, V) with the map = U diag(S) V^T."""
     out_heads = attn.out.weight.detach().unflatten(1, (attn.n_head, -1)).permute(1, 0, 2)  # (H, out, vo)
@@ -178,8 +184,9 @@ def value_out_spectra(attn: MultiHeadAttention, value_whitener: Tensor | None = 
 
 def attention_spectra(attn: MultiHeadAttention, path: str, moments: dict | None = None):
     """(query/key spectra, value/output spectra) of the attention module at `path`."""
-    qk = query_key_spectra(attn, _whitener(moments, f"{path}.query", with_constant=True),
-                           _whitener(moments, f"{path}.key"))
+    qk = query_key_spectra(
+        attn, _whitener(moments, f"{path}.query", with_constant=True), _whitener(moments, f"{path}.key")
+    )
     return qk, value_out_spectra(attn, _whitener(moments, f"{path}.value"))
 
 
@@ -193,13 +200,13 @@ def factor_attention(attn: MultiHeadAttention, qk_rank: int, vo_rank: int, spect
     queries, keys = [], []
     for u, s, v in qk_spectra:
         root = s[:qk_rank].sqrt()
-        queries.append((u[:, :qk_rank] * root).T)   # (r, n_state + 1)
-        keys.append((v[:, :qk_rank] * root).T)      # (r, n_state)
+        queries.append((u[:, :qk_rank] * root).T)  # (r, n_state + 1)
+        keys.append((v[:, :qk_rank] * root).T)  # (r, n_state)
     values, outs = [], []
     for u, s, v in vo_spectra:
         root = s[:vo_rank].sqrt()
-        outs.append(u[:, :vo_rank] * root)          # (n_state, r)
-        values.append((v[:, :vo_rank] * root).T)    # (r, n_state)
+        outs.append(u[:, :vo_rank] * root)  # (n_state, r)
+        values.append((v[:, :vo_rank] * root).T)  # (r, n_state)
     query = torch.cat(queries)
     out_bias = attn.out.bias.detach().double() + attn.out.weight.detach().double() @ attn.value.bias.detach().double()
     with torch.no_grad():
@@ -227,14 +234,16 @@ def factor_linear(linear: nn.Linear, rank: int, whitener: Tensor | None = None) 
     return new
 
 
-def factor_embedding(weight: Tensor, exact_ids: list[int], rank: int, whitener: Tensor | None = None) -> FactoredTokenEmbedding:
+def factor_embedding(
+    weight: Tensor, exact_ids: list[int], rank: int, whitener: Tensor | None = None
+) -> FactoredTokenEmbedding:
     """The tied embedding with `exact_ids` kept and the other rows factored to `rank`; with the whitener of
     the decoder's final state, the error is weighted as the output projection sees it (logit error)."""
     n_vocab, n_state = weight.shape
     new = FactoredTokenEmbedding(n_vocab, n_state, exact_ids, rank)
     order = torch.argsort(new.position)
     rows = weight.detach()[order]
-    u, s, vh = _svd(_whiten(rows[new.n_exact:].T, whitener).T)  # tail L
+    u, s, vh = _svd(_whiten(rows[new.n_exact :].T, whitener).T)  # tail L
     root = s[:rank].sqrt()
     right = _unwhiten(vh[:rank].T, whitener)  # (n_state, rank): L^-T V
     with torch.no_grad():
@@ -246,18 +255,19 @@ def factor_embedding(weight: Tensor, exact_ids: list[int], rank: int, whitener: 
 
 # --- rank allocation ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Group:
     """Matrices that share one rank: energy[j] is the squared singular value(s) of direction j."""
 
     name: str
-    kind: str                 # "twins-qk", "twins-vo", "linear", "embedding"
+    kind: str  # "twins-qk", "twins-vo", "linear", "embedding"
     energy: np.ndarray
-    unit_cost: int            # parameters per unit of rank
-    dense_cost: int           # parameters of the unfactored form
-    max_rank: int             # beyond it the factored form is no smaller than the dense one
-    rank: int | None = None   # None: left dense
-    measured: dict[int, float] | None = None   # rank -> output distortion with this group alone factored
+    unit_cost: int  # parameters per unit of rank
+    dense_cost: int  # parameters of the unfactored form
+    max_rank: int  # beyond it the factored form is no smaller than the dense one
+    rank: int | None = None  # None: left dense
+    measured: dict[int, float] | None = None  # rank -> output distortion with this group alone factored
 
     @property
     def params(self) -> int:
@@ -294,11 +304,16 @@ def _mlp_linears(model: Whisper, parts) -> dict[str, nn.Linear]:
 def _linear_group(name: str, linear: nn.Linear, whitener: Tensor | None = None) -> Group:
     s = torch.linalg.svdvals(_whiten(linear.weight.detach().T, whitener).T).numpy()
     n_out, n_in = linear.weight.shape
-    return Group(name, "linear", s ** 2, n_in + n_out, n_in * n_out, (n_in * n_out) // (n_in + n_out))
+    return Group(name, "linear", s**2, n_in + n_out, n_in * n_out, (n_in * n_out) // (n_in + n_out))
 
 
-def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000,
-                   moments: dict | None = None) -> list[Group]:
+def collect_groups(
+    model: Whisper,
+    parts=DEFAULT_PARTS,
+    attention: str = "joint",
+    frequent_tokens: int = 4000,
+    moments: dict | None = None,
+) -> list[Group]:
     """One `Group` per factorable unit of `model` within `parts`; with `moments` (`calibration`), their
     spectra are the activation-weighted ones."""
     groups = []
@@ -308,25 +323,53 @@ def collect_groups(model: Whisper, parts=DEFAULT_PARTS, attention: str = "joint"
             qk_spectra, vo_spectra = attention_spectra(attn, name, moments)
             qk = sum(s.numpy() ** 2 for _, s, _ in qk_spectra)
             vo = sum(s.numpy() ** 2 for _, s, _ in vo_spectra)
-            groups.append(Group(name + ".qk", "twins-qk", qk, n_head * (2 * n_state + 1),
-                                attn.query.weight.numel() + attn.query.bias.numel() + attn.key.weight.numel(), attn.qk_dim))
+            groups.append(
+                Group(
+                    name + ".qk",
+                    "twins-qk",
+                    qk,
+                    n_head * (2 * n_state + 1),
+                    attn.query.weight.numel() + attn.query.bias.numel() + attn.key.weight.numel(),
+                    attn.qk_dim,
+                )
+            )
             # The value bias folds into the output bias but stays in the module (as zeros): r per head.
-            groups.append(Group(name + ".vo", "twins-vo", vo, n_head * (2 * n_state + 1),
-                                attn.value.weight.numel() + attn.value.bias.numel() + attn.out.weight.numel(), attn.vo_dim))
+            groups.append(
+                Group(
+                    name + ".vo",
+                    "twins-vo",
+                    vo,
+                    n_head * (2 * n_state + 1),
+                    attn.value.weight.numel() + attn.value.bias.numel() + attn.out.weight.numel(),
+                    attn.vo_dim,
+                )
+            )
         elif attention == "independent":
-            groups += [_linear_group(f"{name}.{p}", getattr(attn, p), _whitener(moments, f"{name}.{p}"))
-                       for p in ("query", "key", "value", "out")]
+            groups += [
+                _linear_group(f"{name}.{p}", getattr(attn, p), _whitener(moments, f"{name}.{p}"))
+                for p in ("query", "key", "value", "out")
+            ]
         else:
             raise ValueError("attention must be 'joint' or 'independent'")
-    groups += [_linear_group(name, linear, _whitener(moments, name)) for name, linear in _mlp_linears(model, parts).items()]
+    groups += [
+        _linear_group(name, linear, _whitener(moments, name)) for name, linear in _mlp_linears(model, parts).items()
+    ]
     if "embedding" in parts:
         weight = model.decoder.token_embedding.weight.detach()
         exact = exact_token_ids(model.dims, frequent_tokens)
         tail = np.setdiff1d(np.arange(len(weight)), exact)
         s = torch.linalg.svdvals(_whiten(weight[tail].T, _whitener(moments, FINAL_STATE)).T).numpy()
         n_state = weight.shape[1]
-        groups.append(Group("decoder.token_embedding", "embedding", s ** 2, len(tail) + n_state,
-                            len(tail) * n_state, len(tail) * n_state // (len(tail) + n_state)))
+        groups.append(
+            Group(
+                "decoder.token_embedding",
+                "embedding",
+                s**2,
+                len(tail) + n_state,
+                len(tail) * n_state,
+                len(tail) * n_state // (len(tail) + n_state),
+            )
+        )
     return groups
 
 
@@ -345,12 +388,17 @@ def allocate_ranks(groups: list[Group], budget: int | None = None, energy: float
         g.rank = MIN_RANK
     spent = sum(g.params for g in groups)
     if spent > budget:
-        raise ValueError(f"the target is below the smallest factored model ({spent:,} parameters in the factored parts)")
+        raise ValueError(
+            f"the target is below the smallest factored model ({spent:,} parameters in the factored parts)"
+        )
     # Fractional knapsack. A direction's value is its share of its group's energy over its share of the
     # group's dense parameters: each matrix counts by its size, and a flat spectrum is cut evenly. Within a
     # group the values fall with the index, so the greedy order always takes a prefix per group.
-    units = sorted((-g.energy[j] / g.energy.sum() * g.dense_cost / g.unit_cost, i, j) for i, g in enumerate(groups)
-                   for j in range(MIN_RANK, min(g.max_rank, len(g.energy))))
+    units = sorted(
+        (-g.energy[j] / g.energy.sum() * g.dense_cost / g.unit_cost, i, j)
+        for i, g in enumerate(groups)
+        for j in range(MIN_RANK, min(g.max_rank, len(g.energy)))
+    )
     for _, i, j in units:
         g = groups[i]
         # The step that reaches max_rank turns the group dense: it costs whatever dense costs more.
@@ -370,12 +418,18 @@ def candidate_ranks(group: Group) -> list[int]:
     return [r for r in range(step, group.max_rank, step)]
 
 
-def measure_groups(model: Whisper, groups: list[Group], distortion, moments: dict | None = None,
-                   frequent_tokens: int = 4000, progress=None) -> None:
+def measure_groups(
+    model: Whisper,
+    groups: list[Group],
+    distortion,
+    moments: dict | None = None,
+    frequent_tokens: int = 4000,
+    progress=None,
+) -> None:
     """Set each group's `measured`: the output distortion (`calibration.Distortion`) with that group alone
     factored at each candidate rank, every other matrix as it was."""
     jobs = [(g, r) for g in groups for r in candidate_ranks(g)]
-    for g, rank in (progress(jobs, "measure ranks") if progress else jobs):
+    for g, rank in progress(jobs, "measure ranks") if progress else jobs:
         path, module = factored_module(model, g.name, g.kind, rank, moments, frequent_tokens)
         original = model.get_submodule(path)
         _set_module(model, path, module)
@@ -389,6 +443,7 @@ def measure_groups(model: Whisper, groups: list[Group], distortion, moments: dic
 def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
     """The lower convex hull of (cost, distortion, rank) points, from the most to the least costly: the only
     options a greedy allocation should step through (a point above the hull is never the best trade)."""
+
     def slope(a, b):  # distortion added per unit of cost saved, going from a to the cheaper b
         return (b[1] - a[1]) / (a[0] - b[0])
 
@@ -410,7 +465,7 @@ def _macs_per_param(group: Group) -> float:
     if group.name.startswith("encoder"):
         return 1500.0
     if ".cross_attn." in group.name:
-        return (1500 + TOKENS_PER_WINDOW) / 2   # half of each twin is on the audio side
+        return (1500 + TOKENS_PER_WINDOW) / 2  # half of each twin is on the audio side
     return float(TOKENS_PER_WINDOW)
 
 
@@ -426,7 +481,9 @@ def allocate_measured(groups: list[Group], budget: float, cost: str = "params") 
     for g in groups:
         if not g.measured:
             raise ValueError(f"{g.name} has no measured distortions (measure_groups)")
-        points = [(g.dense_cost * weight(g), 0.0, None)] + [(r * g.unit_cost * weight(g), d, r) for r, d in g.measured.items()]
+        points = [(g.dense_cost * weight(g), 0.0, None)] + [
+            (r * g.unit_cost * weight(g), d, r) for r, d in g.measured.items()
+        ]
         hulls.append(_lower_hull(points))
     position = [0] * len(groups)
     spent = sum(h[0][0] for h in hulls)
@@ -448,6 +505,7 @@ def allocate_measured(groups: list[Group], budget: float, cost: str = "params") 
 
 # --- the pass -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CompressionReport:
     params_before: int
@@ -456,24 +514,41 @@ class CompressionReport:
 
     def table(self) -> str:
         measured = any(g.measured for g in self.groups)
-        lines = [f"{'matrix':36} {'kind':10} {'rank':>6} {'of':>5} {'params before':>14} {'after':>10} {'rel. error':>10}"
-                 + (f" {'KL alone':>9}" if measured else "")]
+        lines = [
+            f"{'matrix':36} {'kind':10} {'rank':>6} {'of':>5} {'params before':>14} {'after':>10} {'rel. error':>10}"
+            + (f" {'KL alone':>9}" if measured else "")
+        ]
         for g in self.groups:
             rank = "dense" if g.rank is None else str(g.rank)
             kl = (g.measured or {}).get(g.rank, 0.0) if g.rank is not None else 0.0
-            lines.append(f"{g.name:36} {g.kind:10} {rank:>6} {len(g.energy):>5} {g.dense_cost:>14,} {g.params:>10,} "
-                         f"{g.relative_error:>10.4f}" + (f" {kl:>9.5f}" if measured else ""))
-        lines.append(f"{'total (all weights)':36} {'':10} {'':>6} {'':>5} {self.params_before:>14,} "
-                     f"{self.params_after:>10,}  ({1 - self.params_after / self.params_before:.1%} fewer)")
+            lines.append(
+                f"{g.name:36} {g.kind:10} {rank:>6} {len(g.energy):>5} {g.dense_cost:>14,} {g.params:>10,} "
+                f"{g.relative_error:>10.4f}" + (f" {kl:>9.5f}" if measured else "")
+            )
+        lines.append(
+            f"{'total (all weights)':36} {'':10} {'':>6} {'':>5} {self.params_before:>14,} "
+            f"{self.params_after:>10,}  ({1 - self.params_after / self.params_before:.1%} fewer)"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"params_before": self.params_before, "params_after": self.params_after,
-                "groups": [{"name": g.name, "kind": g.kind, "rank": g.rank, "full_rank": len(g.energy),
-                            "params_before": g.dense_cost, "params_after": g.params,
-                            "relative_error": round(g.relative_error, 6),
-                            "measured_kl": None if not g.measured or g.rank is None else g.measured.get(g.rank)}
-                           for g in self.groups]}
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "groups": [
+                {
+                    "name": g.name,
+                    "kind": g.kind,
+                    "rank": g.rank,
+                    "full_rank": len(g.energy),
+                    "params_before": g.dense_cost,
+                    "params_after": g.params,
+                    "relative_error": round(g.relative_error, 6),
+                    "measured_kl": None if not g.measured or g.rank is None else g.measured.get(g.rank),
+                }
+                for g in self.groups
+            ],
+        }
 
 
 def structure_of(groups: list[Group], frequent_tokens: int, dims: ModelDimensions) -> dict:
@@ -488,8 +563,11 @@ def structure_of(groups: list[Group], frequent_tokens: int, dims: ModelDimension
         elif g.kind == "linear":
             structure["linear"][g.name] = g.rank
         else:
-            structure["embedding"] = {"frequent_tokens": frequent_tokens, "rank": g.rank,
-                                      "exact_ids": len(exact_token_ids(dims, frequent_tokens))}
+            structure["embedding"] = {
+                "frequent_tokens": frequent_tokens,
+                "rank": g.rank,
+                "exact_ids": len(exact_token_ids(dims, frequent_tokens)),
+            }
     return structure
 
 
@@ -498,8 +576,9 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def factored_module(model: Whisper, name: str, kind: str, rank: int, moments: dict | None = None,
-                    frequent_tokens: int = 4000) -> tuple[str, nn.Module]:
+def factored_module(
+    model: Whisper, name: str, kind: str, rank: int, moments: dict | None = None, frequent_tokens: int = 4000
+) -> tuple[str, nn.Module]:
     """(module path, factored module) for one group of `model` alone at `rank`: a product twin (the other
     twin of the same attention kept at full width), a linear layer or the embedding."""
     if kind.startswith("twins"):
@@ -512,11 +591,14 @@ def factored_module(model: Whisper, name: str, kind: str, rank: int, moments: di
     if kind == "linear":
         return name, factor_linear(model.get_submodule(name), rank, _whitener(moments, name))
     weight = model.decoder.token_embedding.weight
-    return name, factor_embedding(weight, exact_token_ids(model.dims, frequent_tokens), rank,
-                                  _whitener(moments, FINAL_STATE))
+    return name, factor_embedding(
+        weight, exact_token_ids(model.dims, frequent_tokens), rank, _whitener(moments, FINAL_STATE)
+    )
 
 
-def apply_structure(model: Whisper, structure: dict, weights_from_svd: bool = True, moments: dict | None = None) -> Whisper:
+def apply_structure(
+    model: Whisper, structure: dict, weights_from_svd: bool = True, moments: dict | None = None
+) -> Whisper:
     """Replace modules of `model` (in place) by their factored forms. With `weights_from_svd`, the factors
     are computed from the current weights (activation-aware where `moments` are given); otherwise they are
     left for `load_state_dict` to fill."""
@@ -533,15 +615,22 @@ def apply_structure(model: Whisper, structure: dict, weights_from_svd: bool = Tr
         _set_module(model, path, new)
     for path, rank in structure["linear"].items():
         linear = model.get_submodule(path)
-        _set_module(model, path, factor_linear(linear, rank, _whitener(moments, path)) if weights_from_svd else
-                    FactoredLinear(linear.in_features, linear.out_features, rank, linear.bias is not None))
+        _set_module(
+            model,
+            path,
+            factor_linear(linear, rank, _whitener(moments, path))
+            if weights_from_svd
+            else FactoredLinear(linear.in_features, linear.out_features, rank, linear.bias is not None),
+        )
     if structure.get("embedding"):
         spec = structure["embedding"]
         exact = exact_token_ids(dims, spec["frequent_tokens"])
         weight = model.decoder.token_embedding.weight
         model.decoder.token_embedding = (
-            factor_embedding(weight, exact, spec["rank"], _whitener(moments, FINAL_STATE)) if weights_from_svd else
-            FactoredTokenEmbedding(dims.n_vocab, dims.n_text_state, exact, spec["rank"]))
+            factor_embedding(weight, exact, spec["rank"], _whitener(moments, FINAL_STATE))
+            if weights_from_svd
+            else FactoredTokenEmbedding(dims.n_vocab, dims.n_text_state, exact, spec["rank"])
+        )
     model.compression = structure
     return model
 
@@ -573,8 +662,10 @@ def factors_fingerprint(model: Whisper) -> dict:
         u = rng.integers(0, 2, (w.shape[0], k)) * 2.0 - 1
         v = rng.integers(0, 2, (w.shape[1], k)) * 2.0 - 1
         sketch = u.T @ w @ v
-        tensors[name] = {"norm": float(f"{np.linalg.norm(w):.9g}"),
-                         "sketch": [float(f"{x:.9g}") for x in sketch.ravel()]}
+        tensors[name] = {
+            "norm": float(f"{np.linalg.norm(w):.9g}"),
+            "sketch": [float(f"{x:.9g}") for x in sketch.ravel()],
+        }
     return {"probes": k, "tensors": tensors}
 
 
@@ -591,9 +682,17 @@ def fingerprint_distance(a: dict, b: dict) -> float:
     return worst
 
 
-def compress_whisper(model: Whisper, keep: float | None = None, energy: float | None = None, parts=DEFAULT_PARTS,
-                     attention: str = "joint", frequent_tokens: int = 4000, moments: dict | None = None,
-                     distortion=None, progress=None) -> tuple[Whisper, CompressionReport]:
+def compress_whisper(
+    model: Whisper,
+    keep: float | None = None,
+    energy: float | None = None,
+    parts=DEFAULT_PARTS,
+    attention: str = "joint",
+    frequent_tokens: int = 4000,
+    moments: dict | None = None,
+    distortion=None,
+    progress=None,
+) -> tuple[Whisper, CompressionReport]:
     """A compressed copy of `model`: `keep` is the fraction of all its parameters to keep (embedding,
     norms and positional tables included), or `energy` the share of each matrix's energy to keep.
 
@@ -620,11 +719,14 @@ def compress_whisper(model: Whisper, keep: float | None = None, energy: float | 
         allocate_measured(groups, budget)
     else:
         allocate_ranks(groups, budget=budget, energy=energy)
-    compressed = apply_structure(copy.deepcopy(model), structure_of(groups, frequent_tokens, model.dims), moments=moments)
+    compressed = apply_structure(
+        copy.deepcopy(model), structure_of(groups, frequent_tokens, model.dims), moments=moments
+    )
     return compressed, CompressionReport(before, compressed.parameter_count(), groups)
 
 
 # --- saving and loading -------------------------------------------------------------------------------------
+
 
 def checkpoint_files(path: Path) -> tuple[Path, Path]:
     """(weights, description) of a compressed checkpoint named by either file or by their common stem."""
@@ -644,8 +746,11 @@ def save_compressed(model: Whisper, path: Path, extra: dict | None = None) -> Pa
     # The positional table too: a source may carry its own rounding of the sinusoids (float16 in CTranslate2).
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
-    meta = {"dims": model.dims.to_dict(), "structure": getattr(model, "compression", None),
-            "pruned": getattr(model, "pruned", None)} | (extra or {})
+    meta = {
+        "dims": model.dims.to_dict(),
+        "structure": getattr(model, "compression", None),
+        "pruned": getattr(model, "pruned", None),
+    } | (extra or {})
     description.write_text(json.dumps(meta, indent=2) + "\n")
     return description
 

@@ -8,6 +8,7 @@ a held-out set can be spoken by a voice the model has not heard.
 Labels are the text's spoken form over a character alphabet: numbers become words ("42" -> "forty two"),
 punctuation other than the apostrophe goes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,28 +29,105 @@ from edge_asr.ctc import ALPHABET
 from .sentences import _COMMANDS, _MACHINES, _NUMBER_WORDS, dictation_sentences
 
 ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-us-nyc"]
-ESPEAK_VARIANTS = ["m1", "m2", "m3", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f5", "klatt", "klatt2", "klatt3",
-                   "Alex", "Annie", "Denis", "Gene", "Jacky", "Mike", "Tweaky", "adam", "anika", "aunty", "boris",
-                   "caleb", "david", "ed", "edward", "grandma", "grandpa", "iven", "john", "linda", "max", "michel",
-                   "norbert", "paul", "pedro", "quincy", "rob", "robert", "steph", "travis", "victor", "zac"]
+ESPEAK_VARIANTS = [
+    "m1",
+    "m2",
+    "m3",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f5",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "Alex",
+    "Annie",
+    "Denis",
+    "Gene",
+    "Jacky",
+    "Mike",
+    "Tweaky",
+    "adam",
+    "anika",
+    "aunty",
+    "boris",
+    "caleb",
+    "david",
+    "ed",
+    "edward",
+    "grandma",
+    "grandpa",
+    "iven",
+    "john",
+    "linda",
+    "max",
+    "michel",
+    "norbert",
+    "paul",
+    "pedro",
+    "quincy",
+    "rob",
+    "robert",
+    "steph",
+    "travis",
+    "victor",
+    "zac",
+]
 # Never used for training: the held-out voice is one of these accents with one of these variants.
 HELD_OUT_ACCENTS = ["en-029"]
 HELD_OUT_VARIANTS = ["f4", "m4", "Andy"]
 
-EXTRA_COMMANDS = ["yes", "no", "stop", "go", "start", "cancel", "repeat", "next", "previous", "up", "down", "left",
-                  "right", "on", "off", "pause", "resume", "confirm", "help", "back", "enter", "delete", "okay",
-                  "open", "close", "save", "undo", "louder", "quieter", "select"]
+EXTRA_COMMANDS = [
+    "yes",
+    "no",
+    "stop",
+    "go",
+    "start",
+    "cancel",
+    "repeat",
+    "next",
+    "previous",
+    "up",
+    "down",
+    "left",
+    "right",
+    "on",
+    "off",
+    "pause",
+    "resume",
+    "confirm",
+    "help",
+    "back",
+    "enter",
+    "delete",
+    "okay",
+    "open",
+    "close",
+    "save",
+    "undo",
+    "louder",
+    "quieter",
+    "select",
+]
 
 
 @dataclass(frozen=True)
 class Voice:
-    engine: str                 # "piper" or "espeak"
-    name: str = ""              # espeak: accent+variant
-    rate: float = 1.0           # piper: length scale; espeak: words per minute / 175
-    pitch: int = 50             # espeak only, 0-99
+    engine: str  # "piper" or "espeak"
+    name: str = ""  # espeak: accent+variant
+    rate: float = 1.0  # piper: length scale; espeak: words per minute / 175
+    pitch: int = 50  # espeak only, 0-99
 
     def __str__(self) -> str:
-        return f"piper:joe@{self.rate:.2f}" if self.engine == "piper" else f"espeak:{self.name}@{self.rate:.2f},p{self.pitch}"
+        return (
+            f"piper:joe@{self.rate:.2f}"
+            if self.engine == "piper"
+            else f"espeak:{self.name}@{self.rate:.2f},p{self.pitch}"
+        )
 
 
 def spoken_form(text: str) -> str:
@@ -73,12 +151,17 @@ def digit_texts(n: int, rng: random.Random) -> list[str]:
 
 def number_texts(n: int, rng: random.Random) -> list[str]:
     forms = ["{n}", "{n}", "number {n}", "{n} degrees", "{n} hours", "set it to {n}", "{n} percent", "line {n}"]
-    return [rng.choice(forms).format(n=rng.choice([rng.randrange(10, 100), rng.randrange(100, 2000)])) for _ in range(n)]
+    return [
+        rng.choice(forms).format(n=rng.choice([rng.randrange(10, 100), rng.randrange(100, 2000)])) for _ in range(n)
+    ]
 
 
 def command_texts(n: int, rng: random.Random) -> list[str]:
-    phrases = EXTRA_COMMANDS + [c.rstrip(".") for c in _COMMANDS] + [f"{v} {m}" for v in ("check", "restart", "stop")
-                                                                     for m in _MACHINES]
+    phrases = (
+        EXTRA_COMMANDS
+        + [c.rstrip(".") for c in _COMMANDS]
+        + [f"{v} {m}" for v in ("check", "restart", "stop") for m in _MACHINES]
+    )
     return [rng.choice(phrases) for _ in range(n)]
 
 
@@ -86,8 +169,12 @@ def training_texts(n: int, seed: int = 0) -> list[str]:
     """`n` texts: 40% digits, 10% numbers, 10% commands, 40% dictation sentences."""
     rng = random.Random(seed)
     n_digits, n_numbers, n_commands = int(0.4 * n), int(0.1 * n), int(0.1 * n)
-    texts = (digit_texts(n_digits, rng) + number_texts(n_numbers, rng) + command_texts(n_commands, rng)
-             + dictation_sentences(n - n_digits - n_numbers - n_commands, seed))
+    texts = (
+        digit_texts(n_digits, rng)
+        + number_texts(n_numbers, rng)
+        + command_texts(n_commands, rng)
+        + dictation_sentences(n - n_digits - n_numbers - n_commands, seed)
+    )
     rng.shuffle(texts)
     return texts
 
@@ -105,8 +192,14 @@ def training_voices(count: int, seed: int = 0, piper_share: float = 0.35) -> lis
         if not use_espeak or rng.random() < piper_share:
             voices.append(Voice("piper", rate=rng.uniform(0.8, 1.3)))
         else:
-            voices.append(Voice("espeak", f"{rng.choice(ESPEAK_ACCENTS)}+{rng.choice(ESPEAK_VARIANTS)}",
-                                rate=rng.uniform(0.75, 1.2), pitch=rng.randrange(25, 80)))
+            voices.append(
+                Voice(
+                    "espeak",
+                    f"{rng.choice(ESPEAK_ACCENTS)}+{rng.choice(ESPEAK_VARIANTS)}",
+                    rate=rng.uniform(0.75, 1.2),
+                    pitch=rng.randrange(25, 80),
+                )
+            )
     return voices
 
 
@@ -124,8 +217,11 @@ def speak(text: str, voice: Voice) -> np.ndarray:
         from .synth import synthesize
 
         return synthesize(text, length_scale=voice.rate, noise_scale=0.667, noise_w_scale=0.8)
-    out = subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(int(175 * voice.rate)), "-p", str(voice.pitch),
-                          "--stdout", text], capture_output=True, check=True)
+    out = subprocess.run(
+        ["espeak-ng", "-v", voice.name, "-s", str(int(175 * voice.rate)), "-p", str(voice.pitch), "--stdout", text],
+        capture_output=True,
+        check=True,
+    )
     with wave.open(io.BytesIO(out.stdout), "rb") as wav:
         rate = wav.getframerate()
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
@@ -145,8 +241,9 @@ def corpus_key(texts: list[str], voices: list[Voice]) -> str:
     return digest[:12]
 
 
-def synthesize_corpus(texts: list[str], voices: list[Voice], folder: Path, workers: int = 2,
-                      progress: bool = True) -> Path:
+def synthesize_corpus(
+    texts: list[str], voices: list[Voice], folder: Path, workers: int = 2, progress: bool = True
+) -> Path:
     """Speak texts[i] with voices[i] into `folder` (wav files, refs.tsv, and voices.tsv naming each
     utterance's voice), once."""
     folder = Path(folder)
@@ -192,6 +289,7 @@ def read_corpus(folder: Path) -> list[tuple[Path, str]]:
 
 # Augmentation: what separates a synthetic voice in a quiet file from a person at a microphone or a phone.
 
+
 def _colored_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     white = rng.standard_normal(n)
     exponent = rng.choice([0.0, 1.0, 2.0])  # white, pink, brown
@@ -221,8 +319,9 @@ def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     speed = rng.uniform(0.85, 1.15)
     audio = soxr.resample(audio, SAMPLE_RATE, SAMPLE_RATE / speed).astype(np.float32)
     lead, tail = rng.uniform(0.05, 0.5, size=2)
-    audio = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), np.float32), audio,
-                            np.zeros(int(tail * SAMPLE_RATE), np.float32)])
+    audio = np.concatenate(
+        [np.zeros(int(lead * SAMPLE_RATE), np.float32), audio, np.zeros(int(tail * SAMPLE_RATE), np.float32)]
+    )
     if rng.random() < 0.3:
         audio = _reverb(audio, rng)
     if rng.random() < 0.5:  # an 8 kHz recording, as phones and the digit set have it

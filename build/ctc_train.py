@@ -6,6 +6,7 @@
   posteriors (the recovery of a compressed model against its uncompressed original).
 - `teacher_transcripts`: labels for audio that has none, from the Whisper teacher (any bundle).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ FEATURES_VERSION = 1
 
 @dataclass
 class Example:
-    features: np.ndarray   # (T, n_mels) float16
-    labels: np.ndarray     # int64 ids into ALPHABET
+    features: np.ndarray  # (T, n_mels) float16
+    labels: np.ndarray  # int64 ids into ALPHABET
     text: str
 
 
@@ -56,8 +57,15 @@ def _features_of(item: tuple[str, str, int, bool]) -> np.ndarray:
     return frame_log_mel(audio, _mel_filters()).astype(np.float16)
 
 
-def prepare_features(items: list[tuple[Path, str]], copies: int = 2, seed: int = 0, cache: Path | None = None,
-                     clean_copy: bool = False, workers: int = 2, progress: bool = True) -> list[Example]:
+def prepare_features(
+    items: list[tuple[Path, str]],
+    copies: int = 2,
+    seed: int = 0,
+    cache: Path | None = None,
+    clean_copy: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+) -> list[Example]:
     """`copies` augmented versions of every (audio, text) item (plus the clean audio if `clean_copy`)."""
     jobs = []
     for n, (path, text) in enumerate(items):
@@ -68,7 +76,7 @@ def prepare_features(items: list[tuple[Path, str]], copies: int = 2, seed: int =
     if file and file.exists():
         with np.load(file, allow_pickle=False) as z:
             data, offsets, texts = z["data"], z["offsets"], [str(t) for t in z["texts"]]
-        feats = [data[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
+        feats = [data[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
     else:
         feats = parallel_map(_features_of, jobs, workers, progress, "features", chunksize=32)
         texts = [j[1] for j in jobs]
@@ -127,12 +135,12 @@ def spec_augment(x: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, rng:
         for _ in range(2):
             w = int(torch.randint(0, 11, (1,), generator=rng))
             f0 = int(torch.randint(0, n - w + 1, (1,), generator=rng))
-            x[i, :, f0:f0 + w] = mean[f0:f0 + w]
+            x[i, :, f0 : f0 + w] = mean[f0 : f0 + w]
         length = int(frames[i])
         for _ in range(max(1, length // 100)):
             w = int(torch.randint(0, 11, (1,), generator=rng))
             t0 = int(torch.randint(0, max(1, length - w), (1,), generator=rng))
-            x[i, t0:t0 + w] = mean
+            x[i, t0 : t0 + w] = mean
     return x
 
 
@@ -140,10 +148,10 @@ def spec_augment(x: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, rng:
 class TrainConfig:
     epochs: int = 12
     lr: float = 2e-3
-    max_frames: int = 8_000      # padded 10 ms frames per batch (80 s of audio)
-    kd_weight: float = 0.0       # weight of KL to a teacher's posteriors (recovery)
+    max_frames: int = 8_000  # padded 10 ms frames per batch (80 s of audio)
+    kd_weight: float = 0.0  # weight of KL to a teacher's posteriors (recovery)
     spec_augment: bool = True
-    sorta_grad: bool = True      # first epoch shortest first, unmasked: CTC leaves its all-blank start sooner
+    sorta_grad: bool = True  # first epoch shortest first, unmasked: CTC leaves its all-blank start sooner
     seed: int = 0
     clip: float = 5.0
 
@@ -151,9 +159,16 @@ class TrainConfig:
         return asdict(self)
 
 
-def train_ctc(model: LstmCtc, examples: list[Example], config: TrainConfig, teacher: LstmCtc | None = None,
-              held_out: list[Example] | None = None, log=print, progress: bool = True,
-              on_epoch=None) -> list[dict]:
+def train_ctc(
+    model: LstmCtc,
+    examples: list[Example],
+    config: TrainConfig,
+    teacher: LstmCtc | None = None,
+    held_out: list[Example] | None = None,
+    log=print,
+    progress: bool = True,
+    on_epoch=None,
+) -> list[dict]:
     """Train `model` in place (one-cycle learning rate, AdamW, gradient clipping); returns per-epoch logs.
     `on_epoch(model, history)` is called after every epoch (to keep a checkpoint of work so far)."""
     torch.manual_seed(config.seed)
@@ -165,26 +180,36 @@ def train_ctc(model: LstmCtc, examples: list[Example], config: TrainConfig, teac
     stack = model.config.stack
     examples = [e for e in examples if len(e.labels) and len(e.features) // stack > 2 * len(e.labels)]
     # Every epoch's batches up front: their count varies a little, and the schedule needs the total.
-    epochs = [batches(examples, config.max_frames, rng, shuffle=not (config.sorta_grad and n == 0))
-              for n in range(config.epochs)]
+    epochs = [
+        batches(examples, config.max_frames, rng, shuffle=not (config.sorta_grad and n == 0))
+        for n in range(config.epochs)
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=sum(map(len, epochs)),
-                                                   pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.lr, total_steps=sum(map(len, epochs)), pct_start=0.15
+    )
     history = []
     from tqdm import tqdm
 
     for epoch, epoch_batches in enumerate(epochs):
         start, total, count = time.time(), 0.0, 0
-        bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   leave=False, disable=not progress)
+        bar = tqdm(
+            epoch_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress
+        )
         for batch in bar:
             x, steps, labels, label_lengths = collate(batch, stack)
             if config.spec_augment and not (config.sorta_grad and epoch == 0):
                 x = spec_augment(x, steps * stack, model.mean.cpu(), gen)
             x, steps = x.to(device), steps.to(device)
             log_probs, _ = model(x, lengths=steps)
-            loss = F.ctc_loss(log_probs.transpose(0, 1), labels.to(device), steps, label_lengths.to(device),
-                              blank=0, zero_infinity=True)
+            loss = F.ctc_loss(
+                log_probs.transpose(0, 1),
+                labels.to(device),
+                steps,
+                label_lengths.to(device),
+                blank=0,
+                zero_infinity=True,
+            )
             if teacher is not None and config.kd_weight:
                 with torch.no_grad():
                     target, _ = teacher(x, lengths=steps)
@@ -229,8 +254,9 @@ def evaluate(model: LstmCtc, examples: list[Example]) -> float:
     return word_error_rate([spoken_form(e.text) for e in examples], transcribe_examples(model, examples))
 
 
-def teacher_transcripts(files: list[Path], bundle: str | Path | None = None, threads: int | None = None,
-                        progress: bool = True) -> list[tuple[Path, str]]:
+def teacher_transcripts(
+    files: list[Path], bundle: str | Path | None = None, threads: int | None = None, progress: bool = True
+) -> list[tuple[Path, str]]:
     """(file, transcript) pairs for audio without references, transcribed by a Whisper bundle."""
     from edge_asr.audio import load_audio
     from edge_asr.paths import bundle_dir
@@ -243,4 +269,3 @@ def teacher_transcripts(files: list[Path], bundle: str | Path | None = None, thr
         if spoken_form(text):
             pairs.append((f, text))
     return pairs
-

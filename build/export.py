@@ -16,6 +16,7 @@ softmax, which were most of a window's memory. Measured on the dynamic-context i
 above the loaded sessions while encoding: a 30 s window 165 MB -> 60 MB, a 12 s window 43 -> 22 MB; the
 same transcripts and RTF on dev/ljspeech.
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,7 +92,9 @@ class FusedSelfAttention(nn.Module):
         a = self.attn
         q = a.project_query(x).transpose(1, 2).flatten(2)
         k_t, v = a.project_key_value(x)
-        return a.out(_FusedAttention.apply(q, k_t.permute(0, 3, 1, 2).flatten(2), v.transpose(1, 2).flatten(2), a.n_head))
+        return a.out(
+            _FusedAttention.apply(q, k_t.permute(0, 3, 1, 2).flatten(2), v.transpose(1, 2).flatten(2), a.n_head)
+        )
 
 
 class EncoderGraph(nn.Module):
@@ -125,13 +128,28 @@ def prepare_for_export(model: Whisper) -> Whisper:
     return model
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict,
-            custom_opsets: dict | None = None) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict,
+    custom_opsets: dict | None = None,
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; the graph is checked by tests
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-            opset_version=OPSET, do_constant_folding=True, dynamo=False, custom_opsets=custom_opsets,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+            custom_opsets=custom_opsets,
         )
 
 
@@ -147,8 +165,15 @@ def export_encoder(model: Whisper, path: Path, dynamic_length: bool = False) -> 
         axes["mel"][2] = "frames"
         for name in outputs:  # keys are stored transposed: their audio axis is the last
             axes[name][3 if "_k_" in name else 2] = "n_audio"
-    _export(EncoderGraph(prepare_for_export(model)), (mel,), path, ["mel"], outputs, axes,
-            custom_opsets={"com.microsoft": 1})
+    _export(
+        EncoderGraph(prepare_for_export(model)),
+        (mel,),
+        path,
+        ["mel"],
+        outputs,
+        axes,
+        custom_opsets={"com.microsoft": 1},
+    )
     return path
 
 
@@ -160,7 +185,10 @@ def export_decoder(model: Whisper, path: Path) -> Path:
     for block in model.decoder.blocks:
         a, c = block.attn, block.cross_attn
         cache += [torch.zeros(1, a.n_head, a.qk_dim, 3), torch.zeros(1, a.n_head, 3, a.vo_dim)]
-        cross += [torch.zeros(1, c.n_head, c.qk_dim, dims.n_audio_ctx), torch.zeros(1, c.n_head, dims.n_audio_ctx, c.vo_dim)]
+        cross += [
+            torch.zeros(1, c.n_head, c.qk_dim, dims.n_audio_ctx),
+            torch.zeros(1, c.n_head, dims.n_audio_ctx, c.vo_dim),
+        ]
     tokens = torch.zeros(1, 2, dtype=torch.long)
     self_names, cross_names = cache_names("self", dims.n_text_layer), cache_names("cross", dims.n_text_layer)
     new_names = ["new_" + name for name in self_names]
@@ -170,6 +198,12 @@ def export_decoder(model: Whisper, path: Path) -> Path:
     axes |= {n: {0: "batch", length_axis(n): "n_past"} for n in self_names}
     axes |= {n: {0: "batch", length_axis(n): "n_total"} for n in new_names}
     axes |= {n: {0: "batch", length_axis(n): "n_audio"} for n in cross_names}
-    _export(DecoderGraph(prepare_for_export(model)), (tokens, *cache, *cross),
-            path, ["tokens", *self_names, *cross_names], ["logits", *new_names], axes)
+    _export(
+        DecoderGraph(prepare_for_export(model)),
+        (tokens, *cache, *cross),
+        path,
+        ["tokens", *self_names, *cross_names],
+        ["logits", *new_names],
+        axes,
+    )
     return path

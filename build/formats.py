@@ -8,6 +8,7 @@
 Each function writes into the staged bundle folder and returns the manifest section for its format:
 {"graphs": {role: file}, ...}; the caller lists the files with their sha256.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,7 @@ FORMATS = ("onnx", "ort", "tflite")
 
 
 def parse_formats(text: str) -> list[str]:
-    """"onnx,tflite" -> ["onnx", "tflite"]; ONNX is always built (it is what the others are checked against)."""
+    """ "onnx,tflite" -> ["onnx", "tflite"]; ONNX is always built (it is what the others are checked against)."""
     names = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in names if f not in FORMATS]
     if unknown:
@@ -54,8 +55,9 @@ def _save_ort(source: Path, target: Path) -> Path:
 
 def add_ort(graphs: dict[str, Path], staged: Path) -> dict:
     """An .ort file next to each ONNX graph of the bundle."""
-    return {"graphs": {role: onnx_to_ort(path, staged / (Path(path).stem + ".ort")).name
-                       for role, path in graphs.items()}}
+    return {
+        "graphs": {role: onnx_to_ort(path, staged / (Path(path).stem + ".ort")).name for role, path in graphs.items()}
+    }
 
 
 def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,)) -> dict:

@@ -15,6 +15,7 @@ together are not removed together by accident. `prune` removes them. The pruned 
 (its dims updated, `pruned` naming the original blocks it kept), which reference matching recovers: its
 decoder block j is matched to the reference's block `pruned["decoder"][j]` (`reference.matching_loss`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,9 @@ SIDES = ("encoder", "decoder")
 @dataclass
 class LayerImportance:
     side: str
-    index: int          # the block's index in the original model
-    change: float       # mean 1 - cos(input, output) of the block
-    dropped: float      # KL from the unchanged model's outputs with this block alone removed
+    index: int  # the block's index in the original model
+    change: float  # mean 1 - cos(input, output) of the block
+    dropped: float  # KL from the unchanged model's outputs with this block alone removed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,19 +59,23 @@ def block_changes(model: Whisper, items: list[ReferenceItem]) -> dict[tuple[str,
 
     def hook(side: str, index: int):
         def record(module, args, output):
-            change = 1 - F.cosine_similarity(args[0].float(), output.float(), dim=-1)   # (B, T)
+            change = 1 - F.cosine_similarity(args[0].float(), output.float(), dim=-1)  # (B, T)
             if side == "encoder":  # the clip's own frames, not the padding after them
                 change = change[:, : positions["encoder"]]
             sums[(side, index)] = sums.get((side, index), 0.0) + float(change.sum())
             counts[(side, index)] = counts.get((side, index), 0) + change.numel()
+
         return record
 
-    handles = [block.register_forward_hook(hook(side, index))
-               for side in SIDES for index, block in zip(kept_blocks(model, side), getattr(model, side).blocks)]
+    handles = [
+        block.register_forward_hook(hook(side, index))
+        for side in SIDES
+        for index, block in zip(kept_blocks(model, side), getattr(model, side).blocks)
+    ]
     try:
         model.eval()
         for item in items:
-            positions["encoder"] = max(1, item.frames // 2)   # conv2 halves the frame rate
+            positions["encoder"] = max(1, item.frames // 2)  # conv2 halves the frame rate
             features = model.encoder(padded(item.mel, 3000)[None])
             model.decoder(item.tokens[None], features)
     finally:
@@ -96,7 +101,7 @@ def layer_importance(model: Whisper, distortion: Distortion, progress=None) -> l
     changes = block_changes(model, distortion.items)
     jobs = [(side, position) for side in SIDES for position in range(len(getattr(model, side).blocks))]
     rows = []
-    for side, position in (progress(jobs, "drop each block") if progress else jobs):
+    for side, position in progress(jobs, "drop each block") if progress else jobs:
         with without(model, side, {position}):
             dropped = distortion.of(model, encoder_changed=side == "encoder")
         index = kept_blocks(model, side)[position]

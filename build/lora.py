@@ -5,6 +5,7 @@ at zero, so an adapted model starts as the reference. After training, W + (alpha
 an ordinary `nn.Linear`: exported graphs never see an adapter. The delta file (safetensors) holds only A and
 B per adapted layer, a few MB where the model is tens.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def _linears(model: nn.Module, parts: tuple[str, ...]):
                     yield parent, child_name, ".".join(filter(None, [part, name, child_name])), child
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, parts: tuple[str, ...] = ("encoder", "decoder")) -> list[nn.Parameter]:
+def add_lora(
+    model: nn.Module, rank: int, alpha: float, parts: tuple[str, ...] = ("encoder", "decoder")
+) -> list[nn.Parameter]:
     """Wrap every linear layer of `parts` in place; returns the adapters' parameters (the only trainable ones)."""
     params = []
     for parent, attr, _, linear in list(_linears(model, parts)):
@@ -126,22 +129,25 @@ def apply_delta(model: nn.Module, path: Path) -> dict:
     """Merge a delta file's adapters into `model` (in place); returns its metadata. Refuses a delta whose
     layers or shapes do not fit the model."""
     tensors, metadata = read_delta(path)
-    whole = {k[len(WHOLE):]: tensors.pop(k) for k in list(tensors) if k.startswith(WHOLE)}
+    whole = {k[len(WHOLE) :]: tensors.pop(k) for k in list(tensors) if k.startswith(WHOLE)}
     rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
     parts = tuple(metadata.get("parts", ("encoder", "decoder")))
     add_lora(model, rank, alpha, parts)
     adapters = {name: m for _, _, name, m in _linears(model, parts) if isinstance(m, LoraLinear)}
     expected = {f"{n}.lora_{k}" for n in adapters for k in "ab"}
     if set(tensors) != expected:
-        raise ValueError(f"{path}: the delta's layers do not match this model's "
-                         f"({len(set(tensors) ^ expected)} differ)")
+        raise ValueError(
+            f"{path}: the delta's layers do not match this model's ({len(set(tensors) ^ expected)} differ)"
+        )
     with torch.no_grad():
         for name, module in adapters.items():
             for kind in "ab":
                 target, value = getattr(module, f"lora_{kind}"), tensors[f"{name}.lora_{kind}"]
                 if target.shape != value.shape:
-                    raise ValueError(f"{path}: {name}.lora_{kind} has shape {tuple(value.shape)}, "
-                                     f"the model wants {tuple(target.shape)}")
+                    raise ValueError(
+                        f"{path}: {name}.lora_{kind} has shape {tuple(value.shape)}, "
+                        f"the model wants {tuple(target.shape)}"
+                    )
                 target.copy_(value)
         for name, value in whole.items():
             try:
@@ -149,7 +155,9 @@ def apply_delta(model: nn.Module, path: Path) -> dict:
             except AttributeError:
                 raise ValueError(f"{path}: the model has no {name} to replace") from None
             if target.shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model wants {tuple(target.shape)}")
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(value.shape)}, the model wants {tuple(target.shape)}"
+                )
             target.copy_(value)
     merge_lora(model)
     return metadata

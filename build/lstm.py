@@ -9,6 +9,7 @@ both the layer's own recurrence and the next layer (or, after the last layer, th
 [W_hh(l); W_ih(l+1)] gives P_l and both new matrices. That is an LSTM with a recurrent projection (LSTMP),
 which `nn.LSTM(proj_size=r)` computes, so a factored model trains as fast as a plain one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ class LstmConfig:
     stack: int = 3
     hidden: list[int] = field(default_factory=lambda: [320, 320, 320])
     proj: list[int] = field(default_factory=lambda: [0, 0, 0])  # 0: h_l is the full hidden state
-    input_rank: int = 0                                          # 0: W_ih of the first layer is dense
+    input_rank: int = 0  # 0: W_ih of the first layer is dense
     n_symbols: int = len(ALPHABET)
 
     @property
@@ -61,8 +62,9 @@ class FullRankLSTMP(nn.Module):
         h, c = h[0], c[0]
         outputs = []
         for t in range(x.shape[1]):
-            i, f, g, o = (x[:, t] @ self.weight_ih_l0.T + h @ self.weight_hh_l0.T + self.bias_ih_l0
-                          + self.bias_hh_l0).chunk(4, -1)
+            i, f, g, o = (
+                x[:, t] @ self.weight_ih_l0.T + h @ self.weight_hh_l0.T + self.bias_ih_l0 + self.bias_hh_l0
+            ).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = (torch.sigmoid(o) * torch.tanh(c)) @ self.weight_hr_l0.T
             outputs.append(h)
@@ -84,7 +86,9 @@ class LstmCtc(nn.Module):
         n_in = config.n_input
         self.input_proj = nn.Linear(n_in, config.input_rank, bias=False) if config.input_rank else None
         sizes = [config.input_rank or n_in] + [config.layer_output(i) for i in range(len(config.hidden))]
-        self.layers = nn.ModuleList(_lstm_layer(sizes[i], h, p) for i, (h, p) in enumerate(zip(config.hidden, config.proj)))
+        self.layers = nn.ModuleList(
+            _lstm_layer(sizes[i], h, p) for i, (h, p) in enumerate(zip(config.hidden, config.proj))
+        )
         self.output = nn.Linear(sizes[-1], config.n_symbols)
 
     def stack_frames(self, features: Tensor) -> Tensor:
@@ -94,8 +98,9 @@ class LstmCtc(nn.Module):
         x = (features[:, :t] - self.mean) / self.std
         return x.reshape(b, t // self.config.stack, n * self.config.stack)
 
-    def forward(self, features: Tensor, state: list[tuple[Tensor, Tensor]] | None = None,
-                lengths: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def forward(
+        self, features: Tensor, state: list[tuple[Tensor, Tensor]] | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Log-probabilities (B, T // stack, n_symbols) and the state after the last step.
 
         `lengths` (in steps) pack a padded batch, so that padding never flows into a state."""
@@ -129,6 +134,7 @@ def lstm_matrix_params(model: LstmCtc) -> int:
 
 
 # --- joint low-rank factorization ----------------------------------------------------------------------------
+
 
 def _reader_weights(model: LstmCtc, i: int) -> tuple[Tensor, Tensor]:
     """(W_hh of layer i, the matrix that reads layer i's output next): both act on h_i."""
@@ -186,15 +192,16 @@ def joint_factor(model: LstmCtc, ranks: dict[str, int | None]) -> LstmCtc:
                 u, s, vh = torch.linalg.svd(torch.cat([w_hh, w_next]).double(), full_matrices=False)
                 a = (u[:, :r] * s[:r]).float()
                 dst.weight_hr_l0.copy_(vh[:r].float())
-                w_hh, w_next = a[: len(w_hh)], a[len(w_hh):]
+                w_hh, w_next = a[: len(w_hh)], a[len(w_hh) :]
             dst.weight_hh_l0.copy_(w_hh)
             (student.layers[i + 1].weight_ih_l0 if i + 1 < n_layers else student.output.weight).copy_(w_next)
         student.output.bias.copy_(model.output.bias)
     return student
 
 
-def compress_lstm(model: LstmCtc, ratio: float | None = None, energy: float | None = None,
-                  factor_input: bool = True) -> tuple[LstmCtc, list[Group]]:
+def compress_lstm(
+    model: LstmCtc, ratio: float | None = None, energy: float | None = None, factor_input: bool = True
+) -> tuple[LstmCtc, list[Group]]:
     """Factor `model` so that its matrices keep `ratio` of their parameters (or `energy` of each group's
     spectrum), ranks allocated across layers by energy."""
     groups = factor_groups(model, factor_input)
@@ -206,6 +213,7 @@ def compress_lstm(model: LstmCtc, ratio: float | None = None, energy: float | No
 
 
 # --- checkpoints: safetensors weights + a JSON description, never pickle ------------------------------------
+
 
 def save_lstm(model: LstmCtc, path: str | Path, extra: dict | None = None) -> Path:
     """Write `path` (.safetensors) and its description (.json); returns the JSON's path."""

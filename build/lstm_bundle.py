@@ -1,4 +1,5 @@
 """Package an LSTM-CTC checkpoint as a bundle: streaming graph (float32 or int8), mel filters, manifest."""
+
 from __future__ import annotations
 
 import shutil
@@ -23,9 +24,16 @@ from .mel import mel_filters
 from .quantize import quantize_lstm_int8
 
 
-def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", name: str | None = None,
-                      evaluate: bool = True, threads: int | None = None, step: Callable[[str], None] = lambda m: None,
-                      formats: list[str] = ("onnx",)) -> dict:
+def build_lstm_bundle(
+    checkpoint: Path,
+    out_dir: Path,
+    precision: str = "int8",
+    name: str | None = None,
+    evaluate: bool = True,
+    threads: int | None = None,
+    step: Callable[[str], None] = lambda m: None,
+    formats: list[str] = ("onnx",),
+) -> dict:
     """Export, quantize and package `checkpoint` (.safetensors + .json) into `out_dir`; returns the manifest.
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -54,8 +62,11 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
         c = model.config
         np.save(staged / "mel_filters.npy", mel_filters(16000, 400, c.n_mels))
         if converted:  # Whisper's encoder converted to LSTM blocks: two mel frames per encoder step
-            architecture = {"architecture": "cald", "state": state_names(model),
-                            "lstm_matrix_parameters": cald.lstm_matrix_params(model)}
+            architecture = {
+                "architecture": "cald",
+                "state": state_names(model),
+                "lstm_matrix_parameters": cald.lstm_matrix_params(model),
+            }
             stack, alphabet = 2, c.alphabet
         else:
             architecture = {"architecture": "lstm", "lstm_matrix_parameters": lstm_matrix_params(model)}
@@ -63,18 +74,39 @@ def build_lstm_bundle(checkpoint: Path, out_dir: Path, precision: str = "int8", 
         files = [graph.name, *format_files(sections), "mel_filters.npy"]
         weights = checkpoint.with_suffix(".safetensors")
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "builder": f"edge-asr {__version__}",
-            "model": {"family": "lstm-ctc", "config": meta["config"], "precision": precision,
-                      "parameters": sum(p.numel() for p in model.parameters()),
-                      **architecture, "graphs": {"acoustic": graph.name},
-                      **sections},
-            "source": {"format": f"{meta['family']} checkpoint", "path": str(weights), "sha256": sha256_file(weights),
-                       **{k: meta[k] for k in ("recipe", "teacher", "compression", "recovery", "training_hours", "provenance")
-                          if k in meta}},
-            "frontend": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": c.n_mels, "stack": stack,
-                         "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",
-                         "mel_filters": "mel_filters.npy"},
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "builder": f"edge-asr {__version__}",
+            "model": {
+                "family": "lstm-ctc",
+                "config": meta["config"],
+                "precision": precision,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                **architecture,
+                "graphs": {"acoustic": graph.name},
+                **sections,
+            },
+            "source": {
+                "format": f"{meta['family']} checkpoint",
+                "path": str(weights),
+                "sha256": sha256_file(weights),
+                **{
+                    k: meta[k]
+                    for k in ("recipe", "teacher", "compression", "recovery", "training_hours", "provenance")
+                    if k in meta
+                },
+            },
+            "frontend": {
+                "sample_rate": 16000,
+                "n_fft": 400,
+                "hop_length": 160,
+                "n_mels": c.n_mels,
+                "stack": stack,
+                "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",
+                "mel_filters": "mel_filters.npy",
+            },
             "tokenizer": {"type": "characters", "alphabet": alphabet, "blank": 0},
             "decoder": {"type": "ctc", "defaults": {"beam": 0}},
             "files": file_entries(staged, files),
@@ -99,5 +131,10 @@ def evaluate_held_out(bundle_dir: Path, threads: int | None = None) -> dict:
     from .ctc_data import held_out_corpus, held_out_voice
 
     result = run_bench(load_transcriber(bundle_dir, threads), [held_out_corpus(progress=False)], runs=1)
-    return {"set": "held-out synthesized", "description": f"200 utterances, voice {held_out_voice()}",
-            "wer": result["wer"], "words": result["words"], "rtf": result["rtf_wall"]}
+    return {
+        "set": "held-out synthesized",
+        "description": f"200 utterances, voice {held_out_voice()}",
+        "wer": result["wer"],
+        "words": result["words"],
+        "rtf": result["rtf_wall"],
+    }

@@ -1,5 +1,6 @@
 """LSTM-CTC recipes, each pass usable alone: train from synthesized speech, compress by joint SVD and
 recover against the uncompressed model, export a bundle (float32 or int8)."""
+
 from __future__ import annotations
 
 import time
@@ -17,13 +18,13 @@ from .lstm import LstmConfig, LstmCtc, compress_lstm, lstm_matrix_params, load_l
 
 @dataclass
 class LstmRecipe:
-    utterances: int = 7000          # synthesized training utterances (40% digits, 20% numbers and commands)
-    copies: int = 2                 # augmented versions of each
+    utterances: int = 7000  # synthesized training utterances (40% digits, 20% numbers and commands)
+    copies: int = 2  # augmented versions of each
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
     epochs: int = 8
     lr: float = 3e-3
     seed: int = 0
-    sentence_share: float = 1.0     # share of the dictation sentences (over 6 words) kept: less favours digits
+    sentence_share: float = 1.0  # share of the dictation sentences (over 6 words) kept: less favours digits
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, seed=self.seed)
@@ -51,12 +52,24 @@ def _features_cache() -> Path:
 
 
 def held_out_examples(progress: bool = True):
-    return prepare_features(read_corpus(held_out_corpus(progress=progress)), copies=0, clean_copy=True,
-                            cache=_features_cache(), progress=progress)
+    return prepare_features(
+        read_corpus(held_out_corpus(progress=progress)),
+        copies=0,
+        clean_copy=True,
+        cache=_features_cache(),
+        progress=progress,
+    )
 
 
-def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teacher_bundle: Path | None = None,
-               threads: int | None = None, init: Path | None = None, log=print) -> Path:
+def train_lstm(
+    out: Path,
+    recipe: LstmRecipe,
+    audio_dirs: list[Path] = (),
+    teacher_bundle: Path | None = None,
+    threads: int | None = None,
+    init: Path | None = None,
+    log=print,
+) -> Path:
     """Synthesize (once), featurize (once), train; write `out` (.safetensors + .json). Audio folders without
     transcripts are labelled by the Whisper teacher and added to the training set. With `init`, training
     goes on from that checkpoint (its layers and normalization) with a fresh schedule."""
@@ -90,18 +103,34 @@ def train_lstm(out: Path, recipe: LstmRecipe, audio_dirs: list[Path] = (), teach
 
     history = train_ctc(model, examples, recipe.train_config(), held_out=held_out, log=log, on_epoch=keep)
     model.cpu().eval()
-    return save_lstm(model, out, {
-        "recipe": asdict(recipe), "history": previous + history, "init": str(init) if init else None,
-        "audio_dirs": [str(d) for d in audio_dirs],
-        "training_hours": round(hours, 2), "held_out_wer": history[-1].get("held_out_wer"),
-        "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters()),
-        "lstm_matrix_parameters": lstm_matrix_params(model),
-    })
+    return save_lstm(
+        model,
+        out,
+        {
+            "recipe": asdict(recipe),
+            "history": previous + history,
+            "init": str(init) if init else None,
+            "audio_dirs": [str(d) for d in audio_dirs],
+            "training_hours": round(hours, 2),
+            "held_out_wer": history[-1].get("held_out_wer"),
+            "train_seconds": round(time.time() - start),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "lstm_matrix_parameters": lstm_matrix_params(model),
+        },
+    )
 
 
-def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: int = 3, lr: float = 1e-3,
-                         kd_weight: float = 1.0, recipe: LstmRecipe | None = None, threads: int | None = None,
-                         log=print) -> Path:
+def compress_and_recover(
+    source: Path,
+    out: Path,
+    ratio: float = 1 / 3,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    kd_weight: float = 1.0,
+    recipe: LstmRecipe | None = None,
+    threads: int | None = None,
+    log=print,
+) -> Path:
     """Joint SVD of `source` to `ratio` of its LSTM matrices, then recovery fine-tuning: CTC on the training
     labels plus KL to the uncompressed model's frame posteriors."""
     torch.set_num_threads(resolve_threads(threads))
@@ -114,17 +143,34 @@ def compress_and_recover(source: Path, out: Path, ratio: float = 1 / 3, epochs: 
     held_out = held_out_examples()
     wer_teacher, wer_svd = evaluate(teacher, held_out), evaluate(student, held_out)
     log(f"held-out WER: uncompressed {wer_teacher:.2f}, after SVD {wer_svd:.2f}")
-    examples = prepare_features(training_items(recipe), recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
+    examples = (
+        prepare_features(training_items(recipe), recipe.copies, recipe.seed, cache=_features_cache()) if epochs else []
+    )
     config = TrainConfig(epochs=epochs, lr=lr, kd_weight=kd_weight, seed=recipe.seed + 1)
-    history = train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log) if epochs else [
-        {"epoch": 0, "held_out_wer": round(wer_svd, 2)}]
+    history = (
+        train_ctc(student, examples, config, teacher=teacher, held_out=held_out, log=log)
+        if epochs
+        else [{"epoch": 0, "held_out_wer": round(wer_svd, 2)}]
+    )
     student.cpu().eval()
-    return save_lstm(student, out, {
-        "recipe": asdict(recipe), "teacher": str(source), "compression": {
-            "ratio_target": ratio, "ranks": ranks, "lstm_matrix_parameters_before": before,
-            "lstm_matrix_parameters_after": after, "held_out_wer_teacher": round(wer_teacher, 2),
-            "held_out_wer_after_svd": round(wer_svd, 2)},
-        "recovery": config.to_dict(), "history": history, "held_out_wer": history[-1].get("held_out_wer"),
-        "parameters": sum(p.numel() for p in student.parameters()), "lstm_matrix_parameters": after,
-    })
-
+    return save_lstm(
+        student,
+        out,
+        {
+            "recipe": asdict(recipe),
+            "teacher": str(source),
+            "compression": {
+                "ratio_target": ratio,
+                "ranks": ranks,
+                "lstm_matrix_parameters_before": before,
+                "lstm_matrix_parameters_after": after,
+                "held_out_wer_teacher": round(wer_teacher, 2),
+                "held_out_wer_after_svd": round(wer_svd, 2),
+            },
+            "recovery": config.to_dict(),
+            "history": history,
+            "held_out_wer": history[-1].get("held_out_wer"),
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "lstm_matrix_parameters": after,
+        },
+    )

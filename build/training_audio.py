@@ -18,6 +18,7 @@ brown or babble), room reverberation, an 8 kHz telephone band, and leading and t
 Held-out sets for model selection use voices and sentences the mix never has, and recorded speakers it
 never hears.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,15 +35,23 @@ from edge_asr.audio import SAMPLE_RATE, load_audio, resample
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 # espeak-ng voices (language + variant). Training and held-out sets never share one.
-ESPEAK_TRAIN_VOICES = ["en-us+m1", "en-us+f2", "en-gb+m3", "en-gb-x-rp+f1", "en-029+m2", "en-us-nyc+m4",
-                       "en-gb-scotland+f3", "en-us+klatt2"]
+ESPEAK_TRAIN_VOICES = [
+    "en-us+m1",
+    "en-us+f2",
+    "en-gb+m3",
+    "en-gb-x-rp+f1",
+    "en-029+m2",
+    "en-us-nyc+m4",
+    "en-gb-scotland+f3",
+    "en-us+klatt2",
+]
 ESPEAK_HELD_OUT_VOICES = ["en-us+f4", "en-gb+m7", "en-gb-x-rp+f5"]
 
 
 @dataclass
 class Clip:
-    audio: np.ndarray        # 16 kHz mono float32
-    kind: str                # synthesized, short, recorded, long, non-speech, user
+    audio: np.ndarray  # 16 kHz mono float32
+    kind: str  # synthesized, short, recorded, long, non-speech, user
     text: str | None = None  # the words, where known (held-out sets measure WER with it)
 
 
@@ -52,12 +61,12 @@ class AudioMix:
 
     piper_sentences: int = 240
     espeak_sentences: int = 160
-    short_utterances: int = 300   # 0.3-1.5 s: digits, words, commands (piper and espeak-ng)
-    recorded: int = 400           # from the recorded corpora, spread over their speakers
+    short_utterances: int = 300  # 0.3-1.5 s: digits, words, commands (piper and espeak-ng)
+    recorded: int = 400  # from the recorded corpora, spread over their speakers
     long_windows: int = 50
     non_speech: int = 50
-    user: int = 400               # at most this many clips from --audio
-    augment_share: float = 0.8    # clips that get augmented (the rest stay clean)
+    user: int = 400  # at most this many clips from --audio
+    augment_share: float = 0.8  # clips that get augmented (the rest stay clean)
     seed: int = 0
     # Isolated words as people record them: tightly cut (at most 0.2 s of silence around the word), a third
     # of them in the telephone band. Their own set, so that the rest of the mix is made (and cached) as before.
@@ -68,8 +77,14 @@ class AudioMix:
 
     def main_clips(self) -> int:
         """Clips in the main set, --audio aside."""
-        return (self.piper_sentences + self.espeak_sentences + self.short_utterances + self.recorded
-                + self.long_windows + self.non_speech)
+        return (
+            self.piper_sentences
+            + self.espeak_sentences
+            + self.short_utterances
+            + self.recorded
+            + self.long_windows
+            + self.non_speech
+        )
 
     def main_dict(self) -> dict:
         """What the main set (`training_clips`) depends on."""
@@ -77,6 +92,7 @@ class AudioMix:
 
 
 # --- synthesis --------------------------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=1)
 def espeak_available() -> bool:
@@ -88,8 +104,11 @@ def espeak(text: str, voice: str, rate: int = 160, pitch: int = 50) -> np.ndarra
     import soundfile as sf
 
     with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", f.name, text],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", f.name, text],
+            check=True,
+            capture_output=True,
+        )
         audio, rate_hz = sf.read(f.name, dtype="float32")
     return resample(audio, rate_hz, SAMPLE_RATE)
 
@@ -98,8 +117,12 @@ def piper(text: str, rng: random.Random) -> np.ndarray:
     from .synth import synthesize
 
     # piper's own prosody and voice noise (0.667 and 0.8 are its usual scales), at random rates
-    return synthesize(text, length_scale=rng.uniform(0.8, 1.25), noise_scale=rng.uniform(0.3, 0.9),
-                      noise_w_scale=rng.uniform(0.4, 1.0))
+    return synthesize(
+        text,
+        length_scale=rng.uniform(0.8, 1.25),
+        noise_scale=rng.uniform(0.3, 0.9),
+        noise_w_scale=rng.uniform(0.4, 1.0),
+    )
 
 
 def _espeak_random(text: str, voices: list[str], rng: random.Random) -> np.ndarray:
@@ -114,6 +137,7 @@ def _either_voice(i: int, text: str, rng: random.Random) -> np.ndarray:
 
 
 # --- recorded corpora ---------------------------------------------------------------------------------------------
+
 
 def audio_files(folder: Path) -> list[Path]:
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
@@ -152,6 +176,7 @@ def recorded_files(corpus: Path, held_out: bool = False) -> list[tuple[Path, str
 
 # --- augmentation -------------------------------------------------------------------------------------------------
 
+
 def _colored_noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
     white = rng.standard_normal(n)
     if color == "white":
@@ -188,14 +213,19 @@ def room_impulse_response(rng: np.random.Generator) -> np.ndarray:
     return rir / (np.abs(rir).max() + 1e-9)
 
 
-def augment(audio: np.ndarray, rng: np.random.Generator, babble: list[np.ndarray] | None = None,
-            max_pad_s: float = 0.8, band_share: float = 0.15) -> np.ndarray:
+def augment(
+    audio: np.ndarray,
+    rng: np.random.Generator,
+    babble: list[np.ndarray] | None = None,
+    max_pad_s: float = 0.8,
+    band_share: float = 0.15,
+) -> np.ndarray:
     """One random chain of the augmentations the module docstring lists; leading and trailing silence of up
     to `max_pad_s` each, a telephone band for `band_share` of the clips."""
     from scipy.signal import fftconvolve
 
     x = audio.astype(np.float32)
-    if rng.random() < 0.5:   # speed: tempo and pitch together, as a tape played faster or slower
+    if rng.random() < 0.5:  # speed: tempo and pitch together, as a tape played faster or slower
         x = resample(x, SAMPLE_RATE, int(SAMPLE_RATE * rng.uniform(0.85, 1.15)))
     if rng.random() < 0.3:
         wet = fftconvolve(x, room_impulse_response(rng))[: len(x) + SAMPLE_RATE // 2]
@@ -233,6 +263,7 @@ def non_speech(rng: np.random.Generator) -> np.ndarray:
 
 
 # --- the mixes ----------------------------------------------------------------------------------------------------
+
 
 def _take(items: list, count: int, rng: random.Random) -> list:
     items = list(items)
@@ -279,11 +310,13 @@ def training_clips(mix: AudioMix, corpora: list[Path] = (), user_audio: list[Pat
     for path, _ in progress(_take(user, mix.user, rng), "read --audio"):
         audio = load_audio(path)
         start = rng.randrange(max(1, len(audio) - 28 * SAMPLE_RATE))  # long recordings: a random 28 s
-        clean.append(Clip(audio[start:start + 28 * SAMPLE_RATE], "user"))
+        clean.append(Clip(audio[start : start + 28 * SAMPLE_RATE], "user"))
     np_rng = np.random.default_rng(mix.seed)
     speech = [c.audio for c in clean]
-    clips = [Clip(augment(c.audio, np_rng, speech) if np_rng.random() < mix.augment_share else c.audio, c.kind, c.text)
-             for c in progress(clean, "augment")]
+    clips = [
+        Clip(augment(c.audio, np_rng, speech) if np_rng.random() < mix.augment_share else c.audio, c.kind, c.text)
+        for c in progress(clean, "augment")
+    ]
     for _ in range(mix.long_windows):
         parts, total = [], 0
         target = rng.uniform(10, 28) * SAMPLE_RATE
@@ -303,7 +336,7 @@ def cut_tight(audio: np.ndarray) -> np.ndarray:
     """A synthesized utterance without its leading and trailing silence (from the first to the last sample
     above 2% of its peak)."""
     voiced = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
-    return audio[voiced[0]: voiced[-1] + 1] if len(voiced) else audio
+    return audio[voiced[0] : voiced[-1] + 1] if len(voiced) else audio
 
 
 def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
@@ -313,7 +346,9 @@ def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
     progress = progress or (lambda items, desc: items)
     rng, np_rng = random.Random(mix.seed + 1), np.random.default_rng(mix.seed + 1)
     clips = []
-    for i, text in enumerate(progress(short_phrases(mix.isolated_words, seed=200 + mix.seed), "synthesize isolated words")):
+    for i, text in enumerate(
+        progress(short_phrases(mix.isolated_words, seed=200 + mix.seed), "synthesize isolated words")
+    ):
         audio = cut_tight(_either_voice(i, text, rng))
         clips.append(Clip(augment(audio, np_rng, max_pad_s=0.2, band_share=0.35), "isolated", text))
     return clips
@@ -340,13 +375,16 @@ def held_out_clips(mix: HeldOutMix, corpora: list[Path] = ()) -> dict[str, list[
     rng = random.Random(mix.seed)
     sets: dict[str, list[Clip]] = {"synthesized": []}
     # Sentences from other templates' seeds than training's, spoken by voices training never hears.
-    texts = general_sentences(mix.sentences, seed=9000 + mix.seed) + short_phrases(mix.short_utterances, 9000 + mix.seed)
+    texts = general_sentences(mix.sentences, seed=9000 + mix.seed) + short_phrases(
+        mix.short_utterances, 9000 + mix.seed
+    )
     if espeak_available():
         sets["synthesized"] = [Clip(_espeak_random(t, ESPEAK_HELD_OUT_VOICES, rng), "synthesized", t) for t in texts]
     recorded = [item for corpus in corpora for item in recorded_files(corpus, held_out=True)]
     if recorded:
-        sets["recorded"] = [Clip(load_audio(p)[: 28 * SAMPLE_RATE], "recorded", t)
-                            for p, t in _spread(recorded, mix.recorded, rng)]
+        sets["recorded"] = [
+            Clip(load_audio(p)[: 28 * SAMPLE_RATE], "recorded", t) for p, t in _spread(recorded, mix.recorded, rng)
+        ]
     return sets
 
 
@@ -361,11 +399,19 @@ class Corpus:
 
 
 KNOWN_CORPORA = {
-    "speechocean762": Corpus("speechocean762", "jimbozhang/speechocean762", "CC BY 4.0",
-                             "5,000 read English utterances by 250 Mandarin speakers, half of them children; "
-                             "train speakers for training, test speakers held out"),
-    "wake-word-benchmark": Corpus("wake-word-benchmark", "Picovoice/wake-word-benchmark (audio/)", "Apache-2.0",
-                                  "2,293 keyword clips by more than 50 speakers; 'smart mirror' held out"),
+    "speechocean762": Corpus(
+        "speechocean762",
+        "jimbozhang/speechocean762",
+        "CC BY 4.0",
+        "5,000 read English utterances by 250 Mandarin speakers, half of them children; "
+        "train speakers for training, test speakers held out",
+    ),
+    "wake-word-benchmark": Corpus(
+        "wake-word-benchmark",
+        "Picovoice/wake-word-benchmark (audio/)",
+        "Apache-2.0",
+        "2,293 keyword clips by more than 50 speakers; 'smart mirror' held out",
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 The runtime only detokenizes, so a bundle carries the token strings (byte-level BPE symbols) and the ids
 of the special tokens; no tokenizer library is needed on the device.
 """
+
 from __future__ import annotations
 
 import json

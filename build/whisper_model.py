@@ -5,6 +5,7 @@ differ: attention caches are explicit tensors (no forward hooks), which is what 
 cache needs, and every projection is an ordinary `nn.Linear` that a compression pass may swap for a
 factored module with the same call signature.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         self.n_head = n_head
         self.qk_dim = qk_dim or head_dim
         self.vo_dim = vo_dim or head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.query = nn.Linear(n_state, n_head * self.qk_dim)
         self.key = nn.Linear(n_state, n_head * self.qk_dim, bias=False)
         self.value = nn.Linear(n_state, n_head * self.vo_dim)
@@ -233,7 +234,9 @@ class Whisper(nn.Module):
         cache = []
         for block in self.decoder.blocks:
             attn = block.attn
-            cache.append((torch.zeros(batch, attn.n_head, attn.qk_dim, 0), torch.zeros(batch, attn.n_head, 0, attn.vo_dim)))
+            cache.append(
+                (torch.zeros(batch, attn.n_head, attn.qk_dim, 0), torch.zeros(batch, attn.n_head, 0, attn.vo_dim))
+            )
         return cache
 
     def parameter_count(self) -> int:

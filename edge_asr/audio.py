@@ -1,4 +1,5 @@
 """Audio source for files: read, mix to mono, resample to the model's rate."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

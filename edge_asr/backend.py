@@ -2,6 +2,7 @@
 graph, from `.onnx` files or the same graphs in ONNX Runtime's mobile format (`.ort`); `tflite_backend`
 runs the LiteRT versions. `open_model` picks one by name, or the first one installed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,8 +40,10 @@ def resolve_backend(bundle: Bundle, backend: str = "auto") -> str:
 
     if "tflite" in bundle.formats and tflite_backend.available():
         return "tflite"
-    raise EdgeAsrError(f"no installed backend runs this bundle ({', '.join(bundle.formats)}): install onnxruntime, "
-                       "or ai-edge-litert / tflite-runtime for a bundle built with --formats tflite")
+    raise EdgeAsrError(
+        f"no installed backend runs this bundle ({', '.join(bundle.formats)}): install onnxruntime, "
+        "or ai-edge-litert / tflite-runtime for a bundle built with --formats tflite"
+    )
 
 
 def open_model(bundle: Bundle, threads: int | None = None, backend: str = "auto"):
@@ -105,8 +108,11 @@ class OnnxWhisper:
         self.cross_names = [n for n in names if n.startswith("cross_")]
         # Head widths per layer come from the graph itself: a compressed model's layers may differ.
         # An empty cache has batch 1 and length 0; every other axis is fixed in the graph.
-        self._empty = [np.zeros([d if isinstance(d, int) else 0 for d in [1, *i.shape[1:]]], dtype=np.float32)
-                       for i in self.decoder.get_inputs() if i.name.startswith("self_")]
+        self._empty = [
+            np.zeros([d if isinstance(d, int) else 0 for d in [1, *i.shape[1:]]], dtype=np.float32)
+            for i in self.decoder.get_inputs()
+            if i.name.startswith("self_")
+        ]
 
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
         return self.encoder.run(self.cross_names, {"mel": mel[None]})

@@ -4,6 +4,7 @@ A folder holds audio files and `refs.tsv` (id TAB reference text); audio is `<id
 soundfile reads, at any rate. Timing covers features + model + decoding (reading and resampling are
 excluded), after one warm-up utterance; RTF is the median over `runs` passes.
 """
+
 from __future__ import annotations
 
 import resource
@@ -105,9 +106,12 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
         audio_s = samples / SAMPLE_RATE
         refs = [u.reference for u in items]
         results[label] = dict(
-            n=len(items), audio_s=round(audio_s, 1), words=sum(len(normalize(x).split()) for x in refs),
+            n=len(items),
+            audio_s=round(audio_s, 1),
+            words=sum(len(normalize(x).split()) for x in refs),
             wer=round(word_error_rate(refs, hyps), 2),
-            rtf_wall=round(statistics.median(walls) / audio_s, 4), rtf_cpu=round(statistics.median(cpus) / audio_s, 4),
+            rtf_wall=round(statistics.median(walls) / audio_s, 4),
+            rtf_cpu=round(statistics.median(cpus) / audio_s, 4),
             hypotheses={u.uid: h for u, h in zip(items, hyps)},
         )
         pooled_refs += refs

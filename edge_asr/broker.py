@@ -1,6 +1,7 @@
 """Connecting to an MQTT broker (paho-mqtt, the `mqtt` extra): settings, TLS, credentials, and one-line
 descriptions of every way a connection fails. The publisher (daemon side) and `collect` (plant side) share it.
 """
+
 from __future__ import annotations
 
 import socket
@@ -20,12 +21,12 @@ def log(line: str) -> None:
 @dataclass
 class BrokerSettings:
     host: str
-    port: int | None = None          # None: 1883, or 8883 with TLS
+    port: int | None = None  # None: 1883, or 8883 with TLS
     tls: bool = False
-    ca_file: str | None = None       # None with tls: the system's CAs
-    cert_file: str | None = None     # a client certificate, where the broker asks for one
+    ca_file: str | None = None  # None with tls: the system's CAs
+    cert_file: str | None = None  # a client certificate, where the broker asks for one
     key_file: str | None = None
-    credentials: str | None = None   # a file "username:password" (one line); the password is never logged
+    credentials: str | None = None  # a file "username:password" (one line); the password is never logged
     keepalive: int = 60
     connect_timeout: float = 5.0
 
@@ -59,8 +60,9 @@ def make_client(settings: BrokerSettings, client_id: str, clean_session: bool):
         import paho.mqtt.client as mqtt
     except ImportError:
         raise EdgeAsrError("MQTT needs paho-mqtt: pip install 'edge-asr[mqtt]'") from None
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311
+    )
     client.suppress_exceptions = False
     client.connect_timeout = settings.connect_timeout
     if settings.tls:
@@ -71,8 +73,13 @@ def make_client(settings: BrokerSettings, client_id: str, clean_session: bool):
         if bool(settings.cert_file) != bool(settings.key_file):
             raise EdgeAsrError("mqtt: a client certificate needs both cert_file and key_file")
         try:
-            client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(
+                ca_certs=settings.ca_file,
+                certfile=settings.cert_file,
+                keyfile=settings.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         except (ssl.SSLError, OSError, ValueError) as e:
             raise EdgeAsrError(f"mqtt TLS files ({_tls_files(settings)}): cannot load ({_ssl_reason(e)})") from None
     elif settings.ca_file or settings.cert_file or settings.key_file:
@@ -89,8 +96,10 @@ def connect(client, settings: BrokerSettings) -> None:
     try:
         client.connect(host, port, keepalive=settings.keepalive)
     except ssl.SSLCertVerificationError as e:
-        raise EdgeAsrError(f"mqtt broker {settings.address}: TLS certificate not trusted "
-                           f"({e.verify_message or _ssl_reason(e)}; check ca_file)") from None
+        raise EdgeAsrError(
+            f"mqtt broker {settings.address}: TLS certificate not trusted "
+            f"({e.verify_message or _ssl_reason(e)}; check ca_file)"
+        ) from None
     except ssl.SSLError as e:
         raise EdgeAsrError(f"mqtt broker {settings.address}: TLS handshake failed ({_ssl_reason(e)})") from None
     except socket.gaierror as e:
@@ -103,8 +112,9 @@ def connect(client, settings: BrokerSettings) -> None:
 
 def refusal(settings: BrokerSettings, reason) -> str:
     """The line for a CONNACK that refuses the connection."""
-    hint = " (check the credentials file)" if "authori" in str(reason).lower() or "password" in str(reason).lower() \
-        else ""
+    hint = (
+        " (check the credentials file)" if "authori" in str(reason).lower() or "password" in str(reason).lower() else ""
+    )
     return f"mqtt broker {settings.address} refused the connection: {reason}{hint}"
 
 
@@ -116,7 +126,9 @@ def connection_lost(settings: BrokerSettings, reason) -> str:
 
 
 def _tls_files(settings: BrokerSettings) -> str:
-    return ", ".join(f"{n}={getattr(settings, n)}" for n in ("ca_file", "cert_file", "key_file") if getattr(settings, n))
+    return ", ".join(
+        f"{n}={getattr(settings, n)}" for n in ("ca_file", "cert_file", "key_file") if getattr(settings, n)
+    )
 
 
 def _ssl_reason(e: Exception) -> str:

@@ -4,6 +4,7 @@ The manifest is the bundle's self-description: model family and dimensions, prec
 the source weights, the frontend's parameters, the decoder's special and suppressed tokens, and any
 measurements recorded when it was built.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,7 @@ def verify_files(path: Path, manifest: dict) -> None:
 class Bundle:
     path: Path
     manifest: dict
-    tokenizer: Tokenizer | None   # Whisper's byte-level BPE; None for character models (lstm-ctc)
+    tokenizer: Tokenizer | None  # Whisper's byte-level BPE; None for character models (lstm-ctc)
     mel_filters: np.ndarray
 
     @classmethod
@@ -111,8 +112,10 @@ class Bundle:
     def file(self, role: str, fmt: str = "onnx") -> Path:
         """The file of graph `role` ("encoder", "decoder", "acoustic") in format `fmt`."""
         if fmt not in self.formats:
-            raise BundleError(f"{self.path}: this bundle has no {fmt} models (it has {', '.join(self.formats)}); "
-                              f"rebuild it with --formats {fmt}")
+            raise BundleError(
+                f"{self.path}: this bundle has no {fmt} models (it has {', '.join(self.formats)}); "
+                f"rebuild it with --formats {fmt}"
+            )
         return self.path / model_graphs(self.manifest, fmt)[role]
 
     @property

@@ -5,6 +5,7 @@ The subscription is durable: a fixed client id, clean_session=False and QoS 1, s
 keeps what arrives while `collect` is down and hands it over when it returns. A message is acknowledged only
 after its row is committed (paho sends PUBACK once on_message has returned).
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,20 @@ CREATE TABLE IF NOT EXISTS transcripts (
     duplicates INTEGER NOT NULL DEFAULT 0,
     record TEXT NOT NULL          -- the whole JSON object, as published
 )"""
-CSV_COLUMNS = ["id", "device", "seq", "time", "clock_synced", "start_s", "end_s", "text", "received", "duplicates",
-               "rule", "confidence"]
+CSV_COLUMNS = [
+    "id",
+    "device",
+    "seq",
+    "time",
+    "clock_synced",
+    "start_s",
+    "end_s",
+    "text",
+    "received",
+    "duplicates",
+    "rule",
+    "confidence",
+]
 # Columns read from the stored record itself: command mode's, empty for free transcription.
 _RECORD_COLUMNS = {"rule": "json_extract(record, '$.rule')", "confidence": "json_extract(record, '$.confidence')"}
 
@@ -54,16 +67,27 @@ class TranscriptStore:
         """Store one message; False for one that is not a transcript record (it is logged and dropped)."""
         try:
             r = json.loads(payload)
-            row = (str(r["id"]), str(r["device"]), int(r["seq"]), r.get("time"),
-                   None if r.get("clock_synced") is None else int(bool(r["clock_synced"])),
-                   r.get("start_s"), r.get("end_s"), str(r["text"]), time.time(), payload.decode("utf-8"))
+            row = (
+                str(r["id"]),
+                str(r["device"]),
+                int(r["seq"]),
+                r.get("time"),
+                None if r.get("clock_synced") is None else int(bool(r["clock_synced"])),
+                r.get("start_s"),
+                r.get("end_s"),
+                str(r["text"]),
+                time.time(),
+                payload.decode("utf-8"),
+            )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             self.rejected += 1
             return False
         cursor = self.db.execute(
             "INSERT INTO transcripts (id, device, seq, time, clock_synced, start_s, end_s, text, received, record) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET duplicates = duplicates + 1 "
-            "RETURNING duplicates", row)
+            "RETURNING duplicates",
+            row,
+        )
         duplicates = cursor.fetchone()[0]
         self.db.commit()
         if duplicates:
@@ -100,8 +124,14 @@ def export(db: str, csv_path: str) -> int:
     return 0
 
 
-def run_collect(settings: BrokerSettings, db: str, prefix: str = "edge-asr", client_id: str = "edge-asr-collect",
-                duration: float | None = None, reconnect_max: float = 30.0) -> int:
+def run_collect(
+    settings: BrokerSettings,
+    db: str,
+    prefix: str = "edge-asr",
+    client_id: str = "edge-asr-collect",
+    duration: float | None = None,
+    reconnect_max: float = 30.0,
+) -> int:
     """Subscribe and store until SIGINT/SIGTERM (or `duration` seconds). The first connection must succeed:
     an unreachable broker or a refusal exits 1 with one line. Later drops are retried with backoff."""
     store = TranscriptStore(db)
@@ -156,8 +186,12 @@ def run_collect(settings: BrokerSettings, db: str, prefix: str = "edge-asr", cli
                     log(f"{e}; retrying")
         client.disconnect()
     finally:
-        print(f"{store.stored} transcripts stored, {store.duplicates} duplicates dropped"
-              + (f", {store.rejected} malformed" if store.rejected else ""), file=sys.stderr, flush=True)
+        print(
+            f"{store.stored} transcripts stored, {store.duplicates} duplicates dropped"
+            + (f", {store.rejected} malformed" if store.rejected else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         store.close()
     return 0
 

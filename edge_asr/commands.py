@@ -29,6 +29,7 @@ garbled over several words ("Can you make us lower?" for "conveyor slower") as r
 whose one overruled word costs as much; per token, 92% of the commands decoded right were kept with 90%
 of the non-commands rejected, against 88% for the sum.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,13 +43,13 @@ from .grammar import UNKNOWN, Grammar
 # 97.8% of the 90 commands on both backends (all 90 decoded right); 0.3 rejected 100% (ONNX Runtime) and
 # 95% (LiteRT) of the 20 non-commands, 0.25 90% on both.
 DEFAULT_REJECTION_THRESHOLD = 0.3
-PROMPT_TOKENS = 32        # the grammar's words named in the prompt, at most this many tokens of them
+PROMPT_TOKENS = 32  # the grammar's words named in the prompt, at most this many tokens of them
 
 
 @dataclass(frozen=True)
 class Verdict:
-    phrase: str          # the grammar's words, or "[unk]"
-    rule: str | None     # the rule of root it came from (None for "[unk]")
+    phrase: str  # the grammar's words, or "[unk]"
+    rule: str | None  # the rule of root it came from (None for "[unk]")
     confidence: float
 
 
@@ -90,8 +91,11 @@ def is_word_list(grammar: Grammar) -> bool:
     of 2 or more symbols, nor a menu)."""
     automaton = grammar.automaton
     first = automaton.closure([automaton.start])
-    alone = {word for state, word, after in automaton.words
-             if state in first and automaton.accept in automaton.closure([after])}
+    alone = {
+        word
+        for state, word, after in automaton.words
+        if state in first and automaton.accept in automaton.closure([after])
+    }
     return all(word in alone for _, word, _ in automaton.words)
 
 

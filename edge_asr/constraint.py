@@ -15,6 +15,7 @@ character states), and each state's allowed tokens are computed once and kept: a
 per bundle, and a state is paid for the first time a decode reaches it. End-of-text is allowed only where
 a phrase may end.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,11 +46,15 @@ class SpokenForms:
         self.word_start, self.accept = words.start, words.accept
         reaches_accept = words.reaching_accept()
         # A word that leads nowhere is no spelling of a phrase.
-        self.words_from = {a: kept for a, edges in words.words_from.items()
-                           if (kept := [(word, b) for word, b in edges if b in reaches_accept])}
-        self.spellings = {word: sorted({case for form in word_spellings(word)
-                                        for case in (form, form.capitalize(), form.upper())})
-                          for word, _ in (w for ws in self.words_from.values() for w in ws)}
+        self.words_from = {
+            a: kept
+            for a, edges in words.words_from.items()
+            if (kept := [(word, b) for word, b in edges if b in reaches_accept])
+        }
+        self.spellings = {
+            word: sorted({case for form in word_spellings(word) for case in (form, form.capitalize(), form.upper())})
+            for word, _ in (w for ws in self.words_from.values() for w in ws)
+        }
         self._closures: dict[int, tuple[int, ...]] = {}
         self._starts: dict[int, dict[str, list[tuple[int, str]]]] = {}
         self.start = self.closure([("start",), ("before", words.start)])
@@ -87,8 +92,11 @@ class SpokenForms:
         if kind in ("digit", "letter"):
             if kind == "letter" and not c.isdigit():
                 return []
-            return [self._spelled(b, spelling, 1) for b, spelling in self._first_chars(state[1]).get(c, ())
-                    if len(spelling) == 1]
+            return [
+                self._spelled(b, spelling, 1)
+                for b, spelling in self._first_chars(state[1]).get(c, ())
+                if len(spelling) == 1
+            ]
         if kind == "after":
             q, found = state[1], []
             if q in self.words_from:
@@ -133,8 +141,11 @@ class SpokenForms:
             elif kind == "before":
                 chars.update(self._first_chars(state[1]))
             elif kind in ("digit", "letter"):
-                chars.update(c for c, ends in self._first_chars(state[1]).items()
-                             if (kind == "digit" or c.isdigit()) and any(len(spelling) == 1 for _, spelling in ends))
+                chars.update(
+                    c
+                    for c, ends in self._first_chars(state[1]).items()
+                    if (kind == "digit" or c.isdigit()) and any(len(spelling) == 1 for _, spelling in ends)
+                )
             elif kind == "in":
                 chars.add(state[2][state[3]])
             elif kind == "after":
@@ -226,7 +237,7 @@ class TokenGrammar:
             while todo:  # the trie and the automaton side by side: a branch ends where either does
                 node, at = todo.pop()
                 kids, chars = children[node], self._next_chars(at)
-                for c in (chars if len(chars) < len(kids) else kids):
+                for c in chars if len(chars) < len(kids) else kids:
                     child = kids.get(c)
                     if child is None or c not in chars:
                         continue

@@ -7,18 +7,19 @@ bucket lengths. Buckets keep the number of distinct shapes small, which is what 
 need (one signature per bucket); ONNX Runtime takes any length but uses the same buckets, so both backends
 see exactly the input the model was adapted on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 SAMPLE_RATE = 16000
-FRAMES_PER_SECOND = 100   # mel frames (10 ms hop); the encoder halves them
+FRAMES_PER_SECOND = 100  # mel frames (10 ms hop); the encoder halves them
 FULL_SECONDS = 30
 
 
 @dataclass(frozen=True)
 class ContextPolicy:
-    mode: str = "full"                        # "full" (30 s), "auto" (audio + margin, bucketed), "fixed"
+    mode: str = "full"  # "full" (30 s), "auto" (audio + margin, bucketed), "fixed"
     margin_s: float = 0.0
     floor_s: float = FULL_SECONDS
     buckets_s: tuple[float, ...] = (FULL_SECONDS,)
@@ -28,8 +29,9 @@ class ContextPolicy:
         return cls()
 
     @classmethod
-    def auto(cls, margin_s: float = 0.5, floor_s: float = 3.0,
-             buckets_s: tuple[float, ...] = (1, 2, 3, 5, 8, 12, 20, 30)) -> "ContextPolicy":
+    def auto(
+        cls, margin_s: float = 0.5, floor_s: float = 3.0, buckets_s: tuple[float, ...] = (1, 2, 3, 5, 8, 12, 20, 30)
+    ) -> "ContextPolicy":
         return cls("auto", margin_s, floor_s, tuple(float(b) for b in buckets_s))
 
     @classmethod
@@ -55,11 +57,20 @@ class ContextPolicy:
         section = manifest.get("frontend", {}).get("context")
         if not section:
             return cls.full()
-        return cls(section["mode"], float(section["margin_s"]), float(section["floor_s"]),
-                   tuple(float(b) for b in section["buckets_s"]))
+        return cls(
+            section["mode"],
+            float(section["margin_s"]),
+            float(section["floor_s"]),
+            tuple(float(b) for b in section["buckets_s"]),
+        )
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "margin_s": self.margin_s, "floor_s": self.floor_s, "buckets_s": list(self.buckets_s)}
+        return {
+            "mode": self.mode,
+            "margin_s": self.margin_s,
+            "floor_s": self.floor_s,
+            "buckets_s": list(self.buckets_s),
+        }
 
     @property
     def max_seconds(self) -> float:
@@ -84,7 +95,4 @@ class ContextPolicy:
         if self.mode == "fixed":
             return f"fixed: every window padded to {self.floor_s:g} s"
         buckets = ", ".join(f"{b:g}" for b in self.buckets_s)
-        return (f"auto: audio + {self.margin_s:g} s, at least {self.floor_s:g} s, rounded up to a bucket "
-                f"({buckets} s)")
-
-
+        return f"auto: audio + {self.margin_s:g} s, at least {self.floor_s:g} s, rounded up to a bucket ({buckets} s)"

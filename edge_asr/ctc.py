@@ -7,6 +7,7 @@ Biasing (for digits, commands, machine names) adds `bias` nats for every charact
 counted on the words of a prefix: a word that stops matching the list loses its bonus again, so the list
 steers the search without restricting it.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -38,15 +39,21 @@ def greedy_words(log_probs: np.ndarray, alphabet: str, frame_seconds: float, off
 
     def close():
         if chars:
-            words.append(Word(start * frame_seconds + offset_s, (end + 1) * frame_seconds + offset_s, "".join(chars),
-                              float(np.exp(np.mean(logps)))))
+            words.append(
+                Word(
+                    start * frame_seconds + offset_s,
+                    (end + 1) * frame_seconds + offset_s,
+                    "".join(chars),
+                    float(np.exp(np.mean(logps))),
+                )
+            )
         chars.clear()
         logps.clear()
 
     for frame, symbol in enumerate(log_probs.argmax(-1)):
         symbol = int(symbol)
         if symbol != BLANK and symbol == previous and alphabet[symbol] != " ":
-            end = frame   # the character holds on
+            end = frame  # the character holds on
         elif symbol != BLANK and symbol != previous:
             if alphabet[symbol] == " ":
                 close()
@@ -90,12 +97,14 @@ class WordBias:
         return self.bonus * total
 
 
-def prefix_beam_search(log_probs: np.ndarray, beam: int = 8, alphabet: str = ALPHABET,
-                       bias: WordBias | None = None, prune: float = -12.0) -> str:
+def prefix_beam_search(
+    log_probs: np.ndarray, beam: int = 8, alphabet: str = ALPHABET, bias: WordBias | None = None, prune: float = -12.0
+) -> str:
     """The most probable collapsed transcript of frames (T, V) by CTC prefix beam search.
 
     Each prefix keeps two scores: ending in blank and ending in its last symbol, so that "aa" (two a's,
     a blank between) and "a" (one a, repeated frames) stay apart."""
+
     def total(item):
         text, (pb, pnb) = item
         return _logaddexp(pb, pnb) + (bias.score(text, False) if bias else 0.0)

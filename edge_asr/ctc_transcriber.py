@@ -5,6 +5,7 @@ The model carries its state from one chunk to the next, so a stream costs the sa
 it runs, and a partial is ready as soon as the frames that hold a character have arrived. A whole file is
 the same stream fed at once: both give the same frames, the same states and the same text.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,9 +29,9 @@ LEAD_SECONDS = 0.1
 
 @dataclass
 class CtcOptions:
-    beam: int = 0                   # 0: greedy; otherwise the prefix beam width for finals
+    beam: int = 0  # 0: greedy; otherwise the prefix beam width for finals
     bias_words: list[str] = field(default_factory=list)
-    bias: float = 1.0               # nats per character of a listed word
+    bias: float = 1.0  # nats per character of a listed word
 
 
 def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.0) -> CtcOptions | None:
@@ -42,8 +43,9 @@ def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.
 
 
 class CtcTranscriber:
-    def __init__(self, bundle: str | Bundle, threads: int | None = None, options: CtcOptions | None = None,
-                 backend: str = "auto"):
+    def __init__(
+        self, bundle: str | Bundle, threads: int | None = None, options: CtcOptions | None = None, backend: str = "auto"
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
         self.alphabet = self.bundle.manifest["tokenizer"]["alphabet"]
@@ -60,9 +62,13 @@ class CtcTranscriber:
         stream.accept(audio)
         text = stream.finish()
         duration = len(audio) / SAMPLE_RATE
-        return Transcript(text=text, audio_seconds=duration, wall_seconds=time.perf_counter() - start_wall,
-                          cpu_seconds=time.process_time() - start_cpu,
-                          segments=[Segment(0.0, duration, text, words=stream.words)] if text else [])
+        return Transcript(
+            text=text,
+            audio_seconds=duration,
+            wall_seconds=time.perf_counter() - start_wall,
+            cpu_seconds=time.process_time() - start_cpu,
+            segments=[Segment(0.0, duration, text, words=stream.words)] if text else [],
+        )
 
     def decode(self, log_probs: np.ndarray) -> str:
         if self.options.beam or self.bias:

@@ -6,6 +6,7 @@ file (for logrotate). A status endpoint (HTTP on 127.0.0.1 by default) serves th
 transcripts as JSON. With an [mqtt] host, the JSONL file is also the spool an MQTT publisher follows
 (publisher.py): the broker being away never stops transcription.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,22 +29,51 @@ from .vad import make_vad
 DEFAULTS = {
     "input": {"source": "microphone", "device": None, "rate": None, "realtime": True},
     "vad": {"kind": "energy", "min_silence": 0.5, "max_utterance": 20.0, "pre_roll": 0.3},
-    "model": {"bundle": None, "threads": 2, "partial_interval": 0.0, "backend": "auto",
-              "beam": None, "bias_words": []},  # the last two: older places of [decoding] beam and vocabulary
+    "model": {
+        "bundle": None,
+        "threads": 2,
+        "partial_interval": 0.0,
+        "backend": "auto",
+        "beam": None,
+        "bias_words": [],
+    },  # the last two: older places of [decoding] beam and vocabulary
     # Thresholds left out (None) are the bundle's; see `edge-asr transcribe --help` for their meaning.
-    "decoding": {"beam": None, "prompt": None, "vocabulary": [], "hotword_bonus": None, "hotword_prompt": None,
-                 "guards": True,
-                 "no_speech_threshold": None, "logprob_threshold": None, "compression_ratio_threshold": None,
-                 "vad_gate": None, "seed": 0, "grammar": None, "grammar_threshold": None},
+    "decoding": {
+        "beam": None,
+        "prompt": None,
+        "vocabulary": [],
+        "hotword_bonus": None,
+        "hotword_prompt": None,
+        "guards": True,
+        "no_speech_threshold": None,
+        "logprob_threshold": None,
+        "compression_ratio_threshold": None,
+        "vad_gate": None,
+        "seed": 0,
+        "grammar": None,
+        "grammar_threshold": None,
+    },
     # Named grammars for command mode, name = "FILE"; [decoding] grammar names the one active at start (or is
     # a file), and POST /grammar {"name": …} on the status endpoint switches between them (null: free text).
     "grammars": {},
     "output": {"jsonl": None, "max_bytes": 10_000_000, "backups": 5, "stdout": False},
     "status": {"listen": "127.0.0.1:8765"},
     # Publishing to a broker: off while host is unset. device_id also names the JSONL lines' ids.
-    "mqtt": {"host": None, "port": None, "tls": False, "ca_file": None, "cert_file": None, "key_file": None,
-             "credentials": None, "topic_prefix": "edge-asr", "device_id": None, "qos": 1, "keepalive": 60,
-             "counters_interval": 60.0, "reconnect_max": 30.0},
+    "mqtt": {
+        "host": None,
+        "port": None,
+        "tls": False,
+        "ca_file": None,
+        "cert_file": None,
+        "key_file": None,
+        "credentials": None,
+        "topic_prefix": "edge-asr",
+        "device_id": None,
+        "qos": 1,
+        "keepalive": 60,
+        "counters_interval": 60.0,
+        "reconnect_max": 30.0,
+    },
 }
 
 
@@ -59,7 +89,7 @@ def load_config(path: str | Path) -> dict:
         given = user.get(section, {})
         unknown = set(given) - set(defaults) if section != "grammars" else set()
         if section == "grammars" and not all(isinstance(v, str) for v in given.values()):
-            raise EdgeAsrError(f"{path}: [grammars] maps names to grammar files, e.g. menu = \"menu.gbnf\"")
+            raise EdgeAsrError(f'{path}: [grammars] maps names to grammar files, e.g. menu = "menu.gbnf"')
         if unknown:
             raise EdgeAsrError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
         config[section] = defaults | given
@@ -74,15 +104,23 @@ def decoding_settings(config: dict) -> DecodingSettings:
     d, model = config["decoding"], config["model"]
     vocabulary = d["vocabulary"] or model["bias_words"]
     if isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary):
-        raise EdgeAsrError("[decoding] vocabulary must be a list of words, e.g. [\"Kestrolix\", \"KX-40\"]")
-    guards = {"enabled": d["guards"]} | {k: d[k] for k in ("no_speech_threshold", "logprob_threshold",
-                                                             "compression_ratio_threshold", "vad_gate")}
+        raise EdgeAsrError('[decoding] vocabulary must be a list of words, e.g. ["Kestrolix", "KX-40"]')
+    guards = {"enabled": d["guards"]} | {
+        k: d[k] for k in ("no_speech_threshold", "logprob_threshold", "compression_ratio_threshold", "vad_gate")
+    }
     beam = d["beam"] if d["beam"] is not None else model["beam"]  # None: the bundle's way
-    return DecodingSettings(beam=beam, prompt=d["prompt"], hotwords=list(vocabulary),
-                            hotword_bonus=d["hotword_bonus"], hotword_prompt=d["hotword_prompt"], guards=guards,
-                            vad=config["vad"]["kind"], seed=d["seed"],
-                            grammar=config["grammars"].get(d["grammar"], d["grammar"]),
-                            grammar_threshold=d["grammar_threshold"])
+    return DecodingSettings(
+        beam=beam,
+        prompt=d["prompt"],
+        hotwords=list(vocabulary),
+        hotword_bonus=d["hotword_bonus"],
+        hotword_prompt=d["hotword_prompt"],
+        guards=guards,
+        vad=config["vad"]["kind"],
+        seed=d["seed"],
+        grammar=config["grammars"].get(d["grammar"], d["grammar"]),
+        grammar_threshold=d["grammar_threshold"],
+    )
 
 
 def mqtt_settings(config: dict, device_id: str, describe: dict):
@@ -91,26 +129,49 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
     from .publisher import MqttSettings
 
     m = config["mqtt"]
-    kinds = {"host": str, "port": (int, type(None)), "tls": bool, "topic_prefix": str, "qos": int, "keepalive": int,
-             "counters_interval": (int, float), "reconnect_max": (int, float)}
+    kinds = {
+        "host": str,
+        "port": (int, type(None)),
+        "tls": bool,
+        "topic_prefix": str,
+        "qos": int,
+        "keepalive": int,
+        "counters_interval": (int, float),
+        "reconnect_max": (int, float),
+    }
     kinds |= {k: (str, type(None)) for k in ("ca_file", "cert_file", "key_file", "credentials", "device_id")}
     for key, kind in kinds.items():
         if not isinstance(m[key], kind) or (isinstance(m[key], bool) and kind is not bool):
             raise EdgeAsrError(f"[mqtt] {key} = {m[key]!r}: expected {_kind_name(kind)}")
-    broker = BrokerSettings(host=m["host"], port=m["port"], tls=m["tls"], ca_file=m["ca_file"],
-                            cert_file=m["cert_file"], key_file=m["key_file"], credentials=m["credentials"],
-                            keepalive=m["keepalive"])
-    return MqttSettings(broker, device_id, topic_prefix=m["topic_prefix"], qos=m["qos"],
-                        counters_interval=m["counters_interval"], reconnect_max=m["reconnect_max"],
-                        describe=describe)
+    broker = BrokerSettings(
+        host=m["host"],
+        port=m["port"],
+        tls=m["tls"],
+        ca_file=m["ca_file"],
+        cert_file=m["cert_file"],
+        key_file=m["key_file"],
+        credentials=m["credentials"],
+        keepalive=m["keepalive"],
+    )
+    return MqttSettings(
+        broker,
+        device_id,
+        topic_prefix=m["topic_prefix"],
+        qos=m["qos"],
+        counters_interval=m["counters_interval"],
+        reconnect_max=m["reconnect_max"],
+        describe=describe,
+    )
 
 
 def _kind_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if kinds == (int, float):
         return "a number"
-    return " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true or false",
-                        type(None): "unset"}[k] for k in kinds)
+    return " or ".join(
+        {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "unset"}[k]
+        for k in kinds
+    )
 
 
 MAX_REQUEST_BYTES = 4096  # a grammar request is a name; anything longer is not one
@@ -131,7 +192,7 @@ def _status_handler(daemon: "Daemon"):
 
         def do_POST(self):  # noqa: N802
             if self.path != "/grammar":
-                return self._reply(404, {"error": "POST /grammar {\"name\": …} is the only change accepted"})
+                return self._reply(404, {"error": 'POST /grammar {"name": …} is the only change accepted'})
             try:
                 size = int(self.headers.get("Content-Length") or 0)
                 if size > MAX_REQUEST_BYTES:
@@ -171,12 +232,14 @@ class Daemon:
 
         self.config = config
         model = config["model"]
-        self.transcriber = load_transcriber(model["bundle"] or bundle_dir(), model["threads"],
-                                            decoding_settings(config), model["backend"])
+        self.transcriber = load_transcriber(
+            model["bundle"] or bundle_dir(), model["threads"], decoding_settings(config), model["backend"]
+        )
         vad = config["vad"]
         self.endpointer = Endpointer(make_vad(vad["kind"]), vad["min_silence"], vad["max_utterance"], vad["pre_roll"])
-        self.recognizer = StreamRecognizer(self.transcriber, self.endpointer, model["partial_interval"] or None,
-                                           on_final=self._record)
+        self.recognizer = StreamRecognizer(
+            self.transcriber, self.endpointer, model["partial_interval"] or None, on_final=self._record
+        )
         out = config["output"]
         device_id = config["mqtt"]["device_id"] or default_device_id()
         journal = JsonlSink(out["jsonl"], out["max_bytes"], out["backups"], device_id) if out["jsonl"] else None
@@ -216,8 +279,13 @@ class Daemon:
         if name is not None and name not in self.config["grammars"]:
             known = ", ".join(sorted(self.config["grammars"])) or "none in [grammars]"
             raise UnknownGrammar(f"no grammar named {name!r} ({known})")
-        command = None if name is None else CommandMode.load(self.config["grammars"][name], self.transcriber.bundle,
-                                                             self.config["decoding"]["grammar_threshold"])
+        command = (
+            None
+            if name is None
+            else CommandMode.load(
+                self.config["grammars"][name], self.transcriber.bundle, self.config["decoding"]["grammar_threshold"]
+            )
+        )
         self._switch = (name, command)
 
     def _record(self, final) -> None:
@@ -229,10 +297,17 @@ class Daemon:
         counters = self.recognizer.counters
         counters.dropped_frames = self.source.dropped_frames if self.source else 0
         guards = getattr(self.transcriber, "counters", None)  # Whisper's guards; LSTM-CTC bundles have none
-        return {"state": "stopping" if self.stopping else "listening", "uptime_s": round(time.time() - self.started, 1),
-                "source": self.source.name if self.source else None, "grammar": self.grammar} | counters.to_dict() | (
-                    {"guards": guards.to_dict()} if guards else {}) | (
-                    {"mqtt": self.mqtt.status()} if self.mqtt else {})
+        return (
+            {
+                "state": "stopping" if self.stopping else "listening",
+                "uptime_s": round(time.time() - self.started, 1),
+                "source": self.source.name if self.source else None,
+                "grammar": self.grammar,
+            }
+            | counters.to_dict()
+            | ({"guards": guards.to_dict()} if guards else {})
+            | ({"mqtt": self.mqtt.status()} if self.mqtt else {})
+        )
 
     def _counters(self) -> dict:
         """What the publisher sends every counters_interval: the status without the transcripts themselves."""

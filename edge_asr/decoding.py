@@ -15,6 +15,7 @@ Decoding stops early in a repetition loop (see `guards.loop_start`), keeping one
 span. A window's tokens, its summed log-probability and its no-speech probability are what the guards
 and the segment timestamps are computed from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -30,34 +31,35 @@ if TYPE_CHECKING:
     from .constraint import TokenGrammar
 
 SECONDS_PER_TIMESTAMP = 0.02
-MAX_INITIAL_TIMESTAMP = 1.0   # Whisper's: the first segment starts within the window's first second
+MAX_INITIAL_TIMESTAMP = 1.0  # Whisper's: the first segment starts within the window's first second
 
 
 @dataclass
 class DecodingOptions:
-    beam_size: int = 1                 # 1: greedy; more: beam search (needs a backend that batches)
-    timestamps: bool = False           # decode Whisper's timestamp tokens (segments with times)
-    prompt: tuple[int, ...] = ()       # previous-text tokens (`--prompt`)
-    vocabulary: tuple[str, ...] = ()   # the hotwords, as words
+    beam_size: int = 1  # 1: greedy; more: beam search (needs a backend that batches)
+    timestamps: bool = False  # decode Whisper's timestamp tokens (segments with times)
+    prompt: tuple[int, ...] = ()  # previous-text tokens (`--prompt`)
+    vocabulary: tuple[str, ...] = ()  # the hotwords, as words
     vocabulary_prompt: tuple[int, ...] = ()  # tokens naming them after the prompt (see hotwords.py)
     hotwords: TokenBias | None = None  # their logit bonus, if any
-    max_new_tokens: int = 224          # openai-whisper's sample_len: half the text context
+    max_new_tokens: int = 224  # openai-whisper's sample_len: half the text context
     grammar: TokenGrammar | None = None  # command mode: only phrases of this grammar are written
 
 
 @dataclass
 class Prefilled:
     """A window after its prompt: what every decode of it starts from."""
+
     cross: list
     logits: np.ndarray
     cache: object
-    length: int               # tokens in the prompt
+    length: int  # tokens in the prompt
     no_speech_prob: float
 
 
 @dataclass
 class DecodingResult:
-    tokens: list[int]         # text and timestamp tokens, without <|endoftext|>
+    tokens: list[int]  # text and timestamp tokens, without <|endoftext|>
     sum_logprob: float
     no_speech_prob: float
     temperature: float
@@ -94,14 +96,17 @@ def suppression_masks(decoder_config: dict, timestamps: bool = False) -> tuple[n
     special = decoder_config["special_tokens"]
     # Never emitted: non-speech symbols and task/control tokens; timestamps too, unless they are wanted.
     suppress = set(decoder_config["suppress_tokens"])
-    suppress.update(special[k] for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe",
-                                         "no_timestamps") if k in special)
+    suppress.update(
+        special[k]
+        for k in ("sot", "sot_prev", "sot_lm", "no_speech", "translate", "transcribe", "no_timestamps")
+        if k in special
+    )
     suppress_mask = np.zeros(decoder_config["n_vocab"], dtype=bool)
     suppress_mask[sorted(suppress)] = True
     # Every control token between end-of-text and the timestamps: a multilingual model's language tokens too.
     suppress_mask[special["eot"] + 1 : special["timestamp_begin"]] = True
     if not timestamps:
-        suppress_mask[special["timestamp_begin"]:] = True
+        suppress_mask[special["timestamp_begin"] :] = True
     # At the first text position also the blank and end-of-text: an empty transcript is never the guess.
     first_mask = suppress_mask.copy()
     first_mask[list(decoder_config["suppress_blank"]) + [special["eot"]]] = True
@@ -134,15 +139,15 @@ class TokenRules:
         begin = self.timestamp_begin
         if not sampled:  # a window starts with a timestamp, within its first second
             logits[:begin] = -np.inf
-            logits[self.max_initial + 1:] = -np.inf
+            logits[self.max_initial + 1 :] = -np.inf
             return
         last = sampled[-1] >= begin
         penultimate = len(sampled) < 2 or sampled[-2] >= begin
         if last:
-            if penultimate:   # a segment has just begun: text follows
+            if penultimate:  # a segment has just begun: text follows
                 logits[begin:] = -np.inf
-            else:             # a segment has just ended: the next begins, or the window ends
-                logits[:self.eot] = -np.inf
+            else:  # a segment has just ended: the next begins, or the window ends
+                logits[: self.eot] = -np.inf
         stamps = [t for t in sampled if t >= begin]
         if stamps:  # time never goes back, and a segment is never empty
             floor = stamps[-1] if last and not penultimate else stamps[-1] + 1
@@ -167,7 +172,7 @@ class WindowDecoder:
             task = [t for t in task if t != special["no_timestamps"]]
         elif special["no_timestamps"] not in task:
             task.append(special["no_timestamps"])
-        previous = (*options.prompt, *options.vocabulary_prompt)[-(model.max_tokens // 2 - 1):]
+        previous = (*options.prompt, *options.vocabulary_prompt)[-(model.max_tokens // 2 - 1) :]
         self.head = [special["sot_prev"], *previous] if previous else []
         self.head.append(self.sot)
         self.task = task
@@ -175,8 +180,10 @@ class WindowDecoder:
         if options.grammar is not None and options.timestamps:
             raise EdgeAsrError("a grammar's phrases have no timestamps: leave out --timestamps with --grammar")
         if options.beam_size > 1 and not hasattr(model, "decode_batch"):
-            raise EdgeAsrError(f"beam search needs a backend that decodes beams (onnx, ort, or tflite on ai-edge-litert), "
-                               f"not {model.backend}")
+            raise EdgeAsrError(
+                f"beam search needs a backend that decodes beams (onnx, ort, or tflite on ai-edge-litert), "
+                f"not {model.backend}"
+            )
 
     def with_options(self, **changes) -> WindowDecoder:
         """The same decoder with some options changed (`grammar=…` to switch command mode)."""
@@ -204,7 +211,9 @@ class WindowDecoder:
             logits, cache = self.model.decode(self.task, cache, cross)
         return Prefilled(cross, logits, cache, len(self.head) + len(self.task), no_speech_prob)
 
-    def decode(self, window: Prefilled, temperature: float = 0.0, rng: np.random.Generator | None = None) -> DecodingResult:
+    def decode(
+        self, window: Prefilled, temperature: float = 0.0, rng: np.random.Generator | None = None
+    ) -> DecodingResult:
         if self.options.beam_size > 1 and temperature == 0:
             return self._beam_search(window)
         return self._single_path(window, temperature, rng)
@@ -252,8 +261,9 @@ class WindowDecoder:
                 sampled, looped = sampled[:cut], True
                 break
             logits, cache = self.model.decode([token], cache, window.cross)
-        return DecodingResult(sampled, total, window.no_speech_prob, temperature, looped,
-                              gap if self.options.grammar is not None else 0.0)
+        return DecodingResult(
+            sampled, total, window.no_speech_prob, temperature, looped, gap if self.options.grammar is not None else 0.0
+        )
 
     def _beam_search(self, window: Prefilled) -> DecodingResult:
         """openai-whisper's beam search (patience 1, no length penalty: the best mean log-probability), with
@@ -271,10 +281,13 @@ class WindowDecoder:
             candidates = []
             for i, (seq, score, gap) in enumerate(beams):
                 choices = logprobs[i] if grammar is None else self._allowed_only(logprobs[i], seq)
-                top = np.argpartition(-choices, size)[:size + 1]
+                top = np.argpartition(-choices, size)[: size + 1]
                 best = float(logprobs[i].max())
-                candidates += [(score + float(logprobs[i, t]), i, int(t), gap + float(logprobs[i, t]) - best)
-                               for t in top if choices[t] > -np.inf]
+                candidates += [
+                    (score + float(logprobs[i, t]), i, int(t), gap + float(logprobs[i, t]) - best)
+                    for t in top
+                    if choices[t] > -np.inf
+                ]
             candidates.sort(key=lambda c: -c[0])
             kept, sources = [], []
             for score, i, token, gap in candidates:
@@ -301,8 +314,9 @@ class WindowDecoder:
         if not finished:
             finished = {tuple(seq): (score, gap) for seq, score, gap in beams}
         best, (score, gap) = max(finished.items(), key=lambda item: item[1][0] / max(1, len(item[0])))
-        return DecodingResult(list(best), score, window.no_speech_prob, 0.0, best in looped,
-                              gap if grammar is not None else 0.0)
+        return DecodingResult(
+            list(best), score, window.no_speech_prob, 0.0, best in looped, gap if grammar is not None else 0.0
+        )
 
 
 def split_segments(tokens: list[int], timestamp_begin: int, duration: float) -> list[tuple[float, float, list[int]]]:

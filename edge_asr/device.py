@@ -1,6 +1,7 @@
 """What machine a benchmark ran on, for reports collected from devices: board or phone model, CPU, cores,
 OS, Python and the inference runtimes' versions. Every field is read from the system; None where it
 does not say."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -10,10 +11,24 @@ import subprocess
 from pathlib import Path
 
 # ARM's CPU part numbers (/proc/cpuinfo "CPU part") of the cores on common boards and phones.
-ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
-             "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
-             "0xd47": "Cortex-A710", "0xd4d": "Cortex-A715", "0xc07": "Cortex-A7", "0xc0f": "Cortex-A15"}
+ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0d": "Cortex-A77",
+    "0xd41": "Cortex-A78",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd4d": "Cortex-A715",
+    "0xc07": "Cortex-A7",
+    "0xc0f": "Cortex-A15",
+}
 
 
 def _read(path: str) -> str | None:
@@ -33,8 +48,12 @@ def _getprop(name: str) -> str | None:
 
 
 def device_model() -> str | None:
-    return (_read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
-            or _getprop("ro.product.model") or _read("/sys/class/dmi/id/product_name"))
+    return (
+        _read("/proc/device-tree/model")
+        or _read("/sys/firmware/devicetree/base/model")
+        or _getprop("ro.product.model")
+        or _read("/sys/class/dmi/id/product_name")
+    )
 
 
 def cpu_model() -> str | None:

@@ -2,6 +2,7 @@
 
 The mel filterbank comes from the bundle (`mel_filters.npy`), so neither librosa nor torch is needed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,10 +40,11 @@ def log_mel_spectrogram(audio: np.ndarray, mel_filters: np.ndarray, padding: int
     padded = np.pad(audio.astype(np.float32, copy=False), N_FFT // 2, mode="reflect")
     n_frames = (len(padded) - N_FFT) // HOP_LENGTH
     frames = np.lib.stride_tricks.as_strided(
-        padded, shape=(n_frames, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0]))
+        padded, shape=(n_frames, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
+    )
     mel = np.empty((mel_filters.shape[0], n_frames), dtype=np.float32)
     for start in range(0, n_frames, BLOCK_FRAMES):
-        mel[:, start:start + BLOCK_FRAMES] = mel_filters @ power_spectrogram(frames[start:start + BLOCK_FRAMES])
+        mel[:, start : start + BLOCK_FRAMES] = mel_filters @ power_spectrogram(frames[start : start + BLOCK_FRAMES])
     log_spec = np.log10(np.maximum(mel, 1e-10, out=mel), out=mel)
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
     return (log_spec + 4.0) / 4.0
@@ -72,6 +74,7 @@ def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:
 # [160 t, 160 t + 400), uncentered, and the log has a fixed floor. Chunked and whole audio then give the
 # same frames exactly.
 
+
 def frame_log_mel(audio: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
     """log10 mel power (T, n_mels) of every full 25 ms frame of 16 kHz audio, 10 ms apart."""
     if len(audio) < N_FFT:
@@ -92,5 +95,5 @@ class LogMelStream:
     def accept(self, samples: np.ndarray) -> np.ndarray:
         audio = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
         n = 0 if len(audio) < N_FFT else 1 + (len(audio) - N_FFT) // HOP_LENGTH
-        self.pending = audio[n * HOP_LENGTH:]
+        self.pending = audio[n * HOP_LENGTH :]
         return frame_log_mel(audio[: (n - 1) * HOP_LENGTH + N_FFT] if n else audio[:0], self.mel_filters)

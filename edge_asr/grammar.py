@@ -20,6 +20,7 @@ spelled a-n-d).
 The automaton is Thompson's construction: states joined by word edges and empty edges. `phrase_of` runs a
 decoded text back through it to the grammar's own words and the rule of `root` the phrase came from.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,10 +31,21 @@ from pathlib import Path
 from .errors import EdgeAsrError
 
 UNKNOWN = "[unk]"
-DIGIT_WORDS = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-               "seven": "7", "eight": "8", "nine": "9"}
-MAX_REPEAT = 64           # {m,n} copies the automaton of its item n times: bounded so a typo cannot explode it
-MAX_STATES = 200_000      # nested repetitions multiply: (((x){64}){64}){64} is refused, not built
+DIGIT_WORDS = {
+    "zero": "0",
+    "oh": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+}
+MAX_REPEAT = 64  # {m,n} copies the automaton of its item n times: bounded so a typo cannot explode it
+MAX_STATES = 200_000  # nested repetitions multiply: (((x){64}){64}){64} is refused, not built
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -69,22 +81,25 @@ def text_words(text: str) -> list[str]:
 
 # --- the word automaton ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class WordAutomaton:
     """States 0..n-1; `start`, `accept`; word edges (state, word, state) and empty edges (state, state).
     An empty edge out of `start` may carry the rule name a phrase is reported under (`labels`)."""
+
     n: int = 0
     start: int = 0
     accept: int = 0
     words: list[tuple[int, str, int]] = field(default_factory=list)
     empty: list[tuple[int, int]] = field(default_factory=list)
-    labels: dict[int, str] = field(default_factory=dict)   # first state of a labelled alternative -> its rule
-    source: str = "<grammar>"                               # the file it came from, for errors
+    labels: dict[int, str] = field(default_factory=dict)  # first state of a labelled alternative -> its rule
+    source: str = "<grammar>"  # the file it came from, for errors
 
     def new_state(self) -> int:
         if self.n >= MAX_STATES:
-            raise GrammarError(f"{self.source}: the grammar expands to more than {MAX_STATES:,} states: "
-                               "nest fewer repetitions")
+            raise GrammarError(
+                f"{self.source}: the grammar expands to more than {MAX_STATES:,} states: nest fewer repetitions"
+            )
         self.n += 1
         return self.n - 1
 
@@ -126,12 +141,17 @@ class WordAutomaton:
             found.update((" ".join(words), None) for s, words in sorted(layer) if s == self.accept)
             if len(found) >= limit or not layer:
                 break
-            layer = {(t, words + (word,)) for s, words in layer for word, b in self.words_from.get(s, ())
-                     for t in self.closure([b])}
+            layer = {
+                (t, words + (word,))
+                for s, words in layer
+                for word, b in self.words_from.get(s, ())
+                for t in self.closure([b])
+            }
         return list(found)[:limit]
 
     def phrase_of(self, text: str) -> tuple[str, str] | None:
         """(phrase in the grammar's own words, rule) that `text` says, or None when it says none."""
+
         def close(paths: dict[int, tuple]) -> dict[int, tuple]:
             """`paths` ({state: (grammar words said, rule)}) and where their empty edges lead, the rule
             taken from the first labelled state on the way."""
@@ -169,12 +189,15 @@ class WordAutomaton:
 
 # --- parsing --------------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<space>[ \t\r]+) | (?P<newline>\n) | (?P<comment>\#[^\n]*)
   | (?P<define>::=) | (?P<name>[A-Za-z][A-Za-z0-9_-]*)
   | (?P<literal>"(?:[^"\\\n]|\\.)*") | (?P<chars>\[(?:[^\]\\\n]|\\.)*\])
   | (?P<repeat>\{\s*\d+\s*(?:,\s*\d*\s*)?\}) | (?P<op>[|()?*+])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 @dataclass
@@ -306,6 +329,7 @@ class _Parser:
 @dataclass
 class Grammar:
     """A grammar and its word automaton. `text` is what it was read from: the key of compiled caches."""
+
     name: str
     text: str
     automaton: WordAutomaton
@@ -400,7 +424,7 @@ def _compile_rules(rules: dict[str, tuple], source: str, names: dict[str, str] |
     root = rules["root"]
     automaton.start, automaton.accept = automaton.new_state(), automaton.new_state()
     # Each alternative of root is reported as the rule it names, when it names one alone.
-    for option in (root[1] if root[0] == "alt" else [root]):
+    for option in root[1] if root[0] == "alt" else [root]:
         s, e = build(option, ("root",))
         automaton.empty += [(automaton.start, s), (e, automaton.accept)]
         if option[0] == "ref":

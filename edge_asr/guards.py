@@ -23,6 +23,7 @@ with thresholds chosen on held-out data:
 A bundle's manifest may record other thresholds (its `decoding` section); flags and the daemon's
 configuration override them.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -51,7 +52,7 @@ def loop_start(tokens: list[int]) -> int | None:
         span = period * repeats
         if span > n or tokens[-1] != tokens[-1 - period]:  # the cheap test first: this runs every step
             continue
-        tail = tokens[n - span:]
+        tail = tokens[n - span :]
         if all(tail[i] == tail[i % period] for i in range(period, span)):
             start = n - span
             while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:  # where the repeating began
@@ -69,7 +70,7 @@ class Guards:
     compression_ratio_threshold: float = 2.4
     fallback_logprob_threshold: float | None = None
     temperatures: tuple[float, ...] = TEMPERATURES
-    vad_gate: bool = False   # also skip windows in which the voice activity detector finds no speech
+    vad_gate: bool = False  # also skip windows in which the voice activity detector finds no speech
 
     @classmethod
     def off(cls) -> "Guards":
@@ -97,8 +98,10 @@ class Guards:
         return asdict(self) | {"temperatures": list(self.temperatures)}
 
     def is_no_speech(self, no_speech_prob: float, avg_logprob: float) -> bool:
-        return self.enabled and (no_speech_prob > self.certain_no_speech_threshold or (
-            no_speech_prob > self.no_speech_threshold and avg_logprob < self.logprob_threshold))
+        return self.enabled and (
+            no_speech_prob > self.certain_no_speech_threshold
+            or (no_speech_prob > self.no_speech_threshold and avg_logprob < self.logprob_threshold)
+        )
 
     def needs_fallback(self, avg_logprob: float, ratio: float, looped: bool) -> bool:
         improbable = self.fallback_logprob_threshold is not None and avg_logprob < self.fallback_logprob_threshold
@@ -108,11 +111,12 @@ class Guards:
 @dataclass
 class GuardCounters:
     """How often each guard acted, for `bench` and the daemon's status."""
+
     windows: int = 0
-    no_speech: int = 0      # windows dropped by the no-speech gate
-    vad_skipped: int = 0    # windows dropped by the voice activity gate
-    fallbacks: int = 0      # re-decodes at a higher temperature
-    loops_cut: int = 0      # decodes stopped in a repetition loop
+    no_speech: int = 0  # windows dropped by the no-speech gate
+    vad_skipped: int = 0  # windows dropped by the voice activity gate
+    fallbacks: int = 0  # re-decodes at a higher temperature
+    loops_cut: int = 0  # decodes stopped in a repetition loop
 
     def to_dict(self) -> dict:
         return asdict(self)

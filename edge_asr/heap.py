@@ -8,6 +8,7 @@ where what is freed stays resident: the default bundle's RSS went from 134 MB af
 after a window and a few beams. A fixed threshold keeps large blocks in mappings of their own, returned
 on free: a 3-minute dictation stream then held 150 MB instead of 192 at the same RTF.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -13,6 +13,7 @@ For Whisper, two ways, both recorded in the bundle's decoding section:
 
 The LSTM-CTC path biases characters the same way (see `ctc.WordBias`).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,7 @@ from .errors import EdgeAsrError
 
 # For Whisper bundles that record none; chosen on benchmarks/hotwords.py's tuning sets (see the README):
 # naming the words in the prompt found more of them than any logit bonus, with no insertions.
-DEFAULT_WHISPER_BONUS = 0.0      # logits per token
+DEFAULT_WHISPER_BONUS = 0.0  # logits per token
 DEFAULT_WHISPER_PROMPT = True
 
 
@@ -66,7 +67,7 @@ def mentions(text: str, words: list[str] | tuple[str, ...]) -> bool:
 class TokenBias:
     def __init__(self, words: list[str], tokenizer, bonus: float):
         self.bonus = bonus
-        self.starts: set[int] = set()                  # first tokens, after a space or at a segment's start
+        self.starts: set[int] = set()  # first tokens, after a space or at a segment's start
         self.next: dict[tuple[int, ...], set[int]] = {}  # a sequence's beginning -> the tokens that continue it
         for word in words:
             for form in {word, word[:1].upper() + word[1:], word.lower()}:

@@ -1,4 +1,5 @@
 """Word error rate as the project reports it: Whisper's English normalizer on both sides, then jiwer."""
+
 from __future__ import annotations
 
 from functools import lru_cache

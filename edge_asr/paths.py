@@ -1,4 +1,5 @@
 """Where edge-asr keeps what it builds: $EDGE_ASR_HOME, by default ~/.cache/edge-asr."""
+
 from __future__ import annotations
 
 import os

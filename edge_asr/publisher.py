@@ -15,6 +15,7 @@ A retained `<prefix>/<device>/status` says online or offline (the broker's Last 
 device that vanished), with version and bundle; `<prefix>/<device>/counters` carries the daemon's counters
 every `counters_interval` seconds.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,8 @@ from .errors import EdgeAsrError
 from .sinks import JsonlSink
 from .spool import OffsetFile, SpoolReader, last_seq_in, log_files
 
-INFLIGHT = 20          # unacknowledged messages at once (paho's own limit), so paho never queues any itself
-COMMIT_EVERY_S = 0.2   # the offset file is rewritten at most this often; a stale offset only repeats lines
+INFLIGHT = 20  # unacknowledged messages at once (paho's own limit), so paho never queues any itself
+COMMIT_EVERY_S = 0.2  # the offset file is rewritten at most this often; a stale offset only repeats lines
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MqttSettings:
     counters_interval: float = 60.0
     reconnect_min: float = 1.0
     reconnect_max: float = 30.0
-    drain_seconds: float = 2.0   # on stop, how long to wait for the broker to take what is still unsent
+    drain_seconds: float = 2.0  # on stop, how long to wait for the broker to take what is still unsent
     describe: dict = field(default_factory=dict)  # version and bundle for the status topic
 
     def __post_init__(self):
@@ -75,8 +76,8 @@ class MqttSink:
         self.by_mid: dict[int, list] = {}
         journal.releasable = self.releasable
 
-        self.state = "down"    # down, connecting, up
-        self.failures = 0      # consecutive failed attempts, for the backoff
+        self.state = "down"  # down, connecting, up
+        self.failures = 0  # consecutive failed attempts, for the backoff
         self.next_attempt = 0.0
         self.connecting_since = 0.0
         self.last_error: str | None = None
@@ -99,9 +100,14 @@ class MqttSink:
         self.thread.join(timeout=self.settings.drain_seconds + self.settings.broker.connect_timeout + 5)
 
     def status(self) -> dict:
-        return {"broker": self.settings.broker.address, "connected": self.state == "up",
-                "acknowledged": self.acknowledged, "backlog_lines": max(0, self.journal.seq - self.committed.seq),
-                "backlog_bytes": self._backlog_bytes(), "last_error": self.last_error}
+        return {
+            "broker": self.settings.broker.address,
+            "connected": self.state == "up",
+            "acknowledged": self.acknowledged,
+            "backlog_lines": max(0, self.journal.seq - self.committed.seq),
+            "backlog_bytes": self._backlog_bytes(),
+            "last_error": self.last_error,
+        }
 
     def releasable(self, path) -> bool:
         """A rotated file may be deleted once its last line is acknowledged."""
@@ -124,7 +130,10 @@ class MqttSink:
         self._drain()
 
     def _step(self) -> None:
-        if self.state == "connecting" and time.monotonic() - self.connecting_since > self.settings.broker.connect_timeout:
+        if (
+            self.state == "connecting"
+            and time.monotonic() - self.connecting_since > self.settings.broker.connect_timeout
+        ):
             self._lost(f"mqtt broker {self.settings.broker.address}: no answer to CONNECT")
             return
         rc = self.client.loop(timeout=0.05)
@@ -168,8 +177,11 @@ class MqttSink:
         if self.last_error:
             log(f"mqtt broker {self.settings.broker.address}: connected; {backlog} spooled transcripts to send")
         self.last_error = None
-        online = {"state": "online", "device": self.settings.device_id} | self.settings.describe | {
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        online = (
+            {"state": "online", "device": self.settings.device_id}
+            | self.settings.describe
+            | {"since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        )
         client.publish(self.settings.topic("status"), json.dumps(online), qos=1, retain=True)
         self.next_counters = 0.0
 
@@ -254,4 +266,3 @@ def _rc_text(rc) -> str:
     import paho.mqtt.client as mqtt
 
     return mqtt.error_string(rc)
-

@@ -3,6 +3,7 @@
 Whisper sees 30 s at a time. Cutting blindly every 30 s splits words, and the decoder, starting a window
 mid-word, often gives up on the whole window; cutting where the signal is quietest keeps words whole.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 The JSONL file is also the spool the MQTT publisher follows (spool.py, publisher.py): every line gets a
 stable `id` here, when it is appended, and rotation keeps any file that still holds unacknowledged lines.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,8 +45,10 @@ def clock_synced() -> bool | None:
 
 def timestamped(record: dict) -> dict:
     """A final as the sinks take it: when it was made and whether that clock can be trusted, then its fields."""
-    return {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "clock_synced": clock_synced()} | record
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "clock_synced": clock_synced(),
+    } | record
 
 
 class JsonlSink:
@@ -59,8 +62,7 @@ class JsonlSink:
     when `releasable(path)` says so: the MQTT publisher keeps files with unacknowledged lines. `reopen()`
     serves log rotation by another tool (SIGHUP)."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5,
-                 device_id: str | None = None):
+    def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5, device_id: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.backups = max_bytes, backups
@@ -89,8 +91,12 @@ class JsonlSink:
     def write(self, record: dict) -> dict:
         with self.lock:
             self.seq += 1
-            record = {"schema": SCHEMA, "id": f"{self.device_id}:{self.seq}", "device": self.device_id,
-                      "seq": self.seq} | record
+            record = {
+                "schema": SCHEMA,
+                "id": f"{self.device_id}:{self.seq}",
+                "device": self.device_id,
+                "seq": self.seq,
+            } | record
             line = json.dumps(record, ensure_ascii=False) + "\n"
             if self.max_bytes and self.file.tell() and self.file.tell() + len(line.encode()) > self.max_bytes:
                 self._rotate()

@@ -4,6 +4,7 @@ Every source yields blocks of 16 kHz mono float32 samples and counts the input f
 A file source can be paced at real time (what a microphone would deliver, for tests and latency
 measurements without hardware) or read as fast as the recognizer takes it.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,21 +45,22 @@ class FileSource(AudioSource):
     """A file (or '-' for WAV/FLAC on stdin) played as a stream, optionally at real-time pace. A file is
     read block by block, so an hour of it takes no more memory than a second."""
 
-    def __init__(self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS,
-                 buffer_seconds: float = 30.0):
+    def __init__(
+        self, path: str, realtime: bool = False, block_seconds: float = BLOCK_SECONDS, buffer_seconds: float = 30.0
+    ):
         super().__init__()
         self.name = path
         if path == "-":
             audio = self._read_stdin()
             self._file, self.duration_s = None, len(audio) / SAMPLE_RATE
-            self._blocks = lambda n: (audio[i: i + n] for i in range(0, len(audio), n))
+            self._blocks = lambda n: (audio[i : i + n] for i in range(0, len(audio), n))
         else:
             self._file = AudioFile(path)
             self.duration_s = self._file.duration_s
         self.realtime = realtime
         self.block = int(block_seconds * SAMPLE_RATE)
         self.buffer_seconds = buffer_seconds  # as much as a microphone source queues before dropping
-        self.started = None                   # time.monotonic() of the stream's first sample
+        self.started = None  # time.monotonic() of the stream's first sample
 
     @staticmethod
     def _read_stdin() -> np.ndarray:
@@ -75,7 +77,7 @@ class FileSource(AudioSource):
             pending = np.concatenate([pending, piece]) if len(pending) else piece
             while len(pending) >= self.block:
                 yield pending[: self.block]
-                pending = pending[self.block:]
+                pending = pending[self.block :]
         if len(pending):
             yield pending
 
@@ -111,17 +113,29 @@ def _sounddevice():
 
 def list_input_devices() -> list[dict]:
     sd = _sounddevice()
-    return [{"index": i, "name": d["name"], "channels": d["max_input_channels"],
-             "default_rate": int(d["default_samplerate"])}
-            for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
+    return [
+        {
+            "index": i,
+            "name": d["name"],
+            "channels": d["max_input_channels"],
+            "default_rate": int(d["default_samplerate"]),
+        }
+        for i, d in enumerate(sd.query_devices())
+        if d["max_input_channels"] > 0
+    ]
 
 
 class MicrophoneSource(AudioSource):
     """Blocks from an input device, resampled to 16 kHz. The audio callback only queues; a full queue
     (the recognizer fell behind by more than `buffer_seconds`) drops blocks and counts their frames."""
 
-    def __init__(self, device: str | int | None = None, rate: int | None = None,
-                 block_seconds: float = BLOCK_SECONDS, buffer_seconds: float = 30.0):
+    def __init__(
+        self,
+        device: str | int | None = None,
+        rate: int | None = None,
+        block_seconds: float = BLOCK_SECONDS,
+        buffer_seconds: float = 30.0,
+    ):
         super().__init__()
         label = "the default input" if device is None else f"input device {device!r}"
         try:
@@ -138,11 +152,18 @@ class MicrophoneSource(AudioSource):
         self.rate = int(rate or info["default_samplerate"])
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(buffer_seconds / block_seconds)))
         try:
-            self.stream = sd.InputStream(device=device, channels=1, samplerate=self.rate, dtype="float32",
-                                         blocksize=int(block_seconds * self.rate), callback=self._callback)
+            self.stream = sd.InputStream(
+                device=device,
+                channels=1,
+                samplerate=self.rate,
+                dtype="float32",
+                blocksize=int(block_seconds * self.rate),
+                callback=self._callback,
+            )
         except (ValueError, sd.PortAudioError) as e:
-            raise AudioError(f"{label} ({self.name}): cannot record at {self.rate} Hz ({e}); "
-                             "see `edge-asr devices`") from None
+            raise AudioError(
+                f"{label} ({self.name}): cannot record at {self.rate} Hz ({e}); see `edge-asr devices`"
+            ) from None
 
     def _callback(self, data, frames, time_info, status) -> None:
         try:

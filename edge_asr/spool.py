@@ -6,6 +6,7 @@ Every line carries `seq`, a number that grows by one per final and survives rest
 sequence N is acknowledged" is exact even after files were renamed, and (inode, byte) only finds the place
 quickly.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def log_files(path: Path) -> list[Path]:
     """The log's files, oldest first: the numbered backups from the highest down, then the live file."""
     numbered = []
     for p in path.parent.glob(path.name + ".*"):
-        suffix = p.name[len(path.name) + 1:]
+        suffix = p.name[len(path.name) + 1 :]
         if suffix.isdigit():
             numbered.append((int(suffix), p))
     live = [path] if path.exists() else []
@@ -98,6 +99,7 @@ def write_atomically(path: Path, text: str) -> None:
 class Position:
     """The end of one line of the log: the file (by inode, which rotation's renames keep), the byte after the
     line's newline, and the line's sequence. seq 0 with inode 0 is the beginning of the log."""
+
     inode: int = 0
     byte: int = 0
     seq: int = 0
@@ -115,8 +117,11 @@ class OffsetFile:
         except FileNotFoundError:
             return Position()
         except (ValueError, TypeError) as e:  # a hand-edited or foreign file: start over, duplicates are marked
-            print(f"edge-asr: {self.path}: unreadable offset ({e}); publishing the whole log again",
-                  file=sys.stderr, flush=True)
+            print(
+                f"edge-asr: {self.path}: unreadable offset ({e}); publishing the whole log again",
+                file=sys.stderr,
+                flush=True,
+            )
             return Position()
 
     def save(self, position: Position) -> None:
@@ -182,8 +187,11 @@ class SpoolReader:
             if line.endswith(b"\n"):
                 seq = line_seq(line)
                 if seq is None:
-                    print(f"edge-asr: {self.path}: skipped a line that is not a transcript record",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"edge-asr: {self.path}: skipped a line that is not a transcript record",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
                 if seq <= self.after_seq:
                     continue

@@ -7,6 +7,7 @@ transcriber has `stream()`) is instead fed each new block once, carrying its sta
 soon as its characters are, and the final only adds the end of the utterance. Every partial and final
 carries the wall-clock time it was produced, so that latency can be measured against the source's clock.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,7 @@ class Partial:
     text: str
     stable: str
     start_s: float
-    emitted: float = 0.0      # time.monotonic() when the text was ready
+    emitted: float = 0.0  # time.monotonic() when the text was ready
 
 
 @dataclass
@@ -31,10 +32,10 @@ class Final:
     end_s: float
     last_speech_s: float
     processing_s: float
-    emitted: float            # time.monotonic() when the text was ready
+    emitted: float  # time.monotonic() when the text was ready
     forced_cut: bool = False
     words: list | None = None  # results.Word, times from the utterance's start (streaming LSTM-CTC finals)
-    rule: str | None = None    # command mode: the grammar rule of the phrase
+    rule: str | None = None  # command mode: the grammar rule of the phrase
     confidence: float | None = None  # command mode: the phrase's confidence
 
     @property
@@ -42,12 +43,17 @@ class Final:
         return self.processing_s / max(1e-9, self.end_s - self.start_s)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("emitted", "words")
-             and not (k in ("rule", "confidence") and v is None)}
+        d = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("emitted", "words") and not (k in ("rule", "confidence") and v is None)
+        }
         d = {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} | {"rtf": round(self.rtf, 4)}
         if self.words is not None:
-            d["words"] = [w.to_dict() | {"start": round(self.start_s + w.start, 3), "end": round(self.start_s + w.end, 3)}
-                          for w in self.words]
+            d["words"] = [
+                w.to_dict() | {"start": round(self.start_s + w.start, 3), "end": round(self.start_s + w.end, 3)}
+                for w in self.words
+            ]
         return d
 
 
@@ -65,9 +71,15 @@ class Counters:
         return self.processing_s / self.audio_s if self.audio_s else 0.0
 
     def to_dict(self) -> dict:
-        return {"audio_s": round(self.audio_s, 2), "processing_s": round(self.processing_s, 3),
-                "rtf": round(self.rtf, 4), "utterances": self.utterances, "partials": self.partials,
-                "dropped_frames": self.dropped_frames, "latest": self.latest}
+        return {
+            "audio_s": round(self.audio_s, 2),
+            "processing_s": round(self.processing_s, 3),
+            "rtf": round(self.rtf, 4),
+            "utterances": self.utterances,
+            "partials": self.partials,
+            "dropped_frames": self.dropped_frames,
+            "latest": self.latest,
+        }
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -80,8 +92,15 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 class StreamRecognizer:
-    def __init__(self, transcriber, endpointer: Endpointer, partial_interval: float | None = 1.0,
-                 on_partial=lambda p: None, on_final=lambda f: None, keep_latest: int = 10):
+    def __init__(
+        self,
+        transcriber,
+        endpointer: Endpointer,
+        partial_interval: float | None = 1.0,
+        on_partial=lambda p: None,
+        on_final=lambda f: None,
+        keep_latest: int = 10,
+    ):
         self.transcriber, self.endpointer = transcriber, endpointer
         self.partial_interval = partial_interval
         self.on_partial, self.on_final = on_partial, on_final
@@ -128,8 +147,12 @@ class StreamRecognizer:
         self._emit_partial(text, len(audio))
 
     def _emit_partial(self, text: str, n_samples: int) -> None:
-        partial = Partial(text, _common_prefix(self._previous_partial, text),
-                          self.endpointer.time_s - n_samples / SAMPLE_RATE, time.monotonic())
+        partial = Partial(
+            text,
+            _common_prefix(self._previous_partial, text),
+            self.endpointer.time_s - n_samples / SAMPLE_RATE,
+            time.monotonic(),
+        )
         self._previous_partial = text
         self.counters.partials += 1
         self.on_partial(partial)
@@ -139,7 +162,7 @@ class StreamRecognizer:
         start = time.perf_counter()
         if self._stream is None:
             self._stream, self._fed = self.transcriber.stream(), 0
-        text = self._stream.accept(current[self._fed:])
+        text = self._stream.accept(current[self._fed :])
         self._fed = len(current)
         self.counters.processing_s += time.perf_counter() - start
         if text and text != self._previous_partial:
@@ -163,11 +186,19 @@ class StreamRecognizer:
 
     def _final(self, utterance: Utterance) -> Final:
         text, spent, extra = self._final_text(utterance) if self.incremental else self._timed(utterance.audio)
-        final = Final(text, utterance.start_s, utterance.end_s, utterance.last_speech_s, spent, time.monotonic(),
-                      utterance.forced, **extra)
+        final = Final(
+            text,
+            utterance.start_s,
+            utterance.end_s,
+            utterance.last_speech_s,
+            spent,
+            time.monotonic(),
+            utterance.forced,
+            **extra,
+        )
         self._last_partial_at, self._previous_partial = 0.0, ""
         if text:
             self.counters.utterances += 1
-            self.counters.latest = (self.counters.latest + [final.to_dict()])[-self.keep_latest:]
+            self.counters.latest = (self.counters.latest + [final.to_dict()])[-self.keep_latest :]
             self.on_final(final)
         return final

@@ -11,6 +11,7 @@ A dynamic-context bundle has eight window lengths, so that is 114 MB loaded inst
 (`benchmarks/memory.py`). tflite-runtime (armv7) has only the Interpreter API, which `InterpreterWhisper`
 serves.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -37,8 +38,10 @@ def interpreter_class():
         try:
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
-            raise EdgeAsrError("the tflite backend needs a LiteRT interpreter: pip install 'edge-asr[tflite]' "
-                               "(ai-edge-litert), or tflite-runtime") from None
+            raise EdgeAsrError(
+                "the tflite backend needs a LiteRT interpreter: pip install 'edge-asr[tflite]' "
+                "(ai-edge-litert), or tflite-runtime"
+            ) from None
     return Interpreter
 
 
@@ -141,7 +144,9 @@ class _DecoderBuffers:
     def __init__(self, model, name: str, cache_names: list[str]):
         self.tokens = int(model.get_input_tensor_details(name)["token"]["shape"][-1])
         self.inputs = {n: model.create_input_buffer_by_name(name, n) for n in ("token", "position", *cache_names)}
-        self.outputs = {n: model.create_output_buffer_by_name(name, n) for n in model.get_signature_list()[name]["outputs"]}
+        self.outputs = {
+            n: model.create_output_buffer_by_name(name, n) for n in model.get_signature_list()[name]["outputs"]
+        }
         self.shapes = {n: d["shape"] for n, d in model.get_output_tensor_details(name).items()}
         self.run = None  # (signature index, input buffers, output buffers) of the window fed last
 
@@ -150,8 +155,11 @@ class _DecoderBuffers:
             self.run = None
             return
         buffers, io = {**cross_buffers, **self.inputs}, model.get_signature_list()[name]
-        self.run = (model.get_signature_index(name), [buffers[n] for n in io["inputs"]],
-                    [self.outputs[n] for n in io["outputs"]])
+        self.run = (
+            model.get_signature_index(name),
+            [buffers[n] for n in io["inputs"]],
+            [self.outputs[n] for n in io["outputs"]],
+        )
 
     def output(self, name: str) -> np.ndarray:
         return _read(self.outputs[name], self.shapes[name])
@@ -174,7 +182,8 @@ class CompiledWhisper:
 
         options = lambda: Options(  # noqa: E731
             hardware_accelerators=HardwareAccelerator.CPU,
-            cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=":memory:"))
+            cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=":memory:"),
+        )
         with _stderr_silenced():  # LiteRT logs its accelerator discovery on the process' stderr
             environment = _environment()
             self.encoder = self._load(api, bundle.file("encoder", "tflite"), environment, options())
@@ -196,8 +205,11 @@ class CompiledWhisper:
         # a token at a time).
         with _stderr_silenced():
             self._step_io = _DecoderBuffers(self.decoder, first, self.cache_names)
-            self._chunk_io = (_DecoderBuffers(self.decoder, next(iter(self._chunks.values())), self.cache_names)
-                              if self._chunks else None)
+            self._chunk_io = (
+                _DecoderBuffers(self.decoder, next(iter(self._chunks.values())), self.cache_names)
+                if self._chunks
+                else None
+            )
         self._fed_cross = None
 
     @staticmethod
@@ -210,15 +222,20 @@ class CompiledWhisper:
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
         name = self._encoders.get(mel.shape[-1])
         if name is None:
-            raise EdgeAsrError(f"this TFLite encoder takes windows of {sorted(self._encoders)} frames, "
-                               f"not {mel.shape[-1]}: the bundle's context policy and its models disagree")
+            raise EdgeAsrError(
+                f"this TFLite encoder takes windows of {sorted(self._encoders)} frames, "
+                f"not {mel.shape[-1]}: the bundle's context policy and its models disagree"
+            )
         index = self.encoder.get_signature_index(name)
         with _stderr_silenced():  # the first run sets up LiteRT's accelerators, which log each one
             inputs, outputs = self.encoder.create_input_buffers(index), self.encoder.create_output_buffers(index)
             inputs[0].write(np.ascontiguousarray(mel[None], dtype=np.float32))
             self.encoder.run_by_index(index, inputs, outputs)
         details = self.encoder.get_output_tensor_details(name)
-        out = {n: _read(b, details[n]["shape"]) for n, b in zip(self.encoder.get_signature_list()[name]["outputs"], outputs)}
+        out = {
+            n: _read(b, details[n]["shape"])
+            for n, b in zip(self.encoder.get_signature_list()[name]["outputs"], outputs)
+        }
         return [out[n] for n in self.cross_names]
 
     def empty_cache(self) -> int:
@@ -229,8 +246,9 @@ class CompiledWhisper:
         """Write a window's cross-attention keys and values, and pick the decoder signature for its length."""
         name = self._decoders.get(cross[1].shape[-2])
         if name is None:
-            raise EdgeAsrError(f"this TFLite decoder takes {sorted(self._decoders)} audio positions, "
-                               f"not {cross[1].shape[-2]}")
+            raise EdgeAsrError(
+                f"this TFLite decoder takes {sorted(self._decoders)} audio positions, not {cross[1].shape[-2]}"
+            )
         cross_buffers = {}
         for n, value in zip(self.cross_names, cross):
             cross_buffers[n] = self.decoder.create_input_buffer_by_name(name, n)
@@ -260,10 +278,11 @@ class CompiledWhisper:
         while start < len(tokens):
             whole_chunk = chunk is not None and chunk.run is not None and len(tokens) - start >= chunk.tokens
             io = chunk if whole_chunk else self._step_io
-            self._run(io, tokens[start:start + io.tokens], position)
+            self._run(io, tokens[start : start + io.tokens], position)
             for name in self.cache_names:  # the run's new keys or values (outputs k_0, v_0, …) into their slots
-                _slots(name, self._cache[name], position, position + io.tokens)[...] = \
-                    io.output(name.removeprefix("self_"))
+                _slots(name, self._cache[name], position, position + io.tokens)[...] = io.output(
+                    name.removeprefix("self_")
+                )
             start, position = start + io.tokens, position + io.tokens
         return io.output("logits")[0], position
 
@@ -290,8 +309,10 @@ class CompiledWhisper:
             logits.append(self._step_io.output("logits")[0])
             for rows, name in zip(new, self.cache_names):
                 rows.append(self._step_io.output(name.removeprefix("self_")))
-        cache = [np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
-                 for name, c, rows in zip(self.cache_names, cache, new)]
+        cache = [
+            np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
+            for name, c, rows in zip(self.cache_names, cache, new)
+        ]
         return np.stack(logits), cache
 
 
@@ -317,8 +338,11 @@ class InterpreterWhisper:
         self.interpreter = _interpreter(bundle.file("decoder", "tflite"), threads)
         self._wrapper = self.interpreter._interpreter  # noqa: SLF001
         # Prompt-chunk signatures are left to the CompiledModel API: here each signature holds its own cache.
-        signatures = [_DecoderSignature(self.interpreter, name) for name in self.interpreter.get_signature_list()
-                      if not name.startswith(CHUNK_PREFIX)]
+        signatures = [
+            _DecoderSignature(self.interpreter, name)
+            for name in self.interpreter.get_signature_list()
+            if not name.startswith(CHUNK_PREFIX)
+        ]
         self.decoders = {signature.n_audio: signature for signature in signatures}
         self._allocated: set[int] = set()  # subgraphs get their tensors when a window first needs them
         first = signatures[0]
@@ -344,8 +368,10 @@ class InterpreterWhisper:
     def encode(self, mel: np.ndarray) -> list[np.ndarray]:
         runner = self.encoders.get(mel.shape[-1])
         if runner is None:
-            raise EdgeAsrError(f"this TFLite encoder takes windows of {sorted(self.encoders)} frames, "
-                               f"not {mel.shape[-1]}: the bundle's context policy and its models disagree")
+            raise EdgeAsrError(
+                f"this TFLite encoder takes windows of {sorted(self.encoders)} frames, "
+                f"not {mel.shape[-1]}: the bundle's context policy and its models disagree"
+            )
         out = runner(mel=np.ascontiguousarray(mel[None], dtype=np.float32))
         return [out[name] for name in self.cross_names]
 
@@ -359,8 +385,9 @@ class InterpreterWhisper:
         if cross is not self._fed_cross:
             signature = self.decoders.get(cross[1].shape[-2])
             if signature is None:
-                raise EdgeAsrError(f"this TFLite decoder takes {sorted(self.decoders)} audio positions, "
-                                   f"not {cross[1].shape[-2]}")
+                raise EdgeAsrError(
+                    f"this TFLite decoder takes {sorted(self.decoders)} audio positions, not {cross[1].shape[-2]}"
+                )
             if signature.subgraph not in self._allocated:
                 self._allocate(signature)
             for name, value in zip(self.cross_names, cross):
@@ -396,8 +423,9 @@ class TfliteLstmCtc:
         self.stack = int(bundle.manifest["frontend"]["stack"])
         self.chunk_frames = int(self.chunk.get_input_details()["features"]["shape"][0])
         n_layers = sum(name.startswith("h") for name in details)
-        self.state_names = bundle.manifest["model"].get("state") or [f"{kind}{i}" for i in range(n_layers)
-                                                                     for kind in ("h", "c")]
+        self.state_names = bundle.manifest["model"].get("state") or [
+            f"{kind}{i}" for i in range(n_layers) for kind in ("h", "c")
+        ]
         self._initial = [np.zeros(details[n]["shape"], dtype=np.float32) for n in self.state_names]
         self.n_symbols = int(self.step.get_output_details()["log_probs"]["shape"][-1])
 
@@ -410,7 +438,7 @@ class TfliteLstmCtc:
         while start < len(features):
             whole_chunk = len(features) - start >= self.chunk_frames
             runner, size = (self.chunk, self.chunk_frames) if whole_chunk else (self.step, self.stack)
-            out = runner(features=features[start:start + size], **dict(zip(self.state_names, state)))
+            out = runner(features=features[start : start + size], **dict(zip(self.state_names, state)))
             log_probs.append(out["log_probs"])
             state = [out[n] for n in self.state_names]
             start += size

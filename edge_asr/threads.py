@@ -4,6 +4,7 @@ $EDGE_ASR_THREADS, else 2.
 The variable sets every thread count at once, in this process and in the commands it starts: ONNX Runtime's
 and LiteRT's sessions and torch's kernels. The test suite runs under it at 1 and 2 threads (README), since
 a float result differs in its last bits from one thread count to another."""
+
 from __future__ import annotations
 
 import os

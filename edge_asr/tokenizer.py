@@ -5,6 +5,7 @@ Whisper's vocabulary is GPT-2's, whose merge ranks are the token ids themselves 
 lowest id. Text is first split into words, numbers and punctuation by GPT-2's pattern, so a merge never
 crosses a word boundary.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,9 @@ _PIECES = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, which byte-level BPE tokens are spelled in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -61,9 +64,11 @@ class Tokenizer:
         parts = list(word)
         while len(parts) > 1:
             ranks = [self._ids.get(a + b) for a, b in zip(parts, parts[1:])]
-            best = min((r, i) for i, r in enumerate(ranks) if r is not None) if any(r is not None for r in ranks) else None
+            best = (
+                min((r, i) for i, r in enumerate(ranks) if r is not None) if any(r is not None for r in ranks) else None
+            )
             if best is None:
                 break
             i = best[1]
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         return [self._ids[p] for p in parts]

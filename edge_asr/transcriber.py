@@ -12,6 +12,7 @@ windows stay greedy. A width the user gives (`--beam`, 0 for greedy) applies to 
 In command mode (`commands.CommandMode`) a window is decoded once, under the grammar, with no fallback:
 its text is a phrase of the grammar, or `[unk]` when the grammar had to overrule the model too far.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,10 +39,19 @@ MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two sp
 
 
 class Transcriber:
-    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, options: DecodingOptions | None = None,
-                 backend: str = "auto", guards: Guards | None = None, vad: str = "energy", seed: int = 0,
-                 short_window_beam: ShortWindowBeam | None = None, command: CommandMode | None = None,
-                 grammar: str | Path | None = None):
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        threads: int | None = None,
+        options: DecodingOptions | None = None,
+        backend: str = "auto",
+        guards: Guards | None = None,
+        vad: str = "energy",
+        seed: int = 0,
+        short_window_beam: ShortWindowBeam | None = None,
+        command: CommandMode | None = None,
+        grammar: str | Path | None = None,
+    ):
         """`grammar`: a grammar file for command mode (`command`: one already compiled)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if grammar is not None and command is None:
@@ -57,14 +67,18 @@ class Transcriber:
         # Beam search on short windows, where the backend decodes beams (not LiteRT through tflite-runtime).
         self.short_decoder, self.short_samples = None, 0
         if short_window_beam and self.decoder.options.beam_size == 1 and hasattr(self.model, "decode_batch"):
-            self.short_decoder = WindowDecoder(self.model, decoder_config,
-                                               replace(self.decoder.options, beam_size=short_window_beam.beam_size))
+            self.short_decoder = WindowDecoder(
+                self.model, decoder_config, replace(self.decoder.options, beam_size=short_window_beam.beam_size)
+            )
             self.short_samples = round(short_window_beam.max_seconds * SAMPLE_RATE)
         # With hotwords named in the prompt: the decoder for windows that say none of them (a grammar's words
         # in the prompt stay: every window is one of its phrases or [unk]).
         names_hotwords = options is not None and options.vocabulary_prompt and options.grammar is None
-        self.plain_decoder = (WindowDecoder(self.model, decoder_config, replace(
-            options, vocabulary_prompt=(), hotwords=None)) if names_hotwords else None)
+        self.plain_decoder = (
+            WindowDecoder(self.model, decoder_config, replace(options, vocabulary_prompt=(), hotwords=None))
+            if names_hotwords
+            else None
+        )
         self.tokenizer = self.bundle.tokenizer
         self.context = ContextPolicy.from_manifest(self.bundle.manifest)
         self.guards = guards or Guards.from_manifest(self.bundle.manifest)
@@ -142,8 +156,10 @@ class Transcriber:
                 return attempts[-1]
             self.counters.fallbacks += temperature != self.guards.temperatures[-1]
         # Every temperature failed a guard: the likeliest result that is not a loop.
-        return max(attempts, key=lambda a: (not a[0].looped and a[2] <= self.guards.compression_ratio_threshold,
-                                            a[0].avg_logprob))
+        return max(
+            attempts,
+            key=lambda a: (not a[0].looped and a[2] <= self.guards.compression_ratio_threshold, a[0].avg_logprob),
+        )
 
     def _command(self, decoder: WindowDecoder, window, offset: float, duration: float) -> list[Segment]:
         """The window's phrase or `[unk]`; nothing for a window without speech."""
@@ -153,13 +169,26 @@ class Transcriber:
             self.counters.no_speech += 1
             return []
         verdict = self.command.verdict(self.tokenizer.decode(result.tokens), result.grammar_gap, len(result.tokens))
-        return [Segment(offset, offset + duration, verdict.phrase, avg_logprob=result.avg_logprob,
-                        no_speech_prob=result.no_speech_prob, temperature=0.0, rule=verdict.rule,
-                        confidence=verdict.confidence)]
+        return [
+            Segment(
+                offset,
+                offset + duration,
+                verdict.phrase,
+                avg_logprob=result.avg_logprob,
+                no_speech_prob=result.no_speech_prob,
+                temperature=0.0,
+                rule=verdict.rule,
+                confidence=verdict.confidence,
+            )
+        ]
 
     def _segments(self, result, text: str, ratio: float, offset: float, duration: float) -> list[Segment]:
-        stats = dict(avg_logprob=result.avg_logprob, no_speech_prob=result.no_speech_prob,
-                     temperature=result.temperature, compression_ratio=ratio)
+        stats = dict(
+            avg_logprob=result.avg_logprob,
+            no_speech_prob=result.no_speech_prob,
+            temperature=result.temperature,
+            compression_ratio=ratio,
+        )
         if not self.decoder.options.timestamps:
             return [Segment(offset, offset + duration, text, **stats)] if text else []
         segments = []
@@ -170,8 +199,9 @@ class Transcriber:
         return segments
 
 
-def whisper_decoding(bundle: Bundle, settings: DecodingSettings, command: CommandMode | None = None
-                     ) -> tuple[DecodingOptions, Guards]:
+def whisper_decoding(
+    bundle: Bundle, settings: DecodingSettings, command: CommandMode | None = None
+) -> tuple[DecodingOptions, Guards]:
     """Decoding options and guards for a Whisper bundle from a user's settings: the bundle's recorded
     thresholds and hotword bonus unless the settings override them; `command`'s grammar if there is one."""
     recorded = bundle.manifest.get("decoding", {})
@@ -179,14 +209,26 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings, command: Comman
     prompt = tuple(tokenizer.encode(" " + settings.prompt.strip())) if settings.prompt else ()
     bias, named = None, ()
     if settings.hotwords:
-        bonus = settings.hotword_bonus if settings.hotword_bonus is not None else recorded.get(
-            "hotword_bonus", DEFAULT_WHISPER_BONUS)
+        bonus = (
+            settings.hotword_bonus
+            if settings.hotword_bonus is not None
+            else recorded.get("hotword_bonus", DEFAULT_WHISPER_BONUS)
+        )
         bias = TokenBias(settings.hotwords, tokenizer, bonus) if bonus else None
-        in_prompt = settings.hotword_prompt if settings.hotword_prompt is not None else recorded.get(
-            "hotword_prompt", DEFAULT_WHISPER_PROMPT)
+        in_prompt = (
+            settings.hotword_prompt
+            if settings.hotword_prompt is not None
+            else recorded.get("hotword_prompt", DEFAULT_WHISPER_PROMPT)
+        )
         named = tuple(tokenizer.encode(" " + hotword_prompt(settings.hotwords))) if in_prompt else ()
-    options = DecodingOptions(beam_size=max(1, settings.beam or 0), timestamps=settings.timestamps, prompt=prompt,
-                              vocabulary=tuple(settings.hotwords), vocabulary_prompt=named, hotwords=bias)
+    options = DecodingOptions(
+        beam_size=max(1, settings.beam or 0),
+        timestamps=settings.timestamps,
+        prompt=prompt,
+        vocabulary=tuple(settings.hotwords),
+        vocabulary_prompt=named,
+        hotwords=bias,
+    )
     if command:
         options = replace(options, **command.decoding)
     return options, Guards.from_manifest(bundle.manifest).with_overrides(**settings.guards)
@@ -194,7 +236,7 @@ def whisper_decoding(bundle: Bundle, settings: DecodingSettings, command: Comman
 
 @dataclass(frozen=True)
 class ShortWindowBeam:
-    max_seconds: float    # windows with at most this much audio
+    max_seconds: float  # windows with at most this much audio
     beam_size: int
 
     @classmethod
@@ -206,8 +248,12 @@ class ShortWindowBeam:
         return cls(float(recorded["max_seconds"]), int(recorded["beam_size"]))
 
 
-def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, settings: DecodingSettings | None = None,
-                     backend: str = "auto"):
+def load_transcriber(
+    bundle: str | Path | Bundle,
+    threads: int | None = None,
+    settings: DecodingSettings | None = None,
+    backend: str = "auto",
+):
     """The transcriber a bundle's model family needs, Whisper's or the streaming LSTM-CTC one, on `backend`
     ("auto", "onnx", "ort" or "tflite"), decoding as `settings` ask (default: the bundle's own way)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -222,9 +268,19 @@ def load_transcriber(bundle: str | Path | Bundle, threads: int | None = None, se
     if bundle.family == "lstm-ctc":
         from .ctc_transcriber import CtcTranscriber, decoding_options
 
-        options = decoding_options(settings.beam or 0, settings.hotwords,
-                                   1.0 if settings.hotword_bonus is None else settings.hotword_bonus)
+        options = decoding_options(
+            settings.beam or 0, settings.hotwords, 1.0 if settings.hotword_bonus is None else settings.hotword_bonus
+        )
         return CtcTranscriber(bundle, threads, options, backend)
     options, guards = whisper_decoding(bundle, settings, command)
-    return Transcriber(bundle, threads, options, backend=backend, guards=guards, vad=settings.vad, seed=settings.seed,
-                       short_window_beam=ShortWindowBeam.recommended(bundle, settings), command=command)
+    return Transcriber(
+        bundle,
+        threads,
+        options,
+        backend=backend,
+        guards=guards,
+        vad=settings.vad,
+        seed=settings.seed,
+        short_window_beam=ShortWindowBeam.recommended(bundle, settings),
+        command=command,
+    )

@@ -1,4 +1,5 @@
 """Voice activity detection on 32 ms frames (512 samples at 16 kHz): energy, or Silero when installed."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Transcripts as files: plain text, JSON with timed segments, SubRip (SRT) and WebVTT subtitles."""
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,32 @@ def clock(seconds: float, decimal: str) -> str:
 
 def to_json(transcript: Transcript, file: str) -> str:
     t = transcript
-    return json.dumps({"file": file, "text": t.text, "duration_s": round(t.audio_seconds, 3),
-                       "processing_s": round(t.wall_seconds, 4), "cpu_s": round(t.cpu_seconds, 4),
-                       "rtf": round(t.rtf, 4), "rtf_cpu": round(t.rtf_cpu, 4),
-                       "segments": [s.to_dict() for s in t.segments]}, ensure_ascii=False)
+    return json.dumps(
+        {
+            "file": file,
+            "text": t.text,
+            "duration_s": round(t.audio_seconds, 3),
+            "processing_s": round(t.wall_seconds, 4),
+            "cpu_s": round(t.cpu_seconds, 4),
+            "rtf": round(t.rtf, 4),
+            "rtf_cpu": round(t.rtf_cpu, 4),
+            "segments": [s.to_dict() for s in t.segments],
+        },
+        ensure_ascii=False,
+    )
 
 
 def to_srt(transcript: Transcript) -> str:
-    return "".join(f"{i}\n{clock(s.start, ',')} --> {clock(s.end, ',')}\n{s.text}\n\n"
-                   for i, s in enumerate(transcript.segments, 1))
+    return "".join(
+        f"{i}\n{clock(s.start, ',')} --> {clock(s.end, ',')}\n{s.text}\n\n"
+        for i, s in enumerate(transcript.segments, 1)
+    )
 
 
 def to_vtt(transcript: Transcript) -> str:
-    return "WEBVTT\n\n" + "".join(f"{clock(s.start, '.')} --> {clock(s.end, '.')}\n{s.text}\n\n"
-                                  for s in transcript.segments)
+    return "WEBVTT\n\n" + "".join(
+        f"{clock(s.start, '.')} --> {clock(s.end, '.')}\n{s.text}\n\n" for s in transcript.segments
+    )
 
 
 def render(fmt: str, transcript: Transcript, file: str) -> str:

@@ -9,6 +9,7 @@ drive them without Python, per `ANDROID.md`:
     tokens.json        Whisper only: token id -> byte-level BPE string
     *.ort | *.tflite   the models
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ def _onnx_signature(path: Path) -> dict:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    describe = lambda values: [{"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape],  # noqa: E731
-                                "dtype": v.type.removeprefix("tensor(").removesuffix(")")} for v in values]
+    describe = lambda values: [
+        {
+            "name": v.name,
+            "shape": [d if isinstance(d, int) else str(d) for d in v.shape],  # noqa: E731
+            "dtype": v.type.removeprefix("tensor(").removesuffix(")"),
+        }
+        for v in values
+    ]
     return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
 
 
@@ -39,10 +46,14 @@ def _tflite_signatures(path: Path) -> dict:
     signatures = {}
     for name in interpreter.get_signature_list():
         runner = interpreter.get_signature_runner(name)
-        describe = lambda details: [{"name": k, "shape": [int(d) for d in v["shape"]], "dtype": np.dtype(v["dtype"]).name}  # noqa: E731
-                                    for k, v in details.items()]
-        signatures[name] = {"inputs": describe(runner.get_input_details()),
-                            "outputs": describe(runner.get_output_details())}
+        describe = lambda details: [
+            {"name": k, "shape": [int(d) for d in v["shape"]], "dtype": np.dtype(v["dtype"]).name}  # noqa: E731
+            for k, v in details.items()
+        ]
+        signatures[name] = {
+            "inputs": describe(runner.get_input_details()),
+            "outputs": describe(runner.get_output_details()),
+        }
     return {"signatures": signatures}
 
 
@@ -61,13 +72,18 @@ def asset_pack(bundle_path: Path, assets: Path, fmt: str = "ort") -> Path:
     contract = {
         "family": bundle.family,
         "format": fmt,
-        "runtime": "onnxruntime-android (com.microsoft.onnxruntime)" if fmt == "ort" else "LiteRT (com.google.ai.edge.litert)",
+        "runtime": "onnxruntime-android (com.microsoft.onnxruntime)"
+        if fmt == "ort"
+        else "LiteRT (com.google.ai.edge.litert)",
         "frontend": {k: v for k, v in bundle.manifest["frontend"].items() if k != "mel_filters"}
         | {"mel_filters": {"file": "mel_filters.f32", "shape": list(filters.shape), "dtype": "float32, little-endian"}},
         "graphs": {role: {"file": name, **describe(out / name)} for role, name in graphs.items()},
     }
     if bundle.family == "whisper":
-        contract["decoder"] = bundle.manifest["decoder"] | {"tokens": "tokens.json", "n_vocab": bundle.manifest["model"]["dims"]["n_vocab"]}
+        contract["decoder"] = bundle.manifest["decoder"] | {
+            "tokens": "tokens.json",
+            "n_vocab": bundle.manifest["model"]["dims"]["n_vocab"],
+        }
         if fmt == "tflite":
             contract["decoder"]["max_tokens"] = manifest["model"]["tflite"]["max_tokens"]
     else:

@@ -1,11 +1,12 @@
 """`edge-asr-firmware`: package a bundle for a device, deploy it, benchmark it there, check it emulated.
 
-  package BUNDLE --target linux-aarch64      self-contained archive (wheels, bundle, test set, unit, install.sh)
-  android BUNDLE --out DIR                   asset pack for an app (see firmware_tools/ANDROID.md)
-  deploy ARCHIVE DEVICE                      copy and install over ssh (user@host) or adb
-  bench DEVICE                               on-device WER / RTF / peak RSS report as JSON
-  emulate ARCHIVE                            install and transcribe under qemu-user in a Debian root
+package BUNDLE --target linux-aarch64      self-contained archive (wheels, bundle, test set, unit, install.sh)
+android BUNDLE --out DIR                   asset pack for an app (see firmware_tools/ANDROID.md)
+deploy ARCHIVE DEVICE                      copy and install over ssh (user@host) or adb
+bench DEVICE                               on-device WER / RTF / peak RSS report as JSON
+emulate ARCHIVE                            install and transcribe under qemu-user in a Debian root
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,18 @@ def _step(message: str) -> None:
 def cmd_package(args) -> int:
     from .package import build_archive
 
-    archive = build_archive(Path(args.bundle), target(args.target), Path(args.out), args.python,
-                            Path(args.testset) if args.testset else None, args.count,
-                            Path(args.source) if args.source else None, tuple(args.extra_index_url or ()),
-                            args.threads, step=_step)
+    archive = build_archive(
+        Path(args.bundle),
+        target(args.target),
+        Path(args.out),
+        args.python,
+        Path(args.testset) if args.testset else None,
+        args.count,
+        Path(args.source) if args.source else None,
+        tuple(args.extra_index_url or ()),
+        args.threads,
+        step=_step,
+    )
     print(f"{archive} ({archive.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -60,9 +69,12 @@ def cmd_bench(args) -> int:
     print(text)
     d = report["device"]
     for backend, r in report["backends"].items():
-        print(f"{d['model'] or d['machine']} ({d['cpu']}, {d['cores']} cores) {backend}: WER {r['wer']:.2f}%, "
-              f"RTF {r['rtf_wall']:.3f} wall / {r['rtf_cpu']:.3f} CPU, peak RSS {r['peak_rss_mb']} MB, "
-              f"same text as the packaging machine {r['same_text_as_packaging_machine']}", file=sys.stderr)
+        print(
+            f"{d['model'] or d['machine']} ({d['cpu']}, {d['cores']} cores) {backend}: WER {r['wer']:.2f}%, "
+            f"RTF {r['rtf_wall']:.3f} wall / {r['rtf_cpu']:.3f} CPU, peak RSS {r['peak_rss_mb']} MB, "
+            f"same text as the packaging machine {r['same_text_as_packaging_machine']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -79,8 +91,10 @@ def cmd_emulate(args) -> int:
     ok = True
     for backend, r in report["backends"].items():
         ok &= not r["mismatches"]
-        print(f"{report['machine']} (emulated {report['cpu']}) {backend}: {r['same']}/{r['n']} transcripts identical to "
-              f"{report['expected_from']}'s, {r['same_normalized']}/{r['n']} after WER normalization")
+        print(
+            f"{report['machine']} (emulated {report['cpu']}) {backend}: {r['same']}/{r['n']} transcripts identical to "
+            f"{report['expected_from']}'s, {r['same_normalized']}/{r['n']} after WER normalization"
+        )
         for m in r["mismatches"]:
             print(f"  {m['id']}: {report['expected_from']} {m['expected']!r} / emulated {m['emulated']!r}")
     return 0 if ok else 1
@@ -93,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("package", help="a self-contained deployable archive for one target")
     p.add_argument("bundle", help="bundle directory (built with --formats onnx,tflite for every backend)")
     p.add_argument("--target", choices=list(TARGETS), default="linux-aarch64")
-    p.add_argument("--python", default="3.11", help="the device's Python (default 3.11: Debian / Raspberry Pi OS bookworm)")
+    p.add_argument(
+        "--python", default="3.11", help="the device's Python (default 3.11: Debian / Raspberry Pi OS bookworm)"
+    )
     p.add_argument("--out", default="dist", help="output folder (default dist/)")
     p.add_argument("--testset", help="folder with refs.tsv to ship (default: synthesized sentences)")
     p.add_argument("--count", type=int, default=10, help="synthesized test sentences (default 10)")
@@ -105,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("android", help="an asset pack for an Android app")
     p.add_argument("bundle")
     p.add_argument("--out", required=True, help="the app's assets folder, e.g. app/src/main/assets")
-    p.add_argument("--format", choices=["ort", "tflite"], default="ort",
-                   help="ort: ONNX Runtime (onnxruntime-android); tflite: LiteRT (default ort)")
+    p.add_argument(
+        "--format",
+        choices=["ort", "tflite"],
+        default="ort",
+        help="ort: ONNX Runtime (onnxruntime-android); tflite: LiteRT (default ort)",
+    )
     p.set_defaults(func=cmd_android)
 
     p = sub.add_parser("deploy", help="copy an archive to a device and install it")
@@ -131,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archive")
     p.add_argument("--target", choices=[n for n, t in TARGETS.items() if t.qemu], default="linux-aarch64")
     p.add_argument("--rootfs", help="Debian root folder (default: $EDGE_ASR_HOME/rootfs/debian-ARCH, made once)")
-    p.add_argument("--cpu", help="qemu CPU model (default: the target's, cortex-a72 for aarch64 as in a Raspberry "
-                                 "Pi 4; cortex-a76 for a Pi 5)")
+    p.add_argument(
+        "--cpu",
+        help="qemu CPU model (default: the target's, cortex-a72 for aarch64 as in a Raspberry "
+        "Pi 4; cortex-a76 for a Pi 5)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole report, every transcript included")
     p.set_defaults(func=cmd_emulate)
     return parser

@@ -1,15 +1,16 @@
 """A self-contained deployable archive for one target: everything a device needs, installable offline.
 
-  edge-asr-<version>-<bundle>-<target>/
-    install.sh            venv under $PREFIX (default /opt/edge-asr) from the wheels here, no network
-    requirements.txt      the runtime's dependencies for this target (markers evaluated for the device)
-    wheels/               edge_asr and those dependencies, built for the target's CPU and Python
-    bundle/               the bundle, with only the model formats the target runs
-    testset/              synthesized utterances + refs.tsv, and expected.json: the text this machine
-                          gets for each of them on each backend, which a device must reproduce
-    config/edge-asr.toml  daemon configuration;  systemd/edge-asr.service  its unit
-    ARCHIVE.json          target, Python, bundle, backends, and the sha256 of every file
+edge-asr-<version>-<bundle>-<target>/
+  install.sh            venv under $PREFIX (default /opt/edge-asr) from the wheels here, no network
+  requirements.txt      the runtime's dependencies for this target (markers evaluated for the device)
+  wheels/               edge_asr and those dependencies, built for the target's CPU and Python
+  bundle/               the bundle, with only the model formats the target runs
+  testset/              synthesized utterances + refs.tsv, and expected.json: the text this machine
+                        gets for each of them on each backend, which a device must reproduce
+  config/edge-asr.toml  daemon configuration;  systemd/edge-asr.service  its unit
+  ARCHIVE.json          target, Python, bundle, backends, and the sha256 of every file
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,22 @@ def project_root(source: Path | None) -> Path:
 
 
 def build_wheel(root: Path, dist: Path) -> Path:
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
-                          "-w", str(dist), str(root)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-w",
+            str(dist),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(dist.glob("edge_asr-*.whl"))
     if out.returncode or not wheels:
         raise EdgeAsrError(f"building the edge-asr wheel failed: {_last_line(out.stderr)}")
@@ -64,9 +79,16 @@ def target_requirements(wheel: Path, target: Target, python: str, extras=RUNTIME
     with zipfile.ZipFile(wheel) as z:
         metadata = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         lines = z.read(metadata).decode().splitlines()
-    env = {"platform_machine": target.machine, "python_version": python, "python_full_version": f"{python}.0",
-           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    env = {
+        "platform_machine": target.machine,
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
     requirements = []
     for line in lines:
         if not line.startswith("Requires-Dist:"):
@@ -81,13 +103,32 @@ def target_requirements(wheel: Path, target: Target, python: str, extras=RUNTIME
     return sorted(set(requirements))
 
 
-def download_wheels(requirements: list[str], target: Target, python: str, dest: Path,
-                    index_urls: tuple[str, ...] = ()) -> None:
+def download_wheels(
+    requirements: list[str], target: Target, python: str, dest: Path, index_urls: tuple[str, ...] = ()
+) -> None:
     """Binary wheels of `requirements` for the target; one line naming what has none."""
     abi = "cp" + python.replace(".", "")
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-           "--python-version", python, "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none",
-           "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "-d",
+        str(dest),
+    ]
     for tag in target.platforms:
         cmd += ["--platform", tag]
     for url in index_urls:
@@ -95,8 +136,12 @@ def download_wheels(requirements: list[str], target: Target, python: str, dest: 
     out = subprocess.run(cmd + requirements, capture_output=True, text=True)
     if out.returncode:
         missing = re.findall(r"No matching distribution found for (\S+)", out.stderr)
-        hint = " (for armv7 add --extra-index-url https://www.piwheels.org/simple)" if target.machine == "armv7l" else ""
-        what = f"no {target.name} wheel for Python {python} of {', '.join(missing)}" if missing else _last_line(out.stderr)
+        hint = (
+            " (for armv7 add --extra-index-url https://www.piwheels.org/simple)" if target.machine == "armv7l" else ""
+        )
+        what = (
+            f"no {target.name} wheel for Python {python} of {', '.join(missing)}" if missing else _last_line(out.stderr)
+        )
         raise EdgeAsrError(what + hint)
 
 
@@ -160,17 +205,28 @@ def device_config(backend: str) -> str:
     return re.sub(r'(?m)^backend = "auto"', f'backend = "{backend}"', text)
 
 
-def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.11", testset: Path | None = None,
-                  count: int = 10, source: Path | None = None, index_urls: tuple[str, ...] = (), threads: int | None = None,
-                  step: Callable[[str], None] = lambda m: None) -> Path:
+def build_archive(
+    bundle: Path,
+    target: Target,
+    out_dir: Path,
+    python: str = "3.11",
+    testset: Path | None = None,
+    count: int = 10,
+    source: Path | None = None,
+    index_urls: tuple[str, ...] = (),
+    threads: int | None = None,
+    step: Callable[[str], None] = lambda m: None,
+) -> Path:
     """Write edge-asr-<version>-<bundle>-<target>.tar.gz into `out_dir`; returns its path."""
     from edge_asr import __version__
 
     source_bundle = Bundle.load(bundle)
     formats = [f for f in target.backends if f in source_bundle.formats]
     if not formats:
-        raise EdgeAsrError(f"{bundle}: {target.name} runs {' or '.join(target.backends)} models and this bundle has "
-                           f"none; rebuild it with --formats {','.join(target.backends)}")
+        raise EdgeAsrError(
+            f"{bundle}: {target.name} runs {' or '.join(target.backends)} models and this bundle has "
+            f"none; rebuild it with --formats {','.join(target.backends)}"
+        )
     root_name = f"edge-asr-{__version__}-{source_bundle.manifest['name']}-{target.name}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,9 +259,18 @@ def build_archive(bundle: Path, target: Target, out_dir: Path, python: str = "3.
         install.write_text(_render((HERE / "install.sh").read_text(), PYTHON_VERSION=python, TARGET=target.name))
         install.chmod(0o755)
         files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-        info = {"name": root_name, "target": target.name, "machine": target.machine, "python": python,
-                "edge_asr": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "bundle": manifest["name"], "backends": formats, "testset": len(items), "files": files}
+        info = {
+            "name": root_name,
+            "target": target.name,
+            "machine": target.machine,
+            "python": python,
+            "edge_asr": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bundle": manifest["name"],
+            "backends": formats,
+            "testset": len(items),
+            "files": files,
+        }
         (root / "ARCHIVE.json").write_text(json.dumps(info, indent=2) + "\n")
         step("write the archive")
         archive = out_dir / f"{root_name}.tar.gz"

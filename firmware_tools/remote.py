@@ -1,6 +1,7 @@
 """Getting an archive onto a device and running commands there: over ssh (scp, or rsync when both ends have
 it) or adb (boards and phones with adbd and a Linux user land). Then the on-device benchmark: `edge-asr
 bench --json` on the archive's test set, collected into one JSON report with the device's own description."""
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,18 @@ class Ssh:
         """rsync (resumes a broken transfer over a flaky link) where both ends have it, else scp."""
         if shutil.which("rsync"):
             shell = shlex.join(["ssh", *self.options])
-            out = subprocess.run(["rsync", "--partial", "-e", shell, str(local), f"{self.host}:{remote}"],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                ["rsync", "--partial", "-e", shell, str(local), f"{self.host}:{remote}"], capture_output=True, text=True
+            )
             if out.returncode == 0:
                 return
         port = ["-P", self.options[self.options.index("-p") + 1]] if "-p" in self.options else []
         identity = ["-i", self.options[self.options.index("-i") + 1]] if "-i" in self.options else []
-        out = subprocess.run(["scp", "-o", "BatchMode=yes", *port, *identity, str(local), f"{self.host}:{remote}"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["scp", "-o", "BatchMode=yes", *port, *identity, str(local), f"{self.host}:{remote}"],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             raise EdgeAsrError(f"copying {local.name} to {self.host} failed: {_tail(out)}")
 
@@ -77,7 +82,7 @@ def _tail(out: subprocess.CompletedProcess) -> str:
 
 
 def connect(spec: str):
-    """"ssh:user@host[:port]" or "user@host" (ssh), "adb" or "adb:SERIAL"."""
+    """ "ssh:user@host[:port]" or "user@host" (ssh), "adb" or "adb:SERIAL"."""
     if spec == "adb" or spec.startswith("adb:"):
         return Adb(spec[4:] or None)
     host = spec[4:] if spec.startswith("ssh:") else spec
@@ -88,8 +93,14 @@ def connect(spec: str):
     return Ssh(host, port)
 
 
-def deploy(archive: Path, device, prefix: str = "/opt/edge-asr", staging: str = "/tmp", sudo: bool = False,
-           service: bool = False) -> None:
+def deploy(
+    archive: Path,
+    device,
+    prefix: str = "/opt/edge-asr",
+    staging: str = "/tmp",
+    sudo: bool = False,
+    service: bool = False,
+) -> None:
     """Copy the archive, unpack it and run its install.sh on the device."""
     archive = Path(archive)
     name = archive.name.removesuffix(".tar.gz")
@@ -99,21 +110,30 @@ def deploy(archive: Path, device, prefix: str = "/opt/edge-asr", staging: str = 
     device.run(f"cd {staging} && tar xzf {archive.name} && {'sudo ' if sudo else ''}{install}")
 
 
-def device_bench(device, prefix: str = "/opt/edge-asr", backends: list[str] | None = None, runs: int = 3,
-                 threads: int | None = None) -> dict:
+def device_bench(
+    device, prefix: str = "/opt/edge-asr", backends: list[str] | None = None, runs: int = 3, threads: int | None = None
+) -> dict:
     """`edge-asr bench` of the installed test set on each backend, and whether each text is the one the
     packaging machine got: the device report."""
     expected = json.loads(device.run(f"cat {prefix}/testset/expected.json").stdout)
     archive = json.loads(device.run(f"cat {prefix}/ARCHIVE.json").stdout)
-    report = {"archive": archive["name"], "bundle": archive["bundle"], "collected": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "backends": {}}
+    report = {
+        "archive": archive["name"],
+        "bundle": archive["bundle"],
+        "collected": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backends": {},
+    }
     for backend in backends or archive["backends"]:
-        out = device.run(f"{prefix}/bin/edge-asr bench {prefix}/testset --json --hypotheses --bundle {prefix}/bundle "
-                         f"--backend {backend} --runs {runs}" + (f" --threads {threads}" if threads else ""))
+        out = device.run(
+            f"{prefix}/bin/edge-asr bench {prefix}/testset --json --hypotheses --bundle {prefix}/bundle "
+            f"--backend {backend} --runs {runs}" + (f" --threads {threads}" if threads else "")
+        )
         result = json.loads(out.stdout)
         hypotheses = next(iter(result["sets"].values())).pop("hypotheses")
         host = expected["texts"].get(backend, {})
         report["device"] = result.pop("device")
-        result["same_text_as_packaging_machine"] = f"{sum(host.get(u) == h for u, h in hypotheses.items())}/{len(hypotheses)}"
+        result["same_text_as_packaging_machine"] = (
+            f"{sum(host.get(u) == h for u, h in hypotheses.items())}/{len(hypotheses)}"
+        )
         report["backends"][backend] = result
     return report

@@ -3,6 +3,7 @@
 Everything is made here from installed packages (the embedded tiny.en weights, a piper voice); no test
 reads recorded data from outside the repository.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Audio without speech, made to measure: digital silence, white and pink noise at a level, mains hum with
 harmonics, and synthesized music (chords on a beat). All 16 kHz mono float32, seeded."""
+
 import numpy as np
 
 SR = 16000
@@ -53,8 +54,14 @@ def music(seconds=10.0, dbfs=-20, bpm=120):
 
 # What issue 14 names: no text may come from any of these.
 CASES = {
-    "silence-1s": lambda: silence(1), "silence-5s": lambda: silence(5), "silence-65s": lambda: silence(65),
-    **{f"{noise.__name__}{dbfs}dBFS": (lambda noise=noise, dbfs=dbfs: noise(5, dbfs))
-       for noise in (white, pink) for dbfs in (-50, -35, -20)},
-    "hum-50Hz": lambda: hum(5), "music-10s": lambda: music(10),
+    "silence-1s": lambda: silence(1),
+    "silence-5s": lambda: silence(5),
+    "silence-65s": lambda: silence(65),
+    **{
+        f"{noise.__name__}{dbfs}dBFS": (lambda noise=noise, dbfs=dbfs: noise(5, dbfs))
+        for noise in (white, pink)
+        for dbfs in (-50, -35, -20)
+    },
+    "hum-50Hz": lambda: hum(5),
+    "music-10s": lambda: music(10),
 }

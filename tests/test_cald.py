@@ -1,5 +1,6 @@
 """Whisper's encoder converted to LSTM blocks (CALD): the transfer, streaming, joint SVD, export, and the
 distillation losses on the real tiny.en encoder."""
+
 from __future__ import annotations
 
 
@@ -7,10 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from edge_asr_build.cald import (CaldCtc, compress_cald, from_whisper, joint_factor, load_cald, lstm_matrix_params,
-                                 save_cald, teacher_stream)
-from edge_asr_build.cald_train import (Clip, CaldRecipe, collate, layerwise_loss, lstm_params, run_stage,
-                                       stream_loss, transcript_text)
+from edge_asr_build.cald import (
+    CaldCtc,
+    compress_cald,
+    from_whisper,
+    joint_factor,
+    load_cald,
+    lstm_matrix_params,
+    save_cald,
+    teacher_stream,
+)
+from edge_asr_build.cald_train import (
+    Clip,
+    CaldRecipe,
+    collate,
+    layerwise_loss,
+    lstm_params,
+    run_stage,
+    stream_loss,
+    transcript_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +65,7 @@ def test_chunks_give_the_whole_utterance(converted):
         whole, _ = converted(log_mel)
         state, parts = None, []
         for start in range(0, 100, 14):
-            out, state = converted(log_mel[:, start:start + 14], state)
+            out, state = converted(log_mel[:, start : start + 14], state)
             parts.append(out)
     assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
 
@@ -80,7 +97,9 @@ def test_exported_graph_streams_as_torch(converted, tmp_path, factored):
     features = _log_mel(80, seed=3)[0].numpy()
     outputs = []
     for start in range(0, 80, 16):
-        out, *state = session.run(None, {"features": features[start:start + 16], **{i.name: s for i, s in zip(inputs, state)}})
+        out, *state = session.run(
+            None, {"features": features[start : start + 16], **{i.name: s for i, s in zip(inputs, state)}}
+        )
         outputs.append(out)
     with torch.no_grad():
         expected = model(torch.from_numpy(features)[None])[0][0].numpy()
@@ -113,8 +132,8 @@ def test_collate_aligns_the_student_one_frame_behind_the_teacher(encoder, conver
     mel, targets, mask = collate(clips, converted)
     assert mel.shape[-1] == 2 * targets.shape[2]
     for i, c in enumerate(clips):
-        assert torch.equal(targets[i, :, 1: c.steps + 1], c.targets.float())
-        assert not mask[i, 0] and mask[i, 1: c.steps].all() and not mask[i, c.steps:].any()
+        assert torch.equal(targets[i, :, 1 : c.steps + 1], c.targets.float())
+        assert not mask[i, 0] and mask[i, 1 : c.steps].all() and not mask[i, c.steps :].any()
 
 
 def test_layerwise_then_joint_distillation_lower_the_losses(encoder):
@@ -124,11 +143,29 @@ def test_layerwise_then_joint_distillation_lower_the_losses(encoder):
     recipe = CaldRecipe(batch_frames=300, eval_every=5)
     with torch.no_grad():
         before = float(stream_loss(model, held_out))
-    layerwise = run_stage("layerwise", model, [{"params": lstm_params(model), "lr": 3e-3}], layerwise_loss, clips,
-                          held_out, 15, recipe, log=lambda m: None)
+    layerwise = run_stage(
+        "layerwise",
+        model,
+        [{"params": lstm_params(model), "lr": 3e-3}],
+        layerwise_loss,
+        clips,
+        held_out,
+        15,
+        recipe,
+        log=lambda m: None,
+    )
     assert layerwise["held_out_best"] < 0.8 * layerwise["curve"][0]["held_out"]
-    joint = run_stage("joint", model, [{"params": lstm_params(model), "lr": 1e-3}], stream_loss, clips, held_out, 10,
-                      recipe, log=lambda m: None)
+    joint = run_stage(
+        "joint",
+        model,
+        [{"params": lstm_params(model), "lr": 1e-3}],
+        stream_loss,
+        clips,
+        held_out,
+        10,
+        recipe,
+        log=lambda m: None,
+    )
     assert joint["held_out_best"] < before
 
 
@@ -141,8 +178,9 @@ def test_transcript_text_skips_the_prompt_and_timestamps():
 def test_cli_convert_refuses_a_missing_folder_in_one_line(tmp_path):
     from test_cli import assert_one_line_error, run_cli
 
-    assert_one_line_error(run_cli("lstm", "convert", "--out", tmp_path / "m", "--corpus", tmp_path / "nowhere"),
-                          "no such folder")
+    assert_one_line_error(
+        run_cli("lstm", "convert", "--out", tmp_path / "m", "--corpus", tmp_path / "nowhere"), "no such folder"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +208,8 @@ def test_int8_bundle_runs_in_the_streaming_runtime_on_both_backends(cald_bundle,
         expected = model(torch.from_numpy(features)[None])[0][0].exp().numpy()
     for transcriber in (onnx, tflite):
         probs = np.exp(transcriber.model.run(features, transcriber.model.initial_state())[0])
-        assert np.abs(probs - expected).max() < 0.05   # int8 weights against float32 torch
+        assert np.abs(probs - expected).max() < 0.05  # int8 weights against float32 torch
         stream = transcriber.stream()
         for start in range(0, len(audio), 3200):
-            stream.accept(audio[start:start + 3200])
+            stream.accept(audio[start : start + 3200])
         assert stream.finish() == transcriber.transcribe(audio).text

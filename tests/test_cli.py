@@ -1,4 +1,5 @@
 """The command line: outputs, and one-line errors with a non-zero status for every bad input."""
+
 import json
 import shutil
 import subprocess
@@ -10,8 +11,9 @@ import soundfile as sf
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "edge_asr", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_asr", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -39,12 +41,15 @@ def test_transcribe_json(bundle_int8, wav):
     assert out["rtf"] == pytest.approx(out["processing_s"] / out["duration_s"], rel=0.01)
 
 
-@pytest.mark.parametrize("name, content, fragment", [
-    ("missing.wav", None, "no such file"),
-    ("empty.wav", b"", "not a readable audio file"),
-    ("corrupt.wav", b"RIFF\x10\x00\x00\x00WAVEfmt garbage that is not audio", "not a readable audio file"),
-    ("notes.mp4", b"\x00\x00\x00\x18ftypmp42 this is no audio", "not a readable audio file"),
-])
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        ("missing.wav", None, "no such file"),
+        ("empty.wav", b"", "not a readable audio file"),
+        ("corrupt.wav", b"RIFF\x10\x00\x00\x00WAVEfmt garbage that is not audio", "not a readable audio file"),
+        ("notes.mp4", b"\x00\x00\x00\x18ftypmp42 this is no audio", "not a readable audio file"),
+    ],
+)
 def test_bad_audio(bundle_int8, tmp_path, name, content, fragment):
     path = tmp_path / name
     if content is not None:
@@ -99,8 +104,11 @@ def test_bundle_format_versions_up_to_the_runtimes_load_and_a_newer_one_is_refus
         assert Bundle.load(copy).manifest["name"] == manifest["name"]
     manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), f"bundle format {FORMAT_VERSION + 1}",
-                          "newer than this runtime reads")
+    assert_one_line_error(
+        run_cli("transcribe", "--bundle", copy, wav),
+        f"bundle format {FORMAT_VERSION + 1}",
+        "newer than this runtime reads",
+    )
 
 
 def test_unknown_build_source(tmp_path):
@@ -131,8 +139,10 @@ def test_bench_folder_without_refs(bundle_int8, tmp_path):
 def test_compress_refuses_bad_targets(tmp_path, capsys):
     from edge_asr.cli import main
 
-    assert main(["compress", "--keep", "0.05", "--parts", "embedding", "--factors", "plain",
-                 "--out", str(tmp_path / "m")]) == 1
+    assert (
+        main(["compress", "--keep", "0.05", "--parts", "embedding", "--factors", "plain", "--out", str(tmp_path / "m")])
+        == 1
+    )
     err = capsys.readouterr().err.strip()  # the steps it got through, then one line of error
     assert err.splitlines()[-1].startswith("edge-asr: error:") and "Traceback" not in err
     assert main(["compress", "--keep", "0.5", "--parts", "mlp", "--out", str(tmp_path / "m")]) == 1
@@ -142,17 +152,22 @@ def test_compress_refuses_bad_targets(tmp_path, capsys):
 def test_prune_refuses_missing_inputs(tmp_path, capsys):
     from edge_asr.cli import main
 
-    for args, fragment in [(["--corpus", "no-such-corpus"], "no such folder"),
-                           (["--source", str(tmp_path / "missing.pt")], "no such file or directory")]:
+    for args, fragment in [
+        (["--corpus", "no-such-corpus"], "no such folder"),
+        (["--source", str(tmp_path / "missing.pt")], "no such file or directory"),
+    ]:
         assert main(["prune", "--out", str(tmp_path / "d.safetensors"), *args]) != 0
         err = capsys.readouterr().err.strip()
         assert err.startswith("edge-asr: error:") and "\n" not in err and fragment in err
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--ranks-from", "nothing.safetensors"], "no such delta file"),
-    (["--corpus", "no-such-corpus"], "no such folder"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--ranks-from", "nothing.safetensors"], "no such delta file"),
+        (["--corpus", "no-such-corpus"], "no such folder"),
+    ],
+)
 def test_recover_refuses_missing_inputs(tmp_path, capsys, args, fragment):
     from edge_asr.cli import main
 
@@ -161,15 +176,29 @@ def test_recover_refuses_missing_inputs(tmp_path, capsys, args, fragment):
     assert err.startswith("edge-asr: error:") and "\n" not in err and fragment in err
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["build", "--context", "45"], "--context takes auto, full or seconds"),
-    (["build", "--context", "auto", "--source", "m.pt"], "needs a model adapted to short context"),
-    (["build", "--context", "auto", "--delta", "missing.safetensors"], "no such delta file"),
-    (["build", "--context", "full", "--delta", "d.safetensors"], "use it with --context auto"),
-    (["adapt", "--out", "d.safetensors", "--corpus", "no-such-folder"], "no such folder"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["build", "--context", "45"], "--context takes auto, full or seconds"),
+        (["build", "--context", "auto", "--source", "m.pt"], "needs a model adapted to short context"),
+        (["build", "--context", "auto", "--delta", "missing.safetensors"], "no such delta file"),
+        (["build", "--context", "full", "--delta", "d.safetensors"], "use it with --context auto"),
+        (["adapt", "--out", "d.safetensors", "--corpus", "no-such-folder"], "no such folder"),
+    ],
+)
 def test_context_options_refuse_bad_input(tmp_path, args, fragment):
-    result = subprocess.run([sys.executable, "-m", "edge_asr", *args, "--out" if args[0] == "build" else "--seed",
-                             str(tmp_path / "b") if args[0] == "build" else "0"], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_asr",
+            *args,
+            "--out" if args[0] == "build" else "--seed",
+            str(tmp_path / "b") if args[0] == "build" else "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, fragment)

@@ -1,4 +1,5 @@
 """The compression passes: exact at full rank, budgets respected, factored graphs export and run."""
+
 import copy
 
 import numpy as np
@@ -71,8 +72,9 @@ def test_product_twins_keep_scores_at_full_rank_and_shrink_heads(tiny):
 def test_embedding_keeps_exact_rows_exact(tiny):
     weight = tiny.model.decoder.token_embedding.weight
     exact = exact_token_ids(tiny.model.dims, 1000)
-    factored = apply_structure(copy.deepcopy(tiny.model), {"twins": {}, "linear": {},
-                                                           "embedding": {"frequent_tokens": 1000, "rank": 16}})
+    factored = apply_structure(
+        copy.deepcopy(tiny.model), {"twins": {}, "linear": {}, "embedding": {"frequent_tokens": 1000, "rank": 16}}
+    )
     emb = factored.decoder.token_embedding
     ids = torch.tensor([0, 999, 50256, 50300, 1000, 40000, 51000])
     rows = emb.embed(ids)
@@ -103,9 +105,14 @@ def test_whitened_factors_at_full_rank_are_exact(tiny, inputs, calibration):
     assert (logits - reference).abs().max() <= 2e-3
 
 
-@pytest.mark.parametrize("name, kind, rank", [("decoder.token_embedding", "embedding", 64),
-                                               ("decoder.blocks.1.mlp.0", "linear", 96),
-                                               ("decoder.blocks.2.cross_attn.qk", "twins-qk", 16)])
+@pytest.mark.parametrize(
+    "name, kind, rank",
+    [
+        ("decoder.token_embedding", "embedding", 64),
+        ("decoder.blocks.1.mlp.0", "linear", 96),
+        ("decoder.blocks.2.cross_attn.qk", "twins-qk", 16),
+    ],
+)
 def test_whitened_factors_distort_the_output_less(tiny, calibration, name, kind, rank):
     """Weighting by the input moments keeps what the activations use: lower logit KL than plain SVD."""
     from edge_asr_build.compress import _set_module, factored_module
@@ -208,11 +215,26 @@ def test_recovery_by_reference_matching_moves_the_student_toward_the_reference(t
 
     moments, _ = calibration
     student, _ = compress_whisper(tiny.model, keep=0.75, moments=moments)
-    items = reference_items(tiny.model, [audio for _, audio in speech], mel_filters(), decoding_rules(tiny),
-                            lambda text: [], [], mode_shares={"plain": 1.0})
+    items = reference_items(
+        tiny.model,
+        [audio for _, audio in speech],
+        mel_filters(),
+        decoding_rules(tiny),
+        lambda text: [],
+        [],
+        mode_shares={"plain": 1.0},
+    )
     factors_before = {n: p.clone() for n, p in student.named_parameters()}
-    config = MatchConfig(steps=12, batch_size=len(items), learning_rate=1e-3, warmup_steps=1, lora_rank=8,
-                         lora_alpha=8.0, parts=("decoder",), eval_every=12)
+    config = MatchConfig(
+        steps=12,
+        batch_size=len(items),
+        learning_rate=1e-3,
+        warmup_steps=1,
+        lora_rank=8,
+        lora_alpha=8.0,
+        parts=("decoder",),
+        eval_every=12,
+    )
     result = match_reference(student, items, config, held_out=items, log=lambda m: None)
     assert result.held_out_best < 0.8 * result.held_out_before
     assert result.best_step > 0
@@ -287,14 +309,16 @@ def test_factors_tolerance_lies_between_other_kernels_and_other_calibration(tiny
 
     here = factors_fingerprint(factored(tiny, shipped_compact["structure"], shipped_calibration))
     env = os.environ | OTHER_KERNELS | {"EDGE_ASR_THREADS": str(2 if resolve_threads() == 1 else 1)}
-    run = subprocess.run([sys.executable, "-c", REBUILD_FINGERPRINT], env=env, capture_output=True, text=True, check=False,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", REBUILD_FINGERPRINT], env=env, capture_output=True, text=True, check=False, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     other_machine = fingerprint_distance(json.loads(run.stdout), here)
     mix = shipped_compact["recipe"]["calibration"] | {"seed": shipped_compact["recipe"]["calibration"]["seed"] + 1}
     other_seed = calibrate(tiny, CalibrationMix(**mix))
-    other_calibration = fingerprint_distance(factors_fingerprint(factored(tiny, shipped_compact["structure"],
-                                                                          other_seed)), here)
+    other_calibration = fingerprint_distance(
+        factors_fingerprint(factored(tiny, shipped_compact["structure"], other_seed)), here
+    )
     assert 10 * other_machine <= FACTORS_TOLERANCE <= other_calibration / 10, (other_machine, other_calibration)
     with pytest.raises(EdgeAsrError, match="other factors"):
         compact_model(tiny, DEFAULT_COMPACT_DELTA, calibration=other_seed)
@@ -312,17 +336,25 @@ def test_compact_delta_refuses_another_model(tiny, shipped_compact, shipped_cali
         for p in other.decoder.blocks.parameters():
             p.mul_(1.02)
     with pytest.raises(EdgeAsrError, match="another model"):
-        compact_model(dataclasses.replace(tiny, model=other, source={"sha256": "0" * 64}), DEFAULT_COMPACT_DELTA,
-                      calibration=shipped_calibration)
+        compact_model(
+            dataclasses.replace(tiny, model=other, source={"sha256": "0" * 64}),
+            DEFAULT_COMPACT_DELTA,
+            calibration=shipped_calibration,
+        )
     with pytest.raises(EdgeAsrError, match="other factors"):
         compact_model(dataclasses.replace(tiny, model=other), DEFAULT_COMPACT_DELTA, calibration=shipped_calibration)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"recipe": {"calibration": {"sentences": 4, "short_utterances": 0, "augment_share": 0.5, "seed": 5}}},
-     "was trained on other factors"),
-    ({"source": {"sha256": "0" * 64}}, "was made from another model"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"recipe": {"calibration": {"sentences": 4, "short_utterances": 0, "augment_share": 0.5, "seed": 5}}},
+            "was trained on other factors",
+        ),
+        ({"source": {"sha256": "0" * 64}}, "was made from another model"),
+    ],
+)
 def test_build_refuses_a_delta_of_another_recipe_or_model_in_one_line(shipped_compact, tmp_path, change, message):
     import json
     import subprocess
@@ -340,8 +372,23 @@ def test_build_refuses_a_delta_of_another_recipe_or_model_in_one_line(shipped_co
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     delta = tmp_path / "other.safetensors"
     save_file(tensors, str(delta), metadata={"edge_asr_delta": json.dumps(metadata)})
-    run = subprocess.run([sys.executable, "-m", "edge_asr", "build", "--compact", "--compact-delta", str(delta),
-                          "--out", str(tmp_path / "bundle")], capture_output=True, text=True, check=False, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_asr",
+            "build",
+            "--compact",
+            "--compact-delta",
+            str(delta),
+            "--out",
+            str(tmp_path / "bundle"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert run.returncode != 0 and "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]  # after the progress lines of the steps it took
     assert last.startswith("edge-asr: error: other.safetensors") and message in last, run.stderr
@@ -362,8 +409,10 @@ def test_int4_bundle_is_smaller_and_stays_near_int8(bundle_int8, tmp_path_factor
     graph = (int4 / "decoder.int4.onnx").read_bytes()
     assert b"GatherBlockQuantized" in graph and b"MatMulNBits" in graph
     folder = synthetic_set(50, seed=77)
-    wer = {precision: run_bench(Transcriber(Bundle.load(path)), [folder], runs=1)["wer"]
-           for precision, path in (("int8", bundle_int8), ("int4", int4))}
+    wer = {
+        precision: run_bench(Transcriber(Bundle.load(path)), [folder], runs=1)["wer"]
+        for precision, path in (("int8", bundle_int8), ("int4", int4))
+    }
     assert wer["int4"] <= wer["int8"] + 5.0, wer
     size = lambda path: sum(f.stat().st_size for f in path.glob("*.onnx"))  # noqa: E731
     assert size(int4) < 0.7 * size(bundle_int8)

@@ -1,5 +1,6 @@
 """Dynamic audio context: the reference-matching pass, the dynamic-length encoder, LiteRT's length buckets,
 the context policy, and that the 30 s model is what it was."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ DEFAULT_GOLDEN = Path(__file__).parent / "golden" / "default_transcripts.json"
 
 def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
     policy = ContextPolicy.auto(margin_s=0.5, floor_s=1.0, buckets_s=(1, 2, 3, 5, 8, 12, 20, 30))
-    assert policy.frames(int(0.3 * 16000)) == 100       # the floor
-    assert policy.frames(int(1.6 * 16000)) == 300       # 2.1 s -> 3 s
-    assert policy.frames(int(7.4 * 16000)) == 800       # 7.9 s -> 8 s
-    assert policy.frames(30 * 16000) == 3000            # never past the last bucket
+    assert policy.frames(int(0.3 * 16000)) == 100  # the floor
+    assert policy.frames(int(1.6 * 16000)) == 300  # 2.1 s -> 3 s
+    assert policy.frames(int(7.4 * 16000)) == 800  # 7.9 s -> 8 s
+    assert policy.frames(30 * 16000) == 3000  # never past the last bucket
     assert ContextPolicy.full().frames(16000) == 3000
     assert ContextPolicy.parse("10").frames(16000) == 1000
     assert ContextPolicy.from_manifest({"frontend": {"context": policy.to_dict()}}) == policy
@@ -36,8 +37,16 @@ def _reference_items(tiny, texts, seed):
     from edge_asr_build.synth import synthesize
 
     clips = [synthesize(t) for t in texts]
-    return reference_items(tiny.model, clips, mel_filters(), decoding_rules(tiny), lambda text: [], [], seed=seed,
-                           mode_shares={"plain": 1.0})
+    return reference_items(
+        tiny.model,
+        clips,
+        mel_filters(),
+        decoding_rules(tiny),
+        lambda text: [],
+        [],
+        seed=seed,
+        mode_shares={"plain": 1.0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +70,9 @@ def test_reference_matching_lowers_the_held_out_loss(tiny, short_items):
     from edge_asr_build.reference import MatchConfig, match_reference
 
     train, held = short_items
-    config = MatchConfig(steps=30, batch_size=4, learning_rate=3e-4, warmup_steps=5, lora_rank=8, lora_alpha=8,
-                         eval_every=10)
+    config = MatchConfig(
+        steps=30, batch_size=4, learning_rate=3e-4, warmup_steps=5, lora_rank=8, lora_alpha=8, eval_every=10
+    )
     result = match_reference(_student(tiny), train, config, _one_second, held, log=lambda m: None)
     assert result.held_out_best < 0.9 * result.held_out_before
     assert result.trainable_parameters < 0.05 * tiny.model.parameter_count()  # only the adapters train
@@ -77,7 +87,9 @@ def test_two_seeded_runs_give_identical_weights(tiny, short_items, tmp_path):
     for run in range(2):
         torch.manual_seed(1000 + run)  # what came before must not matter: the run seeds itself
         student = _student(tiny)
-        config = MatchConfig(steps=100, batch_size=2, learning_rate=1e-4, warmup_steps=5, lora_rank=4, lora_alpha=4, seed=3)
+        config = MatchConfig(
+            steps=100, batch_size=2, learning_rate=1e-4, warmup_steps=5, lora_rank=4, lora_alpha=4, seed=3
+        )
         match_reference(student, train, config, _one_second, log=lambda m: None)
         deltas.append(read_delta(save_delta(student, tmp_path / f"run{run}.safetensors", {"rank": 4, "alpha": 4}))[0])
     assert deltas[0].keys() == deltas[1].keys()
@@ -94,11 +106,19 @@ def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
     whole = _student(tiny)
     match_reference(whole, train, MatchConfig(steps=10, **config), _one_second, log=lambda m: None)
     stopped = _student(tiny)
-    match_reference(stopped, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt",
-                    until=7, log=lambda m: None)  # stopped after step 7; the last checkpoint is of step 7
+    match_reference(
+        stopped,
+        train,
+        MatchConfig(steps=10, **config),
+        _one_second,
+        checkpoint=tmp_path / "c.pt",
+        until=7,
+        log=lambda m: None,
+    )  # stopped after step 7; the last checkpoint is of step 7
     resumed = _student(tiny)
-    match_reference(resumed, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt",
-                    log=lambda m: None)
+    match_reference(
+        resumed, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt", log=lambda m: None
+    )
     a, b = lora_tensors(whole), lora_tensors(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
@@ -154,8 +174,9 @@ def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_pat
     graph = _Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
     one = _convert([(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite")
     buckets = [100, 300, 800]
-    three = _convert([(encoder_signature(f), graph, {"mel": torch.zeros(1, 80, f)}) for f in buckets],
-                     tmp_path / "three.tflite")
+    three = _convert(
+        [(encoder_signature(f), graph, {"mel": torch.zeros(1, 80, f)}) for f in buckets], tmp_path / "three.tflite"
+    )
     # Three signatures over one copy of the weights: the file grows by graph structure, not by 2 x 30 MB.
     assert three.stat().st_size < 1.1 * one.stat().st_size
 
@@ -163,7 +184,9 @@ def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_pat
 
     backend = InterpreterWhisper.__new__(InterpreterWhisper)
     interpreter = _interpreter(three, 2)
-    backend.encoders = {int(n.rsplit("_", 1)[1]): interpreter.get_signature_runner(n) for n in interpreter.get_signature_list()}
+    backend.encoders = {
+        int(n.rsplit("_", 1)[1]): interpreter.get_signature_runner(n) for n in interpreter.get_signature_list()
+    }
     backend.cross_names = [f"cross_{k}_{i}" for i in range(4) for k in ("k", "v")]
     assert sorted(backend.encoders) == buckets
     rng = np.random.default_rng(1)
@@ -207,8 +230,15 @@ def bundle_auto(tmp_path_factory):
     from edge_asr_build.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
-    build_whisper_bundle("tiny.en", out, "int8", evaluate_on=0, formats=["onnx", "tflite"],
-                         context=ContextPolicy.auto(), delta=DEFAULT_DELTA)
+    build_whisper_bundle(
+        "tiny.en",
+        out,
+        "int8",
+        evaluate_on=0,
+        formats=["onnx", "tflite"],
+        context=ContextPolicy.auto(),
+        delta=DEFAULT_DELTA,
+    )
     return out
 
 
@@ -238,8 +268,8 @@ def test_the_default_build_is_the_adapted_model_under_its_own_name():
     from edge_asr_build.lora import read_delta
 
     assert default_context("tiny.en", compact=False, delta=None) == "auto"
-    assert default_context("tiny.en", compact=True, delta=None) == "full"       # no compact delta for it yet
-    assert default_context("base", compact=False, delta=None) == "full"         # no delta shipped for base
+    assert default_context("tiny.en", compact=True, delta=None) == "full"  # no compact delta for it yet
+    assert default_context("base", compact=False, delta=None) == "full"  # no delta shipped for base
     assert default_context("base", compact=False, delta="d.safetensors") == "auto"
     auto = default_bundle_name("tiny.en", "int8", context="auto")
     assert auto == DEFAULT_BUNDLE and auto.startswith("tiny.en-auto-") and auto.endswith("-int8")
@@ -279,7 +309,9 @@ def test_adapted_bundle_decodes_short_windows_with_beams_unless_told_otherwise(b
     from edge_asr_build.synth import synthesize
 
     assert json.loads((bundle_auto / "manifest.json").read_text())["decoding"]["short_window_beam"] == {
-        "max_seconds": 5.0, "beam_size": 5}
+        "max_seconds": 5.0,
+        "beam_size": 5,
+    }
     command = synthesize("Open valve four.")
     for backend in ("onnx", "tflite"):
         default = load_transcriber(bundle_auto, backend=backend)
@@ -311,8 +343,9 @@ def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(
         cross = compiled.encode(mel), interpreted.encode(mel)
         assert cross[0][1].shape[-2] == frames // 2
         assert max(np.abs(a - b).max() for a, b in zip(*cross)) < 1e-4
-        (first, filled), (reference, reference_filled) = (m.decode(tokens[:-1], 0, c) for m, c in
-                                                          zip((compiled, interpreted), cross))
+        (first, filled), (reference, reference_filled) = (
+            m.decode(tokens[:-1], 0, c) for m, c in zip((compiled, interpreted), cross)
+        )
         assert filled == reference_filled == len(tokens) - 1
         assert np.abs(first - reference).max() < 1e-3
         last = compiled.decode(tokens[-1:], filled, cross[0])[0]
@@ -324,8 +357,9 @@ def test_build_with_no_flags_makes_the_adapted_model(tmp_path):
     import sys
 
     out = tmp_path / "default"
-    run = subprocess.run([sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert ContextPolicy.from_manifest(manifest) == ContextPolicy.auto()

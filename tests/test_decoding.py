@@ -1,5 +1,6 @@
 """Decoding that operators can trust: the guards against text from silence, noise and loops, beam search
 with its reordered cache, the tokenizer's encoder behind prompts and hotwords, timestamps and subtitles."""
+
 import json
 import re
 import subprocess
@@ -52,8 +53,11 @@ def test_loops_and_compression_ratio():
     assert loop_start([7] * 12) == 1 and loop_start([7] * 11) is None
     assert loop_start([9, 9, 1, 9, 9, 1]) is None  # short repetitions are speech ("check, check, check")
     assert loop_start(list(range(40))) is None
-    assert compression_ratio("the pump is hot " * 20) > 2.4 > compression_ratio(
-        "Replace the hydraulic filter on press number four before the night shift.")
+    assert (
+        compression_ratio("the pump is hot " * 20)
+        > 2.4
+        > compression_ratio("Replace the hydraulic filter on press number four before the night shift.")
+    )
 
 
 def test_fallback_sampling_is_seeded_and_counted(bundle_int8, speech):
@@ -81,15 +85,21 @@ def test_beam_search_scores_match_a_fresh_teacher_forced_pass(bundle_fp32, speec
     assert t.decoder.decode(window, temperature=0.0).tokens == result.tokens  # the runtime's cache was left usable
     _, logits, _ = forced_decoding(t.model, mel, t.decoder.prompt, result.tokens + [t.decoder.eot])
     rules = t.decoder.rules
-    total = sum(float(log_softmax(rules.apply(logits[i], result.tokens[:i]))[token])
-                for i, token in enumerate(result.tokens + [t.decoder.eot]))
+    total = sum(
+        float(log_softmax(rules.apply(logits[i], result.tokens[:i]))[token])
+        for i, token in enumerate(result.tokens + [t.decoder.eot])
+    )
     assert total == pytest.approx(result.sum_logprob, abs=2e-3)
 
 
 def test_a_beam_of_one_is_greedy_and_beams_transcribe(bundle_int8, speech):
     greedy = Transcriber(bundle_int8, guards=Guards.off())
-    assert Transcriber(bundle_int8, options=DecodingOptions(beam_size=1), guards=Guards.off()).transcribe(
-        speech[1][1]).text == greedy.transcribe(speech[1][1]).text
+    assert (
+        Transcriber(bundle_int8, options=DecodingOptions(beam_size=1), guards=Guards.off())
+        .transcribe(speech[1][1])
+        .text
+        == greedy.transcribe(speech[1][1]).text
+    )
     beam_hyps = [Transcriber(bundle_int8, options=DecodingOptions(beam_size=5)).transcribe(a).text for _, a in speech]
     assert word_error_rate([s for s, _ in speech], beam_hyps) < 15
 
@@ -98,8 +108,13 @@ def test_tokenizer_encodes_as_whisper_does(transcriber_int8):
     from whisper.tokenizer import get_tokenizer
 
     reference = get_tokenizer(multilingual=False)
-    for text in [" Replace the KX-40 seal, then call Brennholt's 2nd shift at 06:30!", "naïve  über  日本", "a_b __x._y",
-                 "Mr. O'Neill ordered 1,250 units @ 50%.\n", " x"]:
+    for text in [
+        " Replace the KX-40 seal, then call Brennholt's 2nd shift at 06:30!",
+        "naïve  über  日本",
+        "a_b __x._y",
+        "Mr. O'Neill ordered 1,250 units @ 50%.\n",
+        " x",
+    ]:
         assert transcriber_int8.tokenizer.encode(text) == reference.encode(text)
         assert transcriber_int8.tokenizer.decode(transcriber_int8.tokenizer.encode(text)) == text
 
@@ -124,15 +139,28 @@ def test_hotwords_find_a_name_the_model_misses(bundle_int8):
 
     audio = synthesize("Fit a new seal on the Kestrolix pump before lunch.")
     plain = load_transcriber(bundle_int8).transcribe(audio).text
-    favoured = load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix", "Vantorq"])).transcribe(audio).text
+    favoured = (
+        load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix", "Vantorq"]))
+        .transcribe(audio)
+        .text
+    )
     assert "Kestrolix" not in plain and "Kestrolix" in favoured, (plain, favoured)
-    assert load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix"])).transcribe(
-        CASES["silence-5s"]()).text == ""
+    assert (
+        load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix"]))
+        .transcribe(CASES["silence-5s"]())
+        .text
+        == ""
+    )
 
 
 def test_word_lists(tmp_path):
     (tmp_path / "words.txt").write_text("Kestrolix\n# suppliers\nBrennholt  # the Hamburg one\n\nKX-40\n")
-    assert read_word_list("Vantorq, KX-40", str(tmp_path / "words.txt")) == ["Vantorq", "KX-40", "Kestrolix", "Brennholt"]
+    assert read_word_list("Vantorq, KX-40", str(tmp_path / "words.txt")) == [
+        "Vantorq",
+        "KX-40",
+        "Kestrolix",
+        "Brennholt",
+    ]
     assert read_word_list(f"@{tmp_path / 'words.txt'}") == ["Kestrolix", "Brennholt", "KX-40"]
 
 
@@ -149,7 +177,9 @@ def _parse_subtitles(text: str, decimal: str) -> list[tuple[float, float, str]]:
         m = re.fullmatch(rf"{stamp} --> {stamp}", lines[0])
         assert m, lines[0]
         h1, m1, s1, ms1, h2, m2, s2, ms2 = map(int, m.groups())
-        cues.append((h1 * 3600 + m1 * 60 + s1 + ms1 / 1000, h2 * 3600 + m2 * 60 + s2 + ms2 / 1000, "\n".join(lines[1:])))
+        cues.append(
+            (h1 * 3600 + m1 * 60 + s1 + ms1 / 1000, h2 * 3600 + m2 * 60 + s2 + ms2 / 1000, "\n".join(lines[1:]))
+        )
     return cues
 
 
@@ -193,8 +223,12 @@ def test_cli_formats(bundle_int8, tmp_path, speech):
     write_wav(wav, np.concatenate([speech[0][1], np.zeros(12000, np.float32), speech[1][1]]))
 
     def cli(*args):
-        run = subprocess.run([sys.executable, "-m", "edge_asr", "transcribe", "--bundle", str(bundle_int8), *args],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-m", "edge_asr", "transcribe", "--bundle", str(bundle_int8), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr
         return run.stdout
 
@@ -206,4 +240,5 @@ def test_cli_formats(bundle_int8, tmp_path, speech):
     assert len(_parse_subtitles(cli("--format", "srt", str(wav)), ",")) == len(out["segments"])
     cli("--format", "vtt", "--output-dir", str(tmp_path / "subs"), str(wav))
     assert [c[2] for c in _parse_subtitles((tmp_path / "subs" / "two.vtt").read_text(), ".")] == [
-        s["text"] for s in out["segments"]]
+        s["text"] for s in out["segments"]
+    ]

@@ -1,4 +1,5 @@
 """Exported graphs compute what the PyTorch model computes."""
+
 import numpy as np
 import pytest
 import torch
@@ -63,8 +64,12 @@ def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
     assert m["model"]["graph_data"] == {"decoder": ["decoder.int8.rows.bin"]}
     assert m["model"]["tflite"]["graphs"] == {"encoder": "encoder.int8.tflite", "decoder": "decoder.int8.tflite"}
     for fmt in int8.formats:  # what each backend loads is an int8 model of about the same size
-        assert 0.25 * fp32.model_bytes(fmt) < int8.model_bytes(fmt) < 0.35 * fp32.model_bytes(fmt) + (
-            (bundle_int8 / "decoder.int8.rows.bin").stat().st_size if fmt == "onnx" else 0)
+        assert (
+            0.25 * fp32.model_bytes(fmt)
+            < int8.model_bytes(fmt)
+            < 0.35 * fp32.model_bytes(fmt)
+            + ((bundle_int8 / "decoder.int8.rows.bin").stat().st_size if fmt == "onnx" else 0)
+        )
     assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
 
 
@@ -83,13 +88,16 @@ def test_int8_matmul_is_exact_on_this_cpu_where_pairs_of_products_overflow_16_bi
 
     rng = np.random.default_rng(0)
     weight = rng.uniform(-1, 1, (256, 64)).astype(np.float32)
-    weight[:, :8] = np.sign(weight[:, :8])           # channels at full scale throughout
+    weight[:, :8] = np.sign(weight[:, :8])  # channels at full scale throughout
     x = rng.uniform(-1, 1, (8, 256)).astype(np.float32)
-    x[0] = np.sign(weight[:, 0])                       # activations at the ends of the range, aligned with them
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="MatMul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
-                              [numpy_helper.from_array(weight, "w")])
+    x[0] = np.sign(weight[:, 0])  # activations at the ends of the range, aligned with them
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+        [numpy_helper.from_array(weight, "w")],
+    )
     source, target = tmp_path / "float.onnx", tmp_path / "int8.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
     quantize_int8(source, target, blockwise)
@@ -113,13 +121,21 @@ def test_tied_lookup_reads_rows_of_its_own_with_the_same_numbers(tmp_path):
     rng = np.random.default_rng(0)
     vocabulary, width = 300, 64
     table = rng.normal(size=(width, vocabulary)).astype(np.float32)  # stored transposed, as the exporter does
-    nodes = [helper.make_node("Gather", ["table", "tokens"], ["columns"], name="Gather", axis=1),
-             helper.make_node("Transpose", ["columns"], ["embedded"], name="T", perm=[1, 0]),
-             helper.make_node("MatMul", ["embedded", "table"], ["logits"], name="Projection")]
-    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [5])],
-                              [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [5, width]),
-                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, vocabulary])],
-                              [numpy_helper.from_array(table, "table")])
+    nodes = [
+        helper.make_node("Gather", ["table", "tokens"], ["columns"], name="Gather", axis=1),
+        helper.make_node("Transpose", ["columns"], ["embedded"], name="T", perm=[1, 0]),
+        helper.make_node("MatMul", ["embedded", "table"], ["logits"], name="Projection"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [5])],
+        [
+            helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [5, width]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, vocabulary]),
+        ],
+        [numpy_helper.from_array(table, "table")],
+    )
     source, target = tmp_path / "float.onnx", tmp_path / "int8.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
     quantize_int8(source, target, None)

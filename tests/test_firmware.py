@@ -1,5 +1,6 @@
 """Packaging for devices: the archive installs offline and reproduces this machine's transcripts, markers
 are evaluated for the target, the Android asset pack describes what an app must feed its models."""
+
 import json
 import os
 import platform
@@ -64,14 +65,27 @@ def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8
     assert f'bundle = "{prefix}/bundle"' in (prefix / "config" / "edge-asr.toml").read_text()
     expected = json.loads((root / "testset" / "expected.json").read_text())
     for backend in ("onnx", "tflite"):
-        run = subprocess.run([str(prefix / "bin" / "edge-asr"), "transcribe", "--json", "--backend", backend,
-                              "--bundle", str(prefix / "bundle"), *map(str, sorted((prefix / "testset").glob("*.wav")))],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                str(prefix / "bin" / "edge-asr"),
+                "transcribe",
+                "--json",
+                "--backend",
+                backend,
+                "--bundle",
+                str(prefix / "bundle"),
+                *map(str, sorted((prefix / "testset").glob("*.wav"))),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
         got = {Path(r["file"]).stem: r["text"] for r in map(json.loads, run.stdout.splitlines())}
         assert got == expected["texts"][backend]
     # The installed venv has the runtime only.
-    listed = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-m", "pip", "list"], capture_output=True, text=True)
+    listed = subprocess.run(
+        [str(prefix / "venv" / "bin" / "python"), "-m", "pip", "list"], capture_output=True, text=True
+    )
     assert "onnxruntime" in listed.stdout and "torch" not in listed.stdout
     wrong = subprocess.run([str(root / "install.sh"), "--bogus"], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
@@ -109,6 +123,7 @@ def test_device_report_describes_this_machine():
 
 
 def test_firmware_cli_errors_are_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "edge_asr_firmware", "package", str(tmp_path / "none")],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "edge_asr_firmware", "package", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "no such bundle" in run.stderr

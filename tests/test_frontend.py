@@ -1,4 +1,5 @@
 """The numpy frontend against openai-whisper's own torch implementation."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """Command mode: grammars, their token automata, constrained decoding and rejection."""
+
 from __future__ import annotations
 
 import itertools
@@ -162,14 +163,17 @@ def test_command_mode_takes_beams_only_for_a_grammar_of_phrases(bundle_int8):
         assert transcriber.decoder_for(8 * 16000).options.beam_size == 1
 
 
-@pytest.mark.parametrize("text, where", [
-    ('root ::= "start" (\n', "2:1"),
-    ('root ::= "yes" | start\n', "1:18"),
-    ('\nroot ::= "a" {3,1}\n', "2:14"),
-    ('root ::= "a" ; "b"\n', "1:14"),
-    ('digit ::= [0-9]\n', None),
-    ('root ::= ((("a" | "b"){64}){64}){64}\n', None),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ('root ::= "start" (\n', "2:1"),
+        ('root ::= "yes" | start\n', "1:18"),
+        ('\nroot ::= "a" {3,1}\n', "2:14"),
+        ('root ::= "a" ; "b"\n', "1:14"),
+        ("digit ::= [0-9]\n", None),
+        ('root ::= ((("a" | "b"){64}){64}){64}\n', None),
+    ],
+)
 def test_an_invalid_grammar_names_its_line_and_column(tmp_path, text, where):
     path = tmp_path / "bad.gbnf"
     path.write_text(text)
@@ -189,8 +193,22 @@ def test_cli_invalid_grammar_is_one_line_and_exit_2(tmp_path, bundle_int8):
     wav = tmp_path / "a.wav"
     write_wav(wav, synthesize("Stop."))
     for grammar in (bad, tmp_path / "missing.gbnf"):
-        run = subprocess.run([sys.executable, "-m", "edge_asr", "transcribe", "--bundle", str(bundle_int8),
-                              "--grammar", str(grammar), str(wav)], capture_output=True, text=True, check=False)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge_asr",
+                "transcribe",
+                "--bundle",
+                str(bundle_int8),
+                "--grammar",
+                str(grammar),
+                str(wav),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert run.returncode == 2, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1 and str(grammar) in run.stderr, run.stderr
 
@@ -210,10 +228,12 @@ def test_daemon_switches_grammars_at_run_time(tmp_path, bundle_int8):
     wav = tmp_path / "menu.wav"
     write_wav(wav, np.concatenate([pause, synthesize("Stop line four."), pause, synthesize("Yes."), pause]))
     config = tmp_path / "c.toml"
-    config.write_text(f'[input]\nsource = "{wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
-                      f'[decoding]\ngrammar = "menu"\n[grammars]\nmenu = "{EXAMPLES / "machine.gbnf"}"\n'
-                      f'confirm = "{EXAMPLES / "yes_no.txt"}"\n'
-                      f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n')
+    config.write_text(
+        f'[input]\nsource = "{wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
+        f'[decoding]\ngrammar = "menu"\n[grammars]\nmenu = "{EXAMPLES / "machine.gbnf"}"\n'
+        f'confirm = "{EXAMPLES / "yes_no.txt"}"\n'
+        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n'
+    )
     daemon = Daemon(load_config(config))
     daemon.source = daemon._make_source()
     server = daemon._serve_status()

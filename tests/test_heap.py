@@ -1,4 +1,5 @@
 """The C heap gives large freed blocks back (edge_asr.heap), where the C library is glibc."""
+
 import platform
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """Layer pruning: importance measured on real outputs, pruned models exact where nothing is removed, the
 pruned student matched to the blocks it kept; and Whisper base's parts joined only when their sha256 is known."""
+
 import copy
 import hashlib
 
@@ -60,7 +61,7 @@ def test_importance_is_measured_on_outputs(tiny, items):
     assert len(changes) == 8 and all(0.0 < c < 2.0 for c in changes.values())
     rows = layer_importance(tiny.model, distortion)
     assert [(r.side, r.index) for r in rows] == [(s, i) for s in ("encoder", "decoder") for i in range(4)]
-    assert all(r.dropped > 1e-3 for r in rows)   # every block of a trained model matters somewhat
+    assert all(r.dropped > 1e-3 for r in rows)  # every block of a trained model matters somewhat
     plan = prune_plan(tiny.model, distortion, "decoder", 2)
     assert len({p["index"] for p in plan}) == 2
     # removing a second block never costs less than the first alone did (greedy, measured again)
@@ -104,13 +105,22 @@ def test_base_parts_are_joined_only_with_a_known_sha256(tmp_path):
 def test_a_multilingual_decoder_never_emits_a_language_token():
     from edge_asr.decoding import suppression_masks
 
-    special = {"eot": 50257, "sot": 50258, "english": 50259, "transcribe": 50359, "translate": 50358,
-               "sot_prev": 50361, "sot_lm": 50360, "no_speech": 50362, "no_timestamps": 50363,
-               "timestamp_begin": 50364}
+    special = {
+        "eot": 50257,
+        "sot": 50258,
+        "english": 50259,
+        "transcribe": 50359,
+        "translate": 50358,
+        "sot_prev": 50361,
+        "sot_lm": 50360,
+        "no_speech": 50362,
+        "no_timestamps": 50363,
+        "timestamp_begin": 50364,
+    }
     config = {"special_tokens": special, "suppress_tokens": [], "suppress_blank": [220], "n_vocab": 51865}
     suppress, first = suppression_masks(config)
-    assert suppress[50259:50358].all() and suppress[50300]      # every language token
-    assert not suppress[50257] and not suppress[100]            # end of text and text stay allowed
+    assert suppress[50259:50358].all() and suppress[50300]  # every language token
+    assert not suppress[50257] and not suppress[100]  # end of text and text stay allowed
     assert first[50257] and first[220]
 
 
@@ -123,10 +133,17 @@ def test_a_pruned_delta_rebuilds_its_model_and_refuses_another(tiny, tmp_path):
     add_lora(student, 2, 2.0)
     for name, p in student.named_parameters():
         if name.endswith("lora_b"):
-            torch.nn.init.normal_(p, std=0.01)   # a trained delta is not zero
-    metadata = {"kind": "pruned-context-lora", "source": tiny.source, "rank": 2, "alpha": 2.0,
-                "pruned": student.pruned, "params_before": 0, "params_after": 0,
-                "result": {"held_out_before": None, "held_out_best": None}}
+            torch.nn.init.normal_(p, std=0.01)  # a trained delta is not zero
+    metadata = {
+        "kind": "pruned-context-lora",
+        "source": tiny.source,
+        "rank": 2,
+        "alpha": 2.0,
+        "pruned": student.pruned,
+        "params_before": 0,
+        "params_after": 0,
+        "result": {"held_out_before": None, "held_out_best": None},
+    }
     save_delta(student, tmp_path / "d.safetensors", metadata)
     model, summary = pruned_model(tiny, tmp_path / "d.safetensors")
     assert model.pruned == {"encoder": [0, 1, 2, 3], "decoder": [0, 1, 3]} and summary["rank"] == 2

@@ -1,4 +1,5 @@
 """Every source format loads into the same model, and that model computes what the originals compute."""
+
 import json
 import pickle
 
@@ -92,14 +93,26 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_huggingface_directory(tiny, tmp_path):
     from safetensors.torch import save_file
 
-    renames = [("encoder.positional_embedding", "model.encoder.embed_positions.weight"),
-               ("decoder.positional_embedding", "model.decoder.embed_positions.weight"),
-               ("decoder.token_embedding.", "model.decoder.embed_tokens."), ("encoder.ln_post.", "model.encoder.layer_norm."),
-               ("decoder.ln.", "model.decoder.layer_norm."), (".blocks.", ".layers."), ("encoder.conv", "model.encoder.conv"),
-               (".cross_attn_ln.", ".encoder_attn_layer_norm."), (".attn_ln.", ".self_attn_layer_norm."),
-               (".mlp_ln.", ".final_layer_norm."), (".cross_attn.", ".encoder_attn."), (".attn.", ".self_attn."),
-               (".query.", ".q_proj."), (".key.", ".k_proj."), (".value.", ".v_proj."), (".out.", ".out_proj."),
-               (".mlp.0.", ".fc1."), (".mlp.2.", ".fc2.")]
+    renames = [
+        ("encoder.positional_embedding", "model.encoder.embed_positions.weight"),
+        ("decoder.positional_embedding", "model.decoder.embed_positions.weight"),
+        ("decoder.token_embedding.", "model.decoder.embed_tokens."),
+        ("encoder.ln_post.", "model.encoder.layer_norm."),
+        ("decoder.ln.", "model.decoder.layer_norm."),
+        (".blocks.", ".layers."),
+        ("encoder.conv", "model.encoder.conv"),
+        (".cross_attn_ln.", ".encoder_attn_layer_norm."),
+        (".attn_ln.", ".self_attn_layer_norm."),
+        (".mlp_ln.", ".final_layer_norm."),
+        (".cross_attn.", ".encoder_attn."),
+        (".attn.", ".self_attn."),
+        (".query.", ".q_proj."),
+        (".key.", ".k_proj."),
+        (".value.", ".v_proj."),
+        (".out.", ".out_proj."),
+        (".mlp.0.", ".fc1."),
+        (".mlp.2.", ".fc2."),
+    ]
     hf = {}
     for name, tensor in tiny.model.state_dict().items():
         for old, new in renames:
@@ -109,21 +122,43 @@ def test_huggingface_directory(tiny, tmp_path):
         hf[name] = tensor.contiguous()
     save_file(hf, str(tmp_path / "model.safetensors"))
     d = tiny.model.dims
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="whisper", num_mel_bins=d.n_mels, max_source_positions=d.n_audio_ctx, d_model=d.n_audio_state,
-        encoder_attention_heads=d.n_audio_head, encoder_layers=d.n_audio_layer, vocab_size=d.n_vocab,
-        max_target_positions=d.n_text_ctx, decoder_attention_heads=d.n_text_head, decoder_layers=d.n_text_layer)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="whisper",
+                num_mel_bins=d.n_mels,
+                max_source_positions=d.n_audio_ctx,
+                d_model=d.n_audio_state,
+                encoder_attention_heads=d.n_audio_head,
+                encoder_layers=d.n_audio_layer,
+                vocab_size=d.n_vocab,
+                max_target_positions=d.n_text_ctx,
+                decoder_attention_heads=d.n_text_head,
+                decoder_layers=d.n_text_layer,
+            )
+        )
+    )
     (tmp_path / "tokenizer.json").write_bytes(tiny.tokenizer_json.read_bytes())
     loaded = load_whisper(tmp_path)
     assert _same_weights(loaded.model, tiny.model) and loaded.source["format"] == "huggingface"
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p, "no such file"),
-    (lambda p: (p.mkdir(), p)[1], "neither a CTranslate2 model"),
-    (lambda p: (p.mkdir(), (p / "model.bin").write_bytes(b"\x06\x00\x00\x00\x0c\x00WhisperSpec\x00\x01"), (p / "tokenizer.json").write_text("{}"), p)[-1],
-     "not a readable CTranslate2 model"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p, "no such file"),
+        (lambda p: (p.mkdir(), p)[1], "neither a CTranslate2 model"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "model.bin").write_bytes(b"\x06\x00\x00\x00\x0c\x00WhisperSpec\x00\x01"),
+                (p / "tokenizer.json").write_text("{}"),
+                p,
+            )[-1],
+            "not a readable CTranslate2 model",
+        ),
+    ],
+)
 def test_bad_sources_give_clear_errors(tmp_path, make, message):
     with pytest.raises(SourceError, match=message):
         load_whisper(make(tmp_path / "model"))

@@ -4,6 +4,7 @@ The trained model here is tiny and learns three words from one synthesized voice
 the pipeline (features -> CTC training -> ONNX -> int8 -> runtime, whole and streamed) holds together on
 real speech, not that the recipe generalizes (benchmarks/ measures that).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,7 @@ def test_chunked_state_passing_equals_whole_utterance_in_torch():
         whole, _ = model(x)
         state, chunks = None, []
         for start in range(0, x.shape[1], 21):  # 21 frames: 7 steps of 3 frames
-            out, state = model(x[:, start:start + 21], state)
+            out, state = model(x[:, start : start + 21], state)
             chunks.append(out)
     assert (torch.cat(chunks, 1) - whole).abs().max() < 1e-5
 
@@ -94,7 +95,7 @@ def test_exported_graph_matches_torch_and_streams(tmp_path, factored):
     # Chunks of 6 frames with the state carried give the same log-probabilities.
     state, outs = zeros, []
     for start in range(0, len(x), 6):
-        log_probs, *rest = session.run(None, {"features": x[start:start + 6]} | state)
+        log_probs, *rest = session.run(None, {"features": x[start : start + 6]} | state)
         state = dict(zip(zeros, rest))
         outs.append(log_probs)
     assert np.abs(np.concatenate(outs) - whole[0]).max() < 1e-5
@@ -145,6 +146,7 @@ def test_bias_tips_a_close_call_but_not_clear_evidence():
 
 # --- a small model trained end to end on synthesized speech ---------------------------------------------------
 
+
 def _take(audio: np.ndarray, rng: np.random.Generator, lead: float | None = None) -> np.ndarray:
     """The word with silence around it, at some level, over a faint noise floor."""
     lead = int((rng.uniform(0.05, 0.5) if lead is None else lead) * 16000)
@@ -173,8 +175,11 @@ def trained(tmp_path_factory):
     filters = mel_filters(16000, 400, 80)
     rng = np.random.default_rng(0)
     clean = {w: synthesize(w) for w in WORDS}
-    examples = [Example(frame_log_mel(_take(audio, rng), filters).astype(np.float16), encode_text(w), w)
-                for _ in range(16) for w, audio in clean.items()]
+    examples = [
+        Example(frame_log_mel(_take(audio, rng), filters).astype(np.float16), encode_text(w), w)
+        for _ in range(16)
+        for w, audio in clean.items()
+    ]
     model = LstmCtc(LstmConfig(hidden=[64], proj=[0]))
     model.set_normalization(*normalization(examples))
     config = TrainConfig(epochs=80, lr=1e-2, max_frames=600, spec_augment=False)
@@ -216,10 +221,11 @@ def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bund
     pause = np.random.default_rng(5).normal(0, 1e-3, 16000).astype(np.float32)
     audio = np.concatenate([pause] + [x for w in WORDS for x in (word_audio[w], pause)])
     partials, finals = [], []
-    recognizer = StreamRecognizer(transcriber, Endpointer(EnergyVad(), min_silence=0.4), None,
-                                  on_partial=partials.append, on_final=finals.append)
+    recognizer = StreamRecognizer(
+        transcriber, Endpointer(EnergyVad(), min_silence=0.4), None, on_partial=partials.append, on_final=finals.append
+    )
     for start in range(0, len(audio), 1600):
-        recognizer.feed(audio[start:start + 1600])
+        recognizer.feed(audio[start : start + 1600])
     recognizer.finish()
     assert [f.text for f in finals] == WORDS
     assert partials and all(p.text for p in partials)
@@ -231,7 +237,7 @@ def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bund
     for w in WORDS:
         stream = transcriber.stream()
         for start in range(0, len(word_audio[w]), 1600):
-            stream.accept(word_audio[w][start:start + 1600])
+            stream.accept(word_audio[w][start : start + 1600])
         assert stream.finish() == transcriber.transcribe(word_audio[w]).text
 
 
@@ -242,17 +248,21 @@ def test_cli_lstm_bundle_transcribes_and_reports(words_bundle, word_audio, tmp_p
     write_wav(wav, word_audio["seven"])
     # In a process where torch and the build step cannot be imported: the runtime needs neither.
     for flag in ("--hotwords", "--bias-words"):  # the second is the older name
-        run = run_cli_without_torch(['transcribe', '--json', '--bundle', str(words_bundle), '--beam', '4',
-                                     flag, 'seven,nine', str(wav)])
+        run = run_cli_without_torch(
+            ["transcribe", "--json", "--bundle", str(words_bundle), "--beam", "4", flag, "seven,nine", str(wav)]
+        )
         assert run.returncode == 0, run.stderr
         out = json.loads(run.stdout)
         assert out["text"] == "seven" and out["segments"][0]["text"] == "seven"
-    info = subprocess.run([sys.executable, "-m", "edge_asr", "info", "--bundle", str(words_bundle)],
-                          capture_output=True, text=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "info", "--bundle", str(words_bundle)], capture_output=True, text=True
+    )
     assert "lstm-ctc int8" in info.stdout
     bad = subprocess.run([sys.executable, "-m", "edge_asr", "lstm", "build", str(wav)], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "not an LSTM-CTC checkpoint" in bad.stderr
     grammar = Path(__file__).resolve().parent.parent / "examples" / "grammars" / "digits.gbnf"
-    no_grammar = run_cli_without_torch(["transcribe", "--bundle", str(words_bundle), "--grammar", str(grammar), str(wav)])
+    no_grammar = run_cli_without_torch(
+        ["transcribe", "--bundle", str(words_bundle), "--grammar", str(grammar), str(wav)]
+    )
     assert no_grammar.returncode == 2 and no_grammar.stderr.count("\n") == 1, no_grammar.stderr
     assert "needs a Whisper bundle" in no_grammar.stderr

@@ -1,6 +1,7 @@
 """Transcripts to an MQTT broker, at least once: the spool, the publisher and `collect`, against a real
 Mosquitto on a loopback port (installed by setup.sh), with persistence, through outages, rotation, SIGKILL,
 TLS and passwords. Every process these tests start is stopped within a bounded wait."""
+
 import json
 import os
 import signal
@@ -45,8 +46,11 @@ def broker(tmp_path):
 
 
 def _collect(port, db, *extra):
-    process = subprocess.Popen([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}",
-                                "--db", str(db), *extra], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}", "--db", str(db), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     STARTED.append(process)
     wait_for(lambda: db.exists() or process.poll() is not None, 15)
     time.sleep(0.5)  # subscribed
@@ -75,7 +79,7 @@ def _journal(path):
     """Every record in the JSONL file and its rotated backups, by id."""
     records = {}
     for p in sorted(path.parent.glob(path.name + "*")):
-        if p.name == path.name or p.name[len(path.name) + 1:].isdigit():
+        if p.name == path.name or p.name[len(path.name) + 1 :].isdigit():
             for line in p.read_text().splitlines():
                 r = json.loads(line)
                 assert r["id"] not in records
@@ -90,20 +94,28 @@ def _daemon_config(tmp_path, source, bundle, port, realtime=True, status_port=No
         f'[output]\njsonl = "{tmp_path / "out.jsonl"}"\n{extra_output}\n'
         f'[status]\nlisten = "127.0.0.1:{status_port or 0}"\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ndevice_id = "press-4"\nreconnect_max = 2.0\n'
-        f'counters_interval = 1.0\n{extra_mqtt}\n')
+        f"counters_interval = 1.0\n{extra_mqtt}\n"
+    )
     return config
 
 
 def _daemon(config):
-    process = subprocess.Popen([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     STARTED.append(process)
     return process
 
 
 def _assert_delivered(journal, db, timeout=30):
-    wait_for(lambda: set(_journal(journal)) <= set(_rows(db)), timeout,
-          f"lost: {sorted(set(_journal(journal)) - set(_rows(db)))}")
+    wait_for(
+        lambda: set(_journal(journal)) <= set(_rows(db)),
+        timeout,
+        f"lost: {sorted(set(_journal(journal)) - set(_rows(db)))}",
+    )
     rows = _rows(db)
     for i, r in _journal(journal).items():
         assert rows[i][:4] == (r["text"], r["time"], r["start_s"], r["end_s"])
@@ -139,8 +151,12 @@ def test_rotation_keeps_unsent_files_until_they_are_acknowledged(tmp_path, broke
     try:
         broker.stop()  # the broker is down while the log rotates past its backups
         sink = JsonlSink(path, max_bytes=700, backups=1, device_id="pi-7")
-        mqtt = MqttSink(MqttSettings(BrokerSettings("127.0.0.1", broker.port), "pi-7", reconnect_min=0.1,
-                                     reconnect_max=0.5, drain_seconds=10), sink).start()
+        mqtt = MqttSink(
+            MqttSettings(
+                BrokerSettings("127.0.0.1", broker.port), "pi-7", reconnect_min=0.1, reconnect_max=0.5, drain_seconds=10
+            ),
+            sink,
+        ).start()
         for i in range(30):
             sink.write(timestamped({"text": f"unsent line {i}", "start_s": float(i), "end_s": i + 0.5}))
         numbered = [p for p in tmp_path.glob("t.jsonl.*") if p.name.rsplit(".", 1)[1].isdigit()]
@@ -194,8 +210,12 @@ def test_delivery_status_and_counters(tmp_path, broker, stream_wav, bundle_int8)
     assert retained["edge-asr/press-4/counters"]["mqtt"]["connected"] is True
 
     csv_path = tmp_path / "fleet.csv"
-    out = subprocess.run([sys.executable, "-m", "edge_asr", "collect", "--db", str(db), "--csv", str(csv_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "collect", "--db", str(db), "--csv", str(csv_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and len(csv_path.read_text().splitlines()) == 4
 
 
@@ -219,8 +239,16 @@ def test_broker_outage_and_rotation_lose_nothing(tmp_path, broker, long_stream_w
     rotates meanwhile. Every final arrives, once in the database."""
     db, journal, status_port = tmp_path / "fleet.sqlite", tmp_path / "out.jsonl", free_port()
     collect = _collect(broker.port, db)
-    process = _daemon(_daemon_config(tmp_path, long_stream_wav, bundle_int8, broker.port, status_port=status_port,
-                                     extra_output="max_bytes = 1500\nbackups = 1"))
+    process = _daemon(
+        _daemon_config(
+            tmp_path,
+            long_stream_wav,
+            bundle_int8,
+            broker.port,
+            status_port=status_port,
+            extra_output="max_bytes = 1500\nbackups = 1",
+        )
+    )
     try:
         wait_for(lambda: len(_rows(db)) >= 1, 60, "nothing delivered before the outage")
         broker.stop(signal.SIGTERM)
@@ -246,8 +274,9 @@ def test_broker_outage_and_rotation_lose_nothing(tmp_path, broker, long_stream_w
     assert "Traceback" not in stderr and 1 <= sum("mqtt broker" in line for line in stderr.splitlines()) <= 4
 
 
-def test_sigkill_while_publishing_then_restart_loses_nothing(tmp_path, broker, long_stream_wav, stream_wav,
-                                                             bundle_int8):
+def test_sigkill_while_publishing_then_restart_loses_nothing(
+    tmp_path, broker, long_stream_wav, stream_wav, bundle_int8
+):
     db, journal = tmp_path / "fleet.sqlite", tmp_path / "out.jsonl"
     collect = _collect(broker.port, db)
     try:
@@ -257,8 +286,11 @@ def test_sigkill_while_publishing_then_restart_loses_nothing(tmp_path, broker, l
         process.wait(timeout=10)
         killed = _journal(journal)
         offset = OffsetFile(journal).load()
-        wait_for(lambda: {i for i, r in killed.items() if r["seq"] <= offset.seq} <= set(_rows(db)), 10,
-              "a line up to the offset is not in the database")
+        wait_for(
+            lambda: {i for i, r in killed.items() if r["seq"] <= offset.seq} <= set(_rows(db)),
+            10,
+            "a line up to the offset is not in the database",
+        )
 
         # The restart publishes what was after the offset, and new finals continue the sequence.
         process = _daemon(_daemon_config(tmp_path, stream_wav, bundle_int8, broker.port, realtime=False))
@@ -299,24 +331,67 @@ def tls_broker(tmp_path):
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for name, cn in (("server", "127.0.0.1"), ("client", "press-4")):
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", *(["-extfile", "san.ext"] if name == "server" else []), cwd=d)
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwd"), "press-4", "s3cret pass"], check=True,
-                   capture_output=True, timeout=30)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *(["-extfile", "san.ext"] if name == "server" else []),
+            cwd=d,
+        )
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(d / "passwd"), "press-4", "s3cret pass"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     (d / "good.secret").write_text("press-4:s3cret pass\n")
     (d / "bad.secret").write_text("press-4:wrong\n")
-    extra = (f"cafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\nrequire_certificate true\n"
-             f"password_file {d}/passwd\nallow_anonymous false")
+    extra = (
+        f"cafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\nrequire_certificate true\n"
+        f"password_file {d}/passwd\nallow_anonymous false"
+    )
     b = Mosquitto(tmp_path / "broker", extra=extra).start()
     yield b, d
     b.stop(signal.SIGKILL)
 
 
 def _collect_once(port, db, pki, secret, *extra):
-    return subprocess.run([sys.executable, "-m", "edge_asr", "collect", "--broker", f"127.0.0.1:{port}", "--db", str(db),
-                           "--ca-file", str(pki / "ca.crt"), "--cert-file", str(pki / "client.crt"),
-                           "--key-file", str(pki / "client.key"), "--credentials", str(pki / secret),
-                           "--duration", "3", *extra], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_asr",
+            "collect",
+            "--broker",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(db),
+            "--ca-file",
+            str(pki / "ca.crt"),
+            "--cert-file",
+            str(pki / "client.crt"),
+            "--key-file",
+            str(pki / "client.key"),
+            "--credentials",
+            str(pki / secret),
+            "--duration",
+            "3",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
@@ -327,12 +402,15 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
     db = tmp_path / "fleet.sqlite"
     out = _collect_once(broker.port, db, pki, "good.secret")  # makes the durable session
     assert out.returncode == 0, out.stderr
-    tls = dict(tls=True, ca_file=str(pki / "ca.crt"), cert_file=str(pki / "client.crt"),
-               key_file=str(pki / "client.key"))
+    tls = dict(
+        tls=True, ca_file=str(pki / "ca.crt"), cert_file=str(pki / "client.crt"), key_file=str(pki / "client.key")
+    )
 
     sink = JsonlSink(tmp_path / "t.jsonl", device_id="press-4")
-    mqtt = MqttSink(MqttSettings(BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "good.secret"), **tls),
-                                 "press-4"), sink).start()
+    mqtt = MqttSink(
+        MqttSettings(BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "good.secret"), **tls), "press-4"),
+        sink,
+    ).start()
     sink.write(timestamped({"text": "Delivered over TLS.", "start_s": 0.0, "end_s": 1.5}))
     wait_for(lambda: mqtt.status()["backlog_lines"] == 0, 15, f"not acknowledged: {mqtt.status()}")
     sink.close()
@@ -343,8 +421,15 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
     # A wrong password: the publisher says so in one line, keeps the line spooled and retries.
     capsys.readouterr()
     sink = JsonlSink(tmp_path / "u.jsonl", device_id="press-4")
-    mqtt = MqttSink(MqttSettings(BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "bad.secret"), **tls),
-                                 "press-4", reconnect_min=0.1, reconnect_max=0.3), sink).start()
+    mqtt = MqttSink(
+        MqttSettings(
+            BrokerSettings("127.0.0.1", broker.port, credentials=str(pki / "bad.secret"), **tls),
+            "press-4",
+            reconnect_min=0.1,
+            reconnect_max=0.3,
+        ),
+        sink,
+    ).start()
     sink.write(timestamped({"text": "Not delivered.", "start_s": 0.0, "end_s": 1.0}))
     wait_for(lambda: mqtt.last_error is not None and mqtt.failures >= 3, 15)
     status = mqtt.status()
@@ -355,9 +440,11 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
     assert err.count("\n") == 1 and "credentials" in err and "wrong" not in err  # the password never shows
 
     # collect: the same mistakes end in one line and a non-zero exit.
-    cases = {"wrong password": _collect_once(broker.port, db, pki, "bad.secret"),
-             "unreachable": _collect_once(free_port(), db, pki, "good.secret"),
-             "missing CA": _collect_once(broker.port, db, pki, "good.secret", "--ca-file", str(pki / "nope.crt"))}
+    cases = {
+        "wrong password": _collect_once(broker.port, db, pki, "bad.secret"),
+        "unreachable": _collect_once(free_port(), db, pki, "good.secret"),
+        "missing CA": _collect_once(broker.port, db, pki, "good.secret", "--ca-file", str(pki / "nope.crt")),
+    }
     (pki / "garbage.crt").write_text("not a certificate\n")
     cases["bad CA"] = _collect_once(broker.port, db, pki, "good.secret", "--ca-file", str(pki / "garbage.crt"))
     cases["untrusted"] = _collect_once(broker.port, db, pki, "good.secret", "--ca-file", str(pki / "client.crt"))
@@ -373,16 +460,22 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
 def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
     from edge_asr.daemon import load_config
 
-    cases = {"[mqtt]\nhost = \"127.0.0.1\"\nbroker_url = \"x\"\n": "broker_url",
-             '[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
-             f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\ntls = true\n'
-             f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file",
-             f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': "integer"}
+    cases = {
+        '[mqtt]\nhost = "127.0.0.1"\nbroker_url = "x"\n': "broker_url",
+        '[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
+        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\ntls = true\n'
+        f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file",
+        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': "integer",
+    }
     for text, expected in cases.items():
         config = tmp_path / "c.toml"
         config.write_text(f'[input]\nsource = "{stream_wav}"\n[model]\nbundle = "{bundle_int8}"\n' + text)
-        out = subprocess.run([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and expected in out.stderr, out.stderr
     with pytest.raises(EdgeAsrError, match="unknown key"):
         config.write_text("[mqtt]\nretain = true\n")

@@ -1,4 +1,5 @@
 """The runtime end to end: transcripts, WER on synthesized speech, RTF reporting, isolation from torch."""
+
 import json
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_runtime_needs_neither_torch_nor_librosa(bundle_int8, tmp_path, speech):
     """Import and run the runtime in a process where importing torch or librosa fails."""
     wav = tmp_path / "utt.wav"
     sf.write(wav, speech[0][1], 16000)
-    out = run_cli_without_torch(['transcribe', '--json', '--bundle', str(bundle_int8), str(wav)])
+    out = run_cli_without_torch(["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)])
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert "hydraulic filter" in result["text"].lower()

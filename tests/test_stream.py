@@ -1,4 +1,5 @@
 """Streaming: endpointing, the file source, the daemon's sinks and its signal handling."""
+
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ def test_endpointer_finds_each_sentence(stream):
     endpointer = Endpointer(EnergyVad(), min_silence=0.5)
     utterances = []
     for i in range(0, len(audio), 1600):
-        utterances += endpointer.feed(audio[i:i + 1600])
+        utterances += endpointer.feed(audio[i : i + 1600])
     utterances += endpointer.flush()
     assert len(utterances) == len(texts)
     for u, (start, end) in zip(utterances, spans):
@@ -117,10 +118,16 @@ def test_jsonl_sink_rotates_and_keeps_whole_lines(tmp_path):
 
 def _daemon(tmp_path, wav, bundle):
     config = tmp_path / "edge-asr.toml"
-    config.write_text(f'[input]\nsource = "{wav}"\nrealtime = true\n[model]\nbundle = "{bundle}"\n'
-                      f'[output]\njsonl = "{tmp_path / "out.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n')
-    return subprocess.Popen([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config.write_text(
+        f'[input]\nsource = "{wav}"\nrealtime = true\n[model]\nbundle = "{bundle}"\n'
+        f'[output]\njsonl = "{tmp_path / "out.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n'
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_lines(path, n, process, timeout=60):
@@ -160,14 +167,19 @@ def test_sigkill_leaves_only_whole_lines(tmp_path, stream_wav, bundle_int8):
 def test_config_errors_are_one_line(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[vad]\nmin_silence_ms = 500\n")
-    out = subprocess.run([sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)], capture_output=True, text=True
+    )
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "min_silence_ms" in out.stderr
 
 
 def test_missing_microphone_is_one_line(bundle_int8):
-    out = subprocess.run([sys.executable, "-m", "edge_asr", "listen", "--bundle", str(bundle_int8),
-                          "--device", "no-such-device-xyz"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "listen", "--bundle", str(bundle_int8), "--device", "no-such-device-xyz"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0
     assert "edge-asr devices" in out.stderr and "Traceback" not in out.stderr
 
@@ -178,8 +190,10 @@ def test_status_endpoint_serves_counters(tmp_path, stream_wav, bundle_int8):
     from edge_asr.daemon import Daemon, load_config
 
     config = tmp_path / "c.toml"
-    config.write_text(f'[input]\nsource = "{stream_wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
-                      f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n')
+    config.write_text(
+        f'[input]\nsource = "{stream_wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
+        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n'
+    )
     daemon = Daemon(load_config(config))
     daemon.source = daemon._make_source()
     server = daemon._serve_status()
@@ -200,9 +214,11 @@ def test_daemon_decoding_section(tmp_path, bundle_int8):
     from edge_asr.daemon import decoding_settings, load_config
 
     config = tmp_path / "c.toml"
-    config.write_text(f'[model]\nbundle = "{bundle_int8}"\nbias_words = ["older"]\n'
-                      '[decoding]\nbeam = 5\nvocabulary = ["Kestrolix", "KX-40"]\nno_speech_threshold = 0.5\n'
-                      'vad_gate = true\nprompt = "Press shop log."\n')
+    config.write_text(
+        f'[model]\nbundle = "{bundle_int8}"\nbias_words = ["older"]\n'
+        '[decoding]\nbeam = 5\nvocabulary = ["Kestrolix", "KX-40"]\nno_speech_threshold = 0.5\n'
+        'vad_gate = true\nprompt = "Press shop log."\n'
+    )
     settings = decoding_settings(load_config(config))
     assert settings.beam == 5 and settings.hotwords == ["Kestrolix", "KX-40"] and settings.prompt == "Press shop log."
     assert settings.guards["no_speech_threshold"] == 0.5 and settings.guards["vad_gate"] is True

@@ -1,5 +1,6 @@
 """The bundle's other formats compute what its ONNX graphs compute: LiteRT (.tflite) and ONNX Runtime's
 mobile format (.ort), for Whisper and LSTM-CTC models, and the runtime picks a backend that is installed."""
+
 import json
 import subprocess
 import sys
@@ -51,8 +52,9 @@ def test_int8_tflite_transcribes_like_int8_onnx(bundle_int8, speech):
     assert texts["ort"] == texts["onnx"]
     assert word_error_rate([t for t, _ in speech], texts["tflite"]) < 10
     manifest = bundle.manifest
-    sizes = {f: sum(manifest["files"][n]["bytes"] for n in manifest["model"][f]["graphs"].values())
-             for f in ("tflite",)}
+    sizes = {
+        f: sum(manifest["files"][n]["bytes"] for n in manifest["model"][f]["graphs"].values()) for f in ("tflite",)
+    }
     assert sizes["tflite"] < 0.35 * 4 * bundle.parameters  # int8 weights: well under a float32 copy
 
 
@@ -121,18 +123,21 @@ def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
     torch.manual_seed(0)
     plain = LstmCtc(LstmConfig(hidden=[48, 40], proj=[0, 0])).eval()
     factored = compress_lstm(plain, ratio=0.5)[0].eval()
-    features = torch.randn(3 * (CHUNK_STEPS + 5) + 2, 80)   # a chunk, 5 single steps, 2 frames left over
+    features = torch.randn(3 * (CHUNK_STEPS + 5) + 2, 80)  # a chunk, 5 single steps, 2 frames left over
     for model in (plain, factored):
         path = export_lstm_tflite(model, tmp_path / "m.tflite")
         interpreter = interpreter_class()(model_path=str(path))
         runners = {n: interpreter.get_signature_runner(n) for n in ("chunk", "step")}
         with torch.no_grad():
             ref, ref_state = model(features[None])
-        state = {k: np.zeros(v["shape"], np.float32) for k, v in runners["step"].get_input_details().items()
-                 if k != "features"}
+        state = {
+            k: np.zeros(v["shape"], np.float32)
+            for k, v in runners["step"].get_input_details().items()
+            if k != "features"
+        }
         out, start = [], 0
         for name, frames in [("chunk", 3 * CHUNK_STEPS)] + [("step", 3)] * 5:
-            result = runners[name](features=features[start:start + frames].numpy(), **state)
+            result = runners[name](features=features[start : start + frames].numpy(), **state)
             out.append(result["log_probs"])
             state = {k: result[k] for k in state}
             start += frames
@@ -145,13 +150,30 @@ def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, spee
 
     wav = tmp_path / "s.wav"
     write_wav(wav, speech[0][1])
-    run = run_cli_without_torch(["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)],
-                                also_block=("onnxruntime",))
+    run = run_cli_without_torch(
+        ["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)], also_block=("onnxruntime",)
+    )
     assert run.returncode == 0, run.stderr
     expected = load_transcriber(bundle_int8, backend="tflite").transcribe(speech[0][1]).text
     assert json.loads(run.stdout)["text"] == expected
-    bench = subprocess.run([sys.executable, "-m", "edge_asr", "bench", "--json", "--runs", "1", "--backend", "ort",
-                            "--bundle", str(bundle_int8), str(tmp_path)], capture_output=True, text=True)
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_asr",
+            "bench",
+            "--json",
+            "--runs",
+            "1",
+            "--backend",
+            "ort",
+            "--bundle",
+            str(bundle_int8),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bench.returncode != 0  # no refs.tsv: a one-line error, not a traceback
     assert bench.stderr.count("\n") == 1
 
@@ -165,6 +187,9 @@ def test_a_bundle_without_tflite_models_says_how_to_get_them(tmp_path, bundle_in
     assert Bundle.load(onnx_only).formats == ["onnx"]
     wav = tmp_path / "s.wav"
     write_wav(wav, speech[0][1])
-    run = subprocess.run([sys.executable, "-m", "edge_asr", "transcribe", "--backend", "tflite", "--bundle",
-                          str(onnx_only), str(wav)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "edge_asr", "transcribe", "--backend", "tflite", "--bundle", str(onnx_only), str(wav)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 3 and run.stderr.count("\n") == 1 and "--formats tflite" in run.stderr

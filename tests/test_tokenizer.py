@@ -1,4 +1,5 @@
 """Detokenization from the bundle's token list equals the Hugging Face tokenizer's decoding."""
+
 import random
 
 from edge_asr.tokenizer import Tokenizer
