@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAMMARS = ROOT / "examples" / "grammars"
 EVAL_VOICES = [
@@ -156,7 +158,7 @@ def kokoro(text: str, voice: str) -> np.ndarray:
             "speed": np.array([1.0], np.float32),
         },
     )[0]
-    return resample(np.asarray(audio, np.float32).ravel(), 24000, 16000)
+    return resample(np.asarray(audio, np.float32).ravel(), 24000, SAMPLE_RATE)
 
 
 def speak(text: str, engine: str, voice: str, rng: random.Random) -> np.ndarray:
@@ -170,14 +172,17 @@ def speak(text: str, engine: str, voice: str, rng: random.Random) -> np.ndarray:
         from edge_asr_build.synth import synthesize
 
         audio = synthesize(text, length_scale=rng.uniform(0.9, 1.2))
-    pad = lambda: np.zeros(int(16000 * rng.uniform(0.2, 0.4)), np.float32)
+
+    def pad() -> np.ndarray:
+        return np.zeros(int(SAMPLE_RATE * rng.uniform(0.2, 0.4)), np.float32)
+
     return np.concatenate([pad(), cut_tight(audio), pad()])
 
 
 def factory_noise(seconds: float, rng: np.random.Generator) -> np.ndarray:
     """Mains hum with harmonics, low rumble and metal clanks at random times."""
-    n = int(16000 * seconds)
-    t = np.arange(n) / 16000
+    n = int(SAMPLE_RATE * seconds)
+    t = np.arange(n) / SAMPLE_RATE
     hum = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6.3)) / k for k, f in enumerate((50, 100, 150, 300), 1))
     rumble = np.cumsum(rng.normal(0, 1, n))
     rumble = rumble - np.convolve(rumble, np.ones(400) / 400, mode="same")
@@ -190,7 +195,7 @@ def factory_noise(seconds: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def with_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    noise = factory_noise(len(audio) / 16000, rng)
+    noise = factory_noise(len(audio) / SAMPLE_RATE, rng)
     power = float(np.mean(audio**2)) or 1e-8
     return np.clip(audio + noise * np.sqrt(power / 10 ** (rng.uniform(5, 15) / 10)), -1, 1).astype(np.float32)
 
@@ -199,9 +204,9 @@ def cough(rng: np.random.Generator) -> np.ndarray:
     """Two or three bursts of low-passed noise with a sharp attack: a cough, roughly."""
     parts = [np.zeros(3200, np.float32)]
     for _ in range(rng.integers(2, 4)):
-        n = int(16000 * rng.uniform(0.15, 0.3))
+        n = int(SAMPLE_RATE * rng.uniform(0.15, 0.3))
         burst = np.convolve(rng.normal(0, 1, n), np.ones(6) / 6, mode="same") * np.exp(-np.arange(n) / (n / 4))
-        parts += [0.3 * burst.astype(np.float32), np.zeros(int(16000 * rng.uniform(0.1, 0.25)), np.float32)]
+        parts += [0.3 * burst.astype(np.float32), np.zeros(int(SAMPLE_RATE * rng.uniform(0.1, 0.25)), np.float32)]
     return np.concatenate(parts + [np.zeros(3200, np.float32)])
 
 
@@ -215,7 +220,7 @@ def write_set(folder: Path, clips: list[tuple[str, np.ndarray, str, int]]) -> Pa
 
     folder.mkdir(parents=True, exist_ok=True)
     for uid, audio, _, rate in clips:
-        stored = audio if rate == 16000 else soxr.resample(audio, 16000, rate)
+        stored = audio if rate == SAMPLE_RATE else soxr.resample(audio, SAMPLE_RATE, rate)
         sf.write(folder / f"{uid}.wav", stored, rate, subtype="PCM_16")
     (folder / "refs.tsv").write_text("".join(f"{uid}\t{text}\n" for uid, _, text, _ in clips), encoding="utf-8")
     return folder
@@ -234,7 +239,7 @@ def codes_set(folder: Path, count: int, seed: int, voices=EVAL_VOICES) -> Path:
     for i in range(count):
         code = "".join(rng.choice(CODE_SYMBOLS) for _ in range(rng.randint(3, 6)))
         engine, voice = voices[i % len(voices)]
-        clips.append((f"code{i:02d}", speak(", ".join(code), engine, voice, rng), code, 16000))
+        clips.append((f"code{i:02d}", speak(", ".join(code), engine, voice, rng), code, SAMPLE_RATE))
     return write_set(folder, clips)
 
 
@@ -242,8 +247,8 @@ def quiet_set(folder: Path, seed: int) -> Path:
     if (folder / "refs.tsv").exists():
         return folder
     rng = np.random.default_rng(seed)
-    clips = [(f"silence{i}", np.zeros(16000 * (i + 1), np.float32), "", 16000) for i in range(3)]
-    clips += [(f"noise{i}", 0.05 * factory_noise(2.0 + i, rng), "", 16000) for i in range(5)]
+    clips = [(f"silence{i}", np.zeros(SAMPLE_RATE * (i + 1), np.float32), "", SAMPLE_RATE) for i in range(3)]
+    clips += [(f"noise{i}", 0.05 * factory_noise(2.0 + i, rng), "", SAMPLE_RATE) for i in range(5)]
     return write_set(folder, clips)
 
 
@@ -276,7 +281,7 @@ def one_voice_each(folder: Path, texts: list[str], voices, seed: int) -> Path:
         audio = cough(np_rng) if text.startswith("(") else speak(text, engine, voice, rng)
         if n % 3 == 2:
             audio = with_noise(audio, np_rng)
-        clips.append((f"n{n:03d}", audio, text, 8000 if n % 2 else 16000))
+        clips.append((f"n{n:03d}", audio, text, 8000 if n % 2 else SAMPLE_RATE))
     return write_set(folder, clips)
 
 
@@ -375,7 +380,8 @@ def timing(
             hyps = [h for s in r["sets"].values() for h in s["hypotheses"].values()]
             outside = sum(h not in ("", "[unk]") and grammar.phrase_of(h) is None for h in hyps)
         print(
-            f"| {label} | {folder.name} | {r['wer']:.2f} | {r['rtf_wall']:.4f} | {outside if outside is not None else ''} |",
+            f"| {label} | {folder.name} | {r['wer']:.2f} | {r['rtf_wall']:.4f} | "
+            f"{outside if outside is not None else ''} |",
             flush=True,
         )
 

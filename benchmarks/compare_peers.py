@@ -121,11 +121,13 @@ def main() -> None:
     )
     width = max(28, *(len(r[0]) for r in rows))
     print(
-        f"{'system':{width}s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} {'model MB':>9s}"
+        f"{'system':{width}s} {'set':16s} {'WER%':>7s} {'RTF wall':>9s} {'RTF cpu':>8s} {'peak MB':>8s} "
+        f"{'model MB':>9s}"
     )
     for system, label, wer, rtf, cpu, rss, mb in rows:
         print(
-            f"{system:{width}s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} {'' if mb is None else f'{mb:9.2f}'}"
+            f"{system:{width}s} {label:16s} {wer:7.2f} {rtf:9.4f} {cpu:8.4f} {rss:8d} "
+            f"{'' if mb is None else f'{mb:9.2f}'}"
         )
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2))

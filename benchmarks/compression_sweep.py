@@ -3,7 +3,7 @@
 factors at the same measured ranks, without and with recovery, int8 against int4 (fp32 where asked).
 
   python benchmarks/compression_sweep.py ../shared/data/dev/ljspeech ../shared/data/dev/arctic \\
-      ../shared/data/dev/jfk --keep 0.85 0.70 0.60 --recovered build/deltas/tiny.en-compact.safetensors \\
+      ../shared/data/dev/jfk --keep 0.85 0.70 0.60 --recovered edge_asr_build/deltas/tiny.en-compact.safetensors \\
       --plot benchmarks/results/compression_sweep.png
 
 Ranks are measured once (`compact.measure_structure`, on the recipe's calibration clips) for each --keep;

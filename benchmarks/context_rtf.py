@@ -23,6 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import DEFAULT_PEERS, run_ours, run_peer  # noqa: E402
 
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
+
 LENGTHS = (1, 2, 5, 10, 20)
 
 
@@ -44,7 +46,7 @@ def length_sets(root: Path, lengths=LENGTHS, per_length: int = 6) -> dict[float,
         lines = []
         for i in range(per_length):
             pieces, texts, total, j = [], [], 0, i * 7
-            while total < length * 16000:
+            while total < length * SAMPLE_RATE:
                 text = pool[j % len(pool)]
                 audio = synthesize(text)
                 pieces += [audio, np.zeros(4000, np.float32)]
@@ -52,7 +54,7 @@ def length_sets(root: Path, lengths=LENGTHS, per_length: int = 6) -> dict[float,
                 total += len(audio) + 4000
                 j += 1
             clip = np.concatenate(pieces)
-            clip = np.pad(clip, (0, max(0, length * 16000 - len(clip))))[: int(length * 16000)]
+            clip = np.pad(clip, (0, max(0, length * SAMPLE_RATE - len(clip))))[: int(length * SAMPLE_RATE)]
             write_wav(folder / f"c{i:02d}.wav", clip)
             lines.append(f"c{i:02d}\t{' '.join(texts)}")  # cut clips: the reference is approximate, RTF is the point
         (folder / "refs.tsv").write_text("\n".join(lines) + "\n")

@@ -81,7 +81,7 @@ class Mosquitto:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"mosquitto exited: {self.process.stderr.read().strip()} "
-                    f"{(self.dir / 'mosquitto.log').read_text()[-500:] if (self.dir / 'mosquitto.log').exists() else ''}"
+                    + (log.read_text()[-500:] if (log := self.dir / "mosquitto.log").exists() else "")
                 )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
@@ -274,7 +274,8 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | {len(result['lost'])} | "
+        f"| {args.devices} | {args.seconds:g} | {args.gap.replace(',', '-')} | {n} | {len(result['rows'])} | "
+        f"{len(result['lost'])} | "
         f"{result['duplicates']} | {n / result['span']:.2f} | {100 * cpu / wall:.2f} | "
         f"{np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} |"
     )

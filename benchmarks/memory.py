@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
+
 STAGES = ("interpreter", "imports", "model loaded", "first window", "stream")
 
 
@@ -48,8 +50,8 @@ def make_stream(dirs: list[str], minutes: float, path: Path) -> tuple[Path, floa
     clips = sorted(p for d in dirs for p in Path(d).iterdir() if p.suffix in (".wav", ".flac"))
     if not clips:
         sys.exit("memory.py: no .wav or .flac clips in the given folders")
-    gap, written, target = np.zeros(16000, np.float32), 0, int(minutes * 60 * 16000)
-    with sf.SoundFile(str(path), "w", 16000, 1, "PCM_16") as out:
+    gap, written, target = np.zeros(SAMPLE_RATE, np.float32), 0, int(minutes * 60 * SAMPLE_RATE)
+    with sf.SoundFile(str(path), "w", SAMPLE_RATE, 1, "PCM_16") as out:
         while written < target:
             for clip in clips:
                 audio = load_audio(clip)[: target - written]
@@ -58,7 +60,7 @@ def make_stream(dirs: list[str], minutes: float, path: Path) -> tuple[Path, floa
                 written += len(audio) + len(gap)
                 if written >= target:
                     break
-    return clips[0], written / 16000
+    return clips[0], written / SAMPLE_RATE
 
 
 def child_ours(bundle: str, backend: str, clip: str, stream: str) -> dict:
@@ -77,7 +79,7 @@ def child_ours(bundle: str, backend: str, clip: str, stream: str) -> dict:
     transcriber.transcribe(load_audio(clip))
     report["first window"] = rss()
     recognizer = StreamRecognizer(transcriber, Endpointer(make_vad()))  # `edge-asr listen`'s defaults
-    samples, minute, per_minute = 0, 16000 * 60, []
+    samples, minute, per_minute = 0, SAMPLE_RATE * 60, []
     for block in FileSource(stream, block_seconds=0.1):
         recognizer.feed(block)
         samples += len(block)

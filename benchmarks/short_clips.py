@@ -31,6 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import run_ours  # noqa: E402
 
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
+
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -39,7 +41,7 @@ def write_set(folder: Path, clips: list[tuple[str, np.ndarray, str]]) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for uid, audio, _ in clips:
-        sf.write(folder / f"{uid}.wav", audio, 16000, subtype="PCM_16")
+        sf.write(folder / f"{uid}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
     (folder / "refs.tsv").write_text("".join(f"{uid}\t{text}\n" for uid, _, text in clips), encoding="utf-8")
     return folder
 
@@ -48,7 +50,7 @@ def telephone(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Through 8 kHz and back (fsdd-like bandwidth), with white noise at 20-35 dB SNR."""
     import soxr
 
-    audio = soxr.resample(soxr.resample(audio, 16000, 8000), 8000, 16000).astype(np.float32)
+    audio = soxr.resample(soxr.resample(audio, SAMPLE_RATE, 8000), 8000, SAMPLE_RATE).astype(np.float32)
     power = float(np.mean(audio**2)) or 1e-8
     noise = rng.normal(0, np.sqrt(power / 10 ** (rng.uniform(20, 35) / 10)), len(audio))
     return np.clip(audio + noise, -1, 1).astype(np.float32)
@@ -68,8 +70,8 @@ def digits_set(folder: Path, per_digit: int, seed: int) -> Path:
                     digit, rng.choice(ESPEAK_HELD_OUT_VOICES), rate=rng.randrange(120, 200), pitch=rng.randrange(25, 75)
                 )
             )
-            pad = lambda: np.zeros(int(16000 * rng.uniform(0.1, 0.3)), np.float32)
-            clips.append((f"{digit}_{i}", telephone(np.concatenate([pad(), audio, pad()]), np_rng), digit))
+            lead, tail = (np.zeros(int(SAMPLE_RATE * rng.uniform(0.1, 0.3)), np.float32) for _ in range(2))
+            clips.append((f"{digit}_{i}", telephone(np.concatenate([lead, audio, tail]), np_rng), digit))
     return write_set(folder, clips)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
 
 
 def build_stream(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
 
 
 def speech_frames(audio: np.ndarray, floor_db: float = 40.0) -> np.ndarray:
@@ -92,11 +92,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from edge_asr.endpointer import Endpointer
+    from edge_asr.hotwords import read_word_list
     from edge_asr.metrics import word_error_rate
+    from edge_asr.settings import DecodingSettings
     from edge_asr.sources import FileSource
     from edge_asr.stream import StreamRecognizer
-    from edge_asr.hotwords import read_word_list
-    from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
     from edge_asr.vad import EnergyVad
     from edge_asr_build.synth import write_wav

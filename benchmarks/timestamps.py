@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
+
 TOLERANCE_S = 0.5
 
 
@@ -30,16 +32,16 @@ def dictation(
     sentences: list[str], rng: np.random.Generator, synthesize
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Audio of the sentences with pauses, and each pause's (start, end) in seconds."""
-    parts, pauses, t = [np.zeros(int(0.3 * 16000), np.float32)], [], 0.3
+    parts, pauses, t = [np.zeros(int(0.3 * SAMPLE_RATE), np.float32)], [], 0.3
     for i, text in enumerate(sentences):
         speech = trim(synthesize(text))
         parts.append(speech)
-        t += len(speech) / 16000
+        t += len(speech) / SAMPLE_RATE
         pause = float(rng.uniform(0.3, 1.0))
         if i < len(sentences) - 1:
             pauses.append((t, t + pause))
-        parts.append(np.zeros(int(pause * 16000), np.float32))
-        t += int(pause * 16000) / 16000
+        parts.append(np.zeros(int(pause * SAMPLE_RATE), np.float32))
+        t += int(pause * SAMPLE_RATE) / SAMPLE_RATE
     return np.concatenate(parts), pauses
 
 
@@ -79,7 +81,7 @@ def main() -> int:
         n_segments += len(segments)
         n_sentences += len(sentences)
         print(
-            f"{f:4d} {len(audio) / 16000:7.1f} {len(sentences):9d} {len(segments):8d} "
+            f"{f:4d} {len(audio) / SAMPLE_RATE:7.1f} {len(sentences):9d} {len(segments):8d} "
             f"{sum(x <= TOLERANCE_S for x in e):4d}/{len(e):<3d} {max(e):7.2f}"
         )
     on_time = sum(x <= TOLERANCE_S for x in errors)

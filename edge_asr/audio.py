@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioError
-
-SAMPLE_RATE = 16000
+from .frontend import SAMPLE_RATE
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

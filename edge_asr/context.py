@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SAMPLE_RATE = 16000
+from .frontend import SAMPLE_RATE
+
 FRAMES_PER_SECOND = 100  # mel frames (10 ms hop); the encoder halves them
 FULL_SECONDS = 30
 

@@ -1,6 +1,6 @@
 """`edge-asr daemon`: listen continuously, write finals to sinks, serve status, stop cleanly.
 
-Configuration is TOML (see firmware_tools/edge-asr.toml). SIGTERM and SIGINT stop taking new speech:
+Configuration is TOML (see edge_asr_deploy/edge-asr.toml). SIGTERM and SIGINT stop taking new speech:
 the utterance in flight is finished and written, then the process exits 0. SIGHUP reopens the JSONL
 file (for logrotate). A status endpoint (HTTP on 127.0.0.1 by default) serves the counters and the latest
 transcripts as JSON. With an [mqtt] host, the JSONL file is also the spool an MQTT publisher follows
@@ -13,9 +13,10 @@ import json
 import signal
 import threading
 import time
-import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import tomllib
 
 from .endpointer import Endpointer
 from .errors import EdgeAsrError
@@ -250,8 +251,8 @@ class Daemon:
         if config["mqtt"]["host"]:
             if not journal:
                 raise EdgeAsrError("[mqtt] needs [output] jsonl = PATH: the JSONL file is the spool of what to publish")
-            from .publisher import MqttSink
             from . import __version__
+            from .publisher import MqttSink
 
             describe = {"version": __version__, "bundle": Path(model["bundle"] or bundle_dir()).name}
             # Not a sink: it follows the JSONL file on its own thread, whatever writes to it.

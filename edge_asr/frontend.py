@@ -10,7 +10,7 @@ import numpy as np
 N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_SECONDS = 30
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # every model's input rate: audio sources resample to it
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in one 30 s window
 

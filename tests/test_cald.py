@@ -3,7 +3,6 @@ distillation losses on the real tiny.en encoder."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +18,8 @@ from edge_asr_build.cald import (
     teacher_stream,
 )
 from edge_asr_build.cald_train import (
-    Clip,
     CaldRecipe,
+    Clip,
     collate,
     layerwise_loss,
     lstm_params,

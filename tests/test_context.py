@@ -31,8 +31,8 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
 
 
 def _reference_items(tiny, texts, seed):
-    from edge_asr_build.mel import mel_filters
     from edge_asr_build.bundle import decoding_rules
+    from edge_asr_build.mel import mel_filters
     from edge_asr_build.reference import reference_items
     from edge_asr_build.synth import synthesize
 
@@ -169,7 +169,7 @@ def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
 
 def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_path):
     from edge_asr.tflite_backend import _interpreter
-    from edge_asr_build.tflite_export import _convert, _Keywords, EncoderGraph, encoder_signature
+    from edge_asr_build.tflite_export import EncoderGraph, _convert, _Keywords, encoder_signature
 
     graph = _Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
     one = _convert([(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite")
@@ -262,8 +262,8 @@ def test_default_bundle_reproduces_its_golden_transcripts(bundle_auto):
 def test_the_default_build_is_the_adapted_model_under_its_own_name():
     """`edge-asr build` with no flags makes the adapted dynamic-context tiny.en, whose name (a hash of delta
     and policy) is the runtime's default bundle; the 30 s model and a fixed context are named apart."""
-    from edge_asr.cli import default_bundle_name, default_context
     from edge_asr.paths import DEFAULT_BUNDLE, FULL_CONTEXT_BUNDLE
+    from edge_asr_build.commands import default_bundle_name, default_context
     from edge_asr_build.context_adapt import DEFAULT_DELTA
     from edge_asr_build.lora import read_delta
 

@@ -132,10 +132,9 @@ def test_hotword_bias_favours_starts_and_continuations(transcriber_int8):
 
 
 def test_hotwords_find_a_name_the_model_misses(bundle_int8):
-    from edge_asr_build.synth import synthesize
-
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
+    from edge_asr_build.synth import synthesize
 
     audio = synthesize("Fit a new seal on the Kestrolix pump before lunch.")
     plain = load_transcriber(bundle_int8).transcribe(audio).text

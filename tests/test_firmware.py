@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    from edge_asr_firmware.package import build_wheel
+    from edge_asr_deploy.package import build_wheel
 
     return build_wheel(ROOT, tmp_path_factory.mktemp("dist"))
 
 
 def test_dependencies_are_chosen_for_the_target_not_this_machine(wheel):
-    from edge_asr_firmware.package import target_requirements
-    from edge_asr_firmware.targets import target
+    from edge_asr_deploy.package import target_requirements
+    from edge_asr_deploy.targets import target
 
     names = lambda reqs: {r.split(">")[0].split("=")[0].split("<")[0] for r in reqs}  # noqa: E731
     arm64 = names(target_requirements(wheel, target("linux-aarch64"), "3.11"))
@@ -40,8 +40,8 @@ def test_dependencies_are_chosen_for_the_target_not_this_machine(wheel):
 
 def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8, speech, tmp_path):
     from edge_asr_build.synth import write_wav
-    from edge_asr_firmware.package import build_archive
-    from edge_asr_firmware.targets import target
+    from edge_asr_deploy.package import build_archive
+    from edge_asr_deploy.targets import target
 
     testset = tmp_path / "testset"
     testset.mkdir()
@@ -92,7 +92,7 @@ def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8
 
 
 def test_android_asset_pack_describes_its_graphs(bundle_int8, speech, tmp_path):
-    from edge_asr_firmware.android import asset_pack
+    from edge_asr_deploy.android import asset_pack
 
     for fmt in ("ort", "tflite"):
         out = asset_pack(bundle_int8, tmp_path / "assets", fmt)
@@ -124,6 +124,6 @@ def test_device_report_describes_this_machine():
 
 def test_firmware_cli_errors_are_one_line(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "edge_asr_firmware", "package", str(tmp_path / "none")], capture_output=True, text=True
+        [sys.executable, "-m", "edge_asr_deploy", "package", str(tmp_path / "none")], capture_output=True, text=True
     )
     assert run.returncode != 0 and run.stderr.count("\n") == 1 and "no such bundle" in run.stderr

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli_without_torch
 
 from edge_asr.ctc import ALPHABET, WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
 from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm, joint_factor, lstm_matrix_params, save_lstm
-from conftest import run_cli_without_torch
 
 WORDS = ["seven", "stop", "zero"]
 

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import soundfile as sf
+from conftest import run_cli_without_torch
 
 from edge_asr.audio import load_audio
 from edge_asr.metrics import word_error_rate
-from conftest import run_cli_without_torch
 
 
 def test_transcribes_synthesized_speech(transcriber_int8, speech):
@@ -43,7 +43,8 @@ def test_odd_sample_rates_and_stereo_are_resampled(tmp_path, transcriber_int8, s
 
 
 def test_runtime_needs_neither_torch_nor_librosa(bundle_int8, tmp_path, speech):
-    """Import and run the runtime in a process where importing torch or librosa fails."""
+    """Every runtime command a device runs (transcribe, listen --file, bench, info, daemon start-up to its
+    end of input) in a process where importing torch, librosa or the build step fails."""
     wav = tmp_path / "utt.wav"
     sf.write(wav, speech[0][1], 16000)
     out = run_cli_without_torch(["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)])
@@ -51,6 +52,32 @@ def test_runtime_needs_neither_torch_nor_librosa(bundle_int8, tmp_path, speech):
     result = json.loads(out.stdout)
     assert "hydraulic filter" in result["text"].lower()
     assert set(result) >= {"duration_s", "processing_s", "rtf"} and result["rtf"] > 0
+
+    listen = run_cli_without_torch(["listen", "--json", "--bundle", str(bundle_int8), "--file", str(wav)])
+    assert listen.returncode == 0, listen.stderr
+    assert "hydraulic filter" in json.loads(listen.stdout.splitlines()[0])["text"].lower()
+
+    (tmp_path / "set").mkdir()
+    sf.write(tmp_path / "set" / "u1.wav", speech[0][1], 16000)
+    (tmp_path / "set" / "refs.tsv").write_text(f"u1\t{speech[0][0]}\n")
+    bench = run_cli_without_torch(
+        ["bench", "--json", "--runs", "1", "--bundle", str(bundle_int8), str(tmp_path / "set")]
+    )
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["wer"] <= 15.0
+
+    info = run_cli_without_torch(["info", "--bundle", str(bundle_int8)])
+    assert info.returncode == 0 and "whisper int8" in info.stdout, info.stderr
+
+    config = tmp_path / "edge-asr.toml"
+    config.write_text(
+        f'[input]\nsource = "{wav}"\nrealtime = false\n[model]\nbundle = "{bundle_int8}"\n'
+        f'[output]\njsonl = "{tmp_path / "out.jsonl"}"\n[status]\nlisten = "127.0.0.1:0"\n'
+    )
+    daemon = run_cli_without_torch(["daemon", "--config", str(config)])
+    assert daemon.returncode == 0, daemon.stderr
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "hydraulic filter" in json.loads(lines[0])["text"].lower()
 
 
 def test_long_audio_is_cut_in_pauses():

@@ -115,10 +115,9 @@ def test_command_mode_reads_the_same_window_on_every_backend(fp32_backends, spee
 
 
 def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
+    from edge_asr.tflite_backend import interpreter_class
     from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm
     from edge_asr_build.tflite_export import CHUNK_STEPS, export_lstm_tflite
-
-    from edge_asr.tflite_backend import interpreter_class
 
     torch.manual_seed(0)
     plain = LstmCtc(LstmConfig(hidden=[48, 40], proj=[0, 0])).eval()
@@ -179,8 +178,8 @@ def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, spee
 
 
 def test_a_bundle_without_tflite_models_says_how_to_get_them(tmp_path, bundle_int8, speech):
-    from edge_asr_firmware.package import slim_bundle
     from edge_asr_build.synth import write_wav
+    from edge_asr_deploy.package import slim_bundle
 
     onnx_only = tmp_path / "onnx-only"
     slim_bundle(bundle_int8, onnx_only, ["onnx"])

@@ -184,7 +184,6 @@ def compress_checkpoint(
 
     from .calibration import CalibrationMix, Distortion
     from .compact import calibrate as calibration_of
-
     from .compress import PARTS
 
     unknown = set(parts) - set(PARTS)

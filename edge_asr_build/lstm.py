@@ -1,6 +1,6 @@
 """A streaming acoustic model: unidirectional stacked LSTM over stacked log-mel frames, CTC over characters.
 
-Input: log-mel frames (10 ms hop, the runtime's `streaming_log_mel`), normalized by the training set's
+Input: log-mel frames (10 ms hop, the runtime's `frame_log_mel`), normalized by the training set's
 mean and deviation, then `stack` frames side by side, so that the LSTM steps every 30 ms. Output: per step,
 log-probabilities over `ALPHABET` (index 0 the CTC blank).
 

@@ -1,7 +1,7 @@
-"""`edge-asr-firmware`: package a bundle for a device, deploy it, benchmark it there, check it emulated.
+"""`edge-asr-deploy`: package a bundle for a device, deploy it, benchmark it there, check it emulated.
 
 package BUNDLE --target linux-aarch64      self-contained archive (wheels, bundle, test set, unit, install.sh)
-android BUNDLE --out DIR                   asset pack for an app (see firmware_tools/ANDROID.md)
+android BUNDLE --out DIR                   asset pack for an app (see edge_asr_deploy/ANDROID.md)
 deploy ARCHIVE DEVICE                      copy and install over ssh (user@host) or adb
 bench DEVICE                               on-device WER / RTF / peak RSS report as JSON
 emulate ARCHIVE                            install and transcribe under qemu-user in a Debian root
@@ -101,7 +101,7 @@ def cmd_emulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-asr-firmware", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edge-asr-deploy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("package", help="a self-contained deployable archive for one target")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (EdgeAsrError, ValueError) as e:
-        print(f"edge-asr-firmware: error: {e}", file=sys.stderr)
+        print(f"edge-asr-deploy: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         return 130

@@ -343,12 +343,12 @@ def match_reference(
     """Train `student` in place to match the reference states of `items`.
 
     `input_frames(clip_frames, rng)` is the student's window length for a clip (the transform under study);
-    `held_out_frames` does the same for the held-out loss (default: `input_frames`), which selects the
-    state kept; `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves its state
-    there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run after that
-    step (with a checkpoint), as a stopped session would, for a later call to resume. The parameters that
-    scored the lowest held-out loss are restored at the end. When no trainable parameter is in the encoder,
-    its outputs are computed once per clip and window length and reused (float16, in memory)."""
+    `held_out_frames` does the same for the held-out loss (default: `input_frames`), which selects the state kept;
+    `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves its state
+    there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run after that step
+    (with a checkpoint), as a stopped session would, for a later call to resume. The parameters that scored the
+    lowest held-out loss are restored at the end. When no trainable parameter is in the encoder, its outputs are
+    computed once per clip and window length and reused (float16, in memory)."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)

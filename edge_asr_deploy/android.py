@@ -28,14 +28,17 @@ def _onnx_signature(path: Path) -> dict:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    describe = lambda values: [
-        {
-            "name": v.name,
-            "shape": [d if isinstance(d, int) else str(d) for d in v.shape],  # noqa: E731
-            "dtype": v.type.removeprefix("tensor(").removesuffix(")"),
-        }
-        for v in values
-    ]
+
+    def describe(values) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
+                "dtype": v.type.removeprefix("tensor(").removesuffix(")"),
+            }
+            for v in values
+        ]
+
     return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
 
 
@@ -43,13 +46,16 @@ def _tflite_signatures(path: Path) -> dict:
     from edge_asr.tflite_backend import interpreter_class
 
     interpreter = interpreter_class()(model_path=str(path))
+
+    def describe(details: dict) -> list[dict]:
+        return [
+            {"name": k, "shape": [int(d) for d in v["shape"]], "dtype": np.dtype(v["dtype"]).name}
+            for k, v in details.items()
+        ]
+
     signatures = {}
     for name in interpreter.get_signature_list():
         runner = interpreter.get_signature_runner(name)
-        describe = lambda details: [
-            {"name": k, "shape": [int(d) for d in v["shape"]], "dtype": np.dtype(v["dtype"]).name}  # noqa: E731
-            for k, v in details.items()
-        ]
         signatures[name] = {
             "inputs": describe(runner.get_input_details()),
             "outputs": describe(runner.get_output_details()),

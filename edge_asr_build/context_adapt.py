@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from edge_asr.context import FRAMES_PER_SECOND, ContextPolicy
-from edge_asr.frontend import N_FRAMES
+from edge_asr.frontend import N_FFT, N_FRAMES, SAMPLE_RATE
 
 from .reference import MatchConfig, items_key, load_items, match_reference, reference_items, save_items
 from .training_audio import AudioMix, HeldOutMix, describe_corpus, held_out_clips, isolated_word_clips, training_clips
@@ -141,12 +141,12 @@ def reference_sets(
 
     from edge_asr.paths import home
 
-    from .mel import mel_filters
     from .bundle import decoding_rules
+    from .mel import mel_filters
     from .sentences import general_sentences
 
     reference = loaded.model.eval()
-    filters = mel_filters(16000, 400, reference.dims.n_mels)
+    filters = mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels)
     decoding = decoding_rules(loaded)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
     key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)
@@ -232,8 +232,8 @@ def adapt_context(
     stopped run, which then goes on where it was."""
     import torch
 
-    from .lora import save_delta
     from .loaders import load_whisper
+    from .lora import save_delta
 
     recipe = recipe or ContextRecipe()
     torch.manual_seed(recipe.match.seed)

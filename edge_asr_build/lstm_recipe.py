@@ -13,7 +13,7 @@ from edge_asr.threads import resolve_threads
 
 from .ctc_data import held_out_corpus, read_corpus, training_corpus
 from .ctc_train import TrainConfig, evaluate, normalization, prepare_features, teacher_transcripts, train_ctc
-from .lstm import LstmConfig, LstmCtc, compress_lstm, lstm_matrix_params, load_lstm, save_lstm
+from .lstm import LstmConfig, LstmCtc, compress_lstm, load_lstm, lstm_matrix_params, save_lstm
 
 
 @dataclass

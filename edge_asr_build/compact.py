@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edge_asr.frontend import N_FFT, SAMPLE_RATE
+
 from .calibration import CalibrationMix, Distortion, calibration_clips, collect_moments
 from .compress import (
     DEFAULT_PARTS,
@@ -94,9 +96,9 @@ def calibrate(
     loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda m: None, parts: tuple[str, ...] = DEFAULT_PARTS
 ) -> Calibration:
     """Calibration clips, the reference's transcripts of them, and the input moments of every layer."""
+    from .bundle import decoding_rules
     from .context_adapt import _encoder
     from .mel import mel_filters
-    from .bundle import decoding_rules
 
     step(f"synthesize {mix.sentences + mix.short_utterances} calibration clips")
     clips = calibration_clips(mix)
@@ -105,7 +107,7 @@ def calibrate(
     items = reference_items(
         reference,
         clips,
-        mel_filters(16000, 400, reference.dims.n_mels),
+        mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels),
         decoding_rules(loaded),
         _encoder(loaded.tokenizer_json),
         [],

@@ -312,10 +312,10 @@ def export_whisper_tflite(
 ) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
-    Both have one signature per window length in `bucket_frames` ("encode_<frames>", "decode_<frames / 2>",
-    whose cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed
-    copy: the output projection is then a FULLY_CONNECTED op, which the quantizer stores as int8 per
-    vocabulary row."""
+    Both have one signature per window length in `bucket_frames` ("encode_<frames>", "decode_<frames / 2>", whose
+    cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays
+    (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output projection is then a FULLY_CONNECTED
+    op, which the quantizer stores as int8 per vocabulary row."""
     from .compress import FactoredTokenEmbedding
 
     model = copy.deepcopy(model).eval()
@@ -358,7 +358,8 @@ def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEP
 
 def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:
     """int8 weights (per output channel) with float activations quantized on the fly, by ai-edge-quantizer;
-    with `bits=4`, int4 weights in blocks of 32 (its dynamic_wi4b32 recipe; per output channel where a width is not divisible by 32)."""
+    with `bits=4`, int4 weights in blocks of 32 (its dynamic_wi4b32 recipe; per output channel where a width
+    is not divisible by 32)."""
     with _quiet():
         try:
             from ai_edge_quantizer import quantizer, recipe

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_asr.frontend import N_FFT, SAMPLE_RATE
+
 _F_SP = 200.0 / 3  # Hz per mel below 1 kHz (linear part of the Slaney scale)
 _MIN_LOG_HZ = 1000.0
 _MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
@@ -22,7 +24,7 @@ def mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= _MIN_LOG_MEL, _MIN_LOG_HZ * np.exp(_LOG_STEP * (mel - _MIN_LOG_MEL)), _F_SP * mel)
 
 
-def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 80) -> np.ndarray:
+def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
     """Triangular filters on the Slaney mel scale, area-normalized: (n_mels, n_fft // 2 + 1) float32.
 
     Same as librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels), which Whisper ships as

@@ -12,6 +12,7 @@ from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_asr.commands import DEFAULT_REJECTION_THRESHOLD
 from edge_asr.context import ContextPolicy
+from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from edge_asr.guards import Guards
 from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
 
@@ -69,7 +70,7 @@ def write_bundle(
     tokens = token_strings(loaded.tokenizer_json, dims.n_vocab)
     special = special_tokens(tokens)
     (out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
-    np.save(out_dir / "mel_filters.npy", mel_filters(16000, 400, dims.n_mels))
+    np.save(out_dir / "mel_filters.npy", mel_filters(SAMPLE_RATE, N_FFT, dims.n_mels))
     # Tensors a graph keeps in files of their own (quantize.store_apart): listed with their checksums.
     data = {role: names for role, path in graphs.items() if (names := external_data(path))}
     files = [
@@ -97,9 +98,9 @@ def write_bundle(
         },
         "source": loaded.source,
         "frontend": {
-            "sample_rate": 16000,
-            "n_fft": 400,
-            "hop_length": 160,
+            "sample_rate": SAMPLE_RATE,
+            "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH,
             "n_mels": dims.n_mels,
             "chunk_seconds": 30,
             "mel_filters": "mel_filters.npy",
@@ -124,9 +125,9 @@ SHORT_WINDOW_BEAM = {"max_seconds": 5.0, "beam_size": 5}
 
 
 def decoding_defaults(context: ContextPolicy | None = None) -> dict:
-    """The runtime's decoding thresholds, hotword handling and command mode's rejection threshold, recorded so that a deployed bundle keeps the
-    values it was measured with (see edge_asr.guards and edge_asr.hotwords for how they were chosen); for
-    a dynamic-context model, beam search on short windows."""
+    """The runtime's decoding thresholds, hotword handling and command mode's rejection threshold, recorded so that a
+    deployed bundle keeps the values it was measured with (see edge_asr.guards and edge_asr.hotwords for how
+    they were chosen); for a dynamic-context model, beam search on short windows."""
     defaults = {
         "guards": Guards().to_dict(),
         "hotword_bonus": DEFAULT_WHISPER_BONUS,

@@ -15,7 +15,7 @@ embedding is dropped: the first block's LSTM is trained to add what the position
 
 The convolution front end streams with a state: Whisper's centered kernels each look one frame ahead, so
 an encoder frame is ready two mel frames (20 ms) after its centre, and the converted encoder's output m
-matches Whisper's frame m - 1 (output 0 is a lead frame). `frames_for_teacher` gives that alignment.
+matches Whisper's frame m - 1 (output 0 is a lead frame). `cald_train.collate` aligns the teacher's frames so.
 
 Features are the runtime's streaming log-mel (`edge_asr.frontend.frame_log_mel`, log10, floor 1e-10):
 the graph clamps them at a fixed floor (Whisper clamps at the window's maximum - 8, which a stream cannot

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
-from edge_asr.frontend import frame_log_mel
+from edge_asr.frontend import N_FFT, SAMPLE_RATE, frame_log_mel
 
 from .ctc_data import augment, parallel_map, progress_bar, spoken_form
 from .lstm import LstmCtc
@@ -44,7 +44,7 @@ def encode_text(text: str) -> np.ndarray:
 def _mel_filters() -> np.ndarray:
     from .mel import mel_filters
 
-    return mel_filters(16000, 400, 80)
+    return mel_filters(SAMPLE_RATE, N_FFT, 80)
 
 
 def _features_of(item: tuple[str, str, int, bool]) -> np.ndarray:

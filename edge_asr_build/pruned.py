@@ -16,7 +16,7 @@ The recipe, in the order of the build step's passes:
 Held-out WER (greedy, in torch, on the adapt pass's held-out sets: unseen voices, sentences and speakers)
 is measured for the unchanged model, the pruned model before recovery (30 s windows, as it was trained)
 and after (its own windows), and kept in the delta with the importance table and the plan.
-`pruned_model` rebuilds 3 from the delta and merges 4: what `build --pruned-delta` does in seconds.
+`pruned_model` rebuilds 3 from the delta and merges 4: what `build --context auto --delta PRUNED` does in seconds.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ import numpy as np
 from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from edge_asr.ctc import ALPHABET
+from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
 
-from .bundle import file_entries, format_files, save_manifest
-from .formats import add_lstm_tflite, add_ort
 from . import cald
+from .bundle import file_entries, format_files, save_manifest
 from .cald_export import export_cald, state_names
+from .formats import add_lstm_tflite, add_ort
 from .lstm import load_lstm, lstm_matrix_params
 from .lstm_export import export_lstm
 from .mel import mel_filters
@@ -60,7 +61,7 @@ def build_lstm_bundle(
             step(f"export to TFLite ({precision})")
             sections["tflite"] = add_lstm_tflite(model, staged, work, precision)
         c = model.config
-        np.save(staged / "mel_filters.npy", mel_filters(16000, 400, c.n_mels))
+        np.save(staged / "mel_filters.npy", mel_filters(SAMPLE_RATE, N_FFT, c.n_mels))
         if converted:  # Whisper's encoder converted to LSTM blocks: two mel frames per encoder step
             architecture = {
                 "architecture": "cald",
@@ -99,9 +100,9 @@ def build_lstm_bundle(
                 },
             },
             "frontend": {
-                "sample_rate": 16000,
-                "n_fft": 400,
-                "hop_length": 160,
+                "sample_rate": SAMPLE_RATE,
+                "n_fft": N_FFT,
+                "hop_length": HOP_LENGTH,
                 "n_mels": c.n_mels,
                 "stack": stack,
                 "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",

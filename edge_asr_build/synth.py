@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from edge_asr.audio import resample
+from edge_asr.frontend import SAMPLE_RATE
 
 
 @lru_cache(maxsize=4)
@@ -45,8 +46,6 @@ def synthesize(
     ask for variety with the voice's own scales (0.667 and 0.8 are piper's usual values).
     """
     from piper import SynthesisConfig
-
-    from edge_asr.audio import resample
 
     piper_voice = _piper_voice(str(voice or default_voice_path()))
     buffer = io.BytesIO()

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
+from edge_asr.metrics import word_error_rate
 from edge_asr.threads import resolve_threads
 
 from .cald import CaldCtc, from_whisper, lstm_matrix_params, save_cald, teacher_stream
@@ -374,7 +375,8 @@ def run_stage(
             p.data.copy_(value)
     model.eval().requires_grad_(False)
     log(
-        f"{name}: held-out {'score' if score else 'loss'} {curve[0]['held_out']} -> {best['loss']:.5f} (step {best['step']})"
+        f"{name}: held-out {'score' if score else 'loss'} {curve[0]['held_out']} -> {best['loss']:.5f} "
+        f"(step {best['step']})"
     )
     return {"steps": steps, "best_step": best["step"], "held_out_best": round(best["loss"], 5), "curve": curve}
 
@@ -413,7 +415,7 @@ def ctc_loss(head: torch.nn.Module, features: list[Tensor], labels: list[Tensor]
         log_probs,
         torch.cat(labels),
         torch.tensor([len(f) for f in features]),
-        torch.tensor([len(l) for l in labels]),
+        torch.tensor([len(label) for label in labels]),
         zero_infinity=True,
     )
 
@@ -423,19 +425,13 @@ def greedy_texts(head: torch.nn.Module, features: list[Tensor], alphabet: str = 
         return [symbols_to_text(greedy_symbols(head(f.float()).log_softmax(-1).numpy())[0], alphabet) for f in features]
 
 
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    import jiwer
-
-    pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
-    return 100 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
-
-
 def held_out_wer(held_out: list[Clip], batch_frames: int) -> Callable[[CaldCtc], float]:
     """A score for `run_stage`: greedy WER of the model against the teacher's transcripts of `held_out`."""
 
     def score(model: CaldCtc) -> float:
         features = encoder_outputs(model, held_out, batch_frames)
-        return word_error_rate([c.text for c in held_out], greedy_texts(model.head, features, model.config.alphabet))
+        texts = greedy_texts(model.head, features, model.config.alphabet)
+        return word_error_rate([c.text for c in held_out], texts, normalized=False)
 
     return score
 
@@ -463,7 +459,8 @@ def train_head(model: CaldCtc, clips: list[Clip], held_out: list[Clip], recipe: 
         optimizer.step()
         scheduler.step()
         if step % 250 == 0 or step == recipe.head_steps:
-            wer = word_error_rate([c.text for c in held_out], greedy_texts(head, held_features, model.config.alphabet))
+            texts = greedy_texts(head, held_features, model.config.alphabet)
+            wer = word_error_rate([c.text for c in held_out], texts, normalized=False)
             curve.append({"step": step, "loss": round(float(loss), 4), "held_out_wer": round(wer, 2)})
             if wer < best["wer"]:
                 best = {"wer": wer, "step": step, "state": {k: v.clone() for k, v in head.state_dict().items()}}

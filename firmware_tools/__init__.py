@@ -1,2 +1,0 @@
-"""Packaging, deployment and on-device benchmarking for edge targets (installed as `edge_asr_firmware`,
-command `edge-asr-firmware`). Runs on the workstation; what runs on a device is the archive it makes."""
