@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     if args.set is None:
-        from edge_asr_build.synth import synthetic_set
+        from edge_asr_build.speech.synth import synthetic_set
 
         args.set = synthetic_set(args.count, seed=11)
     items = read_set(args.set)

@@ -162,14 +162,14 @@ def kokoro(text: str, voice: str) -> np.ndarray:
 
 
 def speak(text: str, engine: str, voice: str, rng: random.Random) -> np.ndarray:
-    from edge_asr_build.training_audio import cut_tight, espeak
+    from edge_asr_build.speech.training_audio import cut_tight, espeak
 
     if engine == "espeak":
         audio = espeak(text, voice, rate=rng.randrange(130, 190), pitch=rng.randrange(30, 70))
     elif engine == "kokoro":
         audio = kokoro(text, voice)
     else:
-        from edge_asr_build.synth import synthesize
+        from edge_asr_build.speech.synth import synthesize
 
         audio = synthesize(text, length_scale=rng.uniform(0.9, 1.2))
 

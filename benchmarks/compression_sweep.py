@@ -64,10 +64,10 @@ def main() -> int:
 
     from dataclasses import replace
 
-    from edge_asr_build.compact import CompactRecipe, calibrate, measure_structure
-    from edge_asr_build.compress import apply_structure, save_compressed
-    from edge_asr_build.loaders import load_whisper
-    from edge_asr_build.pipeline import build_whisper_bundle
+    from edge_asr_build.compression.factors import apply_structure, save_compressed
+    from edge_asr_build.recipes.compact import CompactRecipe, calibrate, measure_structure
+    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     loaded = load_whisper("tiny.en")
     before = loaded.model.parameter_count()
@@ -118,7 +118,7 @@ def main() -> int:
                     lambda out, precision: build_whisper_bundle(str(checkpoint), out, precision, evaluate_on=0),
                 )
     for delta in args.recovered:
-        from edge_asr_build.lora import read_delta
+        from edge_asr_build.matching.lora import read_delta
 
         meta = read_delta(Path(delta))[1]
         point(

@@ -30,8 +30,8 @@ LENGTHS = (1, 2, 5, 10, 20)
 
 def length_sets(root: Path, lengths=LENGTHS, per_length: int = 6) -> dict[float, Path]:
     """Folders of `per_length` clips of exactly L seconds (sentences joined with short pauses, then cut)."""
-    from edge_asr_build.sentences import general_sentences, maintenance_sentences, short_phrases
-    from edge_asr_build.synth import synthesize, write_wav
+    from edge_asr_build.speech.sentences import general_sentences, maintenance_sentences, short_phrases
+    from edge_asr_build.speech.synth import synthesize, write_wav
 
     sentences = [s for pair in zip(maintenance_sentences(60, 31), general_sentences(60, 31)) for s in pair]
     shorts = short_phrases(40, 31)

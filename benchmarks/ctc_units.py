@@ -37,8 +37,8 @@ def main() -> int:
     import torch
 
     from edge_asr.ctc import ALPHABET, greedy_symbols
-    from edge_asr_build.cald import load_cald
-    from edge_asr_build.cald_train import conversion_sets, encoder_outputs, word_error_rate
+    from edge_asr_build.lstm.cald import load_cald
+    from edge_asr_build.lstm.cald_train import conversion_sets, encoder_outputs, word_error_rate
 
     torch.set_num_threads(args.threads)
     model, _ = load_cald(args.checkpoint)

@@ -102,9 +102,9 @@ class Mosquitto:
 
 def run_device(journal: Path, port: int, device_id: str, seconds: float, gap=(2.0, 6.0), seed: int = 0) -> int:
     """One device: finals at dictation rate through the real sinks, then a clean stop. Returns the count."""
-    from edge_asr.broker import BrokerSettings
-    from edge_asr.publisher import MqttSettings, MqttSink
-    from edge_asr.sinks import JsonlSink, timestamped
+    from edge_asr.service.broker import BrokerSettings
+    from edge_asr.service.publisher import MqttSettings, MqttSink
+    from edge_asr.service.sinks import JsonlSink, timestamped
 
     rng = random.Random(seed)
     sink = JsonlSink(journal, device_id=device_id)

@@ -227,7 +227,7 @@ REPORT2_VOICE = ("en-us+m2", 145, 45)
 def sets() -> dict[str, list[tuple[str, list[str]]]]:
     tune = [(t.format(w), [w]) for t, w in zip(TUNE, WORDS)]
     report = [(t.format(WORDS[i % 20]), [WORDS[i % 20]]) for i, t in enumerate(REPORT)]
-    from edge_asr_build.sentences import dictation_sentences
+    from edge_asr_build.speech.sentences import dictation_sentences
 
     report2 = [(t.format(WORDS[(i + 7) % 20]), [WORDS[(i + 7) % 20]]) for i, t in enumerate(REPORT2)]
     return {
@@ -241,8 +241,8 @@ def sets() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def synthesize_sets(work: Path) -> None:
-    from edge_asr_build.synth import synthesize, write_wav
-    from edge_asr_build.training_audio import espeak
+    from edge_asr_build.speech.synth import synthesize, write_wav
+    from edge_asr_build.speech.training_audio import espeak
 
     for name, items in sets().items():
         folder = work / name

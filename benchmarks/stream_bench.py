@@ -36,8 +36,8 @@ def build_stream(
 ) -> tuple[np.ndarray, list[str], list[float]]:
     """(audio, sentences, stream time of each sentence's last speech sample); `phrases` instead of the
     written sentences, picked at random."""
-    from edge_asr_build.sentences import general_sentences
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.sentences import general_sentences
+    from edge_asr_build.speech.synth import synthesize
 
     rng = np.random.default_rng(seed)
     parts, texts, ends, t = [np.zeros(SAMPLE_RATE, np.float32)], [], [], 1.0
@@ -113,7 +113,7 @@ def main() -> int:
     from edge_asr.paths import bundle_dir
     from edge_asr.sources import FileSource
     from edge_asr.transcriber import Transcriber
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     transcriber = Transcriber(args.bundle or bundle_dir(), threads=args.threads, grammar=args.grammar)
     phrases = None

@@ -99,7 +99,7 @@ def main() -> int:
     from edge_asr.stream import StreamRecognizer
     from edge_asr.transcriber import load_transcriber
     from edge_asr.vad import EnergyVad
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     audio, clips = build_stream(args.folder, args.clips, args.seed)
     settings = DecodingSettings(beam=args.beam, hotwords=read_word_list(args.hotwords))

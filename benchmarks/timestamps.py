@@ -64,8 +64,8 @@ def main() -> int:
     from edge_asr.paths import bundle_dir
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
-    from edge_asr_build.sentences import dictation_sentences
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.sentences import dictation_sentences
+    from edge_asr_build.speech.synth import synthesize
 
     transcriber = load_transcriber(args.bundle or bundle_dir(), 2, DecodingSettings(beam=args.beam, timestamps=True))
     texts = dictation_sentences(args.files * args.sentences, seed=args.seed)

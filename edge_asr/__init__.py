@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import AudioError, BundleError, EdgeAsrError  # noqa: E402
-from .results import Segment, Transcript  # noqa: E402
-from .transcriber import Transcriber  # noqa: E402
+from .errors import AudioError, BundleError, EdgeAsrError
+from .results import Segment, Transcript
+from .transcriber import Transcriber
 
 __all__ = ["AudioError", "BundleError", "EdgeAsrError", "Segment", "Transcriber", "Transcript", "__version__"]

@@ -167,19 +167,19 @@ def cmd_devices(args) -> int:
 
 
 def cmd_daemon(args) -> int:
-    from .daemon import Daemon, load_config
+    from .service.daemon import Daemon, load_config
 
     return Daemon(load_config(args.config)).run()
 
 
 def cmd_collect(args) -> int:
-    from .collect import export, run_collect
+    from .service.collect import export, run_collect
 
     if args.csv:
         return export(args.db, args.csv)
     if not args.broker:
         raise EdgeAsrError("collect needs --broker HOST[:PORT] (or --csv FILE to export the database)")
-    from .broker import BrokerSettings, topic_prefix
+    from .service.broker import BrokerSettings, topic_prefix
 
     host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
     if port and not port.isdigit():

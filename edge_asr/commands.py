@@ -55,9 +55,7 @@ class Verdict:
 
 class CommandMode:
     def __init__(self, grammar: Grammar, tokenizer, threshold: float = DEFAULT_REJECTION_THRESHOLD):
-        from .constraint import (
-            TokenGrammar,  # numpy: not imported where the CLI only parses its flags
-        )
+        from .constraint import TokenGrammar
 
         self.grammar, self.threshold = grammar, threshold
         self.tokens = TokenGrammar(grammar, tokenizer)

@@ -93,14 +93,14 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     p.add_argument(
         "--delta", help="the adapted delta for --context auto|SECONDS (default: the one shipped for tiny.en)"
     )
-    p.set_defaults(run="commands:cmd_build")
+    p.set_defaults(run="commands.whisper:cmd_build")
 
     p = sub.add_parser("adapt", help="adapt a Whisper to short context by reference matching")
     p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
     p.add_argument("--out", required=True, help="the delta file to write (.safetensors; a .json summary beside it)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     training_options(p)
-    p.set_defaults(run="commands:cmd_adapt")
+    p.set_defaults(run="commands.whisper:cmd_adapt")
 
     p = sub.add_parser(
         "prune",
@@ -112,7 +112,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's; 0 measures and prunes only)")
     p.add_argument("--train-clips", type=int, help="training clips the reference transcribes (default 700)")
     training_options(p)
-    p.set_defaults(run="commands:cmd_prune")
+    p.set_defaults(run="commands.whisper:cmd_prune")
 
     p = sub.add_parser("compress", help="factor a Whisper into a smaller one by joint low-rank SVD")
     p.add_argument("--source", default="tiny.en", help="any model source `build` accepts")
@@ -146,7 +146,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output path (writes OUT.safetensors and OUT.json)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run="commands:cmd_compress")
+    p.set_defaults(run="commands.whisper:cmd_compress")
 
     p = sub.add_parser(
         "recover", help="make a compact delta: activation-aware factors, measured ranks, recovery by reference matching"
@@ -157,7 +157,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     p.add_argument("--ranks-from", metavar="DELTA", help="take the ranks of this delta instead of measuring them")
     p.add_argument("--steps", type=int, help="recovery steps (default 0: factors only; 300 runs the recipe's recovery)")
     training_options(p)
-    p.set_defaults(run="commands:cmd_recover")
+    p.set_defaults(run="commands.whisper:cmd_recover")
 
     lstm = sub.add_parser("lstm", help="streaming LSTM-CTC models: train, convert, compress, build")
     lstm_sub = lstm.add_subparsers(dest="lstm_command", required=True, metavar="STEP")
@@ -183,7 +183,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
         help="share of dictation sentences to train on (default 1; less puts digits and commands first)",
     )
     p.add_argument("--init", metavar="CHECKPOINT", help="go on training this checkpoint (a fresh schedule)")
-    p.set_defaults(run="lstm_commands:cmd_lstm_train")
+    p.set_defaults(run="commands.lstm:cmd_lstm_train")
     p = with_threads(
         lstm_sub.add_parser(
             "compress",
@@ -205,7 +205,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", metavar="DIR", help="converted model: the conversion's --audio folders")
     p.add_argument("--work", help="converted model: folder of the conversion's data and checkpoints")
     p.add_argument("--resume", action="store_true", help="converted model: go on from a stopped recovery")
-    p.set_defaults(run="lstm_commands:cmd_lstm_compress")
+    p.set_defaults(run="commands.lstm:cmd_lstm_compress")
     p = with_threads(
         lstm_sub.add_parser(
             "convert",
@@ -228,7 +228,7 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="folder for the teacher states and stage checkpoints (default: in $EDGE_ASR_HOME)")
     p.add_argument("--resume", action="store_true", help="go on from the stages of an earlier, stopped run")
-    p.set_defaults(run="lstm_commands:cmd_lstm_convert")
+    p.set_defaults(run="commands.lstm:cmd_lstm_convert")
     p = with_threads(lstm_sub.add_parser("build", help="export a checkpoint as a streaming bundle"))
     p.add_argument("source", help="checkpoint (.json or .safetensors)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
@@ -240,21 +240,21 @@ def build_parser(prog: str = "edge-asr-build") -> argparse.ArgumentParser:
         metavar="LIST",
         help="model formats in the bundle, comma-separated: onnx (always), ort, tflite (default onnx)",
     )
-    p.set_defaults(run="lstm_commands:cmd_lstm_build")
+    p.set_defaults(run="commands.lstm:cmd_lstm_build")
 
     p = sub.add_parser("synth", help="synthesize a speech set (audio + refs.tsv) for bench")
     p.add_argument("out", metavar="DIR")
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voice", help="piper voice .onnx (default: en_US-joe-medium)")
-    p.set_defaults(run="commands:cmd_synth")
+    p.set_defaults(run="commands.whisper:cmd_synth")
 
     p = with_threads(
         sub.add_parser(
             "demo", help="build the default bundle, transcribe a synthesized sentence, then a synthesized live stream"
         )
     )
-    p.set_defaults(run="demo:cmd_demo")
+    p.set_defaults(run="commands.demo:cmd_demo")
     return parser
 
 

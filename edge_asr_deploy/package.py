@@ -244,7 +244,7 @@ def build_archive(
         manifest = slim_bundle(source_bundle, root / "bundle", formats)
         step("copy the test set")
         if testset is None:
-            from edge_asr_build.synth import synthetic_set
+            from edge_asr_build.speech.synth import synthetic_set
 
             testset = synthetic_set(count, seed=21)
         items = copy_testset(Path(testset), root / "testset")

@@ -46,7 +46,7 @@ def isolated_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from edge_asr_build.loaders import load_whisper
+    from edge_asr_build.whisper.loaders import load_whisper
 
     return load_whisper("tiny.en")
 
@@ -54,7 +54,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def speech() -> list[tuple[str, np.ndarray]]:
     """(text, 16 kHz audio) for a few maintenance sentences spoken by the default piper voice."""
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     return [(text, synthesize(text)) for text in SENTENCES]
 
@@ -74,7 +74,7 @@ def stream(speech):
 
 @pytest.fixture(scope="session")
 def stream_wav(stream, tmp_path_factory):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     path = tmp_path_factory.mktemp("stream") / "stream.wav"
     write_wav(path, stream[0])
@@ -82,7 +82,7 @@ def stream_wav(stream, tmp_path_factory):
 
 
 def _build(tmp_path_factory, precision: str):
-    from edge_asr_build.pipeline import build_whisper_bundle
+    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / f"tiny.en-{precision}"
     build_whisper_bundle("tiny.en", out, precision, evaluate_on=0, formats=["onnx", "ort", "tflite"])

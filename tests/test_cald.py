@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_asr_build.cald import (
+from edge_asr_build.lstm.cald import (
     CaldCtc,
     compress_cald,
     from_whisper,
@@ -17,7 +17,7 @@ from edge_asr_build.cald import (
     save_cald,
     teacher_stream,
 )
-from edge_asr_build.cald_train import (
+from edge_asr_build.lstm.cald_train import (
     CaldRecipe,
     Clip,
     collate,
@@ -31,7 +31,7 @@ from edge_asr_build.cald_train import (
 
 @pytest.fixture(scope="module")
 def encoder():
-    from edge_asr_build.loaders import load_whisper
+    from edge_asr_build.whisper.loaders import load_whisper
 
     return load_whisper("tiny.en").model.encoder.eval()
 
@@ -86,7 +86,7 @@ def test_joint_svd_at_full_rank_reproduces_outputs_and_one_third_meets_its_budge
 def test_exported_graph_streams_as_torch(converted, tmp_path, factored):
     import onnxruntime as ort
 
-    from edge_asr_build.cald_export import export_cald
+    from edge_asr_build.lstm.cald_export import export_cald
 
     model = compress_cald(converted, 1 / 3)[0] if factored else converted
     path = export_cald(model, tmp_path / "cald.onnx")
@@ -184,7 +184,7 @@ def test_cli_convert_refuses_a_missing_folder_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def cald_bundle(converted, tmp_path_factory):
-    from edge_asr_build.lstm_bundle import build_lstm_bundle
+    from edge_asr_build.lstm.bundle import build_lstm_bundle
 
     folder = tmp_path_factory.mktemp("cald")
     checkpoint = save_cald(compress_cald(converted, 1 / 3)[0], folder / "third")

@@ -10,7 +10,7 @@ from edge_asr.backend import OnnxWhisper
 from edge_asr.bundle import Bundle
 from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import window_features
-from edge_asr_build.compress import (
+from edge_asr_build.compression.factors import (
     PARTS,
     FactoredLinear,
     FactoredTokenEmbedding,
@@ -20,7 +20,7 @@ from edge_asr_build.compress import (
     load_compressed,
     save_compressed,
 )
-from edge_asr_build.mel import mel_filters
+from edge_asr_build.whisper.mel import mel_filters
 
 TOKENS = [50257, 50362, 40177, 262, 34797, 8106, 319]  # prompt + " Replace the hydraulic filter on"
 
@@ -56,7 +56,7 @@ def test_full_rank_factorization_reproduces_logits(tiny, inputs):
 
 def test_product_twins_keep_scores_at_full_rank_and_shrink_heads(tiny):
     """The joint factorization preserves the bilinear form, query bias included."""
-    from edge_asr_build.compress import factor_attention
+    from edge_asr_build.compression.factors import factor_attention
 
     attn = tiny.model.decoder.blocks[1].cross_attn
     x, y = torch.randn(1, 5, 384), torch.randn(1, 7, 384)
@@ -88,8 +88,8 @@ def test_embedding_keeps_exact_rows_exact(tiny):
 def calibration(tiny, speech):
     """Input moments and the reference's output distribution on the synthesized test sentences, each
     teacher-forced on the same tokens (enough to exercise activation-aware factors)."""
-    from edge_asr_build.calibration import Distortion, collect_moments
-    from edge_asr_build.reference import ReferenceItem, clip_mel
+    from edge_asr_build.compression.calibration import Distortion, collect_moments
+    from edge_asr_build.matching.engine import ReferenceItem, clip_mel
 
     items = [ReferenceItem(clip_mel(audio, mel_filters()), torch.tensor(TOKENS), torch.zeros(0)) for _, audio in speech]
     return collect_moments(tiny.model, items), Distortion.of_reference(tiny.model, items)
@@ -115,7 +115,7 @@ def test_whitened_factors_at_full_rank_are_exact(tiny, inputs, calibration):
 )
 def test_whitened_factors_distort_the_output_less(tiny, calibration, name, kind, rank):
     """Weighting by the input moments keeps what the activations use: lower logit KL than plain SVD."""
-    from edge_asr_build.compress import _set_module, factored_module
+    from edge_asr_build.compression.factors import _set_module, factored_module
 
     moments, distortion = calibration
     model = copy.deepcopy(tiny.model)
@@ -132,7 +132,7 @@ def test_whitened_factors_distort_the_output_less(tiny, calibration, name, kind,
 def test_measured_allocation_meets_its_budget(tiny):
     """Ranks from measured distortions: the budget is met, and the cheapest cuts (by the measurements) go
     first. Distortions here are made up per group (a steep and a flat kind), the allocation is real."""
-    from edge_asr_build.compress import allocate_measured, candidate_ranks, collect_groups
+    from edge_asr_build.compression.factors import allocate_measured, candidate_ranks, collect_groups
 
     groups = collect_groups(tiny.model, PARTS)
     for i, g in enumerate(groups):
@@ -191,8 +191,8 @@ def test_save_and_load_roundtrip(tiny, tmp_path, inputs):
 
 def test_factored_model_exports_and_runs_in_onnx_runtime(tiny, tmp_path, inputs, speech):
     """fp32 ONNX of a compressed model matches torch at every cached decoding step."""
-    from edge_asr_build.compress import save_compressed
-    from edge_asr_build.pipeline import build_whisper_bundle
+    from edge_asr_build.compression.factors import save_compressed
+    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     mel, tokens = inputs
     model, _ = compress_whisper(tiny.model, keep=0.6, parts=PARTS)
@@ -210,8 +210,8 @@ def test_factored_model_exports_and_runs_in_onnx_runtime(tiny, tmp_path, inputs,
 def test_recovery_by_reference_matching_moves_the_student_toward_the_reference(tiny, speech, calibration):
     """The compact recovery: LoRA on a factored decoder, trained by the reference-matching engine on the
     reference's own states, lowers the matching loss; the factors themselves stay as they were."""
-    from edge_asr_build.bundle import decoding_rules
-    from edge_asr_build.reference import MatchConfig, match_reference, reference_items
+    from edge_asr_build.matching.engine import MatchConfig, match_reference, reference_items
+    from edge_asr_build.whisper.bundle import decoding_rules
 
     moments, _ = calibration
     student, _ = compress_whisper(tiny.model, keep=0.75, moments=moments)
@@ -252,11 +252,11 @@ import json, sys
 import torch
 from edge_asr.threads import resolve_threads
 torch.set_num_threads(resolve_threads())
-from edge_asr_build.calibration import CalibrationMix
-from edge_asr_build.compact import DEFAULT_COMPACT_DELTA, calibrate, factored
-from edge_asr_build.compress import factors_fingerprint
-from edge_asr_build.loaders import load_whisper
-from edge_asr_build.lora import delta_metadata
+from edge_asr_build.compression.calibration import CalibrationMix
+from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, calibrate, factored
+from edge_asr_build.compression.factors import factors_fingerprint
+from edge_asr_build.whisper.loaders import load_whisper
+from edge_asr_build.matching.lora import delta_metadata
 tiny, metadata = load_whisper("tiny.en"), delta_metadata(DEFAULT_COMPACT_DELTA)
 calibration = calibrate(tiny, CalibrationMix(**metadata["recipe"]["calibration"]))
 json.dump(factors_fingerprint(factored(tiny, metadata["structure"], calibration)), sys.stdout)
@@ -265,16 +265,16 @@ json.dump(factors_fingerprint(factored(tiny, metadata["structure"], calibration)
 
 @pytest.fixture(scope="module")
 def shipped_compact():
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA
-    from edge_asr_build.lora import delta_metadata
+    from edge_asr_build.matching.lora import delta_metadata
+    from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA
 
     return delta_metadata(DEFAULT_COMPACT_DELTA)
 
 
 @pytest.fixture(scope="module")
 def shipped_calibration(tiny, shipped_compact):
-    from edge_asr_build.calibration import CalibrationMix
-    from edge_asr_build.compact import calibrate
+    from edge_asr_build.compression.calibration import CalibrationMix
+    from edge_asr_build.recipes.compact import calibrate
 
     return calibrate(tiny, CalibrationMix(**shipped_compact["recipe"]["calibration"]))
 
@@ -282,8 +282,8 @@ def shipped_calibration(tiny, shipped_compact):
 def test_shipped_compact_delta_rebuilds_its_factors_within_tolerance(tiny, shipped_compact, shipped_calibration):
     """`build --compact` rebuilds the calibration and factors from the recipe in the shipped delta and only
     applies the delta to factors within the tolerance of the fingerprint it records."""
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA, compact_model, factored
-    from edge_asr_build.compress import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.compression.factors import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, compact_model, factored
 
     model = factored(tiny, shipped_compact["structure"], shipped_calibration)
     assert fingerprint_distance(factors_fingerprint(model), shipped_compact["factors_fingerprint"]) <= FACTORS_TOLERANCE
@@ -303,9 +303,9 @@ def test_factors_tolerance_lies_between_other_kernels_and_other_calibration(tiny
 
     from edge_asr.errors import EdgeAsrError
     from edge_asr.threads import resolve_threads
-    from edge_asr_build.calibration import CalibrationMix
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA, calibrate, compact_model, factored
-    from edge_asr_build.compress import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.compression.calibration import CalibrationMix
+    from edge_asr_build.compression.factors import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, calibrate, compact_model, factored
 
     here = factors_fingerprint(factored(tiny, shipped_compact["structure"], shipped_calibration))
     env = os.environ | OTHER_KERNELS | {"EDGE_ASR_THREADS": str(2 if resolve_threads() == 1 else 1)}
@@ -329,7 +329,7 @@ def test_compact_delta_refuses_another_model(tiny, shipped_compact, shipped_cali
     import dataclasses
 
     from edge_asr.errors import EdgeAsrError
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA, compact_model
+    from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, compact_model
 
     other = copy.deepcopy(tiny.model)
     with torch.no_grad():
@@ -363,7 +363,7 @@ def test_build_refuses_a_delta_of_another_recipe_or_model_in_one_line(shipped_co
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from edge_asr_build.compact import DEFAULT_COMPACT_DELTA
+    from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA
 
     metadata = json.loads(json.dumps(shipped_compact))
     for key, value in change.items():
@@ -401,8 +401,8 @@ def test_int4_bundle_is_smaller_and_stays_near_int8(bundle_int8, tmp_path_factor
     8.83% against 4.93%. The compression issue asked for 2 points; int4 misses it, see the README.)"""
     from edge_asr import Transcriber
     from edge_asr.bench import run_bench
-    from edge_asr_build.pipeline import build_whisper_bundle
-    from edge_asr_build.synth import synthetic_set
+    from edge_asr_build.speech.synth import synthetic_set
+    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     int4 = tmp_path_factory.mktemp("bundles") / "tiny.en-int4"
     build_whisper_bundle("tiny.en", int4, "int4", evaluate_on=0)

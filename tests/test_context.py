@@ -31,10 +31,10 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
 
 
 def _reference_items(tiny, texts, seed):
-    from edge_asr_build.bundle import decoding_rules
-    from edge_asr_build.mel import mel_filters
-    from edge_asr_build.reference import reference_items
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.matching.engine import reference_items
+    from edge_asr_build.speech.synth import synthesize
+    from edge_asr_build.whisper.bundle import decoding_rules
+    from edge_asr_build.whisper.mel import mel_filters
 
     clips = [synthesize(t) for t in texts]
     return reference_items(
@@ -67,7 +67,7 @@ def _one_second(frames, rng):
 
 
 def test_reference_matching_lowers_the_held_out_loss(tiny, short_items):
-    from edge_asr_build.reference import MatchConfig, match_reference
+    from edge_asr_build.matching.engine import MatchConfig, match_reference
 
     train, held = short_items
     config = MatchConfig(
@@ -79,8 +79,8 @@ def test_reference_matching_lowers_the_held_out_loss(tiny, short_items):
 
 
 def test_two_seeded_runs_give_identical_weights(tiny, short_items, tmp_path):
-    from edge_asr_build.lora import read_delta, save_delta
-    from edge_asr_build.reference import MatchConfig, match_reference
+    from edge_asr_build.matching.engine import MatchConfig, match_reference
+    from edge_asr_build.matching.lora import read_delta, save_delta
 
     train, _ = short_items
     deltas = []
@@ -98,8 +98,8 @@ def test_two_seeded_runs_give_identical_weights(tiny, short_items, tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
-    from edge_asr_build.lora import lora_tensors
-    from edge_asr_build.reference import MatchConfig, match_reference
+    from edge_asr_build.matching.engine import MatchConfig, match_reference
+    from edge_asr_build.matching.lora import lora_tensors
 
     train, _ = short_items
     config = dict(batch_size=2, learning_rate=1e-4, warmup_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=5)
@@ -124,7 +124,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
 
 
 def test_a_delta_merges_into_the_same_function(tiny, tmp_path):
-    from edge_asr_build.lora import add_lora, apply_delta, save_delta
+    from edge_asr_build.matching.lora import add_lora, apply_delta, save_delta
 
     adapted = _student(tiny)
     add_lora(adapted, 4, 4.0, ("encoder",))
@@ -149,7 +149,7 @@ def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edge_asr_build.export import export_encoder
+    from edge_asr_build.whisper.onnx_export import export_encoder
 
     path = export_encoder(tiny.model, tmp_path / "encoder.onnx", dynamic_length=True)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
@@ -169,7 +169,7 @@ def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
 
 def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_path):
     from edge_asr.tflite_backend import _interpreter
-    from edge_asr_build.tflite_export import EncoderGraph, _convert, _Keywords, encoder_signature
+    from edge_asr_build.whisper.tflite_export import EncoderGraph, _convert, _Keywords, encoder_signature
 
     graph = _Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
     one = _convert([(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite")
@@ -213,7 +213,7 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
     window or mask changes words, which this still catches."""
     from edge_asr import Transcriber
     from edge_asr.metrics import normalize
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     golden = json.loads(GOLDEN.read_text())
     for backend in ("onnx", "tflite"):
@@ -226,8 +226,8 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
 @pytest.fixture(scope="module")
 def bundle_auto(tmp_path_factory):
     """The default bundle's recipe: tiny.en with the shipped dynamic-context delta, int8, ONNX and TFLite."""
-    from edge_asr_build.context_adapt import DEFAULT_DELTA
-    from edge_asr_build.pipeline import build_whisper_bundle
+    from edge_asr_build.recipes.adapt import DEFAULT_DELTA
+    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
     build_whisper_bundle(
@@ -249,7 +249,7 @@ def test_default_bundle_reproduces_its_golden_transcripts(bundle_auto):
     normalizer, for the reason given above."""
     from edge_asr.metrics import normalize
     from edge_asr.transcriber import load_transcriber
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     golden = json.loads(DEFAULT_GOLDEN.read_text())
     audio = [synthesize(t) for t in golden["texts"]]
@@ -263,9 +263,9 @@ def test_the_default_build_is_the_adapted_model_under_its_own_name():
     """`edge-asr build` with no flags makes the adapted dynamic-context tiny.en, whose name (a hash of delta
     and policy) is the runtime's default bundle; the 30 s model and a fixed context are named apart."""
     from edge_asr.paths import DEFAULT_BUNDLE, FULL_CONTEXT_BUNDLE
-    from edge_asr_build.commands import default_bundle_name, default_context
-    from edge_asr_build.context_adapt import DEFAULT_DELTA
-    from edge_asr_build.lora import read_delta
+    from edge_asr_build.commands.whisper import default_bundle_name, default_context
+    from edge_asr_build.matching.lora import read_delta
+    from edge_asr_build.recipes.adapt import DEFAULT_DELTA
 
     assert default_context("tiny.en", compact=False, delta=None) == "auto"
     assert default_context("tiny.en", compact=True, delta=None) == "full"  # no compact delta for it yet
@@ -286,7 +286,7 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
 
     from edge_asr import Transcriber
     from edge_asr.metrics import normalize
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     for backend in ("onnx", "tflite"):
         transcriber = Transcriber(bundle_auto, backend=backend)
@@ -306,7 +306,7 @@ def test_adapted_bundle_decodes_short_windows_with_beams_unless_told_otherwise(b
     gives (0: greedy) holds for every window. Both backends follow it."""
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     assert json.loads((bundle_auto / "manifest.json").read_text())["decoding"]["short_window_beam"] == {
         "max_seconds": 5.0,

@@ -134,7 +134,7 @@ def test_hotword_bias_favours_starts_and_continuations(transcriber_int8):
 def test_hotwords_find_a_name_the_model_misses(bundle_int8):
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     audio = synthesize("Fit a new seal on the Kestrolix pump before lunch.")
     plain = load_transcriber(bundle_int8).transcribe(audio).text
@@ -197,8 +197,8 @@ def test_timestamps_fall_in_the_pauses_between_sentences(bundle_int8):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
     from timestamps import TOLERANCE_S, boundary_errors, dictation
 
-    from edge_asr_build.sentences import dictation_sentences
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.sentences import dictation_sentences
+    from edge_asr_build.speech.synth import synthesize
 
     t = Transcriber(bundle_int8, options=DecodingOptions(timestamps=True))
     rng = np.random.default_rng(11)
@@ -216,7 +216,7 @@ def test_timestamps_fall_in_the_pauses_between_sentences(bundle_int8):
 
 
 def test_cli_formats(bundle_int8, tmp_path, speech):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     wav = tmp_path / "two.wav"
     write_wav(wav, np.concatenate([speech[0][1], np.zeros(12000, np.float32), speech[1][1]]))

@@ -39,7 +39,7 @@ def test_dependencies_are_chosen_for_the_target_not_this_machine(wheel):
 
 
 def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8, speech, tmp_path):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
     from edge_asr_deploy.package import build_archive
     from edge_asr_deploy.targets import target
 

@@ -7,7 +7,7 @@ import torch
 whisper_audio = pytest.importorskip("whisper.audio", reason="reference implementation: openai-whisper")
 
 from edge_asr.frontend import N_FRAMES, log_mel_spectrogram, pad_or_trim  # noqa: E402
-from edge_asr_build.mel import mel_filters  # noqa: E402
+from edge_asr_build.whisper.mel import mel_filters  # noqa: E402
 
 
 def test_mel_filters_match_whisper_assets():

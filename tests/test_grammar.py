@@ -129,7 +129,7 @@ def test_constrained_decoding_writes_only_phrases_and_measures_what_the_grammar_
 def test_a_command_is_recognized_and_a_sentence_is_rejected(bundle_int8, tmp_path):
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import load_transcriber
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     transcriber = load_transcriber(bundle_int8, settings=DecodingSettings(grammar=str(EXAMPLES / "machine.gbnf")))
     pad = np.zeros(4000, np.float32)
@@ -185,7 +185,7 @@ def test_an_invalid_grammar_names_its_line_and_column(tmp_path, text, where):
 
 
 def test_cli_invalid_grammar_is_one_line_and_exit_2(tmp_path, bundle_int8):
-    from edge_asr_build.synth import synthesize, write_wav
+    from edge_asr_build.speech.synth import synthesize, write_wav
 
     bad = tmp_path / "bad.gbnf"
     bad.write_text('root ::= "start" | \n')
@@ -219,8 +219,8 @@ def test_daemon_switches_grammars_at_run_time(tmp_path, bundle_int8):
     import urllib.error
     import urllib.request
 
-    from edge_asr.daemon import Daemon, load_config
-    from edge_asr_build.synth import synthesize, write_wav
+    from edge_asr.service.daemon import Daemon, load_config
+    from edge_asr_build.speech.synth import synthesize, write_wav
 
     pause = np.zeros(24000, np.float32)
     wav = tmp_path / "menu.wav"

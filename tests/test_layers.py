@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from edge_asr.frontend import window_features
-from edge_asr_build.calibration import Distortion
-from edge_asr_build.compress import load_compressed, save_compressed
-from edge_asr_build.layers import block_changes, layer_importance, prune, prune_plan, without
-from edge_asr_build.loaders import SourceError, join_parts
-from edge_asr_build.mel import mel_filters
-from edge_asr_build.reference import clip_mel, matching_loss, reference_item, reference_layers
+from edge_asr_build.compression.calibration import Distortion
+from edge_asr_build.compression.factors import load_compressed, save_compressed
+from edge_asr_build.compression.layers import block_changes, layer_importance, prune, prune_plan, without
+from edge_asr_build.matching.engine import clip_mel, matching_loss, reference_item, reference_layers
+from edge_asr_build.whisper.loaders import SourceError, join_parts
+from edge_asr_build.whisper.mel import mel_filters
 
 TOKENS = [50257, 50362, 40177, 262, 34797, 8106, 319]  # prompt + " Replace the hydraulic filter on"
 
 
 @pytest.fixture(scope="module")
 def items(tiny, speech):
-    from edge_asr_build.bundle import decoding_rules
+    from edge_asr_build.whisper.bundle import decoding_rules
 
     return [reference_item(tiny.model, clip_mel(audio, mel_filters()), decoding_rules(tiny)) for _, audio in speech[:2]]
 
@@ -126,8 +126,8 @@ def test_a_multilingual_decoder_never_emits_a_language_token():
 
 def test_a_pruned_delta_rebuilds_its_model_and_refuses_another(tiny, tmp_path):
     from edge_asr.errors import EdgeAsrError
-    from edge_asr_build.lora import add_lora, save_delta
-    from edge_asr_build.pruned import pruned_model
+    from edge_asr_build.matching.lora import add_lora, save_delta
+    from edge_asr_build.recipes.prune import pruned_model
 
     student = prune(tiny.model, {"decoder": [2]})
     add_lora(student, 2, 2.0)

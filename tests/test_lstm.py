@@ -18,7 +18,7 @@ import torch
 from conftest import run_cli_without_torch
 
 from edge_asr.ctc import ALPHABET, WordBias, greedy_symbols, prefix_beam_search, symbols_to_text
-from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm, joint_factor, lstm_matrix_params, save_lstm
+from edge_asr_build.lstm.model import LstmConfig, LstmCtc, compress_lstm, joint_factor, lstm_matrix_params, save_lstm
 
 WORDS = ["seven", "stop", "zero"]
 
@@ -78,7 +78,7 @@ def test_chunked_state_passing_equals_whole_utterance_in_torch():
 def test_exported_graph_matches_torch_and_streams(tmp_path, factored):
     import onnxruntime as ort
 
-    from edge_asr_build.lstm_export import export_lstm
+    from edge_asr_build.lstm.export import export_lstm
 
     model = _random_model()
     if factored:
@@ -158,7 +158,7 @@ def _take(audio: np.ndarray, rng: np.random.Generator, lead: float | None = None
 @pytest.fixture(scope="module")
 def word_audio():
     """Each word as a test recording: a take the training set does not contain."""
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.speech.synth import synthesize
 
     rng = np.random.default_rng(123)
     return {w: _take(synthesize(w), rng, lead=0.3) for w in WORDS}
@@ -168,9 +168,9 @@ def word_audio():
 def trained(tmp_path_factory):
     """A 1 x 64 LSTM that learns three words from 16 takes of each, saved as a checkpoint."""
     from edge_asr.frontend import frame_log_mel
-    from edge_asr_build.ctc_train import Example, TrainConfig, encode_text, normalization, train_ctc
-    from edge_asr_build.mel import mel_filters
-    from edge_asr_build.synth import synthesize
+    from edge_asr_build.lstm.ctc_train import Example, TrainConfig, encode_text, normalization, train_ctc
+    from edge_asr_build.speech.synth import synthesize
+    from edge_asr_build.whisper.mel import mel_filters
 
     filters = mel_filters(16000, 400, 80)
     rng = np.random.default_rng(0)
@@ -191,7 +191,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def words_bundle(trained, tmp_path_factory):
-    from edge_asr_build.lstm_bundle import build_lstm_bundle
+    from edge_asr_build.lstm.bundle import build_lstm_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "words-int8"
     build_lstm_bundle(trained[0], out, "int8", evaluate=False, formats=["onnx", "tflite"])
@@ -242,7 +242,7 @@ def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bund
 
 
 def test_cli_lstm_bundle_transcribes_and_reports(words_bundle, word_audio, tmp_path):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     wav = tmp_path / "seven.wav"
     write_wav(wav, word_audio["seven"])

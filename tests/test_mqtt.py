@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from edge_asr.errors import EdgeAsrError
-from edge_asr.sinks import JsonlSink, timestamped
-from edge_asr.spool import OffsetFile
+from edge_asr.service.sinks import JsonlSink, timestamped
+from edge_asr.service.spool import OffsetFile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from fleet import Mosquitto, free_port, run_fleet, wait_for  # noqa: E402
@@ -142,8 +142,8 @@ def test_ids_continue_after_restart_and_a_torn_line_is_cut(tmp_path):
 
 
 def test_rotation_keeps_unsent_files_until_they_are_acknowledged(tmp_path, broker):
-    from edge_asr.broker import BrokerSettings
-    from edge_asr.publisher import MqttSettings, MqttSink
+    from edge_asr.service.broker import BrokerSettings
+    from edge_asr.service.publisher import MqttSettings, MqttSink
 
     path, db = tmp_path / "t.jsonl", tmp_path / "fleet.sqlite"
     collect = _collect(broker.port, db)  # its durable session outlives the broker's restart
@@ -222,7 +222,7 @@ def test_delivery_status_and_counters(tmp_path, broker, stream_wav, bundle_int8)
 @pytest.fixture(scope="module")
 def long_stream_wav(stream, tmp_path_factory):
     """The three sentences five times over: about 70 s of dictation with pauses."""
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     path = tmp_path_factory.mktemp("long") / "long.wav"
     write_wav(path, np.concatenate([stream[0]] * 5))
@@ -395,8 +395,8 @@ def _collect_once(port, db, pki, secret, *extra):
 
 
 def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
-    from edge_asr.broker import BrokerSettings
-    from edge_asr.publisher import MqttSettings, MqttSink
+    from edge_asr.service.broker import BrokerSettings
+    from edge_asr.service.publisher import MqttSettings, MqttSink
 
     broker, pki = tls_broker
     db = tmp_path / "fleet.sqlite"
@@ -458,7 +458,7 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
 
 
 def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
-    from edge_asr.daemon import load_config
+    from edge_asr.service.daemon import load_config
 
     cases = {
         '[mqtt]\nhost = "127.0.0.1"\nbroker_url = "x"\n': "broker_url",

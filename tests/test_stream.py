@@ -13,7 +13,7 @@ import pytest
 from edge_asr.endpointer import Endpointer
 from edge_asr.errors import EdgeAsrError
 from edge_asr.metrics import word_error_rate
-from edge_asr.sinks import JsonlSink
+from edge_asr.service.sinks import JsonlSink
 from edge_asr.vad import EnergyVad
 
 
@@ -43,7 +43,7 @@ def test_long_speech_is_split_below_the_maximum(speech):
 def test_stream_transcript_matches_sentences(transcriber_int8, stream, tmp_path):
     from edge_asr.sources import FileSource
     from edge_asr.stream import StreamRecognizer
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     audio, texts, _ = stream
     write_wav(tmp_path / "stream.wav", audio)
@@ -187,7 +187,7 @@ def test_missing_microphone_is_one_line(bundle_int8):
 def test_status_endpoint_serves_counters(tmp_path, stream_wav, bundle_int8):
     import urllib.request
 
-    from edge_asr.daemon import Daemon, load_config
+    from edge_asr.service.daemon import Daemon, load_config
 
     config = tmp_path / "c.toml"
     config.write_text(
@@ -211,7 +211,7 @@ def test_status_endpoint_serves_counters(tmp_path, stream_wav, bundle_int8):
 
 
 def test_daemon_decoding_section(tmp_path, bundle_int8):
-    from edge_asr.daemon import decoding_settings, load_config
+    from edge_asr.service.daemon import decoding_settings, load_config
 
     config = tmp_path / "c.toml"
     config.write_text(

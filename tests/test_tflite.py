@@ -116,8 +116,8 @@ def test_command_mode_reads_the_same_window_on_every_backend(fp32_backends, spee
 
 def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
     from edge_asr.tflite_backend import interpreter_class
-    from edge_asr_build.lstm import LstmConfig, LstmCtc, compress_lstm
-    from edge_asr_build.tflite_export import CHUNK_STEPS, export_lstm_tflite
+    from edge_asr_build.lstm.model import LstmConfig, LstmCtc, compress_lstm
+    from edge_asr_build.whisper.tflite_export import CHUNK_STEPS, export_lstm_tflite
 
     torch.manual_seed(0)
     plain = LstmCtc(LstmConfig(hidden=[48, 40], proj=[0, 0])).eval()
@@ -145,7 +145,7 @@ def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
 
 
 def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, speech, tmp_path):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
 
     wav = tmp_path / "s.wav"
     write_wav(wav, speech[0][1])
@@ -178,7 +178,7 @@ def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, spee
 
 
 def test_a_bundle_without_tflite_models_says_how_to_get_them(tmp_path, bundle_int8, speech):
-    from edge_asr_build.synth import write_wav
+    from edge_asr_build.speech.synth import write_wav
     from edge_asr_deploy.package import slim_bundle
 
     onnx_only = tmp_path / "onnx-only"

@@ -3,7 +3,7 @@
 import random
 
 from edge_asr.tokenizer import Tokenizer
-from edge_asr_build.vocabulary import special_tokens, token_strings
+from edge_asr_build.whisper.vocabulary import special_tokens, token_strings
 
 
 def test_decode_matches_tokenizers_library(tiny):
