@@ -87,7 +87,7 @@ def peer_child(script: Path, name: str, dirs: list[str], threads: int) -> None:
     if name.startswith("faster-whisper-base-"):
         from faster_whisper import WhisperModel
 
-        from edge_asr_build.whisper.loaders import joined_base_dir
+        from edge_asr_build.sources import joined_base_dir
 
         model = WhisperModel(str(joined_base_dir()), device="cpu", compute_type=name.split("-")[3], cpu_threads=threads)
 

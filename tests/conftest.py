@@ -46,7 +46,7 @@ def isolated_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     return load_whisper("tiny.en")
 
@@ -82,7 +82,7 @@ def stream_wav(stream, tmp_path_factory):
 
 
 def _build(tmp_path_factory, precision: str):
-    from edge_asr_build.whisper.pipeline import build_whisper_bundle
+    from edge_asr_build.bundle.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / f"tiny.en-{precision}"
     build_whisper_bundle("tiny.en", out, precision, evaluate_on=0, formats=["onnx", "ort", "tflite"])

@@ -31,7 +31,7 @@ from edge_asr_build.lstm.cald_train import (
 
 @pytest.fixture(scope="module")
 def encoder():
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     return load_whisper("tiny.en").model.encoder.eval()
 

@@ -191,8 +191,8 @@ def test_save_and_load_roundtrip(tiny, tmp_path, inputs):
 
 def test_factored_model_exports_and_runs_in_onnx_runtime(tiny, tmp_path, inputs, speech):
     """fp32 ONNX of a compressed model matches torch at every cached decoding step."""
+    from edge_asr_build.bundle.pipeline import build_whisper_bundle
     from edge_asr_build.compression.factors import save_compressed
-    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     mel, tokens = inputs
     model, _ = compress_whisper(tiny.model, keep=0.6, parts=PARTS)
@@ -211,7 +211,7 @@ def test_recovery_by_reference_matching_moves_the_student_toward_the_reference(t
     """The compact recovery: LoRA on a factored decoder, trained by the reference-matching engine on the
     reference's own states, lowers the matching loss; the factors themselves stay as they were."""
     from edge_asr_build.matching.engine import MatchConfig, match_reference, reference_items
-    from edge_asr_build.whisper.bundle import decoding_rules
+    from edge_asr_build.sources import decoding_rules
 
     moments, _ = calibration
     student, _ = compress_whisper(tiny.model, keep=0.75, moments=moments)
@@ -255,7 +255,7 @@ torch.set_num_threads(resolve_threads())
 from edge_asr_build.compression.calibration import CalibrationMix
 from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, calibrate, factored
 from edge_asr_build.compression.factors import factors_fingerprint
-from edge_asr_build.whisper.loaders import load_whisper
+from edge_asr_build.sources import load_whisper
 from edge_asr_build.matching.lora import delta_metadata
 tiny, metadata = load_whisper("tiny.en"), delta_metadata(DEFAULT_COMPACT_DELTA)
 calibration = calibrate(tiny, CalibrationMix(**metadata["recipe"]["calibration"]))
@@ -401,8 +401,8 @@ def test_int4_bundle_is_smaller_and_stays_near_int8(bundle_int8, tmp_path_factor
     8.83% against 4.93%. The compression issue asked for 2 points; int4 misses it, see the README.)"""
     from edge_asr import Transcriber
     from edge_asr.bench import run_bench
+    from edge_asr_build.bundle.pipeline import build_whisper_bundle
     from edge_asr_build.speech.synth import synthetic_set
-    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     int4 = tmp_path_factory.mktemp("bundles") / "tiny.en-int4"
     build_whisper_bundle("tiny.en", int4, "int4", evaluate_on=0)

@@ -32,8 +32,8 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
 
 def _reference_items(tiny, texts, seed):
     from edge_asr_build.matching.engine import reference_items
+    from edge_asr_build.sources import decoding_rules
     from edge_asr_build.speech.synth import synthesize
-    from edge_asr_build.whisper.bundle import decoding_rules
     from edge_asr_build.whisper.mel import mel_filters
 
     clips = [synthesize(t) for t in texts]
@@ -149,7 +149,7 @@ def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edge_asr_build.whisper.onnx_export import export_encoder
+    from edge_asr_build.bundle.onnx_export import export_encoder
 
     path = export_encoder(tiny.model, tmp_path / "encoder.onnx", dynamic_length=True)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
@@ -169,12 +169,14 @@ def test_dynamic_length_encoder_matches_torch_at_three_lengths(tiny, tmp_path):
 
 def test_litert_picks_the_bucket_and_the_buckets_share_the_weights(tiny, tmp_path):
     from edge_asr.tflite_backend import _interpreter
-    from edge_asr_build.whisper.tflite_export import EncoderGraph, _convert, _Keywords, encoder_signature
+    from edge_asr_build.bundle.tflite_export import EncoderGraph, Keywords, convert_signatures, encoder_signature
 
-    graph = _Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
-    one = _convert([(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite")
+    graph = Keywords(EncoderGraph(tiny.model.eval()), ["mel"])
+    one = convert_signatures(
+        [(encoder_signature(100), graph, {"mel": torch.zeros(1, 80, 100)})], tmp_path / "one.tflite"
+    )
     buckets = [100, 300, 800]
-    three = _convert(
+    three = convert_signatures(
         [(encoder_signature(f), graph, {"mel": torch.zeros(1, 80, f)}) for f in buckets], tmp_path / "three.tflite"
     )
     # Three signatures over one copy of the weights: the file grows by graph structure, not by 2 x 30 MB.
@@ -226,8 +228,8 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
 @pytest.fixture(scope="module")
 def bundle_auto(tmp_path_factory):
     """The default bundle's recipe: tiny.en with the shipped dynamic-context delta, int8, ONNX and TFLite."""
+    from edge_asr_build.bundle.pipeline import build_whisper_bundle
     from edge_asr_build.recipes.adapt import DEFAULT_DELTA
-    from edge_asr_build.whisper.pipeline import build_whisper_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
     build_whisper_bundle(

@@ -83,8 +83,8 @@ def test_int8_matmul_is_exact_on_this_cpu_where_pairs_of_products_overflow_16_bi
     from onnx import TensorProto, helper, numpy_helper
 
     from edge_asr.backend import onnx_session
+    from edge_asr_build.bundle.formats import onnx_to_ort
     from edge_asr_build.compression.quantize import quantize_int8
-    from edge_asr_build.whisper.formats import onnx_to_ort
 
     rng = np.random.default_rng(0)
     weight = rng.uniform(-1, 1, (256, 64)).astype(np.float32)
@@ -115,8 +115,8 @@ def test_tied_lookup_reads_rows_of_its_own_with_the_same_numbers(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from edge_asr.backend import onnx_session
+    from edge_asr_build.bundle.formats import onnx_to_ort
     from edge_asr_build.compression.quantize import external_data, lookup_from_shared, quantize_int8
-    from edge_asr_build.whisper.formats import onnx_to_ort
 
     rng = np.random.default_rng(0)
     vocabulary, width = 300, 64

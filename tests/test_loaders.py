@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edge_asr.frontend import window_features
-from edge_asr_build.whisper.loaders import SourceError, load_whisper
+from edge_asr_build.sources import SourceError, load_whisper
 from edge_asr_build.whisper.mel import mel_filters
 
 
@@ -28,7 +28,7 @@ def test_tiny_en_dimensions_and_provenance(tiny):
 def test_encoder_matches_ctranslate2(tiny, mel):
     """The converted weights reproduce CTranslate2's own encoder on the same features."""
     ctranslate2 = pytest.importorskip("ctranslate2")
-    from edge_asr_build.whisper.loaders import embedded_model_dir
+    from edge_asr_build.sources import embedded_model_dir
 
     ct2 = ctranslate2.models.Whisper(str(embedded_model_dir()), device="cpu", compute_type="float32")
     theirs = np.array(ct2.encode(ctranslate2.StorageView.from_array(mel[None])))

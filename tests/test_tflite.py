@@ -117,7 +117,7 @@ def test_command_mode_reads_the_same_window_on_every_backend(fp32_backends, spee
 def test_lstm_tflite_streams_in_chunks_and_steps_like_torch(tmp_path):
     from edge_asr.tflite_backend import interpreter_class
     from edge_asr_build.lstm.model import LstmConfig, LstmCtc, compress_lstm
-    from edge_asr_build.whisper.tflite_export import CHUNK_STEPS, export_lstm_tflite
+    from edge_asr_build.lstm.tflite_export import CHUNK_STEPS, export_lstm_tflite
 
     torch.manual_seed(0)
     plain = LstmCtc(LstmConfig(hidden=[48, 40], proj=[0, 0])).eval()

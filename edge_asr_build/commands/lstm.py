@@ -14,7 +14,7 @@ from edge_asr_build.lstm import recipe as lstm_recipe
 from edge_asr_build.lstm.bundle import build_lstm_bundle
 from edge_asr_build.lstm.cald import is_cald_checkpoint
 from edge_asr_build.lstm.model import is_lstm_checkpoint
-from edge_asr_build.whisper import loaders
+from edge_asr_build.sources import SourceError, check_source
 
 
 def cmd_lstm_train(args) -> int:
@@ -65,7 +65,7 @@ def cmd_lstm_convert(args) -> int:
     corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
     progress = StepProgress(6, "convert")
     try:
-        loaders.check_source(args.source)
+        check_source(args.source)
         path = cald_train.convert(
             Path(args.out),
             args.source,
@@ -78,7 +78,7 @@ def cmd_lstm_convert(args) -> int:
             step=progress,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
-    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+    except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()

@@ -17,14 +17,15 @@ from edge_asr.bundle import Bundle, sha256_file
 from edge_asr.context import ContextPolicy
 from edge_asr.errors import EdgeAsrError
 from edge_asr.paths import bundle_dir
+from edge_asr_build.bundle import pipeline
+from edge_asr_build.bundle.formats import parse_formats
 from edge_asr_build.commands.progress import StepProgress
 from edge_asr_build.matching.lora import delta_metadata
 from edge_asr_build.recipes.adapt import DEFAULT_DELTA, ContextRecipe, adapt_context
 from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, CompactRecipe, recover_compact
 from edge_asr_build.recipes.prune import PrunedRecipe, recover_pruned
+from edge_asr_build.sources import SourceError, check_source
 from edge_asr_build.speech.synth import synthetic_set
-from edge_asr_build.whisper import loaders, pipeline
-from edge_asr_build.whisper.formats import parse_formats
 
 
 def build_bundle(
@@ -50,7 +51,7 @@ def build_bundle(
         policy = ContextPolicy.parse(context)
         delta_path = _context_delta(source, policy, delta)
         compact_path = _compact_delta(source, compact_delta) if compact else None
-        loaders.check_source(source)
+        check_source(source)
         formats = parse_format_list(formats)
         progress = StepProgress(
             5
@@ -79,7 +80,7 @@ def build_bundle(
             )
         finally:
             progress.close()
-    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+    except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     line = f"built {out} ({size:.1f} MB, {manifest['model']['parameters'] / 1e6:.1f} M params"
@@ -217,7 +218,7 @@ def cmd_adapt(args) -> int:
     corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
     progress = StepProgress(7, "adapt")
     try:
-        loaders.check_source(args.source)
+        check_source(args.source)
         metadata = adapt_context(
             args.source,
             Path(args.out),
@@ -229,7 +230,7 @@ def cmd_adapt(args) -> int:
             step=progress,
             log=lambda m: print(m, file=sys.stderr),
         )
-    except (loaders.SourceError, ValueError, FileNotFoundError) as e:
+    except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()
@@ -248,7 +249,7 @@ def cmd_compress(args) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else pipeline.DEFAULT_PARTS
     progress = StepProgress(3 + 3 * (args.factors == "activation" or args.ranks == "measured"), "compress")
     try:
-        loaders.check_source(args.source)
+        check_source(args.source)
         if args.ranks == "measured" and args.keep is None:
             raise ValueError("--ranks measured needs --keep")
         path, report = pipeline.compress_checkpoint(
@@ -263,7 +264,7 @@ def cmd_compress(args) -> int:
             measured=args.ranks == "measured",
             step=progress,
         )
-    except (loaders.SourceError, ValueError) as e:
+    except (SourceError, ValueError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()
@@ -280,7 +281,7 @@ def cmd_recover(args) -> int:
     recipe = replace(recipe, match=match, keep=args.keep or recipe.keep)
     progress = StepProgress(9, "recover")
     try:
-        loaders.check_source(args.source)
+        check_source(args.source)
         if args.ranks_from and not Path(args.ranks_from).is_file():
             raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
         structure = delta_metadata(Path(args.ranks_from))["structure"] if args.ranks_from else None
@@ -296,7 +297,7 @@ def cmd_recover(args) -> int:
             step=progress,
             log=lambda message: print(message, file=sys.stderr),
         )
-    except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
+    except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()
@@ -321,7 +322,7 @@ def cmd_prune(args) -> int:
     corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
     progress = StepProgress(13, "prune")
     try:
-        loaders.check_source(args.source)
+        check_source(args.source)
         metadata = recover_pruned(
             args.source,
             Path(args.out),
@@ -333,7 +334,7 @@ def cmd_prune(args) -> int:
             step=progress,
             log=lambda message: print(message, file=sys.stderr),
         )
-    except (loaders.SourceError, ValueError, FileNotFoundError, KeyError) as e:
+    except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
         progress.close()

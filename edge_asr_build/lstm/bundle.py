@@ -14,13 +14,14 @@ from edge_asr import __version__
 from edge_asr.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from edge_asr.ctc import ALPHABET
 from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
+from edge_asr_build.bundle.formats import add_ort
+from edge_asr_build.bundle.whisper import file_entries, format_files, save_manifest
 from edge_asr_build.compression.quantize import quantize_lstm_int8
 from edge_asr_build.lstm import cald
 from edge_asr_build.lstm.cald_export import export_cald, state_names
 from edge_asr_build.lstm.export import export_lstm
 from edge_asr_build.lstm.model import load_lstm, lstm_matrix_params
-from edge_asr_build.whisper.bundle import file_entries, format_files, save_manifest
-from edge_asr_build.whisper.formats import add_lstm_tflite, add_ort
+from edge_asr_build.lstm.tflite_export import add_lstm_tflite
 from edge_asr_build.whisper.mel import mel_filters
 
 

@@ -501,8 +501,7 @@ def conversion_sets(
 
     from edge_asr_build.matching.engine import items_key
     from edge_asr_build.recipes.adapt import ContextRecipe, reference_sets
-    from edge_asr_build.whisper.bundle import decoding_rules
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import decoding_rules, load_whisper
 
     shared = ContextRecipe()
     loaded = load_whisper(source)
@@ -583,7 +582,7 @@ def convert(
     )
     prepared = time.time() - started
     step(f"convert ({len(train)} clips, {provenance['hours']} h)")
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     model = from_whisper(teacher_encoder(load_whisper(source)))
     model.config.mel_floor = recipe.mel_floor

@@ -124,7 +124,7 @@ def greedy(
 ) -> list[int] | None:
     """The reference's greedy transcript after `prompt` (with end of text), by the runtime decoder's
     suppression rules; with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>.
-    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`bundle.decoding_rules`)."""
+    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`sources.decoding_rules`)."""
     special = decoding["special_tokens"]
     suppress, first = (torch.from_numpy(mask) for mask in suppression_masks(decoding))
     if timestamps:

@@ -153,8 +153,8 @@ def reference_sets(
     from tqdm import tqdm
 
     from edge_asr.paths import home
+    from edge_asr_build.sources import decoding_rules
     from edge_asr_build.speech.sentences import general_sentences
-    from edge_asr_build.whisper.bundle import decoding_rules
     from edge_asr_build.whisper.mel import mel_filters
 
     reference = loaded.model.eval()
@@ -245,7 +245,7 @@ def adapt_context(
     import torch
 
     from edge_asr_build.matching.lora import save_delta
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     recipe = recipe or ContextRecipe()
     torch.manual_seed(recipe.match.seed)

@@ -96,7 +96,7 @@ def calibrate(
 ) -> Calibration:
     """Calibration clips, the reference's transcripts of them, and the input moments of every layer."""
     from edge_asr_build.recipes.adapt import _encoder
-    from edge_asr_build.whisper.bundle import decoding_rules
+    from edge_asr_build.sources import decoding_rules
     from edge_asr_build.whisper.mel import mel_filters
 
     step(f"synthesize {mix.sentences + mix.short_utterances} calibration clips")
@@ -221,7 +221,7 @@ def recover_compact(
     from edge_asr_build.matching.engine import MatchResult, held_out_loss, trainable_parameters
     from edge_asr_build.matching.lora import save_delta
     from edge_asr_build.recipes.adapt import ContextRecipe, reference_sets
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     recipe = recipe or CompactRecipe()
     torch.manual_seed(recipe.match.seed)

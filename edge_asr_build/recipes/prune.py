@@ -74,7 +74,7 @@ def held_out_wer(
 
     from edge_asr.metrics import normalize, word_error_rate
     from edge_asr_build.matching.engine import greedy, padded
-    from edge_asr_build.whisper.bundle import decoding_rules
+    from edge_asr_build.sources import decoding_rules
 
     decoding = decoding_rules(loaded)
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))
@@ -128,7 +128,7 @@ def recover_pruned(
     from edge_asr_build.compression.layers import prune
     from edge_asr_build.matching.lora import save_delta
     from edge_asr_build.recipes.adapt import clips_dir, load_clip_mels
-    from edge_asr_build.whisper.loaders import load_whisper
+    from edge_asr_build.sources import load_whisper
 
     recipe = recipe or PrunedRecipe()
     torch.manual_seed(recipe.match.seed)

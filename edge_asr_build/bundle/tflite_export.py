@@ -16,10 +16,7 @@ TFLite wants static shapes, so the graphs differ from the ONNX ones in how they 
                (1, PROMPT_CHUNK), slots position…, each token seeing the slots up to its own; k_i and v_i
                for each), so that a prompt costs a run per chunk: a command grammar's 24-token prompt took
                106-185 ms a token at a time and 16-28 ms in chunks (LiteRT, 2 threads, a 1 s window).
-  lstm-ctc acoustic.tflite  signatures "step" (1 step: `stack` frames) and "chunk" (CHUNK_STEPS steps),
-           each  features (steps * stack, n_mels), h_i, c_i -> log_probs (steps, n_symbols), h_i', c_i'
-           A stream runs whole chunks and the remainder step by step; the state carries across calls, so the
-           result is the same as one pass.
+  lstm-ctc acoustic.tflite (`edge_asr_build.lstm.tflite_export`, on the conversion helpers here)
 
 Conversion is litert-torch's (torch.export, then the LiteRT converter); int8 weights come from
 ai-edge-quantizer's dynamic recipe (int8 weights per channel, activations quantized on the fly).
@@ -41,13 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edge_asr_build.lstm.model import LstmCtc
+from edge_asr_build.bundle.onnx_export import cache_names
 from edge_asr_build.whisper.model import Whisper
-from edge_asr_build.whisper.onnx_export import cache_names
 
 # Decoder cache slots: the prompt plus openai-whisper's sample_len (224 new tokens), rounded up.
 MAX_TOKENS = 232
-CHUNK_STEPS = 16
 # Prompt tokens a "prefill" signature takes at once: a command grammar's prompt (up to 34 tokens) costs a few
 # runs instead of a run per token.
 PROMPT_CHUNK = 8
@@ -136,77 +131,6 @@ class RowsFactoredEmbedding(nn.Module):
         )
 
 
-def lstm_steps(x: Tensor, lstm: nn.Module, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """An LSTM(P) layer over x (steps, n_in) unrolled, the input matrix batched over the steps."""
-    w_hh, w_hr = lstm.weight_hh_l0, getattr(lstm, "weight_hr_l0", None)
-    input_gates = x @ lstm.weight_ih_l0.T + (lstm.bias_ih_l0 + lstm.bias_hh_l0)
-    outputs = []
-    for t in range(x.shape[0]):
-        gi, gf, gg, go = (input_gates[t : t + 1] + h @ w_hh.T).chunk(4, -1)
-        c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-        h = torch.sigmoid(go) * torch.tanh(c)
-        if w_hr is not None:
-            h = h @ w_hr.T
-        outputs.append(h)
-    return torch.cat(outputs, 0), h, c
-
-
-class LstmStepsGraph(nn.Module):
-    """`steps` LSTM steps unrolled, with the state in and out: TFLite has no projected LSTM with a state
-    that is both an input and an output, and the unrolled cell is a handful of fully connected ops."""
-
-    def __init__(self, model: LstmCtc, steps: int):
-        super().__init__()
-        self.model, self.steps = model.eval(), steps
-
-    def forward(self, features: Tensor, *state: Tensor) -> dict[str, Tensor]:
-        m = self.model
-        x = m.stack_frames(features[None])[0]  # (steps, n_input)
-        if m.input_proj is not None:
-            x = m.input_proj(x)
-        new_state = {}
-        for i, layer in enumerate(m.layers):
-            x, new_state[f"h{i}"], new_state[f"c{i}"] = lstm_steps(x, layer, state[2 * i], state[2 * i + 1])
-        return {"log_probs": m.output(x).log_softmax(-1), **new_state}
-
-
-class CaldStepsGraph(nn.Module):
-    """`steps` encoder steps (2 * steps mel frames) of a converted (CALD) model with its state in and out,
-    as the ONNX graph computes them (`cald_export`)."""
-
-    def __init__(self, model, steps: int):
-        super().__init__()
-        self.model, self.steps = model.eval(), steps
-
-    def forward(self, features: Tensor, mel_tail: Tensor, conv_tail: Tensor, *state: Tensor) -> dict[str, Tensor]:
-        m = self.model
-        x, mel_tail, conv_tail = m.front(m.normalize(features[None]), mel_tail, conv_tail)
-        x = x[0]
-        new_state = {"mel_tail": mel_tail, "conv_tail": conv_tail}
-        for i, block in enumerate(m.blocks):
-            h = block.attn_ln(x)
-            if block.input_proj is not None:
-                h = block.input_proj(h)
-            y, new_state[f"h{i}"], new_state[f"c{i}"] = lstm_steps(h, block.lstm, state[2 * i], state[2 * i + 1])
-            x = x + block.out(y)
-            x = x + block.mlp(block.mlp_ln(x))
-        return {"log_probs": m.head(m.ln_post(x)).log_softmax(-1), **new_state}
-
-
-def export_cald_tflite(model, path: Path, chunk_steps: int = CHUNK_STEPS) -> Path:
-    """acoustic.tflite (float32) of a converted model, with the signatures "step" and "chunk"."""
-    from edge_asr_build.lstm.cald_export import state_names, state_shapes
-
-    shapes = state_shapes(model)
-    state = {n: torch.zeros(*shapes[n]) for n in state_names(model)}
-    names = ["features", *state]
-    signatures = []
-    for name, steps in (("step", 1), ("chunk", chunk_steps)):
-        inputs = {"features": torch.zeros(2 * steps, model.config.n_mels), **state}
-        signatures.append((name, _Keywords(CaldStepsGraph(model, steps), names), inputs))
-    return _convert(signatures, Path(path))
-
-
 @contextlib.contextmanager
 def _quiet():
     """litert-torch prints a progress line per conversion stage, and TensorFlow's and absl's C++ logging
@@ -254,7 +178,7 @@ def _converter():
     return litert_torch
 
 
-def _convert(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: Path) -> Path:
+def convert_signatures(signatures: list[tuple[str, nn.Module, dict[str, Tensor]]], path: Path) -> Path:
     with _quiet():
         litert_torch = _converter()  # imported quietly: TensorFlow's C++ logging is set up at import
         converter = None
@@ -282,7 +206,7 @@ def whisper_decoder_inputs(
     return inputs
 
 
-class _Keywords(nn.Module):
+class Keywords(nn.Module):
     """Calls a graph whose inputs are positional with the named inputs TFLite signatures are made from."""
 
     def __init__(self, inner: nn.Module, names: list[str]):
@@ -322,38 +246,18 @@ def export_whisper_tflite(
     if isinstance(model.decoder.token_embedding, FactoredTokenEmbedding):
         model.decoder.token_embedding = RowsFactoredEmbedding(model.decoder.token_embedding)
     out_dir = Path(out_dir)
-    graph = _Keywords(EncoderGraph(model), ["mel"])
+    graph = Keywords(EncoderGraph(model), ["mel"])
     signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
-    encoder = _convert(signatures, out_dir / "encoder.tflite")
+    encoder = convert_signatures(signatures, out_dir / "encoder.tflite")
     step, chunk = DecoderStepGraph(model, max_tokens), DecoderStepGraph(model, max_tokens, PROMPT_CHUNK)
     signatures = []
     for frames in bucket_frames:
         inputs = whisper_decoder_inputs(model, max_tokens, frames // 2)
-        signatures.append((decoder_signature(frames), _Keywords(step, list(inputs)), inputs))
+        signatures.append((decoder_signature(frames), Keywords(step, list(inputs)), inputs))
         chunk_inputs = {**inputs, "token": torch.zeros(1, PROMPT_CHUNK, dtype=torch.int32)}
-        signatures.append((chunk_signature(frames), _Keywords(chunk, list(chunk_inputs)), chunk_inputs))
-    decoder = _convert(signatures, out_dir / "decoder.tflite")
+        signatures.append((chunk_signature(frames), Keywords(chunk, list(chunk_inputs)), chunk_inputs))
+    decoder = convert_signatures(signatures, out_dir / "decoder.tflite")
     return {"encoder": encoder, "decoder": decoder}
-
-
-def lstm_state_inputs(model: LstmCtc) -> dict[str, Tensor]:
-    c = model.config
-    return {
-        f"{kind}{i}": torch.zeros(1, c.layer_output(i) if kind == "h" else c.hidden[i])
-        for i in range(len(c.hidden))
-        for kind in ("h", "c")
-    }
-
-
-def export_lstm_tflite(model: LstmCtc, path: Path, chunk_steps: int = CHUNK_STEPS) -> Path:
-    """acoustic.tflite (float32) with the signatures "step" and "chunk"."""
-    state = lstm_state_inputs(model)
-    names = ["features", *state]
-    signatures = []
-    for name, steps in (("step", 1), ("chunk", chunk_steps)):
-        inputs = {"features": torch.zeros(steps * model.config.stack, model.config.n_mels), **state}
-        signatures.append((name, _Keywords(LstmStepsGraph(model, steps), names), inputs))
-    return _convert(signatures, Path(path))
 
 
 def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:

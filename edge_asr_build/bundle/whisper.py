@@ -16,35 +16,9 @@ from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from edge_asr.guards import Guards
 from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
 from edge_asr_build.compression.quantize import external_data
-from edge_asr_build.whisper.loaders import LoadedWhisper
+from edge_asr_build.sources import LoadedWhisper, decoder_section
 from edge_asr_build.whisper.mel import mel_filters
 from edge_asr_build.whisper.vocabulary import special_tokens, token_strings
-
-
-def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
-    """Whisper's start sequence for English transcription without timestamps."""
-    if multilingual:
-        return [special["sot"], special["english"], special["transcribe"], special["no_timestamps"]]
-    return [special["sot"], special["no_timestamps"]]
-
-
-def decoding_rules(loaded: LoadedWhisper) -> dict:
-    """The decoder section a bundle of `loaded` would carry, with n_vocab: the runtime decoder's config, which
-    the build step's own greedy transcripts (reference matching) follow too."""
-    return decoder_section(loaded) | {"n_vocab": loaded.model.dims.n_vocab}
-
-
-def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
-    """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
-    dims = loaded.model.dims
-    special = special or special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
-    return {
-        "prompt": decoder_prompt(special, dims.is_multilingual),
-        "special_tokens": special,
-        "suppress_tokens": loaded.suppress_tokens,
-        "suppress_blank": loaded.suppress_blank_tokens,
-        "mode": "no-timestamps",
-    }
 
 
 def write_bundle(

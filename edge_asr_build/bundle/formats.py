@@ -61,7 +61,7 @@ def add_ort(graphs: dict[str, Path], staged: Path) -> dict:
 
 
 def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,)) -> dict:
-    from edge_asr_build.whisper.tflite_export import MAX_TOKENS, export_whisper_tflite, quantize_tflite_int8
+    from edge_asr_build.bundle.tflite_export import MAX_TOKENS, export_whisper_tflite, quantize_tflite_int8
 
     floats = export_whisper_tflite(model, work, bucket_frames=list(bucket_frames))
     graphs = {}
@@ -73,22 +73,3 @@ def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_f
             path.replace(target)
         graphs[role] = target.name
     return {"graphs": graphs, "max_tokens": MAX_TOKENS, "encoder_frames": list(bucket_frames)}
-
-
-def add_lstm_tflite(model, staged: Path, work: Path, precision: str) -> dict:
-    from edge_asr_build.lstm.cald import CaldCtc
-    from edge_asr_build.whisper.tflite_export import (
-        CHUNK_STEPS,
-        export_cald_tflite,
-        export_lstm_tflite,
-        quantize_tflite_int8,
-    )
-
-    export = export_cald_tflite if isinstance(model, CaldCtc) else export_lstm_tflite
-    path = export(model, work / "acoustic.fp32.tflite")
-    target = staged / f"acoustic.{precision}.tflite"
-    if precision == "int8":
-        quantize_tflite_int8(path, target)
-    else:
-        path.replace(target)
-    return {"graphs": {"acoustic": target.name}, "chunk_steps": CHUNK_STEPS}

@@ -14,13 +14,13 @@ from typing import Callable
 from edge_asr.bundle import Bundle
 from edge_asr.context import ContextPolicy
 from edge_asr.threads import resolve_threads
+from edge_asr_build.bundle.formats import add_ort, add_whisper_tflite
+from edge_asr_build.bundle.onnx_export import export_decoder, export_encoder
+from edge_asr_build.bundle.whisper import save_manifest, write_bundle
 from edge_asr_build.compression.factors import DEFAULT_PARTS, CompressionReport, compress_whisper, save_compressed
 from edge_asr_build.compression.quantize import BLOCKWISE, quantize_int4, quantize_int8
 from edge_asr_build.matching.lora import delta_metadata
-from edge_asr_build.whisper.bundle import save_manifest, write_bundle
-from edge_asr_build.whisper.formats import add_ort, add_whisper_tflite
-from edge_asr_build.whisper.loaders import DEFAULT_SOURCE, load_whisper
-from edge_asr_build.whisper.onnx_export import export_decoder, export_encoder
+from edge_asr_build.sources import DEFAULT_SOURCE, load_whisper
 
 PRECISIONS = ("int8", "int4", "fp32")
 
