@@ -65,7 +65,7 @@ def main() -> int:
     from dataclasses import replace
 
     from edge_asr_build.bundle.pipeline import build_whisper_bundle
-    from edge_asr_build.compression.factors import apply_structure, save_compressed
+    from edge_asr_build.compression.compress import apply_structure, save_compressed
     from edge_asr_build.recipes.compact import CompactRecipe, calibrate, measure_structure
     from edge_asr_build.sources import load_whisper
 

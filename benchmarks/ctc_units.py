@@ -37,12 +37,15 @@ def main() -> int:
     import torch
 
     from edge_asr.ctc import ALPHABET, greedy_symbols
+    from edge_asr.metrics import word_error_rate
     from edge_asr_build.lstm.cald import load_cald
-    from edge_asr_build.lstm.cald_train import conversion_sets, encoder_outputs, word_error_rate
+    from edge_asr_build.lstm.cald_data import conversion_sets
+    from edge_asr_build.lstm.cald_train import encoder_outputs
+    from edge_asr_build.recipes.run import RecipeRun
 
     torch.set_num_threads(args.threads)
     model, _ = load_cald(args.checkpoint)
-    _, train, held_out, _ = conversion_sets("tiny.en", [Path(c) for c in args.corpus], [], None)
+    _, train, held_out, _ = conversion_sets(RecipeRun("tiny.en", Path(), tuple(Path(c) for c in args.corpus)))
     features, held_features = encoder_outputs(model, train, 3000), encoder_outputs(model, held_out, 3000)
     subsets = {"sentences": slice(0, 30), "short": slice(30, 60), "recorded": slice(60, None), "all": slice(None)}
     units = [("characters", None)] + [(f"BPE {n}", bpe([c.text for c in train], int(n))) for n in args.bpe.split(",")]
@@ -84,7 +87,7 @@ def main() -> int:
                 for f in held_features
             ]
         refs = [c.text for c in held_out]
-        wers = [word_error_rate(refs[s], hyps[s]) for s in subsets.values()]
+        wers = [word_error_rate(refs[s], hyps[s], normalized=False) for s in subsets.values()]
         print(f"| {name} | {n_symbols} | " + " | ".join(f"{w:.1f}" for w in wers) + f" | {time.time() - started:.0f} |")
     return 0
 

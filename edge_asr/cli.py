@@ -18,7 +18,6 @@ from pathlib import Path
 from . import __version__
 from .backend import BACKENDS
 from .commands import DEFAULT_REJECTION_THRESHOLD
-from .context import ContextPolicy
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
 from .threads import resolve_threads
@@ -237,61 +236,11 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     from .bundle import Bundle
+    from .info import describe
 
     bundle = Bundle.load(args.bundle)
-    m = bundle.manifest
-    if args.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    print(f"{m['name']}  ({bundle.path})")
-    if bundle.family == "lstm-ctc":
-        c = m["model"]["config"]
-        layers = ", ".join(f"{h}" + (f"/p{p}" if p else "") for h, p in zip(c["hidden"], c["proj"]))
-        kind = "Whisper encoder converted to LSTM blocks" if m["model"].get("architecture") == "cald" else "layers"
-        print(
-            f"  model      lstm-ctc {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
-            f"{kind} {layers}, {len(m['tokenizer']['alphabet']) - 1} characters"
-        )
-    else:
-        print(
-            f"  model      whisper {m['model']['precision']}, {m['model']['parameters'] / 1e6:.2f} M params, "
-            f"{'multilingual' if m['model']['multilingual'] else 'English-only'}"
-        )
-    print(f"  source     {m['source']['format']} {m['source']['path']} (sha256 {m['source']['sha256'][:16]}…)")
-    print(f"  formats    {', '.join(bundle.formats)}")
-    if bundle.family == "whisper":
-        print(f"  context    {ContextPolicy.from_manifest(m).describe()}")
-        from .guards import Guards
-
-        g = Guards.from_manifest(m)
-        print(
-            f"  guards     no speech above {g.no_speech_threshold} with mean log-probability below "
-            f"{g.logprob_threshold} (alone above {g.certain_no_speech_threshold}); loops and compression "
-            f"ratio above {g.compression_ratio_threshold} fall back to temperatures {list(g.temperatures)[1:]}"
-        )
-        if m.get("adaptation"):
-            a = m["adaptation"]
-            what = ", ".join(
-                filter(None, [a.get("kind"), a.get("rank") and f"LoRA rank {a['rank']}", f"sha256 {a['sha256'][:16]}…"])
-            )
-            print(
-                f"  adapted    {a['delta']} ({what}), held-out loss "
-                f"{a['held_out_loss']['before']} -> {a['held_out_loss']['after']}"
-            )
-            if a.get("pruned"):
-                print(
-                    f"  pruned     decoder blocks kept {a['pruned']['decoder']}, "
-                    f"encoder blocks kept {a['pruned']['encoder']}"
-                )
-    for name, f in m["files"].items():
-        print(f"  file       {name:22s} {f['bytes'] / 1e6:8.2f} MB  sha256 {f['sha256'][:16]}…")
-    for name, ev in m.get("evaluation", {}).items():
-        print(f"  evaluation {name}: WER {ev['wer']:.2f}% on {ev['words']} words ({ev.get('description', ev['set'])})")
+    print(json.dumps(bundle.manifest, indent=2) if args.json else "\n".join(describe(bundle)))
     return 0
-
-
-# Run in a process of its own: VmHWM (the peak RSS) starts afresh at exec, whereas ru_maxrss would also
-# count the pages this process (torch, the build) had when it forked the child.
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import torch
 
 from edge_asr.bundle import sha256_file
 from edge_asr_build.whisper.model import ModelDimensions, Whisper
-from edge_asr_build.whisper.vocabulary import non_speech_tokens, special_tokens, token_strings
+from edge_asr_build.whisper.vocabulary import non_speech_tokens
 
 DEFAULT_SOURCE = "tiny.en"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name on the Hugging Face hub
@@ -441,7 +441,7 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
 def load_compressed_checkpoint(path: Path) -> LoadedWhisper:
     """A factored model saved by `compress.save_compressed`; tokenizer and decoding rules come from the
     source it was compressed from, which its JSON names."""
-    from edge_asr_build.compression.factors import checkpoint_files, load_compressed
+    from edge_asr_build.compression.compress import checkpoint_files, load_compressed
 
     weights, meta_path = checkpoint_files(path)
     if not meta_path.exists() or not weights.exists():
@@ -483,32 +483,3 @@ def _assemble(dims, state_dict, tokenizer_json, suppress, suppress_blank, source
     if suppress_blank is None:
         suppress_blank = [220]  # " ": the blank Whisper suppresses at the first sampled position; eot added later
     return LoadedWhisper(model, Path(tokenizer_json), sorted(set(suppress)), sorted(set(suppress_blank)), source)
-
-
-# --- the decoder's rules of a loaded model ------------------------------------------------------------------
-
-
-def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
-    """Whisper's start sequence for English transcription without timestamps."""
-    if multilingual:
-        return [special["sot"], special["english"], special["transcribe"], special["no_timestamps"]]
-    return [special["sot"], special["no_timestamps"]]
-
-
-def decoding_rules(loaded: LoadedWhisper) -> dict:
-    """The decoder section a bundle of `loaded` would carry, with n_vocab: the runtime decoder's config, which
-    the build step's own greedy transcripts (reference matching) follow too."""
-    return decoder_section(loaded) | {"n_vocab": loaded.model.dims.n_vocab}
-
-
-def decoder_section(loaded: LoadedWhisper, special: dict | None = None) -> dict:
-    """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
-    dims = loaded.model.dims
-    special = special or special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
-    return {
-        "prompt": decoder_prompt(special, dims.is_multilingual),
-        "special_tokens": special,
-        "suppress_tokens": loaded.suppress_tokens,
-        "suppress_blank": loaded.suppress_blank_tokens,
-        "mode": "no-timestamps",
-    }

@@ -106,6 +106,50 @@ def transcriber_int8(bundle_int8):
     return Transcriber(bundle_int8)
 
 
+def _reference_items(tiny, texts, seed):
+    from edge_asr_build.matching.data import reference_items
+    from edge_asr_build.speech.synth import synthesize
+    from edge_asr_build.whisper.mel import mel_filters
+    from edge_asr_build.whisper.vocabulary import decoding_rules
+
+    clips = [synthesize(t) for t in texts]
+    return reference_items(
+        tiny.model,
+        clips,
+        mel_filters(),
+        decoding_rules(tiny),
+        lambda text: [],
+        [],
+        seed=seed,
+        mode_shares={"plain": 1.0},
+    )
+
+
+@pytest.fixture(scope="session")
+def short_items(tiny):
+    """Reference items of a few short synthesized phrases (train, held out) for reference-matching runs."""
+    train = _reference_items(tiny, ["Stop the line.", "Seven.", "Open the valve.", "Next.", "Four two."], 0)
+    held = _reference_items(tiny, ["Close the ticket.", "Nine."], 1)
+    return train, held
+
+
+def teacher_clips(encoder, count=6, seed=0):
+    """Clips of smooth random mel with the teacher's real states on them (LSTM conversion tests)."""
+    import torch
+
+    from edge_asr_build.lstm.cald import teacher_stream
+    from edge_asr_build.lstm.cald_data import Clip
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for _ in range(count):
+        frames = 2 * int(rng.integers(40, 90))
+        mel = torch.from_numpy(np.cumsum(rng.normal(0, 0.1, (80, frames)), 1).astype(np.float32) - 0.5)
+        xs, ms = teacher_stream(encoder, mel[None])
+        clips.append(Clip(mel.half(), torch.cat([*xs, *ms])[:, : frames // 2].half(), torch.tensor([3, 4]), "ab"))
+    return clips
+
+
 def run_cli_without_torch(args: list[str], also_block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`edge-asr ARGS` in a process where importing torch, librosa or the build step (and `also_block`)
     fails, and which fails if any heavy module got imported all the same: the runtime must need none of them."""

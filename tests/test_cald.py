@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import teacher_clips
 
 from edge_asr_build.lstm.cald import (
     CaldCtc,
@@ -15,18 +16,9 @@ from edge_asr_build.lstm.cald import (
     load_cald,
     lstm_matrix_params,
     save_cald,
-    teacher_stream,
 )
-from edge_asr_build.lstm.cald_train import (
-    CaldRecipe,
-    Clip,
-    collate,
-    layerwise_loss,
-    lstm_params,
-    run_stage,
-    stream_loss,
-    transcript_text,
-)
+from edge_asr_build.lstm.cald_data import collate, transcript_text
+from edge_asr_build.lstm.cald_train import CaldRecipe, layerwise_loss, lstm_params, run_stage, stream_loss
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +106,8 @@ def test_checkpoint_round_trip(converted, tmp_path):
         assert torch.equal(loaded(log_mel)[0], third.eval()(log_mel)[0])
 
 
-def _clips(encoder, count=6, seed=0) -> list[Clip]:
-    """Clips of smooth random mel with the teacher's real states on them."""
-    rng = np.random.default_rng(seed)
-    clips = []
-    for _ in range(count):
-        frames = 2 * int(rng.integers(40, 90))
-        mel = torch.from_numpy(np.cumsum(rng.normal(0, 0.1, (80, frames)), 1).astype(np.float32) - 0.5)
-        xs, ms = teacher_stream(encoder, mel[None])
-        clips.append(Clip(mel.half(), torch.cat([*xs, *ms])[:, : frames // 2].half(), torch.tensor([3, 4]), "ab"))
-    return clips
-
-
 def test_collate_aligns_the_student_one_frame_behind_the_teacher(encoder, converted):
-    clips = _clips(encoder, 2)
+    clips = teacher_clips(encoder, 2)
     mel, targets, mask = collate(clips, converted)
     assert mel.shape[-1] == 2 * targets.shape[2]
     for i, c in enumerate(clips):
@@ -138,7 +118,7 @@ def test_collate_aligns_the_student_one_frame_behind_the_teacher(encoder, conver
 def test_layerwise_then_joint_distillation_lower_the_losses(encoder):
     torch.manual_seed(0)
     model = from_whisper(encoder)
-    clips, held_out = _clips(encoder, 6, seed=1), _clips(encoder, 2, seed=2)
+    clips, held_out = teacher_clips(encoder, 6, seed=1), teacher_clips(encoder, 2, seed=2)
     recipe = CaldRecipe(batch_frames=300, eval_every=5)
     with torch.no_grad():
         before = float(stream_loss(model, held_out))

@@ -10,16 +10,8 @@ from edge_asr.backend import OnnxWhisper
 from edge_asr.bundle import Bundle
 from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import window_features
-from edge_asr_build.compression.factors import (
-    PARTS,
-    FactoredLinear,
-    FactoredTokenEmbedding,
-    apply_structure,
-    compress_whisper,
-    exact_token_ids,
-    load_compressed,
-    save_compressed,
-)
+from edge_asr_build.compression.compress import apply_structure, compress_whisper, load_compressed, save_compressed
+from edge_asr_build.compression.factors import PARTS, FactoredLinear, FactoredTokenEmbedding, exact_token_ids
 from edge_asr_build.whisper.mel import mel_filters
 
 TOKENS = [50257, 50362, 40177, 262, 34797, 8106, 319]  # prompt + " Replace the hydraulic filter on"
@@ -89,7 +81,7 @@ def calibration(tiny, speech):
     """Input moments and the reference's output distribution on the synthesized test sentences, each
     teacher-forced on the same tokens (enough to exercise activation-aware factors)."""
     from edge_asr_build.compression.calibration import Distortion, collect_moments
-    from edge_asr_build.matching.engine import ReferenceItem, clip_mel
+    from edge_asr_build.matching.data import ReferenceItem, clip_mel
 
     items = [ReferenceItem(clip_mel(audio, mel_filters()), torch.tensor(TOKENS), torch.zeros(0)) for _, audio in speech]
     return collect_moments(tiny.model, items), Distortion.of_reference(tiny.model, items)
@@ -115,7 +107,7 @@ def test_whitened_factors_at_full_rank_are_exact(tiny, inputs, calibration):
 )
 def test_whitened_factors_distort_the_output_less(tiny, calibration, name, kind, rank):
     """Weighting by the input moments keeps what the activations use: lower logit KL than plain SVD."""
-    from edge_asr_build.compression.factors import _set_module, factored_module
+    from edge_asr_build.compression.factors import factored_module, set_module
 
     moments, distortion = calibration
     model = copy.deepcopy(tiny.model)
@@ -123,16 +115,16 @@ def test_whitened_factors_distort_the_output_less(tiny, calibration, name, kind,
     for label, m in (("plain", None), ("whitened", moments)):
         path, module = factored_module(model, name, kind, rank, m)
         original = model.get_submodule(path)
-        _set_module(model, path, module)
+        set_module(model, path, module)
         kl[label] = distortion.of(model, encoder_changed=False)
-        _set_module(model, path, original)
+        set_module(model, path, original)
     assert kl["whitened"] < 0.5 * kl["plain"], kl
 
 
 def test_measured_allocation_meets_its_budget(tiny):
     """Ranks from measured distortions: the budget is met, and the cheapest cuts (by the measurements) go
     first. Distortions here are made up per group (a steep and a flat kind), the allocation is real."""
-    from edge_asr_build.compression.factors import allocate_measured, candidate_ranks, collect_groups
+    from edge_asr_build.compression.ranks import allocate_measured, candidate_ranks, collect_groups
 
     groups = collect_groups(tiny.model, PARTS)
     for i, g in enumerate(groups):
@@ -192,7 +184,7 @@ def test_save_and_load_roundtrip(tiny, tmp_path, inputs):
 def test_factored_model_exports_and_runs_in_onnx_runtime(tiny, tmp_path, inputs, speech):
     """fp32 ONNX of a compressed model matches torch at every cached decoding step."""
     from edge_asr_build.bundle.pipeline import build_whisper_bundle
-    from edge_asr_build.compression.factors import save_compressed
+    from edge_asr_build.compression.compress import save_compressed
 
     mel, tokens = inputs
     model, _ = compress_whisper(tiny.model, keep=0.6, parts=PARTS)
@@ -210,8 +202,9 @@ def test_factored_model_exports_and_runs_in_onnx_runtime(tiny, tmp_path, inputs,
 def test_recovery_by_reference_matching_moves_the_student_toward_the_reference(tiny, speech, calibration):
     """The compact recovery: LoRA on a factored decoder, trained by the reference-matching engine on the
     reference's own states, lowers the matching loss; the factors themselves stay as they were."""
-    from edge_asr_build.matching.engine import MatchConfig, match_reference, reference_items
-    from edge_asr_build.sources import decoding_rules
+    from edge_asr_build.matching.data import reference_items
+    from edge_asr_build.matching.engine import MatchConfig, match_reference
+    from edge_asr_build.whisper.vocabulary import decoding_rules
 
     moments, _ = calibration
     student, _ = compress_whisper(tiny.model, keep=0.75, moments=moments)
@@ -254,7 +247,7 @@ from edge_asr.threads import resolve_threads
 torch.set_num_threads(resolve_threads())
 from edge_asr_build.compression.calibration import CalibrationMix
 from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, calibrate, factored
-from edge_asr_build.compression.factors import factors_fingerprint
+from edge_asr_build.compression.compress import factors_fingerprint
 from edge_asr_build.sources import load_whisper
 from edge_asr_build.matching.lora import delta_metadata
 tiny, metadata = load_whisper("tiny.en"), delta_metadata(DEFAULT_COMPACT_DELTA)
@@ -282,7 +275,7 @@ def shipped_calibration(tiny, shipped_compact):
 def test_shipped_compact_delta_rebuilds_its_factors_within_tolerance(tiny, shipped_compact, shipped_calibration):
     """`build --compact` rebuilds the calibration and factors from the recipe in the shipped delta and only
     applies the delta to factors within the tolerance of the fingerprint it records."""
-    from edge_asr_build.compression.factors import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.compression.compress import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
     from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, compact_model, factored
 
     model = factored(tiny, shipped_compact["structure"], shipped_calibration)
@@ -304,7 +297,7 @@ def test_factors_tolerance_lies_between_other_kernels_and_other_calibration(tiny
     from edge_asr.errors import EdgeAsrError
     from edge_asr.threads import resolve_threads
     from edge_asr_build.compression.calibration import CalibrationMix
-    from edge_asr_build.compression.factors import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
+    from edge_asr_build.compression.compress import FACTORS_TOLERANCE, factors_fingerprint, fingerprint_distance
     from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, calibrate, compact_model, factored
 
     here = factors_fingerprint(factored(tiny, shipped_compact["structure"], shipped_calibration))

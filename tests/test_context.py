@@ -30,32 +30,6 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
         ContextPolicy.parse("45")
 
 
-def _reference_items(tiny, texts, seed):
-    from edge_asr_build.matching.engine import reference_items
-    from edge_asr_build.sources import decoding_rules
-    from edge_asr_build.speech.synth import synthesize
-    from edge_asr_build.whisper.mel import mel_filters
-
-    clips = [synthesize(t) for t in texts]
-    return reference_items(
-        tiny.model,
-        clips,
-        mel_filters(),
-        decoding_rules(tiny),
-        lambda text: [],
-        [],
-        seed=seed,
-        mode_shares={"plain": 1.0},
-    )
-
-
-@pytest.fixture(scope="module")
-def short_items(tiny):
-    train = _reference_items(tiny, ["Stop the line.", "Seven.", "Open the valve.", "Next.", "Four two."], 0)
-    held = _reference_items(tiny, ["Close the ticket.", "Nine."], 1)
-    return train, held
-
-
 def _student(tiny):
     import copy
 
@@ -95,32 +69,6 @@ def test_two_seeded_runs_give_identical_weights(tiny, short_items, tmp_path):
     assert deltas[0].keys() == deltas[1].keys()
     assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
     assert any(deltas[0][k].abs().max() > 0 for k in deltas[0] if k.endswith("lora_b"))  # it did train
-
-
-def test_a_stopped_run_resumes_to_the_same_weights(tiny, short_items, tmp_path):
-    from edge_asr_build.matching.engine import MatchConfig, match_reference
-    from edge_asr_build.matching.lora import lora_tensors
-
-    train, _ = short_items
-    config = dict(batch_size=2, learning_rate=1e-4, warmup_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=5)
-    whole = _student(tiny)
-    match_reference(whole, train, MatchConfig(steps=10, **config), _one_second, log=lambda m: None)
-    stopped = _student(tiny)
-    match_reference(
-        stopped,
-        train,
-        MatchConfig(steps=10, **config),
-        _one_second,
-        checkpoint=tmp_path / "c.pt",
-        until=7,
-        log=lambda m: None,
-    )  # stopped after step 7; the last checkpoint is of step 7
-    resumed = _student(tiny)
-    match_reference(
-        resumed, train, MatchConfig(steps=10, **config), _one_second, checkpoint=tmp_path / "c.pt", log=lambda m: None
-    )
-    a, b = lora_tensors(whole), lora_tensors(resumed)
-    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
 def test_a_delta_merges_into_the_same_function(tiny, tmp_path):

@@ -9,9 +9,10 @@ import torch
 
 from edge_asr.frontend import window_features
 from edge_asr_build.compression.calibration import Distortion
-from edge_asr_build.compression.factors import load_compressed, save_compressed
+from edge_asr_build.compression.compress import load_compressed, save_compressed
 from edge_asr_build.compression.layers import block_changes, layer_importance, prune, prune_plan, without
-from edge_asr_build.matching.engine import clip_mel, matching_loss, reference_item, reference_layers
+from edge_asr_build.matching.data import clip_mel, reference_item
+from edge_asr_build.matching.engine import matching_loss, reference_layers
 from edge_asr_build.sources import SourceError, join_parts
 from edge_asr_build.whisper.mel import mel_filters
 
@@ -20,7 +21,7 @@ TOKENS = [50257, 50362, 40177, 262, 34797, 8106, 319]  # prompt + " Replace the 
 
 @pytest.fixture(scope="module")
 def items(tiny, speech):
-    from edge_asr_build.sources import decoding_rules
+    from edge_asr_build.whisper.vocabulary import decoding_rules
 
     return [reference_item(tiny.model, clip_mel(audio, mel_filters()), decoding_rules(tiny)) for _, audio in speech[:2]]
 

@@ -11,16 +11,25 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tqdm import tqdm
+
+from edge_asr.bench import run_bench
 from edge_asr.bundle import Bundle
 from edge_asr.context import ContextPolicy
 from edge_asr.threads import resolve_threads
+from edge_asr.transcriber import Transcriber
 from edge_asr_build.bundle.formats import add_ort, add_whisper_tflite
 from edge_asr_build.bundle.onnx_export import export_decoder, export_encoder
 from edge_asr_build.bundle.whisper import save_manifest, write_bundle
-from edge_asr_build.compression.factors import DEFAULT_PARTS, CompressionReport, compress_whisper, save_compressed
+from edge_asr_build.compression.calibration import CalibrationMix, Distortion
+from edge_asr_build.compression.compress import CompressionReport, compress_whisper, save_compressed
+from edge_asr_build.compression.factors import DEFAULT_PARTS, PARTS
 from edge_asr_build.compression.quantize import BLOCKWISE, quantize_int4, quantize_int8
-from edge_asr_build.matching.lora import delta_metadata
+from edge_asr_build.recipes.compact import calibrate as calibration_of
+from edge_asr_build.recipes.deltas import apply_delta_file
 from edge_asr_build.sources import DEFAULT_SOURCE, load_whisper
+from edge_asr_build.speech.synth import synthetic_set
 
 PRECISIONS = ("int8", "int4", "fp32")
 
@@ -46,7 +55,6 @@ def build_whisper_bundle(
     it, whose `delta` (from `adapt_context`) is merged into the weights before export. `compact_delta` (from
     `compact.recover_compact`) makes the compact model: activation-aware factors rebuilt and checked, then
     the recovered adapters merged."""
-    import torch
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
@@ -63,17 +71,10 @@ def build_whisper_bundle(
         if compact_delta is not None:
             if delta is not None:
                 raise ValueError("a compact model has no dynamic-context delta yet: build it with --context full")
-            from edge_asr_build.recipes.compact import compact_model
-
-            loaded.model, adaptation = compact_model(loaded, Path(compact_delta), step)
+            adaptation = apply_delta_file(loaded, Path(compact_delta), step, expect="compact-lora")
         if delta is not None:
             step(f"apply the adapted delta {Path(delta).name}")
-            if delta_metadata(Path(delta)).get("kind") == "pruned-context-lora":
-                from edge_asr_build.recipes.prune import pruned_model
-
-                loaded.model, adaptation = pruned_model(loaded, Path(delta))
-            else:
-                adaptation = delta_summary(loaded.model, Path(delta))
+            adaptation = apply_delta_file(loaded, Path(delta), step)
         step("export encoder (ONNX)")
         encoder = export_encoder(loaded.model, work / "encoder.fp32.onnx", dynamic_length=context.mode != "full")
         step("export decoder with KV cache (ONNX)")
@@ -118,34 +119,8 @@ def build_whisper_bundle(
     return manifest
 
 
-def delta_summary(model, delta: Path) -> dict:
-    """Merge `delta` into `model` (in place); returns what the manifest records of it."""
-    from edge_asr.bundle import sha256_file
-    from edge_asr_build.matching.lora import apply_delta
-
-    metadata = apply_delta(model, delta)
-    result = metadata.get("result", {})
-    return {
-        "delta": Path(delta).name,
-        "sha256": sha256_file(Path(delta)),
-        "kind": metadata.get("kind"),
-        "rank": metadata.get("rank"),
-        "recipe": metadata.get("recipe"),
-        "corpora": metadata.get("corpora"),
-        "held_out_loss": {
-            "before": result.get("held_out_before"),
-            "after": result.get("held_out_best"),
-            "best_step": result.get("best_step"),
-        },
-        "seconds": metadata.get("seconds"),
-    }
-
-
 def evaluate_synthetic(bundle_dir: Path, count: int, threads: int | None = None) -> dict:
     """WER and RTF of a bundle on maintenance sentences spoken by the default piper voice."""
-    from edge_asr.bench import run_bench
-    from edge_asr.transcriber import Transcriber
-    from edge_asr_build.speech.synth import synthetic_set
 
     folder = synthetic_set(count)
     result = run_bench(Transcriber(Bundle.load(bundle_dir), threads), [folder], runs=1)
@@ -177,11 +152,6 @@ def compress_checkpoint(
     """Load `source`, compress it and save the factored model (out.safetensors + out.json). With `calibrate`,
     factors are activation-aware (on the recipe's calibration clips); with `measured`, ranks come from the
     measured output distortion of each matrix instead of its singular-value energy."""
-    from tqdm import tqdm
-
-    from edge_asr_build.compression.calibration import CalibrationMix, Distortion
-    from edge_asr_build.compression.factors import PARTS
-    from edge_asr_build.recipes.compact import calibrate as calibration_of
 
     unknown = set(parts) - set(PARTS)
     if unknown:  # before minutes of calibration

@@ -16,9 +16,9 @@ from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from edge_asr.guards import Guards
 from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
 from edge_asr_build.compression.quantize import external_data
-from edge_asr_build.sources import LoadedWhisper, decoder_section
+from edge_asr_build.sources import LoadedWhisper
 from edge_asr_build.whisper.mel import mel_filters
-from edge_asr_build.whisper.vocabulary import special_tokens, token_strings
+from edge_asr_build.whisper.vocabulary import decoder_section, special_tokens, token_strings
 
 
 def write_bundle(

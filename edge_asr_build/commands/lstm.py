@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_asr.errors import EdgeAsrError
 from edge_asr.paths import bundle_dir
 from edge_asr_build.commands.progress import StepProgress
-from edge_asr_build.commands.whisper import existing_folders, parse_format_list
+from edge_asr_build.commands.whisper import parse_format_list, recipe_run
 from edge_asr_build.lstm import cald_train
 from edge_asr_build.lstm import recipe as lstm_recipe
 from edge_asr_build.lstm.bundle import build_lstm_bundle
@@ -62,22 +62,10 @@ def cmd_lstm_convert(args) -> int:
         ctc_steps=args.ctc_steps,
         seed=args.seed,
     )
-    corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
     progress = StepProgress(6, "convert")
     try:
         check_source(args.source)
-        path = cald_train.convert(
-            Path(args.out),
-            args.source,
-            corpora,
-            audio,
-            recipe,
-            Path(args.work) if args.work else None,
-            args.resume,
-            args.threads,
-            step=progress,
-            log=lambda m: print(m, file=sys.stderr, flush=True),
-        )
+        path = cald_train.convert(recipe_run(args, progress, steps=None), recipe, args.threads)
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -93,19 +81,8 @@ def cmd_lstm_compress(args) -> int:
     if is_cald_checkpoint(source):
         progress = StepProgress(3, "compress")
         try:
-            path = cald_train.compress_and_recover(
-                source,
-                Path(args.out),
-                args.ratio,
-                args.steps,
-                existing_folders(args.corpus),
-                existing_folders(args.audio),
-                work=Path(args.work) if args.work else None,
-                resume=args.resume,
-                threads=args.threads,
-                step=progress,
-                log=lambda m: print(m, file=sys.stderr, flush=True),
-            )
+            run = recipe_run(args, progress, source=str(source))
+            path = cald_train.compress_and_recover(run, args.ratio, threads=args.threads)
         except (ValueError, FileNotFoundError) as e:
             raise EdgeAsrError(str(e)) from None
         finally:

@@ -20,10 +20,12 @@ from edge_asr.paths import bundle_dir
 from edge_asr_build.bundle import pipeline
 from edge_asr_build.bundle.formats import parse_formats
 from edge_asr_build.commands.progress import StepProgress
+from edge_asr_build.matching.engine import MatchConfig
 from edge_asr_build.matching.lora import delta_metadata
 from edge_asr_build.recipes.adapt import DEFAULT_DELTA, ContextRecipe, adapt_context
 from edge_asr_build.recipes.compact import DEFAULT_COMPACT_DELTA, CompactRecipe, recover_compact
 from edge_asr_build.recipes.prune import PrunedRecipe, recover_pruned
+from edge_asr_build.recipes.run import RecipeRun
 from edge_asr_build.sources import SourceError, check_source
 from edge_asr_build.speech.synth import synthetic_set
 
@@ -204,32 +206,34 @@ def cmd_build(args) -> int:
     return 0
 
 
+def recipe_run(args, step: StepProgress, **extra) -> RecipeRun:
+    """The run description of a recipe command's arguments (source, out, --corpus, --audio, --work,
+    --resume, --steps); the folders must exist."""
+    given = {
+        "source": args.source,
+        "out": Path(args.out),
+        "corpora": tuple(existing_folders(args.corpus)),
+        "user_audio": tuple(existing_folders(args.audio)),
+        "work": Path(args.work) if args.work else None,
+        "resume": args.resume,
+        "steps": getattr(args, "steps", None),
+        "step": step,
+        "log": lambda message: print(message, file=sys.stderr, flush=True),
+    }
+    return RecipeRun(**(given | extra))
+
+
+def _seeded(match: MatchConfig, args) -> MatchConfig:
+    return replace(match, seed=args.seed, device=args.device)
+
+
 def cmd_adapt(args) -> int:
     recipe = ContextRecipe()
-    recipe = replace(
-        recipe,
-        match=replace(
-            recipe.match,
-            seed=args.seed,
-            device=args.device,
-            steps=recipe.match.steps if args.steps is None else args.steps,
-        ),
-    )
-    corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
+    recipe = replace(recipe, match=_seeded(recipe.match, args))
     progress = StepProgress(7, "adapt")
     try:
         check_source(args.source)
-        metadata = adapt_context(
-            args.source,
-            Path(args.out),
-            corpora,
-            audio,
-            recipe,
-            work=Path(args.work) if args.work else None,
-            resume=args.resume,
-            step=progress,
-            log=lambda m: print(m, file=sys.stderr),
-        )
+        metadata = adapt_context(recipe_run(args, progress), recipe)
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -275,28 +279,14 @@ def cmd_compress(args) -> int:
 
 def cmd_recover(args) -> int:
     recipe = CompactRecipe()
-    match = replace(
-        recipe.match, seed=args.seed, device=args.device, steps=recipe.match.steps if args.steps is None else args.steps
-    )
-    recipe = replace(recipe, match=match, keep=args.keep or recipe.keep)
+    recipe = replace(recipe, match=_seeded(recipe.match, args), keep=args.keep or recipe.keep)
     progress = StepProgress(9, "recover")
     try:
         check_source(args.source)
         if args.ranks_from and not Path(args.ranks_from).is_file():
             raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
         structure = delta_metadata(Path(args.ranks_from))["structure"] if args.ranks_from else None
-        metadata = recover_compact(
-            args.source,
-            Path(args.out),
-            existing_folders(args.corpus),
-            existing_folders(args.audio),
-            recipe,
-            Path(args.work) if args.work else None,
-            args.resume,
-            structure,
-            step=progress,
-            log=lambda message: print(message, file=sys.stderr),
-        )
+        metadata = recover_compact(recipe_run(args, progress), recipe, structure)
     except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -313,27 +303,16 @@ def cmd_recover(args) -> int:
 
 def cmd_prune(args) -> int:
     recipe = PrunedRecipe()
-    match = replace(
-        recipe.match, seed=args.seed, device=args.device, steps=recipe.match.steps if args.steps is None else args.steps
-    )
     recipe = replace(
-        recipe, match=match, decoder_layers=args.decoder_layers, train_clips=args.train_clips or recipe.train_clips
+        recipe,
+        match=_seeded(recipe.match, args),
+        decoder_layers=args.decoder_layers,
+        train_clips=args.train_clips or recipe.train_clips,
     )
-    corpora, audio = existing_folders(args.corpus), existing_folders(args.audio)
     progress = StepProgress(13, "prune")
     try:
         check_source(args.source)
-        metadata = recover_pruned(
-            args.source,
-            Path(args.out),
-            corpora,
-            audio,
-            recipe,
-            Path(args.work) if args.work else None,
-            args.resume,
-            step=progress,
-            log=lambda message: print(message, file=sys.stderr),
-        )
+        metadata = recover_pruned(recipe_run(args, progress), recipe)
     except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_asr.frontend import N_FRAMES
-from edge_asr_build.matching.engine import ReferenceItem, padded
+from edge_asr_build.matching.data import ReferenceItem, padded
 from edge_asr_build.whisper.model import Whisper
 
 # The decoder's final layer norm: its output is the input of the output projection (the tied embedding).

@@ -13,7 +13,7 @@ Two measures per encoder and decoder block, on the reference's own transcripts o
 those already chosen) costs the least KL, measured again after every choice: blocks that only matter
 together are not removed together by accident. `prune` removes them. The pruned model is a smaller Whisper
 (its dims updated, `pruned` naming the original blocks it kept), which reference matching recovers: its
-decoder block j is matched to the reference's block `pruned["decoder"][j]` (`reference.matching_loss`).
+decoder block j is matched to the reference's block `pruned["decoder"][j]` (`matching.engine.matching_loss`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_asr_build.compression.calibration import Distortion
-from edge_asr_build.matching.engine import ReferenceItem, padded
+from edge_asr_build.matching.data import ReferenceItem, padded
 from edge_asr_build.whisper.model import Whisper
 
 SIDES = ("encoder", "decoder")

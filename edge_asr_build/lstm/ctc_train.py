@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
 from edge_asr.frontend import N_FFT, SAMPLE_RATE, frame_log_mel
 from edge_asr_build.lstm.ctc_data import augment, parallel_map, progress_bar, spoken_form
 from edge_asr_build.lstm.model import LstmCtc
+from edge_asr_build.trainer import FixedBatches, Trainer, TrainerConfig
 
 FEATURES_VERSION = 1
 
@@ -167,9 +169,12 @@ def train_ctc(
     log=print,
     progress: bool = True,
     on_epoch=None,
+    checkpoint: Path | None = None,
+    until: int | None = None,
 ) -> list[dict]:
-    """Train `model` in place (one-cycle learning rate, AdamW, gradient clipping); returns per-epoch logs.
-    `on_epoch(model, history)` is called after every epoch (to keep a checkpoint of work so far)."""
+    """Train `model` in place on the one trainer (one-cycle learning rate, AdamW, gradient clipping); returns
+    per-epoch logs (the mean batch loss, seconds, held-out WER). `on_epoch(model, history)` is called after
+    every epoch (to keep a checkpoint of work so far); `checkpoint` makes the run resumable step by step."""
     torch.manual_seed(config.seed)
     rng, gen = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,55 +188,75 @@ def train_ctc(
         batches(examples, config.max_frames, rng, shuffle=not (config.sorta_grad and n == 0))
         for n in range(config.epochs)
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.lr, total_steps=sum(map(len, epochs)), pct_start=0.15
-    )
-    history = []
-    from tqdm import tqdm
+    ends = list(itertools.accumulate(map(len, epochs)))
 
-    for epoch, epoch_batches in enumerate(epochs):
-        start, total, count = time.time(), 0.0, 0
-        bar = tqdm(
-            epoch_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not progress
+    def loss(item: tuple[int, list[Example]]) -> Tensor:
+        epoch, batch = item
+        x, steps, labels, label_lengths = collate(batch, stack)
+        if config.spec_augment and not (config.sorta_grad and epoch == 0):
+            x = spec_augment(x, steps * stack, model.mean.cpu(), gen)
+        x, steps = x.to(device), steps.to(device)
+        log_probs, _ = model(x, lengths=steps)
+        total = F.ctc_loss(
+            log_probs.transpose(0, 1), labels.to(device), steps, label_lengths.to(device), blank=0, zero_infinity=True
         )
-        for batch in bar:
-            x, steps, labels, label_lengths = collate(batch, stack)
-            if config.spec_augment and not (config.sorta_grad and epoch == 0):
-                x = spec_augment(x, steps * stack, model.mean.cpu(), gen)
-            x, steps = x.to(device), steps.to(device)
-            log_probs, _ = model(x, lengths=steps)
-            loss = F.ctc_loss(
-                log_probs.transpose(0, 1),
-                labels.to(device),
-                steps,
-                label_lengths.to(device),
-                blank=0,
-                zero_infinity=True,
-            )
-            if teacher is not None and config.kd_weight:
-                with torch.no_grad():
-                    target, _ = teacher(x, lengths=steps)
-                mask = (torch.arange(log_probs.shape[1], device=device)[None] < steps[:, None]).float()
-                kl = (target.exp() * (target - log_probs)).sum(-1)
-                loss = loss + config.kd_weight * (kl * mask).sum() / mask.sum()
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-            bar.set_postfix(loss=f"{total / count:.3f}")
-        entry = {"epoch": epoch + 1, "loss": round(total / count, 4), "seconds": round(time.time() - start, 1)}
-        if held_out:
-            entry["held_out_wer"] = round(evaluate(model, held_out), 2)
-            model.train()
-        history.append(entry)
-        log(" ".join(f"{k} {v}" for k, v in entry.items()))
+        if teacher is not None and config.kd_weight:
+            with torch.no_grad():
+                target, _ = teacher(x, lengths=steps)
+            mask = (torch.arange(log_probs.shape[1], device=device)[None] < steps[:, None]).float()
+            kl = (target.exp() * (target - log_probs)).sum(-1)
+            total = total + config.kd_weight * (kl * mask).sum() / mask.sum()
+        return total
+
+    def held_out_wer() -> float:
+        wer = evaluate(model, held_out)
+        model.train()
+        return wer
+
+    history, evaluations = [], []
+
+    def epoch_done(entry: dict) -> None:
+        history.append(_epoch_entry(len(history) + 1, entry, evaluations[-1]["seconds"] if evaluations else 0.0))
+        evaluations.append(entry)
+        log(" ".join(f"{k} {v}" for k, v in history[-1].items()))
         if on_epoch:
             on_epoch(model, history)
-    return history
+
+    trainer = Trainer(
+        "ctc",
+        [{"params": list(model.parameters()), "lr": config.lr}],
+        loss,
+        FixedBatches([(n, batch) for n, epoch in enumerate(epochs) for batch in epoch]),
+        TrainerConfig(
+            steps=ends[-1],
+            weight_decay=1e-4,
+            schedule="one-cycle",
+            clip_norm=config.clip,
+            eval_every=ends[-1],
+            eval_steps=tuple(ends),
+            evaluate_first=False,
+            keep_best=False,
+        ),
+        evaluate=held_out_wer if held_out else None,
+        checkpoint=checkpoint,
+        generators=(gen,),
+        log=log,
+        progress=progress,
+        on_evaluate=epoch_done,
+    )
+    result = trainer.run(until)
+    model.train()
+    curve = result.curve
+    return [_epoch_entry(n + 1, e, curve[n - 1]["seconds"] if n else 0.0) for n, e in enumerate(curve)]
+
+
+def _epoch_entry(epoch: int, entry: dict, started: float) -> dict:
+    """An epoch's line of the history from the trainer's evaluation `entry` after it (`started`: the
+    trainer's seconds when the epoch began)."""
+    line = {"epoch": epoch, "loss": round(entry["train_loss"], 4), "seconds": round(entry["seconds"] - started, 1)}
+    if entry["held_out"] is not None:
+        line["held_out_wer"] = round(entry["held_out"], 2)
+    return line
 
 
 @torch.no_grad()

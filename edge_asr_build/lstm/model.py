@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from edge_asr.ctc import ALPHABET
-from edge_asr_build.compression.factors import Group, allocate_ranks
+from edge_asr_build.compression.ranks import Group, allocate_ranks
 
 
 @dataclass

@@ -22,9 +22,6 @@ checkpointed and resumed, run on CUDA when present, and keep the state with the 
 
 from __future__ import annotations
 
-import hashlib
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,26 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edge_asr.decoding import suppression_masks
-from edge_asr.frontend import N_FFT, N_FRAMES, log_mel_spectrogram, pad_or_trim
+from edge_asr.frontend import N_FRAMES
+from edge_asr_build.matching.data import ReferenceItem, padded
 from edge_asr_build.matching.lora import add_lora
+from edge_asr_build.trainer import NumpyState, Trainer, TrainerConfig
 from edge_asr_build.whisper.model import Whisper
 
 # Decoding modes a reference transcribes in, so that the student learns each: plain text (the runtime's
 # default), text after a previous-text prompt, and text with timestamp tokens.
-MODES = ("plain", "prompt", "timestamps")
-
-
-@dataclass
-class ReferenceItem:
-    mel: Tensor  # (n_mels, frames) float16: log-mel of the clip's own frames, unpadded
-    tokens: Tensor  # (L,) int64: the decoder input, prompt + the reference's transcript
-    states: Tensor  # (n_layer + 1, L, n_state) float16: the reference's hidden states on `tokens`
-    mode: str = "plain"
-
-    @property
-    def frames(self) -> int:
-        return self.mel.shape[-1]
 
 
 @dataclass
@@ -93,132 +78,6 @@ class MatchResult:
 
 
 # --- the reference's side ---------------------------------------------------------------------------------------
-
-
-def clip_mel(audio: np.ndarray, mel_filters: np.ndarray) -> Tensor:
-    """Log-mel of a clip's own frames (what `window_features` pads): the clamp below the clip's maximum makes
-    it independent of how much padding follows, so one array serves every window length."""
-    n_frames = len(audio) // 160
-    mel = log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames]
-    return torch.from_numpy(mel[:, :N_FRAMES]).half()
-
-
-def padded(mel: Tensor, frames: int) -> Tensor:
-    """The encoder input of `frames` frames: the clip's mel, zero-padded (or cut)."""
-    return torch.from_numpy(pad_or_trim(mel.float().numpy(), frames))
-
-
-def _decoding_prompt(decoding: dict, mode: str, previous: list[int]) -> list[int]:
-    special = decoding["special_tokens"]
-    prompt = list(decoding["prompt"])
-    if mode == "timestamps":
-        prompt = [t for t in prompt if t != special["no_timestamps"]]
-    if mode == "prompt" and previous:
-        prompt = [special["sot_prev"], *previous[-64:], *prompt]
-    return prompt
-
-
-@torch.inference_mode()
-def greedy(
-    reference: Whisper, cross: list, prompt: list[int], decoding: dict, timestamps: bool, max_tokens: int = 160
-) -> list[int] | None:
-    """The reference's greedy transcript after `prompt` (with end of text), by the runtime decoder's
-    suppression rules; with `timestamps`, timestamp tokens are allowed and the first token is <|0.00|>.
-    None if it runs away. `decoding` is a bundle's decoder section with n_vocab (`sources.decoding_rules`)."""
-    special = decoding["special_tokens"]
-    suppress, first = (torch.from_numpy(mask) for mask in suppression_masks(decoding))
-    if timestamps:
-        begin = special["timestamp_begin"]
-        suppress[begin:] = False
-        first = torch.ones_like(first)
-        first[begin] = False
-    logits, cache = reference.decoder.forward_cached(torch.tensor([prompt]), reference.empty_cache(), cross)
-    out, mask = [], first
-    for _ in range(max_tokens):
-        token = int(torch.where(mask, float("-inf"), logits[0]).argmax())
-        out.append(token)
-        if token == special["eot"]:
-            return out
-        mask = suppress
-        logits, cache = reference.decoder.forward_cached(torch.tensor([[token]]), cache, cross)
-    return None
-
-
-@torch.inference_mode()
-def reference_item(
-    reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain", previous: list[int] = ()
-) -> ReferenceItem | None:
-    """The reference's transcript and hidden states for one clip (its `clip_mel`) on its 30 s window."""
-    cross = reference.decoder.cross_kv(reference.encoder(padded(mel, N_FRAMES)[None]))
-    prompt = _decoding_prompt(decoding, mode, list(previous))
-    label = greedy(reference, cross, prompt, decoding, timestamps=mode == "timestamps")
-    if label is None:
-        return None
-    tokens = torch.tensor(prompt + label[:-1])  # the input; its last position predicts the end of text
-    states = torch.stack([s[0] for s in reference.decoder.hidden_states(tokens[None], cross)]).half()
-    return ReferenceItem(mel, tokens, states, mode)
-
-
-def reference_items(
-    reference: Whisper,
-    clips: list,
-    mel_filters: np.ndarray,
-    decoding: dict,
-    encode_text: Callable[[str], list[int]],
-    texts: list[str],
-    seed: int = 0,
-    mode_shares: dict[str, float] | None = None,
-    progress=None,
-) -> list[ReferenceItem]:
-    """Reference items for `clips` (audio arrays, or their `clip_mel`s), each in a decoding mode drawn by
-    `mode_shares`; "prompt" items get a previous-text prompt made of one of `texts` (tokenized by
-    `encode_text`)."""
-    mode_shares = mode_shares or {"plain": 0.7, "prompt": 0.15, "timestamps": 0.15}
-    rng = np.random.default_rng(seed)
-    modes, shares = list(mode_shares), np.array(list(mode_shares.values()))
-    reference.eval()
-    items = []
-    iterator = progress(clips, "reference transcripts and states") if progress else clips
-    for clip in iterator:
-        mode = str(rng.choice(modes, p=shares / shares.sum()))
-        previous = encode_text(texts[rng.integers(len(texts))]) if mode == "prompt" and texts else []
-        mel = clip if isinstance(clip, Tensor) else clip_mel(clip, mel_filters)
-        item = reference_item(reference, mel, decoding, mode, previous)
-        if item is not None:
-            items.append(item)
-    return items
-
-
-def save_items(items: list[ReferenceItem], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for i, item in enumerate(items):
-        tensors |= {
-            f"{i}.mel": item.mel.contiguous(),
-            f"{i}.tokens": item.tokens,
-            f"{i}.states": item.states.contiguous(),
-            f"{i}.mode": torch.tensor(MODES.index(item.mode)),
-        }
-    tmp = Path(path).with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"count": str(len(items))})
-    tmp.replace(path)
-
-
-def load_items(path: Path) -> list[ReferenceItem]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        count = int(f.metadata()["count"])
-        return [
-            ReferenceItem(
-                f.get_tensor(f"{i}.mel"),
-                f.get_tensor(f"{i}.tokens"),
-                f.get_tensor(f"{i}.states"),
-                MODES[int(f.get_tensor(f"{i}.mode"))],
-            )
-            for i in range(count)
-        ]
 
 
 # --- the student's side -------------------------------------------------------------------------------------------
@@ -326,6 +185,25 @@ def trainable_parameters(student: Whisper, config: MatchConfig) -> list[torch.nn
     return params
 
 
+class MatchingBatches:
+    """`batch_size` items drawn without replacement, each with the student's window length for it
+    (`input_frames(clip_frames, rng)`), all from one numpy generator: the data order of a matching run."""
+
+    def __init__(self, items: list[ReferenceItem], batch_size: int, input_frames: Callable, seed: int):
+        self.items, self.batch_size, self.input_frames = items, batch_size, input_frames
+        self.rng = np.random.default_rng(seed)
+
+    def next_batch(self) -> tuple[list[ReferenceItem], list[int]]:
+        batch = [self.items[i] for i in self.rng.choice(len(self.items), size=self.batch_size, replace=False)]
+        return batch, [self.input_frames(item.frames, self.rng) for item in batch]
+
+    def state_dict(self) -> dict:
+        return {"rng": NumpyState.save(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        NumpyState.load(self.rng, state["rng"])
+
+
 def match_reference(
     student: Whisper,
     items: list[ReferenceItem],
@@ -339,151 +217,65 @@ def match_reference(
     reference_projection: Tensor | None = None,
     log=print,
 ) -> MatchResult:
-    """Train `student` in place to match the reference states of `items`.
+    """Train `student` in place to match the reference states of `items`, on the one trainer.
 
     `input_frames(clip_frames, rng)` is the student's window length for a clip (the transform under study);
-    `held_out_frames` does the same for the held-out loss (default: `input_frames`), which selects the state kept;
-    `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves its state
-    there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run after that step
-    (with a checkpoint), as a stopped session would, for a later call to resume. The parameters that scored the
-    lowest held-out loss are restored at the end. When no trainable parameter is in the encoder, its outputs are
-    computed once per clip and window length and reused (float16, in memory)."""
-    from tqdm import tqdm
-
+    `held_out_frames` does the same for the held-out loss (default: `input_frames`), which selects the state
+    kept; `trainable` defaults to `trainable_parameters(student, config)`. With `checkpoint`, the run saves
+    its state there every `checkpoint_every` steps and resumes from it if it exists; `until` stops the run
+    after that step (with a checkpoint), as a stopped session would, for a later call to resume. When no
+    trainable parameter is in the encoder, its outputs are computed once per clip and window length and
+    reused (float16, in memory)."""
     torch.manual_seed(config.seed)
     device = _resolve_device(config.device)
     params = trainable if trainable is not None else trainable_parameters(student, config)
     student.to(device)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    held_out_frames = held_out_frames or input_frames
+    held_out, held_out_frames = list(held_out), held_out_frames or input_frames
     output = {
         "reference_projection": None if reference_projection is None else reference_projection.to(device),
         "output_weight": config.output_weight,
     }
     encoder_ids = {id(p) for p in student.encoder.parameters()}
     encoder_cache = None if any(id(p) in encoder_ids for p in params) else {}
-    rng = np.random.default_rng(config.seed)
-    curve, train_losses, step, started = [], [], 0, time.time()
-    best = {"loss": math.inf, "step": 0, "params": None}
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=True)
-        for p, value in zip(params, state["params"]):
-            p.data.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = _numpy_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, curve = int(state["step"]), list(_curve(state["curve"]))
-        best = {
-            "loss": float(state["best_loss"]),
-            "step": int(state["best_step"]),
-            "params": state["best_params"] or None,
-        }
-        log(f"resumed at step {step} from {checkpoint}")
-    before = (
-        held_out_loss(student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output)
-        if held_out and step == 0
-        else None
+
+    def loss(batch) -> Tensor:
+        student.train()
+        total, count = matching_loss(student, *batch, device, encoder_cache, **output)
+        return total / count
+
+    def evaluate() -> float:
+        return held_out_loss(student, held_out, held_out_frames, device, encoder_cache=encoder_cache, **output)
+
+    trainer = Trainer(
+        "match reference",
+        [{"params": params, "lr": config.learning_rate}],
+        loss,
+        MatchingBatches(items, config.batch_size, input_frames, config.seed),
+        TrainerConfig(
+            steps=config.steps,
+            warmup_steps=config.warmup_steps,
+            eval_every=config.eval_every,
+            checkpoint_every=config.checkpoint_every,
+        ),
+        evaluate=evaluate if held_out else None,
+        checkpoint=checkpoint,
+        log=log,
     )
-    if before is not None:
-        curve.append({"step": 0, "train_loss": None, "held_out_loss": round(before, 5)})
-        best = {"loss": before, "step": 0, "params": [p.detach().cpu().clone() for p in params]}
     log(
         f"reference matching: {sum(p.numel() for p in params):,} trainable parameters, {len(items)} clips, "
         f"{config.steps} steps of {config.batch_size} on {device}"
     )
-    bar = tqdm(total=config.steps, initial=step, desc="match reference", unit="step")
-    last = min(config.steps, until or config.steps)
-    while step < last:
-        student.train()
-        batch = [items[i] for i in rng.choice(len(items), size=config.batch_size, replace=False)]
-        frames = [input_frames(item.frames, rng) for item in batch]
-        loss, count = matching_loss(student, batch, frames, device, encoder_cache, **output)
-        loss = loss / count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        train_losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(train_losses[-50:]):.4f}")
-        bar.update()
-        if held_out and (step % config.eval_every == 0 or step == config.steps):
-            value = held_out_loss(
-                student, list(held_out), held_out_frames, device, encoder_cache=encoder_cache, **output
-            )
-            curve.append(
-                {
-                    "step": step,
-                    "train_loss": round(float(np.mean(train_losses[-config.eval_every :])), 5),
-                    "held_out_loss": round(value, 5),
-                }
-            )
-            if value < best["loss"]:
-                best = {"loss": value, "step": step, "params": [p.detach().cpu().clone() for p in params]}
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or step == last):
-            _save_checkpoint(checkpoint, params, optimizer, scheduler, rng, step, curve, best)
-    bar.close()
-    if best["params"] is not None:
-        for p, value in zip(params, best["params"]):
-            p.data.copy_(value.to(p.device))
+    result = trainer.run(until)
     student.eval().requires_grad_(False).to("cpu")
     return MatchResult(
-        steps=step,
-        seconds=round(time.time() - started, 1),
+        steps=result.steps,
+        seconds=result.seconds,
         device=str(device),
         trainable_parameters=sum(p.numel() for p in params),
-        held_out_before=None if before is None else round(before, 5),
-        held_out_best=None if not held_out else round(best["loss"], 5),
-        best_step=best["step"],
-        curve=curve,
-    )
-
-
-def _save_checkpoint(path: Path, params, optimizer, scheduler, rng, step, curve, best) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "params": [p.detach().cpu() for p in params],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _flat_numpy_state(rng.bit_generator.state),
-        "torch_rng": torch.get_rng_state(),
-        "step": step,
-        "curve": [
-            [c["step"], c["train_loss"] if c["train_loss"] is not None else -1.0, c["held_out_loss"]] for c in curve
+        held_out_before=None if result.before is None else round(result.before, 5),
+        held_out_best=None if result.best is None else round(result.best, 5),
+        best_step=result.best_step,
+        curve=[
+            {"step": e["step"], "train_loss": e["train_loss"], "held_out_loss": e["held_out"]} for e in result.curve
         ],
-        "best_loss": best["loss"],
-        "best_step": best["step"],
-        "best_params": best["params"] or [],
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a run stopped mid-save keeps the previous checkpoint
-
-
-def _flat_numpy_state(state: dict) -> list:
-    # PCG64's state as plain numbers: a checkpoint then loads with weights_only=True.
-    return [state["state"]["state"], state["state"]["inc"], state["has_uint32"], state["uinteger"]]
-
-
-def _numpy_state(flat: list) -> dict:
-    return {
-        "bit_generator": "PCG64",
-        "state": {"state": int(flat[0]), "inc": int(flat[1])},
-        "has_uint32": int(flat[2]),
-        "uinteger": int(flat[3]),
-    }
-
-
-def _curve(rows):
-    for s, train, held in rows:
-        yield {"step": int(s), "train_loss": None if train < 0 else train, "held_out_loss": held}
-
-
-def items_key(*parts) -> str:
-    """A short hash naming a cache of reference items by everything that made them."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+    )

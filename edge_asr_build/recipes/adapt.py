@@ -1,7 +1,7 @@
 """Adapt pass for dynamic audio context: Whisper that sees the audio's own length instead of 30 s.
 
 Whisper was trained on 30 s windows only. Given fewer frames its decoder loses its footing and repeats
-itself, so the model is adapted by reference matching (`reference`): the reference is the unchanged model on
+itself, so the model is adapted by reference matching (`matching.engine`): the reference is the unchanged model on
 the 30 s window, the student the same model, with LoRA adapters, on a window of the clip's length plus a
 margin, rounded up to one of the context policy's buckets (`edge_asr.context`). The student sees exactly
 the padding the runtime applies (with margins drawn from a range, so the margin can be chosen afterwards),
@@ -14,31 +14,22 @@ it into the weights before export (`build --context auto`), so bundles and graph
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from edge_asr.context import FRAMES_PER_SECOND, ContextPolicy
-from edge_asr.frontend import N_FFT, N_FRAMES, SAMPLE_RATE
-from edge_asr_build.matching.engine import (
-    MatchConfig,
-    items_key,
-    load_items,
-    match_reference,
-    reference_items,
-    save_items,
-)
+from edge_asr.frontend import N_FRAMES
+from edge_asr_build.matching.engine import MatchConfig, match_reference
+from edge_asr_build.recipes.run import RecipeRun, recipe_metadata, write_delta
+from edge_asr_build.sources import load_whisper
 from edge_asr_build.speech.training_audio import (
     AudioMix,
     HeldOutMix,
-    describe_corpus,
-    held_out_clips,
-    isolated_word_clips,
-    training_clips,
 )
 
 DELTA_DIR = Path(__file__).parent / "deltas"
@@ -82,220 +73,44 @@ def held_out_frames(policy: ContextPolicy) -> Callable[[int, np.random.Generator
     return lambda frames, rng: policy.frames(frames * 160)
 
 
-def _encoder(tokenizer_json: Path) -> Callable[[str], list[int]]:
-    from tokenizers import Tokenizer
+def adapt_context(run: RecipeRun, recipe: ContextRecipe | None = None) -> dict:
+    """Train the dynamic-context delta of `run.source`; writes `run.out` (safetensors, a JSON summary beside
+    it) and returns its metadata.
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    return lambda text: tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
-
-
-def save_clip_mels(clips: list, mel_filters, path: Path) -> None:
-    """The clips' log-mels (`reference.clip_mel`, float16) and texts: what any reference needs of them."""
-    import torch
-    from safetensors.torch import save_file
-
-    from edge_asr_build.matching.engine import clip_mel
-
-    tensors = {str(i): clip_mel(c.audio, mel_filters).contiguous() for i, c in enumerate(clips)}
-    texts = [c.text for c in clips]
-    tmp = Path(path).with_suffix(".tmp")
-    save_file(
-        tensors or {"empty": torch.zeros(0)},
-        str(tmp),
-        metadata={"count": str(len(clips)), "texts": json.dumps(texts), "kinds": json.dumps([c.kind for c in clips])},
-    )
-    tmp.replace(path)
-
-
-def load_clip_mels(path: Path) -> tuple[list, list[str | None]]:
-    """(mels, texts) saved by `save_clip_mels`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        return [f.get_tensor(str(i)) for i in range(int(meta["count"]))], json.loads(meta["texts"])
-
-
-def clips_dir(
-    mix: AudioMix,
-    held_out_mix: HeldOutMix,
-    seed: int,
-    corpora: list[Path] = (),
-    user_audio: list[Path] = (),
-    version: int = 1,
-) -> Path:
-    """$EDGE_ASR_HOME/adapt/clips-KEY: the mixes' clip mels, shared by every reference model (KEY names the
-    mixes and audio, not the model)."""
-    from edge_asr.paths import home
-
-    audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    return home() / "adapt" / f"clips-{items_key(mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)}"
-
-
-def reference_sets(
-    loaded,
-    mix: AudioMix,
-    held_out_mix: HeldOutMix,
-    seed: int,
-    corpora: list[Path] = (),
-    user_audio: list[Path] = (),
-    work: Path | None = None,
-    prefix: str = "context",
-    version: int = 1,
-    step: Callable[[str], None] = lambda message: None,
-    train_limit: int | None = None,
-) -> tuple[Path, list, list]:
-    """(work folder, training items, held-out items): the reference's transcripts and hidden states on the
-    training mix (isolated words included) and the held-out sets, made once and kept in `work` (default:
-    $EDGE_ASR_HOME/adapt/PREFIX-KEY, KEY naming the source, mixes and audio). Every reference-matching pass
-    trains on these; passes with the same mixes share them, and references of other models share the clips
-    (`clips_dir`). `train_limit` references a seeded subset of the training clips (a slower reference)."""
-    from tqdm import tqdm
-
-    from edge_asr.paths import home
-    from edge_asr_build.sources import decoding_rules
-    from edge_asr_build.speech.sentences import general_sentences
-    from edge_asr_build.whisper.mel import mel_filters
-
-    reference = loaded.model.eval()
-    filters = mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels)
-    decoding = decoding_rules(loaded)
-    audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)
-    work = Path(work or home() / "adapt" / f"{prefix}-{key}")
-    work.mkdir(parents=True, exist_ok=True)
-    shared = clips_dir(mix, held_out_mix, seed, corpora, user_audio, version)
-    shared.mkdir(parents=True, exist_ok=True)
-    progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
-    encode_text, prompts = _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242)
-
-    def cached_items(
-        path: Path,
-        mels_path: Path,
-        what: str,
-        make_clips: Callable[[], list],
-        seed: int,
-        limit: int | None = None,
-        **options,
-    ) -> list:
-        """The reference items of `make_clips()`, made once and kept at `path`; their mels at `mels_path`."""
-        if not path.exists():
-            if not mels_path.exists():
-                step(f"make {what}")
-                save_clip_mels(make_clips(), filters, mels_path)
-            mels, _ = load_clip_mels(mels_path)
-            if limit and limit < len(mels):
-                mels = [mels[i] for i in sorted(np.random.default_rng(seed).choice(len(mels), limit, replace=False))]
-            step(f"reference transcripts and hidden states of {len(mels)} clips ({what})")
-            save_items(
-                reference_items(
-                    reference, mels, filters, decoding, encode_text, prompts, seed=seed, progress=progress, **options
-                ),
-                path,
-            )
-        return load_items(path)
-
-    suffix = f"-{train_limit}" if train_limit else ""
-    train = cached_items(
-        work / f"train-items{suffix}.safetensors",
-        shared / "train-mels.safetensors",
-        "training audio",
-        lambda: training_clips(mix, corpora, user_audio, progress),
-        seed,
-        train_limit,
-    )
-    held_out = cached_items(
-        work / "held-out-items.safetensors",
-        shared / "held-out-mels.safetensors",
-        "held-out audio",
-        lambda: [c for clips in held_out_clips(held_out_mix, corpora).values() for c in clips],
-        seed + 1,
-        mode_shares={"plain": 1.0},
-    )
-    if mix.isolated_words:
-        words = f"isolated-words-{items_key(mix.isolated_words, mix.seed)}"
-        limit = train_limit and round(train_limit * mix.isolated_words / mix.main_clips())
-        train += cached_items(
-            work / f"{words}{suffix}.safetensors",
-            shared / f"{words}-mels.safetensors",
-            "isolated words",
-            lambda: isolated_word_clips(mix, progress),
-            seed + 2,
-            limit,
-        )
-    return work, train, held_out
-
-
-def adapt_context(
-    source: str,
-    out: Path,
-    corpora: list[Path] = (),
-    user_audio: list[Path] = (),
-    recipe: ContextRecipe | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    step: Callable[[str], None] = lambda message: None,
-    log=print,
-) -> dict:
-    """Train the dynamic-context delta of `source`; writes `out` (safetensors) and returns its metadata.
-
-    Reference items and the training checkpoint live in `work` (default: $EDGE_ASR_HOME/adapt/KEY, KEY naming
-    the source, recipe and audio). Reference items are always reused; with `resume`, so is the checkpoint of a
-    stopped run, which then goes on where it was."""
-    import torch
-
-    from edge_asr_build.matching.lora import save_delta
-    from edge_asr_build.sources import load_whisper
-
+    Reference items and the training checkpoint live in the work folder (default: $EDGE_ASR_HOME/adapt/KEY,
+    KEY naming the source, recipe and audio). Reference items are always reused; with `run.resume`, so is
+    the checkpoint of a stopped run, which then goes on where it was."""
     recipe = recipe or ContextRecipe()
-    torch.manual_seed(recipe.match.seed)
-    step(f"load {source}")
-    loaded = load_whisper(source)
-    reference = loaded.model.eval()
+    match = run.match(recipe.match)
+    torch.manual_seed(match.seed)
+    run.step(f"load {run.source}")
+    loaded = load_whisper(run.source)
     started = time.time()
-    work, train, held_out = reference_sets(
-        loaded,
-        recipe.mix,
-        recipe.held_out,
-        recipe.match.seed,
-        corpora,
-        user_audio,
-        work,
-        "context",
-        recipe.version,
-        step,
-    )
+    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed, recipe.version)
     prepared = time.time() - started
-    step(f"match the reference ({recipe.match.steps} steps)")
-    student = copy.deepcopy(reference)
-    checkpoint = work / "checkpoint.pt"
-    if not resume:
-        checkpoint.unlink(missing_ok=True)
+    run.step(f"match the reference ({match.steps} steps)")
+    student = copy.deepcopy(loaded.model.eval())
     result = match_reference(
         student,
         train,
-        recipe.match,
+        match,
         training_frames(recipe),
         held_out,
         held_out_frames(ContextPolicy.auto()),
-        checkpoint=checkpoint,
-        log=log,
+        checkpoint=run.checkpoint(work / "checkpoint.pt"),
+        log=run.log,
     )
-    metadata = {
-        "kind": "context-lora",
-        "source": loaded.source,
-        "rank": recipe.match.lora_rank,
-        "alpha": recipe.match.lora_alpha,
-        "parts": list(recipe.match.parts),
-        "recipe": recipe.to_dict(),
-        "held_out_policy": ContextPolicy.auto().to_dict(),
-        "corpora": [describe_corpus(p) for p in corpora],
-        "user_audio": [str(p) for p in user_audio],
-        "clips": {"train": len(train), "held_out": len(held_out)},
-        "result": result.to_dict(),
-        "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
-    }
+    metadata = recipe_metadata(
+        "context-lora",
+        loaded,
+        match,
+        replace(recipe, match=match).to_dict(),
+        run,
+        {"train": len(train), "held_out": len(held_out)},
+        result,
+        prepared,
+        held_out_policy=ContextPolicy.auto().to_dict(),
+    )
     # The reference model's copy in the student had adapters added in place: save them, not the merged weights.
-    save_delta(student, Path(out), metadata)
-    (Path(out).with_suffix(".json")).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    write_delta(student, run.out, metadata)
     return metadata

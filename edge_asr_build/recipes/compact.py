@@ -11,7 +11,7 @@ The recipe, in the order of the build step's passes:
                 The delta records the factors' fingerprint (`compress.factors_fingerprint`), and is only
                 applied to factors within `compress.FACTORS_TOLERANCE` of it: the same factors up to the
                 last bits another CPU's kernels change, never those of another calibration or model.
-  4. recover    LoRA adapters on the factored decoder trained by reference matching (`reference`): the
+  4. recover    LoRA adapters on the factored decoder trained by reference matching (`matching.engine`): the
                 reference is the unchanged model on its 30 s window, the data the adapt pass's mix of
                 synthesized and recorded speech; the held-out loss selects the state kept.
 
@@ -24,26 +24,42 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from edge_asr.frontend import N_FFT, SAMPLE_RATE
+import torch
+from tqdm import tqdm
+
+from edge_asr.bundle import sha256_file
+from edge_asr.errors import EdgeAsrError
+from edge_asr.frontend import N_FFT, N_FRAMES, SAMPLE_RATE
 from edge_asr_build.compression.calibration import CalibrationMix, Distortion, calibration_clips, collect_moments
-from edge_asr_build.compression.factors import (
-    DEFAULT_PARTS,
+from edge_asr_build.compression.compress import (
     FACTORS_TOLERANCE,
     CompressionReport,
-    allocate_measured,
     apply_structure,
-    collect_groups,
     factors_fingerprint,
     fingerprint_distance,
-    measure_groups,
     structure_of,
 )
-from edge_asr_build.matching.engine import MatchConfig, items_key, match_reference, reference_items
-from edge_asr_build.speech.training_audio import AudioMix, HeldOutMix, describe_corpus
+from edge_asr_build.compression.factors import DEFAULT_PARTS
+from edge_asr_build.compression.ranks import allocate_measured, collect_groups, measure_groups
+from edge_asr_build.matching.data import _encoder, items_key, reference_items
+from edge_asr_build.matching.engine import (
+    MatchConfig,
+    MatchResult,
+    held_out_loss,
+    match_reference,
+    trainable_parameters,
+)
+from edge_asr_build.matching.lora import apply_delta, delta_metadata
+from edge_asr_build.recipes.adapt import ContextRecipe
+from edge_asr_build.recipes.run import RecipeRun, recipe_metadata, write_delta
+from edge_asr_build.sources import load_whisper
+from edge_asr_build.speech.training_audio import AudioMix, HeldOutMix
+from edge_asr_build.whisper.mel import mel_filters
+from edge_asr_build.whisper.vocabulary import decoding_rules
 
 DELTA_DIR = Path(__file__).parent / "deltas"
 DEFAULT_COMPACT_DELTA = DELTA_DIR / "tiny.en-compact.safetensors"
@@ -95,9 +111,6 @@ def calibrate(
     loaded, mix: CalibrationMix, step: Callable[[str], None] = lambda m: None, parts: tuple[str, ...] = DEFAULT_PARTS
 ) -> Calibration:
     """Calibration clips, the reference's transcripts of them, and the input moments of every layer."""
-    from edge_asr_build.recipes.adapt import _encoder
-    from edge_asr_build.sources import decoding_rules
-    from edge_asr_build.whisper.mel import mel_filters
 
     step(f"synthesize {mix.sentences + mix.short_utterances} calibration clips")
     clips = calibration_clips(mix)
@@ -155,9 +168,6 @@ def compact_model(
     """The compact model of `delta` (from `recover_compact`): calibration and factors rebuilt from the recipe
     in the delta (or from `calibration`), checked against its source and its factors' fingerprint, then its
     adapters merged. Returns (model, manifest summary)."""
-    from edge_asr.bundle import sha256_file
-    from edge_asr.errors import EdgeAsrError
-    from edge_asr_build.matching.lora import apply_delta, delta_metadata
 
     metadata = delta_metadata(Path(delta))
     if metadata.get("kind") != "compact-lora":
@@ -200,80 +210,47 @@ def compact_model(
     return model, summary
 
 
-def recover_compact(
-    source: str,
-    out: Path,
-    corpora: list[Path] = (),
-    user_audio: list[Path] = (),
-    recipe: CompactRecipe | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    structure: dict | None = None,
-    step: Callable[[str], None] = lambda m: None,
-    log=print,
-) -> dict:
-    """Run the whole recipe on `source` and write the compact delta `out` (safetensors, a JSON summary
+def recover_compact(run: RecipeRun, recipe: CompactRecipe | None = None, structure: dict | None = None) -> dict:
+    """Run the whole recipe on `run.source` and write the compact delta `run.out` (safetensors, a JSON summary
     beside it). `structure` skips the rank measurements (for example the ranks of a shipped delta)."""
-    import torch
-    from tqdm import tqdm
-
-    from edge_asr.frontend import N_FRAMES
-    from edge_asr_build.matching.engine import MatchResult, held_out_loss, trainable_parameters
-    from edge_asr_build.matching.lora import save_delta
-    from edge_asr_build.recipes.adapt import ContextRecipe, reference_sets
-    from edge_asr_build.sources import load_whisper
-
     recipe = recipe or CompactRecipe()
-    torch.manual_seed(recipe.match.seed)
+    match = run.match(recipe.match)
+    torch.manual_seed(match.seed)
     started = time.time()
-    step(f"load {source}")
-    loaded = load_whisper(source)
-    calibration = calibrate(loaded, recipe.calibration, step, recipe.parts)
+    run.step(f"load {run.source}")
+    loaded = load_whisper(run.source)
+    calibration = calibrate(loaded, recipe.calibration, run.step, recipe.parts)
     if structure is None:
-        step("measure each matrix's distortion at each candidate rank")
+        run.step("measure each matrix's distortion at each candidate rank")
         structure, report = measure_structure(
             loaded, recipe, calibration, progress=lambda jobs, desc: tqdm(jobs, desc=desc, unit="cut")
         )
-        log(report.table())
+        run.log(report.table())
     student = factored(loaded, structure, calibration)
     fingerprint, params_after = factors_fingerprint(student), student.parameter_count()
     # The adapt pass's reference sets, shared: the same mixes make the same cache key.
-    work, train, held_out = reference_sets(
-        loaded,
-        recipe.mix,
-        recipe.held_out,
-        recipe.match.seed,
-        corpora,
-        user_audio,
-        work,
-        "context",
-        ContextRecipe.version,
-        step,
-    )
+    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed, ContextRecipe.version)
     prepared = time.time() - started
-    step(f"recover by reference matching ({recipe.match.steps} steps)")
+    run.step(f"recover by reference matching ({match.steps} steps)")
     # named by what makes the factors (not by their last bits, which are this machine's)
     tag = items_key(loaded.source.get("sha256"), json.dumps(structure, sort_keys=True), recipe.to_dict())
-    checkpoint = work / f"checkpoint-compact-{tag}.pt"
-    if not resume:
-        checkpoint.unlink(missing_ok=True)
-    trainable = trainable_parameters(student, recipe.match)
+    trainable = trainable_parameters(student, match)
     # The factored embedding's projection changes the logits and no hidden state: with the output term on,
     # its shared right factor (n_state x rank) trains too and ships whole in the delta.
-    whole = ["decoder.token_embedding.tail_proj"] if recipe.match.output_weight and structure.get("embedding") else []
+    whole = ["decoder.token_embedding.tail_proj"] if match.output_weight and structure.get("embedding") else []
     for name in whole:
         trainable.append(student.get_parameter(name).requires_grad_(True))
     projection = loaded.model.decoder.token_embedding.weight
-    if recipe.match.steps:
+    if match.steps:
         result = match_reference(
             student,
             train,
-            recipe.match,
+            match,
             held_out=held_out,
             trainable=trainable,
-            checkpoint=checkpoint,
+            checkpoint=run.checkpoint(work / f"checkpoint-compact-{tag}.pt"),
             reference_projection=projection,
-            log=log,
+            log=run.log,
         )
     else:  # factors only: the delta carries the ranks and the factors' digest, its adapters are zero
         loss = round(
@@ -283,32 +260,26 @@ def recover_compact(
                 lambda frames, rng: N_FRAMES,
                 torch.device("cpu"),
                 reference_projection=projection,
-                output_weight=recipe.match.output_weight,
+                output_weight=match.output_weight,
             ),
             5,
         )
         result = MatchResult(0, 0.0, "cpu", 0, loss, loss, 0, [{"step": 0, "train_loss": None, "held_out_loss": loss}])
-    metadata = {
-        "kind": "compact-lora",
-        "source": loaded.source,
-        "rank": recipe.match.lora_rank,
-        "alpha": recipe.match.lora_alpha,
-        "parts": list(recipe.match.parts),
-        "recipe": recipe.to_dict(),
-        "structure": structure,
-        "factors_fingerprint": fingerprint,
-        "params_before": loaded.model.parameter_count(),
-        "params_after": params_after,
-        "corpora": [describe_corpus(p) for p in corpora],
-        "user_audio": [str(p) for p in user_audio],
-        "clips": {"train": len(train), "held_out": len(held_out)},
-        "result": result.to_dict(),
-        "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
-    }
-    save_delta(student, Path(out), metadata, whole=whole)
-    Path(out).with_suffix(".json").write_text(
-        json.dumps(readable_metadata(metadata), indent=2) + "\n", encoding="utf-8"
+    metadata = recipe_metadata(
+        "compact-lora",
+        loaded,
+        match,
+        replace(recipe, match=match).to_dict(),
+        run,
+        {"train": len(train), "held_out": len(held_out)},
+        result,
+        prepared,
+        structure=structure,
+        factors_fingerprint=fingerprint,
+        params_before=loaded.model.parameter_count(),
+        params_after=params_after,
     )
+    write_delta(student, run.out, metadata, readable_metadata(metadata), whole)
     return metadata
 
 

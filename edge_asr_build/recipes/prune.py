@@ -9,7 +9,7 @@ The recipe, in the order of the build step's passes:
   3. prune      those blocks removed (`layers.prune`).
   4. recover    LoRA adapters on every linear layer that is left, trained by reference matching: the
                 reference is the unchanged model on its 30 s window, the student the pruned model on the
-                audio's own length (the adapt pass's windows, `context_adapt.training_frames`), each of its
+                audio's own length (the adapt pass's windows, `recipes.adapt.training_frames`), each of its
                 decoder blocks matched to the original block it is. One run recovers from the pruning and
                 adapts to the short window; the held-out loss selects the state kept.
 
@@ -23,15 +23,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from edge_asr.bundle import sha256_file
 from edge_asr.context import ContextPolicy
+from edge_asr.errors import EdgeAsrError
+from edge_asr.frontend import N_FRAMES
+from edge_asr.metrics import normalize, word_error_rate
 from edge_asr_build.compression.calibration import CalibrationMix, Distortion
+from edge_asr_build.compression.layers import importance_table, layer_importance, prune, prune_plan
+from edge_asr_build.matching.data import clips_dir, greedy, load_clip_mels, padded
 from edge_asr_build.matching.engine import MatchConfig, MatchResult, match_reference, trainable_parameters
-from edge_asr_build.recipes.adapt import ContextRecipe, held_out_frames, reference_sets, training_frames
-from edge_asr_build.speech.training_audio import AudioMix, HeldOutMix, describe_corpus
+from edge_asr_build.matching.lora import apply_delta, delta_metadata
+from edge_asr_build.recipes.adapt import ContextRecipe, held_out_frames, training_frames
+from edge_asr_build.recipes.compact import calibrate
+from edge_asr_build.recipes.run import RecipeRun, recipe_metadata, write_delta
+from edge_asr_build.sources import load_whisper
+from edge_asr_build.speech.training_audio import AudioMix, HeldOutMix
+from edge_asr_build.whisper.vocabulary import decoding_rules
 
 
 @dataclass(frozen=True)
@@ -69,12 +84,6 @@ def held_out_wer(
 ) -> dict:
     """Greedy WER of `model` on the held-out clips that have texts, each on a window of `frames(clip frames)`,
     by the runtime decoder's rules; {"wer", "words", "clips"}."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from edge_asr.metrics import normalize, word_error_rate
-    from edge_asr_build.matching.engine import greedy, padded
-    from edge_asr_build.sources import decoding_rules
 
     decoding = decoding_rules(loaded)
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))
@@ -95,8 +104,6 @@ def measure_importance(
     loaded, recipe: PrunedRecipe, step: Callable[[str], None] = lambda m: None, progress=None, log=print
 ) -> tuple[list, list[dict]]:
     """(importance rows of every block, the decoder plan down to `recipe.decoder_layers`)."""
-    from edge_asr_build.compression.layers import importance_table, layer_importance, prune_plan
-    from edge_asr_build.recipes.compact import calibrate
 
     calibration = calibrate(loaded, recipe.calibration, step, parts=())
     distortion = Distortion.of_reference(loaded.model, calibration.items[: recipe.measure_clips])
@@ -109,125 +116,95 @@ def measure_importance(
     return rows, plan
 
 
-def recover_pruned(
-    source: str,
-    out: Path,
-    corpora: list[Path] = (),
-    user_audio: list[Path] = (),
-    recipe: PrunedRecipe | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    step: Callable[[str], None] = lambda m: None,
-    log=print,
-) -> dict:
-    """Run the whole recipe on `source`; writes the delta `out` (safetensors, a JSON summary beside it)."""
-    import torch
-    from tqdm import tqdm
-
-    from edge_asr.frontend import N_FRAMES
-    from edge_asr_build.compression.layers import prune
-    from edge_asr_build.matching.lora import save_delta
-    from edge_asr_build.recipes.adapt import clips_dir, load_clip_mels
-    from edge_asr_build.sources import load_whisper
-
+def recover_pruned(run: RecipeRun, recipe: PrunedRecipe | None = None) -> dict:
+    """Run the whole recipe on `run.source`; writes the delta `run.out` (safetensors, a JSON summary beside it)."""
     recipe = recipe or PrunedRecipe()
-    torch.manual_seed(recipe.match.seed)
+    match = run.match(recipe.match)
+    torch.manual_seed(match.seed)
     started = time.time()
-    step(f"load {source}")
-    loaded = load_whisper(source)
+    run.step(f"load {run.source}")
+    loaded = load_whisper(run.source)
     progress = lambda jobs, desc: tqdm(jobs, desc=desc, unit="clip")  # noqa: E731
-    rows, plan = measure_importance(loaded, recipe, step, lambda jobs, desc: tqdm(jobs, desc=desc, unit="block"), log)
+    blocks = lambda jobs, desc: tqdm(jobs, desc=desc, unit="block")  # noqa: E731
+    rows, plan = measure_importance(loaded, recipe, run.step, blocks, run.log)
     student = prune(loaded.model, {"decoder": [p["index"] for p in plan]})
     params_after = student.parameter_count()  # before adapters are added
-    work, train, held_out = reference_sets(
-        loaded,
-        recipe.mix,
-        recipe.held_out,
-        recipe.match.seed,
-        corpora,
-        user_audio,
-        work,
-        "context",
-        ContextRecipe.version,
-        step,
-        train_limit=recipe.train_clips,
+    work, train, held_out = run.reference_sets(
+        loaded, recipe.mix, recipe.held_out, match.seed, ContextRecipe.version, train_limit=recipe.train_clips
     )
-    mels, texts = load_clip_mels(
-        clips_dir(recipe.mix, recipe.held_out, recipe.match.seed, corpora, user_audio, ContextRecipe.version)
-        / "held-out-mels.safetensors"
+    audio = clips_dir(
+        recipe.mix, recipe.held_out, match.seed, list(run.corpora), list(run.user_audio), ContextRecipe.version
     )
+    mels, texts = load_clip_mels(audio / "held-out-mels.safetensors")
     policy = ContextPolicy.auto()
     own = lambda frames: policy.frames(frames * 160)  # noqa: E731
     full = lambda frames: N_FRAMES  # noqa: E731
-    # Measured once per model and pruning plan, kept beside the reference states.
-    wer_path = work / "held-out-wer.json"
-    measured = json.loads(wer_path.read_text()) if wer_path.exists() else {}
-    plan_key = "pruned-" + "-".join(str(p["index"]) for p in plan)
-    if "reference" not in measured:
-        step("held-out WER of the unchanged model (30 s windows)")
-        measured["reference"] = held_out_wer(loaded.model, loaded, mels, texts, full, progress)
-    if plan_key not in measured:
-        step("held-out WER of the pruned model before recovery (30 s windows)")
-        measured[plan_key] = held_out_wer(student, loaded, mels, texts, full, progress)
-    wer_path.write_text(json.dumps(measured, indent=1))
-    wer = {"reference": measured["reference"], "pruned": measured[plan_key]}
-    log(
+    wer, plan_key = measured_wer(work, loaded, student, plan, mels, texts, full, progress, run.step)
+    run.log(
         f"held-out WER: unchanged {wer['reference']['wer']}%, pruned to {recipe.decoder_layers} decoder blocks "
         f"{wer['pruned']['wer']}% (30 s windows)"
     )
     prepared = time.time() - started
-    step(f"recover and adapt by reference matching ({recipe.match.steps} steps)")
-    checkpoint = work / f"checkpoint-{plan_key}.pt"  # a resumed run must have pruned the same blocks
-    if not resume:
-        checkpoint.unlink(missing_ok=True)
-    if recipe.match.steps:
+    run.step(f"recover and adapt by reference matching ({match.steps} steps)")
+    if match.steps:
         result = match_reference(
             student,
             train,
-            recipe.match,
+            match,
             training_frames(recipe.context),
             held_out,
             held_out_frames(policy),
-            checkpoint=checkpoint,
-            log=log,
+            # a resumed run must have pruned the same blocks
+            checkpoint=run.checkpoint(work / f"checkpoint-{plan_key}.pt"),
+            log=run.log,
         )
-        step("held-out WER after recovery (the audio's own windows)")
+        run.step("held-out WER after recovery (the audio's own windows)")
         wer["recovered"] = held_out_wer(student, loaded, mels, texts, own, progress)
-        log(f"held-out WER after recovery: {wer['recovered']['wer']}%")
+        run.log(f"held-out WER after recovery: {wer['recovered']['wer']}%")
     else:  # measurement only: the plan and the WER before recovery; the delta's adapters are zero
-        trainable_parameters(student, recipe.match)
+        trainable_parameters(student, match)
         result = MatchResult(0, 0.0, "cpu", 0, None, None, 0)
-    metadata = {
-        "kind": "pruned-context-lora",
-        "source": loaded.source,
-        "rank": recipe.match.lora_rank,
-        "alpha": recipe.match.lora_alpha,
-        "parts": list(recipe.match.parts),
-        "recipe": recipe.to_dict(),
-        "pruned": student.pruned,
-        "plan": plan,
-        "importance": [r.to_dict() for r in rows],
-        "params_before": loaded.model.parameter_count(),
-        "params_after": params_after,
-        "held_out_policy": policy.to_dict(),
-        "held_out_wer": wer,
-        "corpora": [describe_corpus(p) for p in corpora],
-        "user_audio": [str(p) for p in user_audio],
-        "clips": {"train": len(train), "held_out": len(held_out)},
-        "result": result.to_dict(),
-        "seconds": {"prepare": round(prepared, 1), "train": result.seconds},
-    }
-    save_delta(student, Path(out), metadata)
-    Path(out).with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    metadata = recipe_metadata(
+        "pruned-context-lora",
+        loaded,
+        match,
+        replace(recipe, match=match).to_dict(),
+        run,
+        {"train": len(train), "held_out": len(held_out)},
+        result,
+        prepared,
+        pruned=student.pruned,
+        plan=plan,
+        importance=[r.to_dict() for r in rows],
+        params_before=loaded.model.parameter_count(),
+        params_after=params_after,
+        held_out_policy=policy.to_dict(),
+        held_out_wer=wer,
+    )
+    write_delta(student, run.out, metadata)
     return metadata
+
+
+def measured_wer(
+    work: Path, loaded, student, plan: list[dict], mels, texts, frames, progress, step
+) -> tuple[dict, str]:
+    """Held-out WER (30 s windows) of the unchanged model and of the pruned one before recovery, measured once
+    per model and pruning plan and kept beside the reference states; and the plan's key."""
+    path = work / "held-out-wer.json"
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    plan_key = "pruned-" + "-".join(str(p["index"]) for p in plan)
+    if "reference" not in measured:
+        step("held-out WER of the unchanged model (30 s windows)")
+        measured["reference"] = held_out_wer(loaded.model, loaded, mels, texts, frames, progress)
+    if plan_key not in measured:
+        step("held-out WER of the pruned model before recovery (30 s windows)")
+        measured[plan_key] = held_out_wer(student, loaded, mels, texts, frames, progress)
+    path.write_text(json.dumps(measured, indent=1))
+    return {"reference": measured["reference"], "pruned": measured[plan_key]}, plan_key
 
 
 def pruned_model(loaded, delta: Path) -> tuple[object, dict]:
     """The model of a pruned delta: its blocks removed, its adapters merged. Returns (model, manifest summary)."""
-    from edge_asr.bundle import sha256_file
-    from edge_asr.errors import EdgeAsrError
-    from edge_asr_build.compression.layers import prune
-    from edge_asr_build.matching.lora import apply_delta, delta_metadata
 
     metadata = delta_metadata(Path(delta))
     if metadata.get("kind") != "pruned-context-lora":

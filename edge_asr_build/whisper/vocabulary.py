@@ -72,3 +72,29 @@ def non_speech_tokens(tokenizer_json: Path) -> list[int]:
             if len(encoded) == 1 or symbol in _MISC_SYMBOLS:
                 ids.add(encoded[0])
     return sorted(ids)
+
+
+def decoder_prompt(special: dict, multilingual: bool) -> list[int]:
+    """Whisper's start sequence for English transcription without timestamps."""
+    if multilingual:
+        return [special["sot"], special["english"], special["transcribe"], special["no_timestamps"]]
+    return [special["sot"], special["no_timestamps"]]
+
+
+def decoding_rules(loaded) -> dict:
+    """The decoder section a bundle of `loaded` (a `sources.LoadedWhisper`) would carry, with n_vocab: the
+    runtime decoder's config, which the build step's own greedy transcripts (reference matching) follow too."""
+    return decoder_section(loaded) | {"n_vocab": loaded.model.dims.n_vocab}
+
+
+def decoder_section(loaded, special: dict | None = None) -> dict:
+    """What the runtime's greedy decoder is configured by: prompt, special and suppressed tokens."""
+    dims = loaded.model.dims
+    special = special or special_tokens(token_strings(loaded.tokenizer_json, dims.n_vocab))
+    return {
+        "prompt": decoder_prompt(special, dims.is_multilingual),
+        "special_tokens": special,
+        "suppress_tokens": loaded.suppress_tokens,
+        "suppress_blank": loaded.suppress_blank_tokens,
+        "mode": "no-timestamps",
+    }
