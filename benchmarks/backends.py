@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+import edge_asr
 from edge_asr.audio import load_audio
 from edge_asr.bundle import Bundle
 from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import LogMelStream, window_features
-from edge_asr.transcriber import load_transcriber
 
 
 def read_set(folder: Path) -> list[tuple[str, Path]]:
@@ -58,7 +58,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(bundle_path: str, items: list[tuple[str, Path]], threads: int) -> list[dict]:
     bundle = Bundle.load(bundle_path)
-    backends = {b: load_transcriber(bundle, threads, backend=b) for b in bundle.formats}
+    backends = {b: edge_asr.load(bundle, threads, backend=b) for b in bundle.formats}
     reference, reference_texts = backends["onnx"], {}
     rows = []
     for name, transcriber in backends.items():

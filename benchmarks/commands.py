@@ -318,14 +318,14 @@ def flat(text: str) -> str:
 
 
 def scores(bundle: str, backend: str, sets: dict[str, Path], threshold: float | None) -> dict:
+    import edge_asr
     from edge_asr.grammar import UNKNOWN
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
 
     row = {}
     for mode, grammar in (("grammar", "machine.gbnf"), ("free", None)):
         settings = DecodingSettings(grammar=str(GRAMMARS / grammar) if grammar else None, grammar_threshold=threshold)
-        transcriber = load_transcriber(bundle, threads=2, settings=settings, backend=backend)
+        transcriber = edge_asr.load(bundle, threads=2, settings=settings, backend=backend)
         commands = outputs(transcriber, sets["commands"])
         expected = refs(sets["commands"])
         # the phrase's words, digits as digits ("Stop line 4." from free decoding is right too)
@@ -336,7 +336,7 @@ def scores(bundle: str, backend: str, sets: dict[str, Path], threshold: float | 
         row[f"{mode} quiet clips with output"] = sum(bool(o) for o in quiet.values())
     for mode, grammar in (("grammar", "codes.gbnf"), ("free", None)):
         settings = DecodingSettings(grammar=str(GRAMMARS / grammar) if grammar else None, grammar_threshold=threshold)
-        transcriber = load_transcriber(bundle, threads=2, settings=settings, backend=backend)
+        transcriber = edge_asr.load(bundle, threads=2, settings=settings, backend=backend)
         codes, expected = outputs(transcriber, sets["codes"]), refs(sets["codes"])
         row[f"{mode} codes exact"] = 100 * np.mean([flat(said(o)) == flat(expected[u]) for u, o in codes.items()])
     return row
@@ -344,11 +344,11 @@ def scores(bundle: str, backend: str, sets: dict[str, Path], threshold: float | 
 
 def tune(bundle: str, backend: str, sets: dict[str, Path]) -> None:
     """Confidences of the tuning set's commands and non-commands, and how each threshold would do."""
+    import edge_asr
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
 
     settings = DecodingSettings(grammar=str(GRAMMARS / "machine.gbnf"), grammar_threshold=0.0)
-    transcriber = load_transcriber(bundle, threads=2, settings=settings, backend=backend)
+    transcriber = edge_asr.load(bundle, threads=2, settings=settings, backend=backend)
     commands, expected = outputs(transcriber, sets["tuning-commands"]), refs(sets["tuning-commands"])
     right = [o[0][1] for u, o in commands.items() if said(o) == expected[u]]
     others = [o[0][1] for o in outputs(transcriber, sets["tuning-non-commands"]).values() if o]

@@ -295,10 +295,10 @@ def main() -> int:
     parser.add_argument("--beam", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    import edge_asr
     from edge_asr.bench import load_speech_set
     from edge_asr.paths import bundle_dir
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
 
     work = Path(args.work)
     synthesize_sets(work)
@@ -313,7 +313,7 @@ def main() -> int:
             settings = DecodingSettings(
                 beam=args.beam, hotwords=WORDS if bonus or named else [], hotword_bonus=bonus, hotword_prompt=named
             )
-            transcriber = load_transcriber(bundle, 2, settings)
+            transcriber = edge_asr.load(bundle, 2, settings)
             for name in args.sets.split(","):
                 audio = load_speech_set(work / name)
                 hyps = [transcriber.transcribe(u.audio).text for u in audio]

@@ -65,16 +65,16 @@ def make_stream(dirs: list[str], minutes: float, path: Path) -> tuple[Path, floa
 
 def child_ours(bundle: str, backend: str, clip: str, stream: str) -> dict:
     report = {"interpreter": rss()}
+    import edge_asr
     import edge_asr.cli  # noqa: F401  (what the `edge-asr` command imports before it parses its arguments)
     from edge_asr.audio import load_audio
     from edge_asr.endpointer import Endpointer
     from edge_asr.sources import FileSource
     from edge_asr.stream import StreamRecognizer
-    from edge_asr.transcriber import load_transcriber
     from edge_asr.vad import make_vad
 
     report["imports"] = rss()
-    transcriber = load_transcriber(bundle, threads=2, backend=backend)
+    transcriber = edge_asr.load(bundle, threads=2, backend=backend)
     report["model loaded"] = rss()
     transcriber.transcribe(load_audio(clip))
     report["first window"] = rss()

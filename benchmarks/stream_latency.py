@@ -91,19 +91,19 @@ def main() -> int:
     ap.add_argument("--hotwords", "--bias-words", dest="hotwords", help="comma-separated words to favour")
     args = ap.parse_args()
 
+    import edge_asr
     from edge_asr.endpointer import Endpointer
     from edge_asr.hotwords import read_word_list
     from edge_asr.metrics import word_error_rate
     from edge_asr.settings import DecodingSettings
     from edge_asr.sources import FileSource
     from edge_asr.stream import StreamRecognizer
-    from edge_asr.transcriber import load_transcriber
     from edge_asr.vad import EnergyVad
     from edge_asr_build.speech.synth import write_wav
 
     audio, clips = build_stream(args.folder, args.clips, args.seed)
     settings = DecodingSettings(beam=args.beam, hotwords=read_word_list(args.hotwords))
-    transcriber = load_transcriber(args.bundle, args.threads, settings)
+    transcriber = edge_asr.load(args.bundle, args.threads, settings)
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "stream.wav"
         write_wav(wav, audio)

@@ -61,13 +61,13 @@ def main() -> int:
     parser.add_argument("--beam", type=int, default=0)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    import edge_asr
     from edge_asr.paths import bundle_dir
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.speech.sentences import dictation_sentences
     from edge_asr_build.speech.synth import synthesize
 
-    transcriber = load_transcriber(args.bundle or bundle_dir(), 2, DecodingSettings(beam=args.beam, timestamps=True))
+    transcriber = edge_asr.load(args.bundle or bundle_dir(), 2, DecodingSettings(beam=args.beam, timestamps=True))
     texts = dictation_sentences(args.files * args.sentences, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     errors, n_segments, n_sentences = [], 0, 0

@@ -3,7 +3,18 @@
 __version__ = "0.1.0"
 
 from .errors import AudioError, BundleError, EdgeAsrError
+from .recognizer import Recognizer, load
 from .results import Segment, Transcript
 from .transcriber import Transcriber
 
-__all__ = ["AudioError", "BundleError", "EdgeAsrError", "Segment", "Transcriber", "Transcript", "__version__"]
+__all__ = [
+    "AudioError",
+    "BundleError",
+    "EdgeAsrError",
+    "Recognizer",
+    "Segment",
+    "Transcriber",
+    "Transcript",
+    "__version__",
+    "load",
+]

@@ -77,7 +77,7 @@ def peak_rss_mb() -> float:
 def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3, progress=None) -> dict:
     sets = {set_label(f): load_speech_set(f) for f in folders}
     transcriber.transcribe(next(iter(sets.values()))[0].audio)  # warm-up: allocations, kernel selection
-    counters = getattr(transcriber, "counters", None)  # Whisper's guard events, counted over the first pass
+    counters = transcriber.counters  # Whisper's guard events, counted over the first pass
     guards = {}
     results, pooled_refs, pooled_hyps = {}, [], []
     pooled_audio, pooled_wall, pooled_cpu = 0.0, [0.0] * runs, [0.0] * runs
@@ -130,7 +130,7 @@ def run_bench(transcriber: Transcriber, folders: list[str | Path], runs: int = 3
         bundle_mb=round(bundle.model_bytes(transcriber.model.backend) / 1e6, 2),
         params=bundle.parameters,
         bundle=bundle.manifest["name"],
-        context=getattr(transcriber, "context", None) and transcriber.context.to_dict(),
+        context=transcriber.context and transcriber.context.to_dict(),
         runs=runs,
         guards=guards or None,
         device=device_info(),

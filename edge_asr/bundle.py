@@ -83,7 +83,7 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
-        path = Path(path)
+        path = Path(path).expanduser()
         manifest = read_manifest(path)
         if verify:
             verify_files(path, manifest)

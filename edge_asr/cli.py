@@ -54,11 +54,11 @@ def decoding_settings(args):
 
 
 def _transcriber(args):
-    from .transcriber import load_transcriber
+    from .recognizer import load
 
     if (getattr(args, "beam", None) or 0) < 0:
         raise EdgeAsrError("--beam must be 0 (greedy) or more")
-    return load_transcriber(
+    return load(
         args.bundle, threads=args.threads, settings=decoding_settings(args), backend=getattr(args, "backend", "auto")
     )
 
@@ -107,7 +107,7 @@ def cmd_listen(args) -> int:
     transcriber = _transcriber(args)
     # A streaming model answers within a block: small blocks keep its partials early. Whisper's final comes
     # at an endpoint, which the endpointer finds per voice-activity frame: a block is one such frame.
-    block = args.block or (0.02 if hasattr(transcriber, "stream") else BLOCK_SECONDS)
+    block = args.block or (0.02 if transcriber.streaming else BLOCK_SECONDS)
     source = (
         FileSource(args.file, realtime=args.realtime, block_seconds=block)
         if args.file
@@ -138,7 +138,7 @@ def cmd_listen(args) -> int:
         pass
     recognizer.finish()
     c = recognizer.counters
-    guards = getattr(transcriber, "counters", None)
+    guards = transcriber.counters
     print(
         f"{c.utterances} utterances, {c.audio_s:.1f} s audio, {c.processing_s:.1f} s processing, "
         f"RTF {c.rtf:.3f}, {source.dropped_frames} dropped frames"

@@ -43,6 +43,13 @@ def decoding_options(beam: int = 0, bias_words: list[str] = (), bias: float = 1.
 
 
 class CtcTranscriber:
+    """The streaming LSTM-CTC recognizer (an `edge_asr.Recognizer`): characters as the audio comes."""
+
+    streaming = True
+    counters = None  # no guards: CTC gives no text where it hears none
+    command = None  # no command mode
+    context = None  # no windows
+
     def __init__(
         self, bundle: str | Bundle, threads: int | None = None, options: CtcOptions | None = None, backend: str = "auto"
     ):

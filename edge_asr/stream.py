@@ -108,7 +108,7 @@ class StreamRecognizer:
         self.keep_latest = keep_latest
         self._last_partial_at = 0.0
         self._previous_partial = ""
-        self.incremental = hasattr(transcriber, "stream")
+        self.incremental = transcriber.streaming
         self._stream, self._fed = None, 0  # the streaming model's utterance in flight, and samples fed to it
 
     @property
@@ -137,7 +137,7 @@ class StreamRecognizer:
         spent = time.perf_counter() - start
         self.counters.processing_s += spent
         command = {}
-        if getattr(self.transcriber, "command", None) and transcript.segments:
+        if self.transcriber.command and transcript.segments:
             command = {"rule": transcript.segments[0].rule, "confidence": transcript.segments[0].confidence}
         return transcript.text, spent, command
 

@@ -26,8 +26,8 @@ from .bundle import Bundle
 from .commands import CommandMode
 from .context import ContextPolicy
 from .decoding import DecodingOptions, WindowDecoder, split_segments
+from .errors import BundleError
 from .frontend import HOP_LENGTH, SAMPLE_RATE, window_features
-from .grammar import GrammarError
 from .guards import GuardCounters, Guards, compression_ratio
 from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, hotword_prompt, mentions
 from .results import Segment, Transcript
@@ -39,6 +39,10 @@ MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two sp
 
 
 class Transcriber:
+    """Whisper's recognizer (an `edge_asr.Recognizer`): windows decoded whole, guarded, timed."""
+
+    streaming = False  # windows are decoded whole; the live path re-decodes a growing utterance for partials
+
     def __init__(
         self,
         bundle: str | Path | Bundle,
@@ -54,6 +58,10 @@ class Transcriber:
     ):
         """`grammar`: a grammar file for command mode (`command`: one already compiled)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if self.bundle.family != "whisper":
+            raise BundleError(
+                f"{self.bundle.path.name} is a {self.bundle.family} bundle, not Whisper: load it with edge_asr.load()"
+            )
         if grammar is not None and command is None:
             command = CommandMode.load(grammar, self.bundle)
         own_way = options is None
@@ -62,7 +70,7 @@ class Transcriber:
         self.model = open_model(self.bundle, threads, backend)
         decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
-        if own_way and short_window_beam is None:  # the bundle's own way, as load_transcriber's default
+        if own_way and short_window_beam is None:  # the bundle's own way, as edge_asr.load's default
             short_window_beam = ShortWindowBeam.recommended(self.bundle, DecodingSettings())
         # Beam search on short windows, where the backend decodes beams (not LiteRT through tflite-runtime).
         self.short_decoder, self.short_samples = None, 0
@@ -246,41 +254,3 @@ class ShortWindowBeam:
         if settings.beam is not None or not recorded:
             return None
         return cls(float(recorded["max_seconds"]), int(recorded["beam_size"]))
-
-
-def load_transcriber(
-    bundle: str | Path | Bundle,
-    threads: int | None = None,
-    settings: DecodingSettings | None = None,
-    backend: str = "auto",
-):
-    """The transcriber a bundle's model family needs, Whisper's or the streaming LSTM-CTC one, on `backend`
-    ("auto", "onnx", "ort" or "tflite"), decoding as `settings` ask (default: the bundle's own way)."""
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    settings = settings or DecodingSettings()
-    command = None
-    if settings.grammar:
-        if bundle.family != "whisper":
-            raise GrammarError(f"--grammar needs a Whisper bundle; {bundle.path.name} is {bundle.family}")
-        if settings.hotwords:
-            raise GrammarError("--grammar and hotwords do not mix: the grammar already says which words may come")
-        command = CommandMode.load(settings.grammar, bundle, settings.grammar_threshold)
-    if bundle.family == "lstm-ctc":
-        from .ctc_transcriber import CtcTranscriber, decoding_options
-
-        options = decoding_options(
-            settings.beam or 0, settings.hotwords, 1.0 if settings.hotword_bonus is None else settings.hotword_bonus
-        )
-        return CtcTranscriber(bundle, threads, options, backend)
-    options, guards = whisper_decoding(bundle, settings, command)
-    return Transcriber(
-        bundle,
-        threads,
-        options,
-        backend=backend,
-        guards=guards,
-        vad=settings.vad,
-        seed=settings.seed,
-        short_window_beam=ShortWindowBeam.recommended(bundle, settings),
-        command=command,
-    )

@@ -181,12 +181,12 @@ def copy_testset(folder: Path, dest: Path) -> list[tuple[str, Path]]:
 
 def expected_texts(bundle: Bundle, items: list[tuple[str, Path]], backends: list[str], threads: int) -> dict:
     """What this machine transcribes, per backend: the texts a device must reproduce."""
+    import edge_asr
     from edge_asr.audio import load_audio
-    from edge_asr.transcriber import load_transcriber
 
     texts = {}
     for backend in backends:
-        transcriber = load_transcriber(bundle, threads, backend=backend)
+        transcriber = edge_asr.load(bundle, threads, backend=backend)
         texts[backend] = {uid: transcriber.transcribe(load_audio(path)).text for uid, path in items}
     return {"machine": platform.machine(), "platform": platform.platform(), "texts": texts}
 

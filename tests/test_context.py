@@ -197,14 +197,14 @@ def test_default_bundle_reproduces_its_golden_transcripts(bundle_auto):
     fused encoder attention, no spinning pools, LiteRT's shared weight cache) against transcripts made when
     it became the default (how: the file's "made_by"), on both backends; word by word after the WER
     normalizer, for the reason given above."""
+    import edge_asr
     from edge_asr.metrics import normalize
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.speech.synth import synthesize
 
     golden = json.loads(DEFAULT_GOLDEN.read_text())
     audio = [synthesize(t) for t in golden["texts"]]
     for backend in ("onnx", "tflite"):
-        transcriber = load_transcriber(bundle_auto, backend=backend)
+        transcriber = edge_asr.load(bundle_auto, backend=backend)
         texts = [transcriber.transcribe(a).text for a in audio]
         assert [normalize(t) for t in texts] == [normalize(t) for t in golden["transcripts"][backend]], (backend, texts)
 
@@ -254,8 +254,8 @@ def test_dynamic_bundle_transcribes_on_short_windows(bundle_auto, speech):
 def test_adapted_bundle_decodes_short_windows_with_beams_unless_told_otherwise(bundle_auto):
     """The manifest recommends beam 5 up to 5 s of audio; longer windows stay greedy, and a width the user
     gives (0: greedy) holds for every window. Both backends follow it."""
+    import edge_asr
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.speech.synth import synthesize
 
     assert json.loads((bundle_auto / "manifest.json").read_text())["decoding"]["short_window_beam"] == {
@@ -264,14 +264,14 @@ def test_adapted_bundle_decodes_short_windows_with_beams_unless_told_otherwise(b
     }
     command = synthesize("Open valve four.")
     for backend in ("onnx", "tflite"):
-        default = load_transcriber(bundle_auto, backend=backend)
+        default = edge_asr.load(bundle_auto, backend=backend)
         assert default.decoder.options.beam_size == 1 and default.short_decoder.options.beam_size == 5
         assert default.decoder_for(5 * 16000) is default.short_decoder
         assert default.decoder_for(5 * 16000 + 1) is default.decoder
-        beams = load_transcriber(bundle_auto, settings=DecodingSettings(beam=5), backend=backend)
+        beams = edge_asr.load(bundle_auto, settings=DecodingSettings(beam=5), backend=backend)
         assert default.transcribe(command).text == beams.transcribe(command).text
         for beam in (0, 3):
-            chosen = load_transcriber(bundle_auto, settings=DecodingSettings(beam=beam), backend=backend)
+            chosen = edge_asr.load(bundle_auto, settings=DecodingSettings(beam=beam), backend=backend)
             assert chosen.short_decoder is None and chosen.decoder.options.beam_size == max(1, beam)
             assert chosen.decoder_for(16000) is chosen.decoder
 

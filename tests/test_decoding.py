@@ -132,20 +132,18 @@ def test_hotword_bias_favours_starts_and_continuations(transcriber_int8):
 
 
 def test_hotwords_find_a_name_the_model_misses(bundle_int8):
+    import edge_asr
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.speech.synth import synthesize
 
     audio = synthesize("Fit a new seal on the Kestrolix pump before lunch.")
-    plain = load_transcriber(bundle_int8).transcribe(audio).text
+    plain = edge_asr.load(bundle_int8).transcribe(audio).text
     favoured = (
-        load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix", "Vantorq"]))
-        .transcribe(audio)
-        .text
+        edge_asr.load(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix", "Vantorq"])).transcribe(audio).text
     )
     assert "Kestrolix" not in plain and "Kestrolix" in favoured, (plain, favoured)
     assert (
-        load_transcriber(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix"]))
+        edge_asr.load(bundle_int8, settings=DecodingSettings(hotwords=["Kestrolix"]))
         .transcribe(CASES["silence-5s"]())
         .text
         == ""

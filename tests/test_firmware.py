@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edge_asr
 from edge_asr.bundle import Bundle
-from edge_asr.transcriber import load_transcriber
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,8 +110,8 @@ def test_android_asset_pack_describes_its_graphs(bundle_int8, speech, tmp_path):
         else:
             names = {i["name"] for i in graphs["decoder"]["signatures"]["decode_1500"]["inputs"]}
             assert {"token", "position", "self_k_0", "cross_v_3"} <= names
-        text = load_transcriber(out, backend=fmt).transcribe(speech[0][1]).text
-        assert text == load_transcriber(bundle_int8, backend=fmt).transcribe(speech[0][1]).text
+        text = edge_asr.load(out, backend=fmt).transcribe(speech[0][1]).text
+        assert text == edge_asr.load(bundle_int8, backend=fmt).transcribe(speech[0][1]).text
 
 
 def test_device_report_describes_this_machine():

@@ -127,11 +127,11 @@ def test_constrained_decoding_writes_only_phrases_and_measures_what_the_grammar_
 
 
 def test_a_command_is_recognized_and_a_sentence_is_rejected(bundle_int8, tmp_path):
+    import edge_asr
     from edge_asr.settings import DecodingSettings
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.speech.synth import synthesize
 
-    transcriber = load_transcriber(bundle_int8, settings=DecodingSettings(grammar=str(EXAMPLES / "machine.gbnf")))
+    transcriber = edge_asr.load(bundle_int8, settings=DecodingSettings(grammar=str(EXAMPLES / "machine.gbnf")))
     pad = np.zeros(4000, np.float32)
     command = transcriber.transcribe(np.concatenate([pad, synthesize("Stop line four."), pad])).segments
     assert [(s.text, s.rule) for s in command] == [("stop line four", "line")]

@@ -199,12 +199,12 @@ def words_bundle(trained, tmp_path_factory):
 
 
 def test_training_learns_the_words_and_the_int8_bundle_transcribes_them(trained, words_bundle, word_audio):
-    from edge_asr.transcriber import load_transcriber
+    import edge_asr
 
     history = trained[1]
     assert history[-1]["loss"] < 0.05 * history[0]["loss"]
     for backend in ("onnx", "tflite"):
-        transcriber = load_transcriber(words_bundle, backend=backend)
+        transcriber = edge_asr.load(words_bundle, backend=backend)
         for word, audio in word_audio.items():
             result = transcriber.transcribe(audio)
             assert result.text == word, backend
@@ -212,12 +212,12 @@ def test_training_learns_the_words_and_the_int8_bundle_transcribes_them(trained,
 
 
 def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bundle, word_audio):
+    import edge_asr
     from edge_asr.endpointer import Endpointer
     from edge_asr.stream import StreamRecognizer
-    from edge_asr.transcriber import load_transcriber
     from edge_asr.vad import EnergyVad
 
-    transcriber = load_transcriber(words_bundle)
+    transcriber = edge_asr.load(words_bundle)
     pause = np.random.default_rng(5).normal(0, 1e-3, 16000).astype(np.float32)
     audio = np.concatenate([pause] + [x for w in WORDS for x in (word_audio[w], pause)])
     partials, finals = [], []

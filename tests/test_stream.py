@@ -222,9 +222,9 @@ def test_daemon_decoding_section(tmp_path, bundle_int8):
     settings = decoding_settings(load_config(config))
     assert settings.beam == 5 and settings.hotwords == ["Kestrolix", "KX-40"] and settings.prompt == "Press shop log."
     assert settings.guards["no_speech_threshold"] == 0.5 and settings.guards["vad_gate"] is True
-    from edge_asr.transcriber import load_transcriber
+    import edge_asr
 
-    transcriber = load_transcriber(bundle_int8, settings=settings)
+    transcriber = edge_asr.load(bundle_int8, settings=settings)
     assert transcriber.guards.no_speech_threshold == 0.5 and transcriber.guards.vad_gate
     assert transcriber.decoder.options.beam_size == 5
     assert transcriber.tokenizer.decode(transcriber.decoder.head) == " Press shop log. Kestrolix, KX-40."

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli_without_torch
 
+import edge_asr
 from edge_asr.bundle import Bundle
 from edge_asr.decoding import forced_decoding
 from edge_asr.frontend import window_features
-from edge_asr.transcriber import load_transcriber
 
 BACKENDS = ["onnx", "ort", "tflite"]
 
@@ -31,7 +31,7 @@ def _whisper_steps(transcriber, audio, tokens=None):
 def fp32_backends(bundle_fp32):
     bundle = Bundle.load(bundle_fp32)
     assert bundle.formats == BACKENDS
-    return {b: load_transcriber(bundle, backend=b) for b in BACKENDS}
+    return {b: edge_asr.load(bundle, backend=b) for b in BACKENDS}
 
 
 def test_fp32_backends_agree_on_every_decoding_step(fp32_backends, speech):
@@ -48,7 +48,7 @@ def test_int8_tflite_transcribes_like_int8_onnx(bundle_int8, speech):
     from edge_asr.metrics import word_error_rate
 
     bundle = Bundle.load(bundle_int8)
-    texts = {b: [load_transcriber(bundle, backend=b).transcribe(a).text for _, a in speech] for b in BACKENDS}
+    texts = {b: [edge_asr.load(bundle, backend=b).transcribe(a).text for _, a in speech] for b in BACKENDS}
     assert texts["ort"] == texts["onnx"]
     assert word_error_rate([t for t, _ in speech], texts["tflite"]) < 10
     manifest = bundle.manifest
@@ -59,7 +59,7 @@ def test_int8_tflite_transcribes_like_int8_onnx(bundle_int8, speech):
 
 
 def test_tflite_decoder_refuses_more_tokens_than_its_slots(bundle_fp32):
-    transcriber = load_transcriber(bundle_fp32, backend="tflite")
+    transcriber = edge_asr.load(bundle_fp32, backend="tflite")
     model = transcriber.model
     assert model.max_tokens == Bundle.load(bundle_fp32).manifest["model"]["tflite"]["max_tokens"]
     cross = model.encode(np.zeros((80, 3000), np.float32))
@@ -153,7 +153,7 @@ def test_auto_backend_falls_back_to_litert_without_onnxruntime(bundle_int8, spee
         ["transcribe", "--json", "--bundle", str(bundle_int8), str(wav)], also_block=("onnxruntime",)
     )
     assert run.returncode == 0, run.stderr
-    expected = load_transcriber(bundle_int8, backend="tflite").transcribe(speech[0][1]).text
+    expected = edge_asr.load(bundle_int8, backend="tflite").transcribe(speech[0][1]).text
     assert json.loads(run.stdout)["text"] == expected
     bench = subprocess.run(
         [

@@ -229,11 +229,11 @@ def _status_handler(daemon: "Daemon"):
 
 class Daemon:
     def __init__(self, config: dict):
-        from ..transcriber import load_transcriber
+        from ..recognizer import load
 
         self.config = config
         model = config["model"]
-        self.transcriber = load_transcriber(
+        self.transcriber = load(
             model["bundle"] or bundle_dir(), model["threads"], decoding_settings(config), model["backend"]
         )
         vad = config["vad"]
@@ -275,7 +275,7 @@ class Daemon:
         endpoint's thread: the loop itself switches, between two blocks of audio."""
         from ..commands import CommandMode
 
-        if not hasattr(self.transcriber, "use_command"):
+        if self.transcriber.bundle.family != "whisper":
             raise NoCommandMode("this bundle cannot take a grammar (command mode needs a Whisper bundle)")
         if name is not None and name not in self.config["grammars"]:
             known = ", ".join(sorted(self.config["grammars"])) or "none in [grammars]"
@@ -297,7 +297,7 @@ class Daemon:
     def status(self) -> dict:
         counters = self.recognizer.counters
         counters.dropped_frames = self.source.dropped_frames if self.source else 0
-        guards = getattr(self.transcriber, "counters", None)  # Whisper's guards; LSTM-CTC bundles have none
+        guards = self.transcriber.counters  # Whisper's guards; LSTM-CTC bundles have none
         return (
             {
                 "state": "stopping" if self.stopping else "listening",

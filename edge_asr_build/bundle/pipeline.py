@@ -81,24 +81,7 @@ def build_whisper_bundle(
         decoder = export_decoder(loaded.model, work / "decoder.fp32.onnx")
         staged = work / "bundle"
         staged.mkdir()
-        if precision == "int8":
-            step("quantize to int8")
-            graphs = {
-                "encoder": quantize_int8(encoder, staged / "encoder.int8.onnx", BLOCKWISE["encoder"]),
-                "decoder": quantize_int8(decoder, staged / "decoder.int8.onnx", BLOCKWISE["decoder"]),
-            }
-        elif precision == "int4":
-            step("quantize to int4")
-            graphs = {
-                "encoder": quantize_int4(encoder, staged / "encoder.int4.onnx"),
-                "decoder": quantize_int4(decoder, staged / "decoder.int4.onnx"),
-            }
-        else:
-            graphs = {
-                "encoder": shutil.move(encoder, staged / encoder.name),
-                "decoder": shutil.move(decoder, staged / decoder.name),
-            }
-        graphs = {k: Path(v) for k, v in graphs.items()}
+        graphs = quantized_graphs({"encoder": encoder, "decoder": decoder}, precision, staged, step)
         sections = {}
         if "ort" in formats:
             step("convert to ONNX Runtime's mobile format (.ort)")
@@ -117,6 +100,20 @@ def build_whisper_bundle(
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
     return manifest
+
+
+def quantized_graphs(graphs: dict[str, Path], precision: str, staged: Path, step: Callable[[str], None]) -> dict:
+    """The float32 ONNX `graphs` (encoder, decoder) at `precision`, in the bundle folder `staged`."""
+    if precision == "int8":
+        step("quantize to int8")
+        return {
+            role: Path(quantize_int8(path, staged / f"{role}.int8.onnx", BLOCKWISE[role]))
+            for role, path in graphs.items()
+        }
+    if precision == "int4":
+        step("quantize to int4")
+        return {role: Path(quantize_int4(path, staged / f"{role}.int4.onnx")) for role, path in graphs.items()}
+    return {role: Path(shutil.move(path, staged / Path(path).name)) for role, path in graphs.items()}
 
 
 def evaluate_synthetic(bundle_dir: Path, count: int, threads: int | None = None) -> dict:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+import edge_asr
 from edge_asr.audio import load_audio
 from edge_asr.endpointer import Endpointer
 from edge_asr.paths import DEFAULT_BUNDLE, bundle_dir, home
 from edge_asr.sources import FileSource
 from edge_asr.stream import StreamRecognizer
-from edge_asr.transcriber import load_transcriber
 from edge_asr.vad import EnergyVad
 from edge_asr.writers import short_clock
 from edge_asr_build.commands.whisper import build_bundle, has_formats
@@ -39,7 +39,7 @@ def cmd_demo(args) -> int:
     if not wav.exists():
         wav.parent.mkdir(parents=True, exist_ok=True)
         write_wav(wav, synthesize(DEMO_SENTENCE))
-    t = load_transcriber(default, args.threads).transcribe(load_audio(wav))
+    t = edge_asr.load(default, args.threads).transcribe(load_audio(wav))
     print(
         f"bundle:     {DEFAULT_BUNDLE} (tiny.en adapted to each window's length, int8; "
         f"`edge-asr build --context full` makes the 30 s model)"
@@ -52,7 +52,7 @@ def cmd_demo(args) -> int:
         f"ONNX Runtime)"
     )
     # the bundle's LiteRT model, as devices without ONNX Runtime run it
-    lite = load_transcriber(default, args.threads, backend="tflite").transcribe(load_audio(wav))
+    lite = edge_asr.load(default, args.threads, backend="tflite").transcribe(load_audio(wav))
     print(
         f"LiteRT:     {lite.text}  (RTF {lite.rtf:.3f} wall, {lite.rtf_cpu:.3f} CPU; "
         + (
@@ -70,8 +70,8 @@ def cmd_demo(args) -> int:
 
 _PEAK_RSS_CHILD = """import sys
 from edge_asr.audio import load_audio
-from edge_asr.transcriber import load_transcriber
-load_transcriber(sys.argv[1], int(sys.argv[2])).transcribe(load_audio(sys.argv[3]))
+import edge_asr
+edge_asr.load(sys.argv[1], int(sys.argv[2])).transcribe(load_audio(sys.argv[3]))
 print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
@@ -106,7 +106,7 @@ def _demo_stream(bundle: Path, threads: int, folder: Path) -> None:
 
     print(f"live:       {wav} as a real-time stream ({source.duration_s:.1f} s), min silence 0.5 s")
     recognizer = StreamRecognizer(
-        load_transcriber(bundle, threads), Endpointer(EnergyVad(), min_silence=0.5), None, on_final=on_final
+        edge_asr.load(bundle, threads), Endpointer(EnergyVad(), min_silence=0.5), None, on_final=on_final
     )
     for block in source:
         recognizer.feed(block)

@@ -60,59 +60,10 @@ def build_lstm_bundle(
         if "tflite" in formats:
             step(f"export to TFLite ({precision})")
             sections["tflite"] = add_lstm_tflite(model, staged, work, precision)
-        c = model.config
-        np.save(staged / "mel_filters.npy", mel_filters(SAMPLE_RATE, N_FFT, c.n_mels))
-        if converted:  # Whisper's encoder converted to LSTM blocks: two mel frames per encoder step
-            architecture = {
-                "architecture": "cald",
-                "state": state_names(model),
-                "lstm_matrix_parameters": cald.lstm_matrix_params(model),
-            }
-            stack, alphabet = 2, c.alphabet
-        else:
-            architecture = {"architecture": "lstm", "lstm_matrix_parameters": lstm_matrix_params(model)}
-            stack, alphabet = c.stack, ALPHABET
+        np.save(staged / "mel_filters.npy", mel_filters(SAMPLE_RATE, N_FFT, model.config.n_mels))
         files = [graph.name, *format_files(sections), "mel_filters.npy"]
-        weights = checkpoint.with_suffix(".safetensors")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "builder": f"edge-asr {__version__}",
-            "model": {
-                "family": "lstm-ctc",
-                "config": meta["config"],
-                "precision": precision,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                **architecture,
-                "graphs": {"acoustic": graph.name},
-                **sections,
-            },
-            "source": {
-                "format": f"{meta['family']} checkpoint",
-                "path": str(weights),
-                "sha256": sha256_file(weights),
-                **{
-                    k: meta[k]
-                    for k in ("recipe", "teacher", "compression", "recovery", "training_hours", "provenance")
-                    if k in meta
-                },
-            },
-            "frontend": {
-                "sample_rate": SAMPLE_RATE,
-                "n_fft": N_FFT,
-                "hop_length": HOP_LENGTH,
-                "n_mels": c.n_mels,
-                "stack": stack,
-                "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",
-                "mel_filters": "mel_filters.npy",
-            },
-            "tokenizer": {"type": "characters", "alphabet": alphabet, "blank": 0},
-            "decoder": {"type": "ctc", "defaults": {"beam": 0}},
-            "files": file_entries(staged, files),
-            "evaluation": {},
-        }
+        manifest = lstm_manifest(model, meta, checkpoint, graph.name, sections, precision, name)
+        manifest = manifest | {"files": file_entries(staged, files), "evaluation": {}}
         save_manifest(staged, manifest)
         if evaluate:
             step("evaluate on the held-out synthesized set")
@@ -124,13 +75,68 @@ def build_lstm_bundle(
     return manifest
 
 
+def lstm_manifest(model, meta: dict, checkpoint: Path, graph: str, sections: dict, precision: str, name: str) -> dict:
+    """The manifest of a streaming bundle, but for its "files" and "evaluation": the model and its
+    architecture, the source checkpoint and how it was made, the frontend, the character alphabet, CTC."""
+    converted = isinstance(model, cald.CaldCtc)
+    c = model.config
+    if converted:  # Whisper's encoder converted to LSTM blocks: two mel frames per encoder step
+        architecture = {
+            "architecture": "cald",
+            "state": state_names(model),
+            "lstm_matrix_parameters": cald.lstm_matrix_params(model),
+        }
+        stack, alphabet = 2, c.alphabet
+    else:
+        architecture = {"architecture": "lstm", "lstm_matrix_parameters": lstm_matrix_params(model)}
+        stack, alphabet = c.stack, ALPHABET
+    weights = checkpoint.with_suffix(".safetensors")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "builder": f"edge-asr {__version__}",
+        "model": {
+            "family": "lstm-ctc",
+            "config": meta["config"],
+            "precision": precision,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **architecture,
+            "graphs": {"acoustic": graph},
+            **sections,
+        },
+        "source": {
+            "format": f"{meta['family']} checkpoint",
+            "path": str(weights),
+            "sha256": sha256_file(weights),
+            **{
+                k: meta[k]
+                for k in ("recipe", "teacher", "compression", "recovery", "training_hours", "provenance")
+                if k in meta
+            },
+        },
+        "frontend": {
+            "sample_rate": SAMPLE_RATE,
+            "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH,
+            "n_mels": c.n_mels,
+            "stack": stack,
+            "features": "log10 mel power of uncentered 25 ms frames, floor 1e-10",
+            "mel_filters": "mel_filters.npy",
+        },
+        "tokenizer": {"type": "characters", "alphabet": alphabet, "blank": 0},
+        "decoder": {"type": "ctc", "defaults": {"beam": 0}},
+    }
+
+
 def evaluate_held_out(bundle_dir: Path, threads: int | None = None) -> dict:
     """WER and RTF on dictation, digits and numbers that training never saw, in a voice it never used."""
+    import edge_asr
     from edge_asr.bench import run_bench
-    from edge_asr.transcriber import load_transcriber
     from edge_asr_build.lstm.ctc_data import held_out_corpus, held_out_voice
 
-    result = run_bench(load_transcriber(bundle_dir, threads), [held_out_corpus(progress=False)], runs=1)
+    result = run_bench(edge_asr.load(bundle_dir, threads), [held_out_corpus(progress=False)], runs=1)
     return {
         "set": "held-out synthesized",
         "description": f"200 utterances, voice {held_out_voice()}",

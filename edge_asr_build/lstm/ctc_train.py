@@ -160,6 +160,33 @@ class TrainConfig:
         return asdict(self)
 
 
+class CtcLoss:
+    """CTC on a batch's labels (SpecAugment after the first epoch where `config` asks), plus, with a teacher,
+    `config.kd_weight` times the KL divergence from its frame posteriors."""
+
+    def __init__(self, model: LstmCtc, config: TrainConfig, teacher: LstmCtc | None, generator, device: str):
+        self.model, self.config, self.teacher, self.generator, self.device = model, config, teacher, generator, device
+
+    def __call__(self, item: tuple[int, list[Example]]) -> Tensor:
+        epoch, batch = item
+        model, config, device, stack = self.model, self.config, self.device, self.model.config.stack
+        x, steps, labels, label_lengths = collate(batch, stack)
+        if config.spec_augment and not (config.sorta_grad and epoch == 0):
+            x = spec_augment(x, steps * stack, model.mean.cpu(), self.generator)
+        x, steps = x.to(device), steps.to(device)
+        log_probs, _ = model(x, lengths=steps)
+        total = F.ctc_loss(
+            log_probs.transpose(0, 1), labels.to(device), steps, label_lengths.to(device), blank=0, zero_infinity=True
+        )
+        if self.teacher is not None and config.kd_weight:
+            with torch.no_grad():
+                target, _ = self.teacher(x, lengths=steps)
+            mask = (torch.arange(log_probs.shape[1], device=device)[None] < steps[:, None]).float()
+            kl = (target.exp() * (target - log_probs)).sum(-1)
+            total = total + config.kd_weight * (kl * mask).sum() / mask.sum()
+        return total
+
+
 def train_ctc(
     model: LstmCtc,
     examples: list[Example],
@@ -190,23 +217,7 @@ def train_ctc(
     ]
     ends = list(itertools.accumulate(map(len, epochs)))
 
-    def loss(item: tuple[int, list[Example]]) -> Tensor:
-        epoch, batch = item
-        x, steps, labels, label_lengths = collate(batch, stack)
-        if config.spec_augment and not (config.sorta_grad and epoch == 0):
-            x = spec_augment(x, steps * stack, model.mean.cpu(), gen)
-        x, steps = x.to(device), steps.to(device)
-        log_probs, _ = model(x, lengths=steps)
-        total = F.ctc_loss(
-            log_probs.transpose(0, 1), labels.to(device), steps, label_lengths.to(device), blank=0, zero_infinity=True
-        )
-        if teacher is not None and config.kd_weight:
-            with torch.no_grad():
-                target, _ = teacher(x, lengths=steps)
-            mask = (torch.arange(log_probs.shape[1], device=device)[None] < steps[:, None]).float()
-            kl = (target.exp() * (target - log_probs)).sum(-1)
-            total = total + config.kd_weight * (kl * mask).sum() / mask.sum()
-        return total
+    loss = CtcLoss(model, config, teacher, gen, device)
 
     def held_out_wer() -> float:
         wer = evaluate(model, held_out)

@@ -14,9 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from edge_asr.decoding import suppression_masks
 from edge_asr.frontend import N_FFT, N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from edge_asr.paths import home
 from edge_asr_build.speech.sentences import general_sentences
 from edge_asr_build.speech.training_audio import (
     AudioMix,
@@ -224,6 +226,52 @@ def clips_dir(
     return home() / "adapt" / f"clips-{items_key(mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)}"
 
 
+@dataclass
+class ItemCache:
+    """Makes a reference's items of a set of clips once and keeps them (and the clips' mels) in files."""
+
+    reference: Whisper
+    filters: np.ndarray
+    decoding: dict
+    encode_text: Callable[[str], list[int]]
+    prompts: list[str]
+    step: Callable[[str], None]
+
+    def __call__(
+        self,
+        path: Path,
+        mels_path: Path,
+        what: str,
+        make_clips: Callable[[], list],
+        seed: int,
+        limit: int | None = None,
+        **options,
+    ) -> list:
+        """The reference items of `make_clips()`, made once and kept at `path`; their mels at `mels_path`."""
+        if not path.exists():
+            if not mels_path.exists():
+                self.step(f"make {what}")
+                save_clip_mels(make_clips(), self.filters, mels_path)
+            mels, _ = load_clip_mels(mels_path)
+            if limit and limit < len(mels):
+                mels = [mels[i] for i in sorted(np.random.default_rng(seed).choice(len(mels), limit, replace=False))]
+            self.step(f"reference transcripts and hidden states of {len(mels)} clips ({what})")
+            progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
+            items = reference_items(
+                self.reference,
+                mels,
+                self.filters,
+                self.decoding,
+                self.encode_text,
+                self.prompts,
+                seed=seed,
+                progress=progress,
+                **options,
+            )
+            save_items(items, path)
+        return load_items(path)
+
+
 def reference_sets(
     loaded,
     decoding: dict,
@@ -243,10 +291,6 @@ def reference_sets(
     $EDGE_ASR_HOME/adapt/PREFIX-KEY, KEY naming the source, mixes and audio). Every reference-matching pass
     trains on these; passes with the same mixes share them, and references of other models share the clips
     (`clips_dir`). `train_limit` references a seeded subset of the training clips (a slower reference)."""
-    from tqdm import tqdm
-
-    from edge_asr.paths import home
-
     reference = loaded.model.eval()
     filters = mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
@@ -256,33 +300,9 @@ def reference_sets(
     shared = clips_dir(mix, held_out_mix, seed, corpora, user_audio, version)
     shared.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
-    encode_text, prompts = _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242)
-
-    def cached_items(
-        path: Path,
-        mels_path: Path,
-        what: str,
-        make_clips: Callable[[], list],
-        seed: int,
-        limit: int | None = None,
-        **options,
-    ) -> list:
-        """The reference items of `make_clips()`, made once and kept at `path`; their mels at `mels_path`."""
-        if not path.exists():
-            if not mels_path.exists():
-                step(f"make {what}")
-                save_clip_mels(make_clips(), filters, mels_path)
-            mels, _ = load_clip_mels(mels_path)
-            if limit and limit < len(mels):
-                mels = [mels[i] for i in sorted(np.random.default_rng(seed).choice(len(mels), limit, replace=False))]
-            step(f"reference transcripts and hidden states of {len(mels)} clips ({what})")
-            save_items(
-                reference_items(
-                    reference, mels, filters, decoding, encode_text, prompts, seed=seed, progress=progress, **options
-                ),
-                path,
-            )
-        return load_items(path)
+    cached_items = ItemCache(
+        reference, filters, decoding, _encoder(loaded.tokenizer_json), general_sentences(200, seed=4242), step
+    )
 
     suffix = f"-{train_limit}" if train_limit else ""
     train = cached_items(
