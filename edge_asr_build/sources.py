@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edge_asr.bundle import sha256_file
+from edge_asr_build.compression.compress import checkpoint_files, load_compressed
 from edge_asr_build.whisper.model import ModelDimensions, Whisper
 from edge_asr_build.whisper.vocabulary import non_speech_tokens
 
@@ -441,7 +442,6 @@ def load_hf(model_dir: Path) -> LoadedWhisper:
 def load_compressed_checkpoint(path: Path) -> LoadedWhisper:
     """A factored model saved by `compress.save_compressed`; tokenizer and decoding rules come from the
     source it was compressed from, which its JSON names."""
-    from edge_asr_build.compression.compress import checkpoint_files, load_compressed
 
     weights, meta_path = checkpoint_files(path)
     if not meta_path.exists() or not weights.exists():

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_asr_build.bundle.tflite_export import MAX_TOKENS, export_whisper_tflite, quantize_tflite_int8
+from edge_asr_build.compression.quantize import lookup_from_shared, unsigned_weights
+
 FORMATS = ("onnx", "ort", "tflite")
 
 
@@ -29,8 +32,6 @@ def onnx_to_ort(source: Path, target: Path) -> Path:
     import tempfile
 
     import onnx
-
-    from edge_asr_build.compression.quantize import lookup_from_shared, unsigned_weights
 
     model = onnx.load(str(source))
     tied = lookup_from_shared(model)  # an .ort file keeps its tensors inline: one table, not two
@@ -61,7 +62,6 @@ def add_ort(graphs: dict[str, Path], staged: Path) -> dict:
 
 
 def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,)) -> dict:
-    from edge_asr_build.bundle.tflite_export import MAX_TOKENS, export_whisper_tflite, quantize_tflite_int8
 
     floats = export_whisper_tflite(model, work, bucket_frames=list(bucket_frames))
     graphs = {}

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_asr_build.bundle.onnx_export import cache_names
+from edge_asr_build.compression.factors import FactoredTokenEmbedding
 from edge_asr_build.whisper.model import Whisper
 
 # Decoder cache slots: the prompt plus openai-whisper's sample_len (224 new tokens), rounded up.
@@ -240,7 +241,6 @@ def export_whisper_tflite(
     cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays
     (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output projection is then a FULLY_CONNECTED
     op, which the quantizer stores as int8 per vocabulary row."""
-    from edge_asr_build.compression.factors import FactoredTokenEmbedding
 
     model = copy.deepcopy(model).eval()
     if isinstance(model.decoder.token_embedding, FactoredTokenEmbedding):

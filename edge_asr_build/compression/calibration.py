@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from edge_asr.frontend import N_FRAMES
 from edge_asr_build.matching.data import ReferenceItem, padded
+from edge_asr_build.speech.sentences import dictation_sentences, short_phrases
+from edge_asr_build.speech.synth import synthesize
+from edge_asr_build.speech.training_audio import augment
 from edge_asr_build.whisper.model import Whisper
 
 # The decoder's final layer norm: its output is the input of the output projection (the tied embedding).
@@ -45,9 +48,6 @@ class CalibrationMix:
 
 
 def calibration_clips(mix: CalibrationMix = CalibrationMix()) -> list[np.ndarray]:
-    from edge_asr_build.speech.sentences import dictation_sentences, short_phrases
-    from edge_asr_build.speech.synth import synthesize
-    from edge_asr_build.speech.training_audio import augment
 
     rng, np_rng = random.Random(mix.seed), np.random.default_rng(mix.seed)
     texts = dictation_sentences(mix.sentences, seed=500 + mix.seed) + short_phrases(

@@ -19,6 +19,7 @@ from edge_asr_build.bundle.whisper import file_entries, format_files, save_manif
 from edge_asr_build.compression.quantize import quantize_lstm_int8
 from edge_asr_build.lstm import cald
 from edge_asr_build.lstm.cald_export import export_cald, state_names
+from edge_asr_build.lstm.ctc_data import held_out_corpus, held_out_voice
 from edge_asr_build.lstm.export import export_lstm
 from edge_asr_build.lstm.model import load_lstm, lstm_matrix_params
 from edge_asr_build.lstm.tflite_export import add_lstm_tflite
@@ -134,7 +135,6 @@ def evaluate_held_out(bundle_dir: Path, threads: int | None = None) -> dict:
     """WER and RTF on dictation, digits and numbers that training never saw, in a voice it never used."""
     import edge_asr
     from edge_asr.bench import run_bench
-    from edge_asr_build.lstm.ctc_data import held_out_corpus, held_out_voice
 
     result = run_bench(edge_asr.load(bundle_dir, threads), [held_out_corpus(progress=False)], runs=1)
     return {

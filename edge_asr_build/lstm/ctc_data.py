@@ -26,6 +26,7 @@ import numpy as np
 from edge_asr.audio import SAMPLE_RATE, resample
 from edge_asr.ctc import ALPHABET
 from edge_asr_build.speech.sentences import _COMMANDS, _MACHINES, _NUMBER_WORDS, dictation_sentences
+from edge_asr_build.speech.synth import synthesize, write_wav
 
 ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-us-nyc"]
 ESPEAK_VARIANTS = [
@@ -213,8 +214,6 @@ def held_out_voice(kind: str = "unseen-accent") -> Voice:
 def speak(text: str, voice: Voice) -> np.ndarray:
     """16 kHz mono float32 audio of `text` in `voice`."""
     if voice.engine == "piper":
-        from edge_asr_build.speech.synth import synthesize
-
         return synthesize(text, length_scale=voice.rate, noise_scale=0.667, noise_w_scale=0.8)
     out = subprocess.run(
         ["espeak-ng", "-v", voice.name, "-s", str(int(175 * voice.rate)), "-p", str(voice.pitch), "--stdout", text],
@@ -229,7 +228,6 @@ def speak(text: str, voice: Voice) -> np.ndarray:
 
 def _speak_item(item: tuple[str, Path, str, Voice]) -> str:
     uid, folder, text, voice = item
-    from edge_asr_build.speech.synth import write_wav
 
     write_wav(folder / f"{uid}.wav", speak(text, voice))
     return uid

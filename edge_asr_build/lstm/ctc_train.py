@@ -26,6 +26,7 @@ from edge_asr.frontend import N_FFT, SAMPLE_RATE, frame_log_mel
 from edge_asr_build.lstm.ctc_data import augment, parallel_map, progress_bar, spoken_form
 from edge_asr_build.lstm.model import LstmCtc
 from edge_asr_build.trainer import FixedBatches, Trainer, TrainerConfig
+from edge_asr_build.whisper.mel import mel_filters
 
 FEATURES_VERSION = 1
 
@@ -43,7 +44,6 @@ def encode_text(text: str) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _mel_filters() -> np.ndarray:
-    from edge_asr_build.whisper.mel import mel_filters
 
     return mel_filters(SAMPLE_RATE, N_FFT, 80)
 

@@ -20,6 +20,7 @@ from edge_asr_build.lstm.ctc_train import (
     train_ctc,
 )
 from edge_asr_build.lstm.model import LstmConfig, LstmCtc, compress_lstm, load_lstm, lstm_matrix_params, save_lstm
+from edge_asr_build.speech.training_audio import audio_files
 
 
 @dataclass
@@ -83,8 +84,6 @@ def train_lstm(
     start = time.time()
     items = training_items(recipe)
     for folder in audio_dirs:
-        from edge_asr_build.speech.training_audio import audio_files
-
         labelled = teacher_transcripts(audio_files(Path(folder)), teacher_bundle, threads)
         log(f"{folder}: {len(labelled)} files labelled by the teacher")
         items += labelled

@@ -188,8 +188,6 @@ def save_clip_mels(clips: list, mel_filters, path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from edge_asr_build.matching.data import clip_mel
-
     tensors = {str(i): clip_mel(c.audio, mel_filters).contiguous() for i, c in enumerate(clips)}
     texts = [c.text for c in clips]
     tmp = Path(path).with_suffix(".tmp")

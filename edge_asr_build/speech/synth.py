@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_asr.audio import resample
 from edge_asr.frontend import SAMPLE_RATE
+from edge_asr_build.speech.sentences import maintenance_sentences
 
 
 @lru_cache(maxsize=4)
@@ -104,7 +105,6 @@ def speech_set(
 def synthetic_set(count: int, seed: int = 0, voice: str | Path | None = None, folder: Path | None = None) -> Path:
     """A folder of `count` synthesized maintenance sentences with refs.tsv, made once and cached."""
     from edge_asr.paths import home
-    from edge_asr_build.speech.sentences import maintenance_sentences
 
     voice_path = Path(voice or default_voice_path())
     folder = Path(folder or home() / "synth" / f"maintenance-{voice_path.stem}-seed{seed}-n{count}")

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_asr.audio import SAMPLE_RATE, load_audio, resample
+from edge_asr_build.speech.sentences import dictation_sentences, general_sentences, short_phrases
+from edge_asr_build.speech.synth import synthesize
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 # espeak-ng voices (language + variant). Training and held-out sets never share one.
@@ -114,7 +116,6 @@ def espeak(text: str, voice: str, rate: int = 160, pitch: int = 50) -> np.ndarra
 
 
 def piper(text: str, rng: random.Random) -> np.ndarray:
-    from edge_asr_build.speech.synth import synthesize
 
     # piper's own prosody and voice noise (0.667 and 0.8 are its usual scales), at random rates
     return synthesize(
@@ -289,7 +290,6 @@ def _spread(files: list[tuple[Path, str | None]], count: int, rng: random.Random
 def training_clips(mix: AudioMix, corpora: list[Path] = (), user_audio: list[Path] = (), progress=None) -> list[Clip]:
     """The training set of `mix`: clean clips made or read, then augmented. `progress(iterable, desc)` wraps
     the slow loops (tqdm)."""
-    from edge_asr_build.speech.sentences import dictation_sentences, short_phrases
 
     progress = progress or (lambda items, desc: items)
     rng = random.Random(mix.seed)
@@ -341,7 +341,6 @@ def cut_tight(audio: np.ndarray) -> np.ndarray:
 
 def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
     """`mix.isolated_words` digits, words and commands by piper and espeak-ng, cut tight and augmented."""
-    from edge_asr_build.speech.sentences import short_phrases
 
     progress = progress or (lambda items, desc: items)
     rng, np_rng = random.Random(mix.seed + 1), np.random.default_rng(mix.seed + 1)
@@ -370,7 +369,6 @@ class HeldOutMix:
 
 def held_out_clips(mix: HeldOutMix, corpora: list[Path] = ()) -> dict[str, list[Clip]]:
     """{"synthesized": [...], "recorded": [...]}: the held-out sets of `mix`."""
-    from edge_asr_build.speech.sentences import general_sentences, short_phrases
 
     rng = random.Random(mix.seed)
     sets: dict[str, list[Clip]] = {"synthesized": []}
