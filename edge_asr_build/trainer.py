@@ -92,14 +92,15 @@ class Trainer:
         self.progress, self.on_evaluate = progress, on_evaluate
         self.params = [p for group in param_groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+        total = max(1, config.steps)  # a run of 0 steps only evaluates: its schedule is never stepped
         if config.schedule == "one-cycle":
             peaks = [group["lr"] for group in param_groups]
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, peaks, total_steps=config.steps, pct_start=config.one_cycle_start
+                self.optimizer, peaks, total_steps=total, pct_start=config.one_cycle_start
             )
         elif config.schedule == "warmup-cosine":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, warmup_cosine(config.steps, max(1, config.warmup_steps))
+                self.optimizer, warmup_cosine(total, max(1, config.warmup_steps))
             )
         else:
             raise ValueError(f"unknown schedule {config.schedule!r}")

@@ -43,7 +43,34 @@ def project_root(source: Path | None) -> Path:
     return root
 
 
+# What the device wheel leaves out of pyproject.toml: the workstation's commands and packages.
+_WORKSTATION_SCRIPTS = re.compile(r"^edge-asr-(build|deploy|firmware) = .*\n", re.M)
+_COMMANDS_GROUP = re.compile(r'^\[project\.entry-points\."edge_asr\.commands"\]\n(?:[^\[\n].*\n|\n)*', re.M)
+_WHEEL_PACKAGES = re.compile(r"^packages = \[.*\]$", re.M)
+
+
+def runtime_project(root: Path, staged: Path) -> Path:
+    """A copy of the project with the runtime alone (`edge_asr`, its dependencies and extras): what a device
+    installs, without the build step, the deployment tools or the deltas they ship."""
+    staged.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(root / "edge_asr", staged / "edge_asr", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "README.md", staged / "README.md")
+    project = (root / "pyproject.toml").read_text(encoding="utf-8")
+    project = _COMMANDS_GROUP.sub("", _WORKSTATION_SCRIPTS.sub("", project))
+    project, found = _WHEEL_PACKAGES.subn('packages = ["edge_asr"]', project)
+    if found != 1:
+        raise EdgeAsrError(f"{root / 'pyproject.toml'}: cannot find the wheel's package list")
+    (staged / "pyproject.toml").write_text(project, encoding="utf-8")
+    return staged
+
+
 def build_wheel(root: Path, dist: Path) -> Path:
+    """The runtime's wheel (`edge_asr` alone) from the source checkout `root`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _pip_wheel(runtime_project(root, Path(tmp) / "edge-asr"), dist)
+
+
+def _pip_wheel(root: Path, dist: Path) -> Path:
     out = subprocess.run(
         [
             sys.executable,

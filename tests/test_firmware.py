@@ -38,6 +38,17 @@ def test_dependencies_are_chosen_for_the_target_not_this_machine(wheel):
     assert "torch" not in arm64 | armv7  # the build step's dependencies never reach a device
 
 
+def test_the_device_wheel_carries_the_runtime_alone(wheel):
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edge_asr"}
+    assert "edge_asr/cli.py" in names and not any(n.endswith(".safetensors") for n in names)  # no deltas
+    assert "edge-asr = edge_asr.cli:main" in entry_points and "edge_asr_build" not in entry_points
+
+
 def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8, speech, tmp_path):
     from edge_asr_build.speech.synth import write_wav
     from edge_asr_deploy.package import build_archive

@@ -209,6 +209,9 @@ def test_training_learns_the_words_and_the_int8_bundle_transcribes_them(trained,
             result = transcriber.transcribe(audio)
             assert result.text == word, backend
             assert 0 < result.rtf < 0.5
+    assert transcriber.streaming and transcriber.counters is None  # an edge_asr.Recognizer
+    with pytest.raises(edge_asr.BundleError, match="not Whisper: load it with edge_asr.load"):
+        edge_asr.Transcriber(words_bundle)  # Whisper's class, given another family: one line, no KeyError
 
 
 def test_stream_gives_partials_before_the_end_and_the_whole_file_text(words_bundle, word_audio):

@@ -60,6 +60,30 @@ def test_the_trainer_resumes_exactly_and_keeps_the_best(order_kind, tmp_path):
     )
 
 
+def test_a_run_of_zero_steps_only_evaluates(tmp_path):
+    """`edge-asr adapt --steps 0` (and recover, prune) asks for no training: the run measures and stops."""
+    from edge_asr_build.matching.engine import MatchConfig
+    from edge_asr_build.recipes.run import RecipeRun
+
+    assert RecipeRun("tiny.en", tmp_path / "d.safetensors", steps=0).match(MatchConfig(steps=450)).steps == 0
+    assert RecipeRun("tiny.en", tmp_path / "d.safetensors").match(MatchConfig(steps=450)).steps == 450
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(
+        "none",
+        [{"params": list(model.parameters()), "lr": 0.1}],
+        lambda batch: model(batch).sum(),
+        FixedBatches([torch.ones(1, 2)]),
+        TrainerConfig(steps=0),
+        evaluate=lambda: 1.5,
+        log=lambda m: None,
+        progress=False,
+    )
+    result = trainer.run()
+    assert result.steps == 0 and result.before == result.best == 1.5 and result.best_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_warmup_cosine_rises_then_falls_to_zero():
     f = warmup_cosine(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0, abs=0.03) and f(100) == pytest.approx(0.0)
