@@ -64,8 +64,9 @@ def cmd_lstm_convert(args) -> int:
     )
     progress = StepProgress(6, "convert")
     try:
+        run = recipe_run(args, progress, steps=None)
         check_source(args.source)
-        path = cald_train.convert(recipe_run(args, progress, steps=None), recipe, args.threads)
+        path = cald_train.convert(run, recipe, args.threads)
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:

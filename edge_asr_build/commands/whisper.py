@@ -232,8 +232,9 @@ def cmd_adapt(args) -> int:
     recipe = replace(recipe, match=_seeded(recipe.match, args))
     progress = StepProgress(7, "adapt")
     try:
+        run = recipe_run(args, progress)  # missing folders first: a one-line error before any work
         check_source(args.source)
-        metadata = adapt_context(recipe_run(args, progress), recipe)
+        metadata = adapt_context(run, recipe)
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -282,11 +283,12 @@ def cmd_recover(args) -> int:
     recipe = replace(recipe, match=_seeded(recipe.match, args), keep=args.keep or recipe.keep)
     progress = StepProgress(9, "recover")
     try:
+        run = recipe_run(args, progress)
         check_source(args.source)
         if args.ranks_from and not Path(args.ranks_from).is_file():
             raise EdgeAsrError(f"{args.ranks_from}: no such delta file")
         structure = delta_metadata(Path(args.ranks_from))["structure"] if args.ranks_from else None
-        metadata = recover_compact(recipe_run(args, progress), recipe, structure)
+        metadata = recover_compact(run, recipe, structure)
     except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
@@ -311,8 +313,9 @@ def cmd_prune(args) -> int:
     )
     progress = StepProgress(13, "prune")
     try:
+        run = recipe_run(args, progress)
         check_source(args.source)
-        metadata = recover_pruned(recipe_run(args, progress), recipe)
+        metadata = recover_pruned(run, recipe)
     except (SourceError, ValueError, FileNotFoundError, KeyError) as e:
         raise EdgeAsrError(str(e)) from None
     finally:
