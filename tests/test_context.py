@@ -175,20 +175,15 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
 
 @pytest.fixture(scope="module")
 def bundle_auto(tmp_path_factory):
-    """The default bundle's recipe: tiny.en with the shipped dynamic-context delta, int8, ONNX and TFLite."""
-    from edge_asr_build.bundle.pipeline import build_whisper_bundle
-    from edge_asr_build.recipes.adapt import DEFAULT_DELTA
+    """The default bundle as `edge-asr build` makes it with no model flags (tiny.en, the shipped
+    dynamic-context delta, int8), with ONNX and TFLite models: one build serves every test here."""
+    import subprocess
+    import sys
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
-    build_whisper_bundle(
-        "tiny.en",
-        out,
-        "int8",
-        evaluate_on=0,
-        formats=["onnx", "tflite"],
-        context=ContextPolicy.auto(),
-        delta=DEFAULT_DELTA,
-    )
+    command = [sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0", "--formats", "onnx,tflite"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr
     return out
 
 
@@ -302,15 +297,8 @@ def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(
         assert np.abs(last - interpreted.decode(tokens[-1:], filled, cross[1])[0]).max() < 1e-3
 
 
-def test_build_with_no_flags_makes_the_adapted_model(tmp_path):
-    import subprocess
-    import sys
-
-    out = tmp_path / "default"
-    run = subprocess.run(
-        [sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0"], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
+def test_build_with_no_flags_makes_the_adapted_model(bundle_auto):
+    """`edge-asr build` with no model flags (what the fixture ran) makes the adapted model."""
+    manifest = json.loads((bundle_auto / "manifest.json").read_text())
     assert ContextPolicy.from_manifest(manifest) == ContextPolicy.auto()
     assert manifest["decoding"]["short_window_beam"]["beam_size"] > 1 and "adaptation" in manifest
