@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in parser.runtime_commands:
         forwarded = forwarded_commands()
         if argv[0] in forwarded:
-            return forwarded[argv[0]].load()(argv, prog="edge-asr")
+            try:
+                command = forwarded[argv[0]].load()
+            except ImportError as e:
+                print(f"edge-asr: error: {argv[0]} needs the build step ({e.name} is missing)", file=sys.stderr)
+                return 1
+            return command(argv, prog="edge-asr")
         if argv[0] in ("-h", "--help"):
             parser.epilog = (
                 "the build step's commands, with edge-asr[build]: " + ", ".join(forwarded) if forwarded else None

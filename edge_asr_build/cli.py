@@ -267,7 +267,7 @@ def _command(run: str):
         if e.name and e.name.split(".")[0] in (__package__, "edge_asr"):
             raise
         raise EdgeAsrError(
-            f"this command needs the build step's dependencies ({e.name} is missing):pip install 'edge-asr[build]'"
+            f"this command needs the build step's dependencies ({e.name} is missing): pip install 'edge-asr[build]'"
         ) from None
 
 
