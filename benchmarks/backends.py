@@ -77,8 +77,8 @@ def compare(bundle_path: str, items: list[tuple[str, Path]], threads: int) -> li
             encoder_diff = max(encoder_diff, max_diff(cross, cross_ref))
         rows.append(
             {
-                "bundle": bundle.manifest["name"],
-                "precision": bundle.manifest["model"]["precision"],
+                "bundle": bundle.manifest.name,
+                "precision": bundle.manifest.model.precision,
                 "backend": name,
                 "same_text": same_text,
                 "n": len(items),

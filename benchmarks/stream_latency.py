@@ -118,7 +118,7 @@ def main() -> int:
     )
     print(
         f"{len(clips)} clips from {args.folder}, {len(audio) / SAMPLE_RATE:.1f} s stream at real-time pace, "
-        f"{args.block * 1000:.0f} ms blocks, bundle {transcriber.bundle.manifest['name']}",
+        f"{args.block * 1000:.0f} ms blocks, bundle {transcriber.bundle.manifest.name}",
         file=sys.stderr,
     )
     start = time.perf_counter()

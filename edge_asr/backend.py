@@ -102,7 +102,7 @@ class OnnxWhisper:
         self.backend = fmt
         self.encoder = onnx_session(bundle.file("encoder", fmt), threads, memory_arena=False)
         self.decoder = onnx_session(bundle.file("decoder", fmt), threads, memory_arena=False)
-        self.max_tokens = int(bundle.manifest["model"]["dims"]["n_text_ctx"])
+        self.max_tokens = int(bundle.manifest.model.dims["n_text_ctx"])
         names = [i.name for i in self.decoder.get_inputs()]
         self.self_names = [n for n in names if n.startswith("self_")]
         self.cross_names = [n for n in names if n.startswith("cross_")]
@@ -151,7 +151,7 @@ class OnnxLstmCtc:
         self.state_names = [i.name for i in inputs[1:]]
         self.output_names = ["log_probs"] + [f"{n}_out" for n in self.state_names]
         self._initial = [np.zeros(i.shape, dtype=np.float32) for i in inputs[1:]]
-        self.stack = int(bundle.manifest["frontend"]["stack"])
+        self.stack = bundle.manifest.frontend.stack
 
     def initial_state(self) -> list[np.ndarray]:
         return list(self._initial)

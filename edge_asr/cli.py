@@ -239,7 +239,7 @@ def cmd_info(args) -> int:
     from .info import describe
 
     bundle = Bundle.load(args.bundle)
-    print(json.dumps(bundle.manifest, indent=2) if args.json else "\n".join(describe(bundle)))
+    print(json.dumps(bundle.manifest.raw, indent=2) if args.json else "\n".join(describe(bundle)))
     return 0
 
 

@@ -71,7 +71,8 @@ class CommandMode:
     def load(cls, path: str | Path, bundle, threshold: float | None = None) -> CommandMode:
         """A grammar file compiled over `bundle`'s tokenizer, with the rejection threshold given, else the
         bundle's, else the default."""
-        recorded = bundle.manifest.get("decoding", {}).get("grammar_threshold", DEFAULT_REJECTION_THRESHOLD)
+        recorded = bundle.manifest.decoding.grammar_threshold
+        recorded = DEFAULT_REJECTION_THRESHOLD if recorded is None else recorded
         return cls(Grammar.from_file(path), bundle.tokenizer, recorded if threshold is None else threshold)
 
     def verdict(self, text: str, grammar_gap: float, tokens: int) -> Verdict:

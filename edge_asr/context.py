@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .frontend import SAMPLE_RATE
+from .manifest import Manifest
 
 FRAMES_PER_SECOND = 100  # mel frames (10 ms hop); the encoder halves them
 FULL_SECONDS = 30
@@ -53,9 +54,13 @@ class ContextPolicy:
             raise ValueError(f"--context takes auto, full or seconds (1-30), not {text!r}: {e}") from None
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "ContextPolicy":
+    def from_manifest(cls, manifest: Manifest) -> "ContextPolicy":
         """The bundle's policy; bundles from before policies existed are 30 s models."""
-        section = manifest.get("frontend", {}).get("context")
+        return cls.from_dict(manifest.frontend.context)
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "ContextPolicy":
+        """The policy a manifest's `frontend.context` records (None: the 30 s model)."""
         if not section:
             return cls.full()
         return cls(

@@ -55,8 +55,8 @@ class CtcTranscriber:
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
-        self.alphabet = self.bundle.manifest["tokenizer"]["alphabet"]
-        self.options = options or CtcOptions(**self.bundle.manifest.get("decoder", {}).get("defaults", {}))
+        self.alphabet = self.bundle.manifest.tokenizer.alphabet
+        self.options = options or CtcOptions(**self.bundle.manifest.decoder.get("defaults", {}))
         self.bias = WordBias(self.options.bias_words, self.options.bias) if self.options.bias_words else None
 
     def stream(self) -> "CtcStream":

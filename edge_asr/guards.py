@@ -29,6 +29,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import asdict, dataclass, fields, replace
 
+from .manifest import Manifest
+
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # A loop: a span of text tokens repeated back to back at least MIN_REPEATS times, covering at least
 # MIN_LOOP_TOKENS tokens ("the pump is hot" x3 is a loop; "check, check, check" is speech).
@@ -78,9 +80,9 @@ class Guards:
         return cls(enabled=False, temperatures=(0.0,))
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "Guards":
+    def from_manifest(cls, manifest: Manifest) -> "Guards":
         """The bundle's recorded thresholds; Whisper's defaults where it records none."""
-        section = manifest.get("decoding", {}).get("guards", {})
+        section = manifest.decoding.guards
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in section.items() if k in known}
         if "temperatures" in values:

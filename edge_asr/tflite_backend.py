@@ -420,12 +420,10 @@ class TfliteLstmCtc:
         self.chunk = interpreter.get_signature_runner("chunk")
         self.step = interpreter.get_signature_runner("step")
         details = self.step.get_input_details()
-        self.stack = int(bundle.manifest["frontend"]["stack"])
+        self.stack = bundle.manifest.frontend.stack
         self.chunk_frames = int(self.chunk.get_input_details()["features"]["shape"][0])
         n_layers = sum(name.startswith("h") for name in details)
-        self.state_names = bundle.manifest["model"].get("state") or [
-            f"{kind}{i}" for i in range(n_layers) for kind in ("h", "c")
-        ]
+        self.state_names = bundle.manifest.model.state or [f"{kind}{i}" for i in range(n_layers) for kind in ("h", "c")]
         self._initial = [np.zeros(details[n]["shape"], dtype=np.float32) for n in self.state_names]
         self.n_symbols = int(self.step.get_output_details()["log_probs"]["shape"][-1])
 

@@ -68,7 +68,7 @@ class Transcriber:
         if command is not None:
             options = replace(options or DecodingOptions(), **command.decoding)
         self.model = open_model(self.bundle, threads, backend)
-        decoder_config = dict(self.bundle.manifest["decoder"], n_vocab=self.bundle.manifest["model"]["dims"]["n_vocab"])
+        decoder_config = dict(self.bundle.manifest.decoder, n_vocab=self.bundle.manifest.model.dims["n_vocab"])
         self.decoder = WindowDecoder(self.model, decoder_config, options)
         if own_way and short_window_beam is None:  # the bundle's own way, as edge_asr.load's default
             short_window_beam = ShortWindowBeam.recommended(self.bundle, DecodingSettings())
@@ -212,7 +212,7 @@ def whisper_decoding(
 ) -> tuple[DecodingOptions, Guards]:
     """Decoding options and guards for a Whisper bundle from a user's settings: the bundle's recorded
     thresholds and hotword bonus unless the settings override them; `command`'s grammar if there is one."""
-    recorded = bundle.manifest.get("decoding", {})
+    recorded = bundle.manifest.decoding
     tokenizer = bundle.tokenizer
     prompt = tuple(tokenizer.encode(" " + settings.prompt.strip())) if settings.prompt else ()
     bias, named = None, ()
@@ -220,13 +220,13 @@ def whisper_decoding(
         bonus = (
             settings.hotword_bonus
             if settings.hotword_bonus is not None
-            else recorded.get("hotword_bonus", DEFAULT_WHISPER_BONUS)
+            else (DEFAULT_WHISPER_BONUS if recorded.hotword_bonus is None else recorded.hotword_bonus)
         )
         bias = TokenBias(settings.hotwords, tokenizer, bonus) if bonus else None
         in_prompt = (
             settings.hotword_prompt
             if settings.hotword_prompt is not None
-            else recorded.get("hotword_prompt", DEFAULT_WHISPER_PROMPT)
+            else (DEFAULT_WHISPER_PROMPT if recorded.hotword_prompt is None else recorded.hotword_prompt)
         )
         named = tuple(tokenizer.encode(" " + hotword_prompt(settings.hotwords))) if in_prompt else ()
     options = DecodingOptions(
@@ -250,7 +250,7 @@ class ShortWindowBeam:
     @classmethod
     def recommended(cls, bundle: Bundle, settings: DecodingSettings) -> ShortWindowBeam | None:
         """The bundle's recommendation, unless the user chose a beam width (0: greedy) for every window."""
-        recorded = bundle.manifest.get("decoding", {}).get("short_window_beam")
+        recorded = bundle.manifest.decoding.short_window_beam
         if settings.beam is not None or not recorded:
             return None
         return cls(float(recorded["max_seconds"]), int(recorded["beam_size"]))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_asr.bundle import Bundle, model_graphs
+from edge_asr.bundle import Bundle
 from edge_asr.errors import EdgeAsrError
 
 from .package import slim_bundle
@@ -67,13 +67,13 @@ def asset_pack(bundle_path: Path, assets: Path, fmt: str = "ort") -> Path:
     bundle = Bundle.load(bundle_path)
     if fmt not in bundle.formats:
         raise EdgeAsrError(f"{bundle_path}: no {fmt} models in this bundle; rebuild it with --formats onnx,{fmt}")
-    out = Path(assets) / "edge-asr" / bundle.manifest["name"]
+    out = Path(assets) / "edge-asr" / bundle.manifest.name
     if out.exists():
         shutil.rmtree(out)
     manifest = slim_bundle(bundle, out, [fmt])
     filters = bundle.mel_filters.astype("<f4")
     (out / "mel_filters.f32").write_bytes(filters.tobytes())
-    graphs = model_graphs(manifest, fmt)
+    graphs = manifest.model.graphs[fmt]
     describe = _onnx_signature if fmt == "ort" else _tflite_signatures
     contract = {
         "family": bundle.family,
@@ -81,18 +81,18 @@ def asset_pack(bundle_path: Path, assets: Path, fmt: str = "ort") -> Path:
         "runtime": "onnxruntime-android (com.microsoft.onnxruntime)"
         if fmt == "ort"
         else "LiteRT (com.google.ai.edge.litert)",
-        "frontend": {k: v for k, v in bundle.manifest["frontend"].items() if k != "mel_filters"}
+        "frontend": {k: v for k, v in bundle.manifest.raw["frontend"].items() if k != "mel_filters"}
         | {"mel_filters": {"file": "mel_filters.f32", "shape": list(filters.shape), "dtype": "float32, little-endian"}},
         "graphs": {role: {"file": name, **describe(out / name)} for role, name in graphs.items()},
     }
     if bundle.family == "whisper":
-        contract["decoder"] = bundle.manifest["decoder"] | {
+        contract["decoder"] = bundle.manifest.decoder | {
             "tokens": "tokens.json",
-            "n_vocab": bundle.manifest["model"]["dims"]["n_vocab"],
+            "n_vocab": bundle.manifest.model.dims["n_vocab"],
         }
         if fmt == "tflite":
-            contract["decoder"]["max_tokens"] = manifest["model"]["tflite"]["max_tokens"]
+            contract["decoder"]["max_tokens"] = manifest.model.tflite_max_tokens
     else:
-        contract["decoder"] = {"type": "ctc", "alphabet": bundle.manifest["tokenizer"]["alphabet"], "blank": 0}
+        contract["decoder"] = {"type": "ctc", "alphabet": bundle.manifest.tokenizer.alphabet, "blank": 0}
     (out / "contract.json").write_text(json.dumps(contract, indent=2) + "\n", encoding="utf-8")
     return out

@@ -26,8 +26,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from edge_asr.bundle import MANIFEST, Bundle, model_files, sha256_file
+from edge_asr.bundle import Bundle
 from edge_asr.errors import EdgeAsrError
+from edge_asr.manifest import Manifest, sha256_file, write_manifest
 
 from .targets import Target
 
@@ -172,14 +173,14 @@ def download_wheels(
         raise EdgeAsrError(what + hint)
 
 
-def slim_bundle(source: Path | Bundle, dest: Path, formats: list[str]) -> dict:
+def slim_bundle(source: Path | Bundle, dest: Path, formats: list[str]) -> Manifest:
     """Copy the bundle (a folder, or one loaded and verified already) with only `formats`, its manifest
     rewritten to list just those files."""
     bundle = source if isinstance(source, Bundle) else Bundle.load(source)
-    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest = json.loads(json.dumps(bundle.manifest.raw))
     dropped = set()
     for fmt in [f for f in bundle.formats if f not in formats]:
-        dropped |= model_files(manifest, fmt)
+        dropped |= bundle.manifest.model.files(fmt)
         if fmt == "onnx":
             manifest["model"]["graphs"] = {}
             manifest["model"].pop("graph_data", None)
@@ -190,8 +191,7 @@ def slim_bundle(source: Path | Bundle, dest: Path, formats: list[str]) -> dict:
     dest.mkdir(parents=True)
     for name in manifest["files"]:
         shutil.copy2(bundle.path / name, dest / name)
-    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+    return write_manifest(dest, manifest)
 
 
 def copy_testset(folder: Path, dest: Path) -> list[tuple[str, Path]]:
@@ -254,7 +254,7 @@ def build_archive(
             f"{bundle}: {target.name} runs {' or '.join(target.backends)} models and this bundle has "
             f"none; rebuild it with --formats {','.join(target.backends)}"
         )
-    root_name = f"edge-asr-{__version__}-{source_bundle.manifest['name']}-{target.name}"
+    root_name = f"edge-asr-{__version__}-{source_bundle.manifest.name}-{target.name}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +293,7 @@ def build_archive(
             "python": python,
             "edge_asr": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bundle": manifest["name"],
+            "bundle": manifest.name,
             "backends": formats,
             "testset": len(items),
             "files": files,

@@ -178,7 +178,7 @@ def test_int8_bundle_runs_in_the_streaming_runtime_on_both_backends(cald_bundle,
 
     path, checkpoint = cald_bundle
     bundle = Bundle.load(path)
-    assert bundle.manifest["model"]["architecture"] == "cald" and bundle.manifest["frontend"]["stack"] == 2
+    assert bundle.manifest.raw["model"]["architecture"] == "cald" and bundle.manifest.frontend.stack == 2
     audio = speech[0][1]
     onnx, tflite = CtcTranscriber(bundle, backend="onnx"), CtcTranscriber(bundle, backend="tflite")
     features = onnx.stream().features.accept(audio)[:64]

@@ -72,6 +72,15 @@ def test_not_a_bundle(tmp_path, wav):
     assert_one_line_error(run_cli("transcribe", "--bundle", tmp_path, wav), "corrupt manifest")
 
 
+def test_malformed_manifest(bundle_int8, tmp_path, wav):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_int8, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["frontend"]["mel_filters"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("transcribe", "--bundle", copy, wav), "malformed manifest (frontend:")
+
+
 @pytest.mark.parametrize("name", ["decoder.int8.onnx", "decoder.int8.rows.bin"])
 def test_tampered_bundle_is_refused(bundle_int8, tmp_path, wav, name):
     copy = tmp_path / "bundle"
@@ -101,7 +110,7 @@ def test_bundle_format_versions_up_to_the_runtimes_load_and_a_newer_one_is_refus
     # bundles made before the version was written, and before prompt chunks
     for older in ({k: v for k, v in manifest.items() if k != "format_version"}, {**manifest, "format_version": 1}):
         (copy / "manifest.json").write_text(json.dumps(older))
-        assert Bundle.load(copy).manifest["name"] == manifest["name"]
+        assert Bundle.load(copy).manifest.name == manifest["name"]
     manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(

@@ -24,8 +24,8 @@ def test_policy_pads_to_audio_plus_margin_rounded_to_a_bucket():
     assert policy.frames(30 * 16000) == 3000  # never past the last bucket
     assert ContextPolicy.full().frames(16000) == 3000
     assert ContextPolicy.parse("10").frames(16000) == 1000
-    assert ContextPolicy.from_manifest({"frontend": {"context": policy.to_dict()}}) == policy
-    assert ContextPolicy.from_manifest({"frontend": {}}) == ContextPolicy.full()  # bundles from before policies
+    assert ContextPolicy.from_dict(policy.to_dict()) == policy
+    assert ContextPolicy.from_dict(None) == ContextPolicy.full()  # bundles from before policies
     with pytest.raises(ValueError):
         ContextPolicy.parse("45")
 
@@ -300,5 +300,5 @@ def test_litert_compiled_model_path_computes_what_the_interpreter_path_computes(
 def test_build_with_no_flags_makes_the_adapted_model(bundle_auto):
     """`edge-asr build` with no model flags (what the fixture ran) makes the adapted model."""
     manifest = json.loads((bundle_auto / "manifest.json").read_text())
-    assert ContextPolicy.from_manifest(manifest) == ContextPolicy.auto()
+    assert ContextPolicy.from_dict(manifest["frontend"]["context"]) == ContextPolicy.auto()
     assert manifest["decoding"]["short_window_beam"]["beam_size"] > 1 and "adaptation" in manifest

@@ -57,12 +57,12 @@ def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
     assert int8.size_bytes < 0.35 * fp32.size_bytes
     assert int8.formats == fp32.formats == ["onnx", "ort", "tflite"]
     m = int8.manifest
-    assert m["model"]["precision"] == "int8" and m["model"]["parameters"] == 37_184_256
-    assert m["decoder"]["prompt"] == [50257, 50362]
+    assert m.model.precision == "int8" and m.model.parameters == 37_184_256
+    assert m.decoder["prompt"] == [50257, 50362]
     graphs = {f"{role}.int8.{ext}" for role in ("encoder", "decoder") for ext in ("onnx", "ort", "tflite")}
-    assert set(m["files"]) == graphs | {"decoder.int8.rows.bin", "tokens.json", "mel_filters.npy"}
-    assert m["model"]["graph_data"] == {"decoder": ["decoder.int8.rows.bin"]}
-    assert m["model"]["tflite"]["graphs"] == {"encoder": "encoder.int8.tflite", "decoder": "decoder.int8.tflite"}
+    assert set(m.files) == graphs | {"decoder.int8.rows.bin", "tokens.json", "mel_filters.npy"}
+    assert m.model.graph_data == {"decoder": ["decoder.int8.rows.bin"]}
+    assert m.model.graphs["tflite"] == {"encoder": "encoder.int8.tflite", "decoder": "decoder.int8.tflite"}
     for fmt in int8.formats:  # what each backend loads is an int8 model of about the same size
         assert (
             0.25 * fp32.model_bytes(fmt)

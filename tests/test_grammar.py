@@ -114,7 +114,7 @@ def test_constrained_decoding_writes_only_phrases_and_measures_what_the_grammar_
     from edge_asr.decoding import DecodingOptions, WindowDecoder
 
     bundle = Bundle.load(bundle_int8)
-    config = dict(bundle.manifest["decoder"], n_vocab=bundle.manifest["model"]["dims"]["n_vocab"])
+    config = dict(bundle.manifest.decoder, n_vocab=bundle.manifest.model.dims["n_vocab"])
     grammar = Grammar.from_file(EXAMPLES / "machine.gbnf")
     options = DecodingOptions(beam_size=beam_size, grammar=TokenGrammar(grammar, tokenizer))
     for seed in range(8):

@@ -52,16 +52,14 @@ def test_int8_tflite_transcribes_like_int8_onnx(bundle_int8, speech):
     assert texts["ort"] == texts["onnx"]
     assert word_error_rate([t for t, _ in speech], texts["tflite"]) < 10
     manifest = bundle.manifest
-    sizes = {
-        f: sum(manifest["files"][n]["bytes"] for n in manifest["model"][f]["graphs"].values()) for f in ("tflite",)
-    }
+    sizes = {f: sum(manifest.files[n].bytes for n in manifest.model.graphs[f].values()) for f in ("tflite",)}
     assert sizes["tflite"] < 0.35 * 4 * bundle.parameters  # int8 weights: well under a float32 copy
 
 
 def test_tflite_decoder_refuses_more_tokens_than_its_slots(bundle_fp32):
     transcriber = edge_asr.load(bundle_fp32, backend="tflite")
     model = transcriber.model
-    assert model.max_tokens == Bundle.load(bundle_fp32).manifest["model"]["tflite"]["max_tokens"]
+    assert model.max_tokens == Bundle.load(bundle_fp32).manifest.model.tflite_max_tokens
     cross = model.encode(np.zeros((80, 3000), np.float32))
     with pytest.raises(Exception, match="tokens per window"):
         model.decode([50257] * (model.max_tokens + 1), model.empty_cache(), cross)

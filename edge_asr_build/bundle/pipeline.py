@@ -17,11 +17,12 @@ from tqdm import tqdm
 from edge_asr.bench import run_bench
 from edge_asr.bundle import Bundle
 from edge_asr.context import ContextPolicy
+from edge_asr.manifest import Manifest, write_manifest
 from edge_asr.threads import resolve_threads
 from edge_asr.transcriber import Transcriber
 from edge_asr_build.bundle.formats import add_ort, add_whisper_tflite
 from edge_asr_build.bundle.onnx_export import export_decoder, export_encoder
-from edge_asr_build.bundle.whisper import save_manifest, write_bundle
+from edge_asr_build.bundle.whisper import write_bundle
 from edge_asr_build.compression.calibration import CalibrationMix, Distortion
 from edge_asr_build.compression.compress import CompressionReport, compress_whisper, save_compressed
 from edge_asr_build.compression.factors import DEFAULT_PARTS, PARTS
@@ -47,7 +48,7 @@ def build_whisper_bundle(
     context: ContextPolicy | None = None,
     delta: Path | None = None,
     compact_delta: Path | None = None,
-) -> dict:
+) -> Manifest:
     """Build a bundle from a Whisper source; returns its manifest. `step` is told each pass as it starts.
 
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats to the bundle. `context`
@@ -91,11 +92,12 @@ def build_whisper_bundle(
             sections["tflite"] = add_whisper_tflite(loaded.model, staged, work, precision, context.bucket_frames)
         step("package bundle")
         extra = {"adaptation": adaptation} if adaptation else None
-        manifest = write_bundle(loaded, graphs, staged, precision, name, extra=extra, formats=sections, context=context)
+        written = write_bundle(loaded, graphs, staged, precision, name, extra=extra, formats=sections, context=context)
+        manifest = write_manifest(staged, written)
         if evaluate_on:
             step(f"evaluate on {evaluate_on} synthesized sentences")
-            manifest["evaluation"]["synthetic"] = evaluate_synthetic(staged, evaluate_on, threads)
-            save_manifest(staged, manifest)
+            written["evaluation"]["synthetic"] = evaluate_synthetic(staged, evaluate_on, threads)
+            manifest = write_manifest(staged, written)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staged.rename(out_dir)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edge_asr import __version__
-from edge_asr.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_asr.commands import DEFAULT_REJECTION_THRESHOLD
 from edge_asr.context import ContextPolicy
 from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from edge_asr.guards import Guards
 from edge_asr.hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT
+from edge_asr.manifest import file_records, header
 from edge_asr_build.compression.quantize import external_data
 from edge_asr_build.sources import LoadedWhisper
 from edge_asr_build.whisper.mel import mel_filters
@@ -35,7 +33,7 @@ def write_bundle(
 
     `graphs` maps a role ("encoder", "decoder") to an ONNX file inside out_dir; `formats` holds the manifest
     sections of the same models in other formats ("ort", "tflite"), whose files are in out_dir too.
-    Returns the manifest.
+    Returns the manifest's data, for the caller to add to and write (edge_asr.manifest.write_manifest).
     """
     formats = formats or {}
     out_dir = Path(out_dir)
@@ -53,12 +51,7 @@ def write_bundle(
         "tokens.json",
         "mel_filters.npy",
     ]
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "builder": f"edge-asr {__version__}",
+    manifest = header(name) | {
         "model": {
             "family": "whisper",
             "dims": dims.to_dict(),
@@ -82,11 +75,10 @@ def write_bundle(
         "tokenizer": {"type": "byte-level-bpe", "tokens": "tokens.json", "special": special},
         "decoder": decoder_section(loaded, special),
         "decoding": decoding_defaults(context),
-        "files": file_entries(out_dir, files),
+        "files": file_records(out_dir, files),
         "evaluation": {},
     }
     manifest.update(extra or {})
-    save_manifest(out_dir, manifest)
     return manifest
 
 
@@ -115,15 +107,3 @@ def decoding_defaults(context: ContextPolicy | None = None) -> dict:
 def format_files(formats: dict) -> list[str]:
     """The files of the formats' manifest sections ({"tflite": {"graphs": {role: file}, …}, …})."""
     return [name for section in formats.values() for name in section["graphs"].values()]
-
-
-def file_entries(out_dir: Path, names: list[str]) -> dict:
-    """The manifest's record of each file: size and sha256, which the runtime checks before loading."""
-    return {n: {"bytes": (Path(out_dir) / n).stat().st_size, "sha256": sha256_file(Path(out_dir) / n)} for n in names}
-
-
-def save_manifest(out_dir: Path, manifest: dict) -> None:
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

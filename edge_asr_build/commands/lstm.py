@@ -115,10 +115,10 @@ def cmd_lstm_build(args) -> int:
         )
     finally:
         progress.close()
-    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
-    held_out = manifest["evaluation"].get("held_out_synthetic")
+    size = sum(f.bytes for f in manifest.files.values()) / 1e6
+    held_out = manifest.evaluation.get("held_out_synthetic")
     print(
-        f"built {out} ({size:.2f} MB, {manifest['model']['parameters'] / 1e6:.2f} M params"
+        f"built {out} ({size:.2f} MB, {manifest.model.parameters / 1e6:.2f} M params"
         + (f", held-out synthesized WER {held_out['wer']:.2f}%" if held_out else "")
         + ")"
     )

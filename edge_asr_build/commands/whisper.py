@@ -84,10 +84,10 @@ def build_bundle(
             progress.close()
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise EdgeAsrError(str(e)) from None
-    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
-    line = f"built {out} ({size:.1f} MB, {manifest['model']['parameters'] / 1e6:.1f} M params"
-    if "synthetic" in manifest["evaluation"]:
-        ev = manifest["evaluation"]["synthetic"]
+    size = sum(f.bytes for f in manifest.files.values()) / 1e6
+    line = f"built {out} ({size:.1f} MB, {manifest.model.parameters / 1e6:.1f} M params"
+    if "synthetic" in manifest.evaluation:
+        ev = manifest.evaluation["synthetic"]
         line += f", synthetic WER {ev['wer']:.2f}% on {ev['words']} words, RTF {ev['rtf_wall']:.3f}"
     print(line + f") in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return manifest

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edge_asr import __version__
-from edge_asr.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from edge_asr.ctc import ALPHABET
 from edge_asr.frontend import HOP_LENGTH, N_FFT, SAMPLE_RATE
+from edge_asr.manifest import Manifest, file_records, header, sha256_file, write_manifest
 from edge_asr_build.bundle.formats import add_ort
-from edge_asr_build.bundle.whisper import file_entries, format_files, save_manifest
+from edge_asr_build.bundle.whisper import format_files
 from edge_asr_build.compression.quantize import quantize_lstm_int8
 from edge_asr_build.lstm import cald
 from edge_asr_build.lstm.cald_export import export_cald, state_names
@@ -35,7 +33,7 @@ def build_lstm_bundle(
     threads: int | None = None,
     step: Callable[[str], None] = lambda m: None,
     formats: list[str] = ("onnx",),
-) -> dict:
+) -> Manifest:
     """Export, quantize and package `checkpoint` (.safetensors + .json) into `out_dir`; returns the manifest.
     `formats` beyond "onnx" ("ort", "tflite") add the same model in those formats."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -63,13 +61,13 @@ def build_lstm_bundle(
             sections["tflite"] = add_lstm_tflite(model, staged, work, precision)
         np.save(staged / "mel_filters.npy", mel_filters(SAMPLE_RATE, N_FFT, model.config.n_mels))
         files = [graph.name, *format_files(sections), "mel_filters.npy"]
-        manifest = lstm_manifest(model, meta, checkpoint, graph.name, sections, precision, name)
-        manifest = manifest | {"files": file_entries(staged, files), "evaluation": {}}
-        save_manifest(staged, manifest)
+        written = lstm_manifest(model, meta, checkpoint, graph.name, sections, precision, name)
+        written |= {"files": file_records(staged, files), "evaluation": {}}
+        manifest = write_manifest(staged, written)
         if evaluate:
             step("evaluate on the held-out synthesized set")
-            manifest["evaluation"]["held_out_synthetic"] = evaluate_held_out(staged, threads)
-            save_manifest(staged, manifest)
+            written["evaluation"]["held_out_synthetic"] = evaluate_held_out(staged, threads)
+            manifest = write_manifest(staged, written)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
@@ -92,12 +90,7 @@ def lstm_manifest(model, meta: dict, checkpoint: Path, graph: str, sections: dic
         architecture = {"architecture": "lstm", "lstm_matrix_parameters": lstm_matrix_params(model)}
         stack, alphabet = c.stack, ALPHABET
     weights = checkpoint.with_suffix(".safetensors")
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "builder": f"edge-asr {__version__}",
+    return header(name) | {
         "model": {
             "family": "lstm-ctc",
             "config": meta["config"],
