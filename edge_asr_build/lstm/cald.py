@@ -24,9 +24,8 @@ know) and scales them as Whisper does, (x + 4) / 4.
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +34,17 @@ from torch import Tensor, nn
 
 from edge_asr.ctc import ALPHABET
 from edge_asr_build.compression.ranks import Group, allocate_ranks
-from edge_asr_build.lstm.model import FullRankLSTMP
+from edge_asr_build.lstm.lstmp import (
+    checkpoint_family,
+    copy_factored,
+    factor_input,
+    input_group,
+    joint_group,
+    load_checkpoint,
+    lstmp_layer,
+    save_checkpoint,
+    weight_params,
+)
 
 FAMILY = "cald-ctc"
 # torch's note that its oneDNN kernels lack LSTMP says nothing a user can act on: LSTMP runs on its own kernel.
@@ -62,12 +71,6 @@ class CaldConfig:
         return len(self.alphabet)
 
 
-def lstm_layer(n_in: int, hidden: int, proj: int) -> nn.Module:
-    if proj >= hidden:
-        return FullRankLSTMP(n_in, hidden)  # the full-rank factorization, for checks
-    return nn.LSTM(n_in, hidden, proj_size=proj, batch_first=True)
-
-
 class StreamingConvFront(nn.Module):
     """Whisper's two convolutions (kernel 3; the second with stride 2) with their left context carried
     in a state instead of zero padding: chunk after chunk gives what the whole sequence gives."""
@@ -90,7 +93,7 @@ class LstmBlock(nn.Module):
         super().__init__()
         self.attn_ln = nn.LayerNorm(n_state)
         self.input_proj = nn.Linear(n_state, input_rank, bias=False) if input_rank else None
-        self.lstm = lstm_layer(input_rank or n_state, hidden, proj)
+        self.lstm = lstmp_layer(input_rank or n_state, hidden, proj)
         self.out = nn.Linear(proj or hidden, n_state)
         self.mlp_ln = nn.LayerNorm(n_state)
         self.mlp = nn.Sequential(nn.Linear(n_state, n_mlp), nn.GELU(), nn.Linear(n_mlp, n_state))
@@ -204,8 +207,7 @@ def lstm_matrix_params(model: CaldCtc) -> int:
     """Parameters of what replaced attention: every W_ih, W_hh, projection and W_out (and input factors)."""
     total = 0
     for block in model.blocks:
-        total += sum(p.numel() for n, p in block.lstm.named_parameters() if n.startswith("weight"))
-        total += block.out.weight.numel()
+        total += weight_params(block.lstm) + block.out.weight.numel()
         if block.input_proj is not None:
             total += block.input_proj.weight.numel()
     return total
@@ -220,29 +222,8 @@ def factor_groups(model: CaldCtc) -> list[Group]:
     for i, block in enumerate(model.blocks):
         if block.lstm.proj_size or block.input_proj is not None:
             raise ValueError("the model is already factored; factor the unfactored model")
-        w_ih = block.lstm.weight_ih_l0.detach().double()
-        n_out, n_in = w_ih.shape
-        groups.append(
-            Group(
-                f"input{i}",
-                "linear",
-                torch.linalg.svdvals(w_ih).numpy() ** 2,
-                n_in + n_out,
-                n_in * n_out,
-                n_in * n_out // (n_in + n_out),
-            )
-        )
-        stacked = torch.cat([block.lstm.weight_hh_l0.detach(), block.out.weight.detach()]).double()
-        groups.append(
-            Group(
-                f"block{i}",
-                "joint",
-                torch.linalg.svdvals(stacked).numpy() ** 2,
-                stacked.shape[0] + stacked.shape[1],
-                stacked.numel(),
-                block.lstm.hidden_size,
-            )
-        )
+        groups.append(input_group(f"input{i}", block.lstm.weight_ih_l0))
+        groups.append(joint_group(f"block{i}", block.lstm.weight_hh_l0, block.out.weight, block.lstm.hidden_size))
     return groups
 
 
@@ -260,24 +241,13 @@ def joint_factor(model: CaldCtc, ranks: dict[str, int | None]) -> CaldCtc:
     student.load_state_dict(state, strict=False)
     with torch.no_grad():
         for i, (src, dst) in enumerate(zip(model.blocks, student.blocks)):
-            dst.lstm.bias_ih_l0.copy_(src.lstm.bias_ih_l0)
-            dst.lstm.bias_hh_l0.copy_(src.lstm.bias_hh_l0)
             dst.out.bias.copy_(src.out.bias)
             w_ih = src.lstm.weight_ih_l0.detach()
             if q := input_rank[i]:
-                u, s, vh = torch.linalg.svd(w_ih.double(), full_matrices=False)
-                dst.lstm.weight_ih_l0.copy_((u[:, :q] * s[:q]).float())
-                dst.input_proj.weight.copy_(vh[:q].float())
-            else:
-                dst.lstm.weight_ih_l0.copy_(w_ih)
-            w_hh, w_out = src.lstm.weight_hh_l0.detach(), src.out.weight.detach()
-            if r := proj[i]:
-                u, s, vh = torch.linalg.svd(torch.cat([w_hh, w_out]).double(), full_matrices=False)
-                a = (u[:, :r] * s[:r]).float()
-                dst.lstm.weight_hr_l0.copy_(vh[:r].float())
-                w_hh, w_out = a[: len(w_hh)], a[len(w_hh) :]
-            dst.lstm.weight_hh_l0.copy_(w_hh)
-            dst.out.weight.copy_(w_out)
+                w_ih, projection = factor_input(w_ih, q)
+                dst.input_proj.weight.copy_(projection)
+            dst.lstm.weight_ih_l0.copy_(w_ih)
+            dst.out.weight.copy_(copy_factored(src.lstm, dst.lstm, src.out.weight, proj[i]))
     return student
 
 
@@ -289,34 +259,16 @@ def compress_cald(model: CaldCtc, ratio: float) -> tuple[CaldCtc, list[Group]]:
     return joint_factor(model, {g.name: g.rank for g in groups}), groups
 
 
-# --- checkpoints: safetensors weights + a JSON description, never pickle ------------------------------------
+# --- checkpoints (lstmp.save_checkpoint) ------------------------------------------------------------------
 
 
 def save_cald(model: CaldCtc, path: str | Path, extra: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
-    meta = {"family": FAMILY, "config": asdict(model.config)} | (extra or {})
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    return path.with_suffix(".json")
+    return save_checkpoint(model, path, FAMILY, extra)
 
 
 def is_cald_checkpoint(path: str | Path) -> bool:
-    try:
-        return json.loads(Path(path).with_suffix(".json").read_text()).get("family") == FAMILY
-    except (OSError, json.JSONDecodeError):
-        return False
+    return checkpoint_family(path) == FAMILY
 
 
 def load_cald(path: str | Path) -> tuple[CaldCtc, dict]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    if meta.get("family") != FAMILY:
-        raise ValueError(f"{path}: not a converted (CALD) checkpoint")
-    model = CaldCtc(CaldConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
-    return model.eval(), meta
+    return load_checkpoint(path, FAMILY, lambda config: CaldCtc(CaldConfig(**config)), "a converted (CALD)")

@@ -6,14 +6,12 @@ log-probabilities over `ALPHABET` (index 0 the CTC blank).
 
 Compression (`joint_factor`) replaces each layer's output h_l by a low-rank projection p_l = P_l h_l that
 both the layer's own recurrence and the next layer (or, after the last layer, the output) read: one SVD of
-[W_hh(l); W_ih(l+1)] gives P_l and both new matrices. That is an LSTM with a recurrent projection (LSTMP),
-which `nn.LSTM(proj_size=r)` computes, so a factored model trains as fast as a plain one.
+[W_hh(l); W_ih(l+1)] gives P_l and both new matrices (an LSTMP; see `lstmp`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,19 @@ from torch import Tensor, nn
 
 from edge_asr.ctc import ALPHABET
 from edge_asr_build.compression.ranks import Group, allocate_ranks
+from edge_asr_build.lstm.lstmp import (
+    checkpoint_family,
+    copy_factored,
+    factor_input,
+    input_group,
+    joint_group,
+    load_checkpoint,
+    lstmp_layer,
+    save_checkpoint,
+    weight_params,
+)
+
+FAMILY = "lstm-ctc"
 
 
 @dataclass
@@ -41,41 +52,6 @@ class LstmConfig:
         return self.proj[i] or self.hidden[i]
 
 
-class FullRankLSTMP(nn.Module):
-    """One LSTM layer with a recurrent projection as wide as the hidden state. nn.LSTM refuses proj_size ==
-    hidden_size, yet that is the full-rank factorization: this loop computes it, for checks only."""
-
-    def __init__(self, input_size: int, hidden_size: int):
-        super().__init__()
-        self.input_size, self.hidden_size, self.proj_size = input_size, hidden_size, hidden_size
-        h = hidden_size
-        self.weight_ih_l0 = nn.Parameter(torch.zeros(4 * h, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.zeros(4 * h, h))
-        self.bias_ih_l0 = nn.Parameter(torch.zeros(4 * h))
-        self.bias_hh_l0 = nn.Parameter(torch.zeros(4 * h))
-        self.weight_hr_l0 = nn.Parameter(torch.zeros(h, h))
-
-    def forward(self, x: Tensor, state=None):
-        b = x.shape[0]
-        h, c = state if state is not None else (x.new_zeros(1, b, self.hidden_size),) * 2
-        h, c = h[0], c[0]
-        outputs = []
-        for t in range(x.shape[1]):
-            i, f, g, o = (
-                x[:, t] @ self.weight_ih_l0.T + h @ self.weight_hh_l0.T + self.bias_ih_l0 + self.bias_hh_l0
-            ).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = (torch.sigmoid(o) * torch.tanh(c)) @ self.weight_hr_l0.T
-            outputs.append(h)
-        return torch.stack(outputs, 1), (h[None], c[None])
-
-
-def _lstm_layer(n_in: int, hidden: int, proj: int) -> nn.Module:
-    if proj >= hidden:
-        return FullRankLSTMP(n_in, hidden)
-    return nn.LSTM(n_in, hidden, proj_size=proj, batch_first=True)
-
-
 class LstmCtc(nn.Module):
     def __init__(self, config: LstmConfig):
         super().__init__()
@@ -86,7 +62,7 @@ class LstmCtc(nn.Module):
         self.input_proj = nn.Linear(n_in, config.input_rank, bias=False) if config.input_rank else None
         sizes = [config.input_rank or n_in] + [config.layer_output(i) for i in range(len(config.hidden))]
         self.layers = nn.ModuleList(
-            _lstm_layer(sizes[i], h, p) for i, (h, p) in enumerate(zip(config.hidden, config.proj))
+            lstmp_layer(sizes[i], h, p) for i, (h, p) in enumerate(zip(config.hidden, config.proj))
         )
         self.output = nn.Linear(sizes[-1], config.n_symbols)
 
@@ -127,9 +103,7 @@ def lstm_matrix_params(model: LstmCtc) -> int:
     """Parameters in the matrices compression acts on: every W_ih, W_hh and projection (the first layer's
     input factor included), and the output matrix, which the last layer's projection also feeds."""
     total = model.input_proj.weight.numel() if model.input_proj is not None else 0
-    for layer in model.layers:
-        total += sum(p.numel() for name, p in layer.named_parameters() if name.startswith("weight"))
-    return total + model.output.weight.numel()
+    return total + sum(weight_params(layer) for layer in model.layers) + model.output.weight.numel()
 
 
 # --- joint low-rank factorization ----------------------------------------------------------------------------
@@ -146,18 +120,9 @@ def _reader_weights(model: LstmCtc, i: int) -> tuple[Tensor, Tensor]:
 
 def factor_groups(model: LstmCtc, input_rank: bool = True) -> list[Group]:
     """One group per layer (its recurrence and its reader share a rank), and the first layer's input."""
-    groups = []
-    if input_rank:
-        w = model.layers[0].weight_ih_l0.detach().double()
-        s = torch.linalg.svdvals(w).numpy()
-        n_out, n_in = w.shape
-        groups.append(Group("input", "linear", s**2, n_in + n_out, n_in * n_out, n_in * n_out // (n_in + n_out)))
+    groups = [input_group("input", model.layers[0].weight_ih_l0)] if input_rank else []
     for i, layer in enumerate(model.layers):
-        w_hh, w_next = _reader_weights(model, i)
-        stacked = torch.cat([w_hh, w_next]).double()
-        s = torch.linalg.svdvals(stacked).numpy()
-        unit = stacked.shape[0] + stacked.shape[1]  # a column of [A_hh; A_next] and a row of P
-        groups.append(Group(f"layer{i}", "joint", s**2, unit, stacked.numel(), layer.hidden_size))
+        groups.append(joint_group(f"layer{i}", *_reader_weights(model, i), layer.hidden_size))
     return groups
 
 
@@ -177,22 +142,11 @@ def joint_factor(model: LstmCtc, ranks: dict[str, int | None]) -> LstmCtc:
     with torch.no_grad():
         w_ih0 = model.layers[0].weight_ih_l0.detach()
         if input_rank:
-            u, s, vh = torch.linalg.svd(w_ih0.double(), full_matrices=False)
-            student.layers[0].weight_ih_l0.copy_((u[:, :input_rank] * s[:input_rank]).float())
-            student.input_proj.weight.copy_(vh[:input_rank].float())
-        else:
-            student.layers[0].weight_ih_l0.copy_(w_ih0)
+            w_ih0, projection = factor_input(w_ih0, input_rank)
+            student.input_proj.weight.copy_(projection)
+        student.layers[0].weight_ih_l0.copy_(w_ih0)
         for i in range(n_layers):
-            src, dst = model.layers[i], student.layers[i]
-            dst.bias_ih_l0.copy_(src.bias_ih_l0)
-            dst.bias_hh_l0.copy_(src.bias_hh_l0)
-            w_hh, w_next = _reader_weights(model, i)
-            if r := proj[i]:
-                u, s, vh = torch.linalg.svd(torch.cat([w_hh, w_next]).double(), full_matrices=False)
-                a = (u[:, :r] * s[:r]).float()
-                dst.weight_hr_l0.copy_(vh[:r].float())
-                w_hh, w_next = a[: len(w_hh)], a[len(w_hh) :]
-            dst.weight_hh_l0.copy_(w_hh)
+            w_next = copy_factored(model.layers[i], student.layers[i], _reader_weights(model, i)[1], proj[i])
             (student.layers[i + 1].weight_ih_l0 if i + 1 < n_layers else student.output.weight).copy_(w_next)
         student.output.bias.copy_(model.output.bias)
     return student
@@ -211,36 +165,17 @@ def compress_lstm(
     return joint_factor(model, ranks), groups
 
 
-# --- checkpoints: safetensors weights + a JSON description, never pickle ------------------------------------
+# --- checkpoints (lstmp.save_checkpoint) ------------------------------------------------------------------
 
 
 def save_lstm(model: LstmCtc, path: str | Path, extra: dict | None = None) -> Path:
     """Write `path` (.safetensors) and its description (.json); returns the JSON's path."""
-    from safetensors.torch import save_file
-
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
-    meta = {"family": "lstm-ctc", "config": asdict(model.config), "alphabet": ALPHABET} | (extra or {})
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    return path.with_suffix(".json")
+    return save_checkpoint(model, path, FAMILY, {"alphabet": ALPHABET} | (extra or {}))
 
 
 def is_lstm_checkpoint(path: str | Path) -> bool:
-    description = Path(path).with_suffix(".json")
-    try:
-        return json.loads(description.read_text()).get("family") == "lstm-ctc"
-    except (OSError, json.JSONDecodeError):
-        return False
+    return checkpoint_family(path) == FAMILY
 
 
 def load_lstm(path: str | Path) -> tuple[LstmCtc, dict]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    if meta.get("family") != "lstm-ctc":
-        raise ValueError(f"{path}: not an LSTM-CTC checkpoint")
-    model = LstmCtc(LstmConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
-    return model.eval(), meta
+    return load_checkpoint(path, FAMILY, lambda config: LstmCtc(LstmConfig(**config)), "an LSTM-CTC")
