@@ -162,7 +162,8 @@ def kokoro(text: str, voice: str) -> np.ndarray:
 
 
 def speak(text: str, engine: str, voice: str, rng: random.Random) -> np.ndarray:
-    from edge_asr_build.speech.training_audio import cut_tight, espeak
+    from edge_asr_build.speech.synth import espeak
+    from edge_asr_build.speech.training_audio import cut_tight
 
     if engine == "espeak":
         audio = espeak(text, voice, rate=rng.randrange(130, 190), pitch=rng.randrange(30, 70))

@@ -241,8 +241,7 @@ def sets() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def synthesize_sets(work: Path) -> None:
-    from edge_asr_build.speech.synth import synthesize, write_wav
-    from edge_asr_build.speech.training_audio import espeak
+    from edge_asr_build.speech.synth import espeak, synthesize, write_wav
 
     for name, items in sets().items():
         folder = work / name

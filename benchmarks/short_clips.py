@@ -57,7 +57,8 @@ def telephone(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def digits_set(folder: Path, per_digit: int, seed: int) -> Path:
-    from edge_asr_build.speech.training_audio import ESPEAK_HELD_OUT_VOICES, cut_tight, espeak
+    from edge_asr_build.speech.synth import espeak
+    from edge_asr_build.speech.training_audio import ESPEAK_HELD_OUT_VOICES, cut_tight
 
     if (folder / "refs.tsv").exists():
         return folder

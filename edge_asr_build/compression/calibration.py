@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from edge_asr.frontend import N_FRAMES
 from edge_asr_build.matching.data import ReferenceItem, padded
+from edge_asr_build.speech.augment import MATCHING, augment
 from edge_asr_build.speech.sentences import dictation_sentences, short_phrases
 from edge_asr_build.speech.synth import synthesize
-from edge_asr_build.speech.training_audio import augment
 from edge_asr_build.whisper.model import Whisper
 
 # The decoder's final layer norm: its output is the input of the output projection (the tied embedding).
@@ -56,7 +56,7 @@ def calibration_clips(mix: CalibrationMix = CalibrationMix()) -> list[np.ndarray
     clips = []
     for text in texts:
         audio = synthesize(text, length_scale=round(rng.uniform(0.8, 1.25), 2))
-        clips.append(augment(audio, np_rng) if np_rng.random() < mix.augment_share else audio)
+        clips.append(augment(audio, np_rng, MATCHING) if np_rng.random() < mix.augment_share else audio)
     return clips
 
 

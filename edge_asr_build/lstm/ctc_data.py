@@ -12,21 +12,16 @@ punctuation other than the apostrophe goes.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import re
-import shutil
-import subprocess
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge_asr.audio import SAMPLE_RATE, resample
 from edge_asr.ctc import ALPHABET
 from edge_asr_build.speech.sentences import _COMMANDS, _MACHINES, _NUMBER_WORDS, dictation_sentences
-from edge_asr_build.speech.synth import synthesize, write_wav
+from edge_asr_build.speech.synth import espeak, espeak_available, synthesize, write_wav
 
 ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-us-nyc"]
 ESPEAK_VARIANTS = [
@@ -179,10 +174,6 @@ def training_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
-
-
 def training_voices(count: int, seed: int = 0, piper_share: float = 0.35) -> list[Voice]:
     """`count` voices: a share of piper at varied rates, the rest espeak-ng accents x variants x pitch x rate."""
     rng = random.Random(seed)
@@ -215,15 +206,7 @@ def speak(text: str, voice: Voice) -> np.ndarray:
     """16 kHz mono float32 audio of `text` in `voice`."""
     if voice.engine == "piper":
         return synthesize(text, length_scale=voice.rate, noise_scale=0.667, noise_w_scale=0.8)
-    out = subprocess.run(
-        ["espeak-ng", "-v", voice.name, "-s", str(int(175 * voice.rate)), "-p", str(voice.pitch), "--stdout", text],
-        capture_output=True,
-        check=True,
-    )
-    with wave.open(io.BytesIO(out.stdout), "rb") as wav:
-        rate = wav.getframerate()
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
-    return resample(pcm.astype(np.float32) / 32768.0, rate, SAMPLE_RATE)
+    return espeak(text, voice.name, rate=int(175 * voice.rate), pitch=voice.pitch)
 
 
 def _speak_item(item: tuple[str, Path, str, Voice]) -> str:
@@ -282,54 +265,6 @@ def read_corpus(folder: Path) -> list[tuple[Path, str]]:
             uid, text = line.split("\t")
             items.append((folder / f"{uid}.wav", text))
     return items
-
-
-# Augmentation: what separates a synthetic voice in a quiet file from a person at a microphone or a phone.
-
-
-def _colored_noise(n: int, rng: np.random.Generator) -> np.ndarray:
-    white = rng.standard_normal(n)
-    exponent = rng.choice([0.0, 1.0, 2.0])  # white, pink, brown
-    if exponent == 0:
-        return white.astype(np.float32)
-    spectrum = np.fft.rfft(white)
-    spectrum /= np.maximum(np.arange(len(spectrum)), 1) ** (exponent / 2)
-    noise = np.fft.irfft(spectrum, n)
-    return (noise / (noise.std() + 1e-9)).astype(np.float32)
-
-
-def _reverb(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    t60 = rng.uniform(0.15, 0.6)
-    n = int(t60 * SAMPLE_RATE)
-    impulse = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
-    impulse[0] = 1.0 / rng.uniform(0.3, 1.0)  # direct path over the tail
-    size = 1 << int(np.ceil(np.log2(len(audio) + n)))  # FFT convolution: direct would take seconds
-    wet = np.fft.irfft(np.fft.rfft(audio, size) * np.fft.rfft(impulse, size), size)[: len(audio)]
-    return (wet / (np.abs(wet).max() + 1e-9) * np.abs(audio).max()).astype(np.float32)
-
-
-def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Speed (which moves pitch too), silence around the speech, reverberation, telephone band (8 kHz),
-    level, and noise at 5-40 dB SNR."""
-    import soxr
-
-    speed = rng.uniform(0.85, 1.15)
-    audio = soxr.resample(audio, SAMPLE_RATE, SAMPLE_RATE / speed).astype(np.float32)
-    lead, tail = rng.uniform(0.05, 0.5, size=2)
-    audio = np.concatenate(
-        [np.zeros(int(lead * SAMPLE_RATE), np.float32), audio, np.zeros(int(tail * SAMPLE_RATE), np.float32)]
-    )
-    if rng.random() < 0.3:
-        audio = _reverb(audio, rng)
-    if rng.random() < 0.5:  # an 8 kHz recording, as phones and the digit set have it
-        audio = soxr.resample(soxr.resample(audio, SAMPLE_RATE, 8000), 8000, SAMPLE_RATE)[: len(audio)]
-    peak = np.abs(audio).max() + 1e-9
-    audio = audio / peak * 10 ** rng.uniform(-1.6, -0.05)
-    if rng.random() < 0.8:
-        snr_db = rng.uniform(5, 40)
-        power = float(np.mean(audio**2)) + 1e-12
-        audio = audio + _colored_noise(len(audio), rng) * np.sqrt(power / 10 ** (snr_db / 10))
-    return np.clip(audio, -1, 1).astype(np.float32)
 
 
 def training_corpus(count: int, seed: int = 0, progress: bool = True) -> Path:

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from edge_asr.ctc import ALPHABET, greedy_symbols, symbols_to_text
 from edge_asr.frontend import N_FFT, SAMPLE_RATE, frame_log_mel
-from edge_asr_build.lstm.ctc_data import augment, parallel_map, progress_bar, spoken_form
+from edge_asr_build.lstm.ctc_data import parallel_map, progress_bar, spoken_form
 from edge_asr_build.lstm.model import LstmCtc
+from edge_asr_build.speech.augment import CTC, augment
 from edge_asr_build.trainer import FixedBatches, Trainer, TrainerConfig
 from edge_asr_build.whisper.mel import mel_filters
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: augmentation by speech.augment's CTC preset
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _features_of(item: tuple[str, str, int, bool]) -> np.ndarray:
 
     audio = load_audio(path)
     if augmented:
-        audio = augment(audio, np.random.default_rng(seed))
+        audio = augment(audio, np.random.default_rng(seed), CTC)
     return frame_log_mel(audio, _mel_filters()).astype(np.float16)
 
 

@@ -7,6 +7,9 @@ measure WER on audio whose transcript is known exactly.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import tempfile
 import wave
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +64,26 @@ def synthesize(
         rate = wav.getframerate()
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
     return resample(pcm.astype(np.float32) / 32768.0, rate, SAMPLE_RATE)
+
+
+@lru_cache(maxsize=1)
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def espeak(text: str, voice: str, rate: int = 160, pitch: int = 50) -> np.ndarray:
+    """Speak `text` with espeak-ng (formant synthesis: voices unlike any neural TTS) in `voice` (accent+variant),
+    at `rate` words per minute and `pitch` 0-99; 16 kHz float32."""
+    import soundfile as sf
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", f.name, text],
+            check=True,
+            capture_output=True,
+        )
+        audio, rate_hz = sf.read(f.name, dtype="float32")
+    return resample(audio, rate_hz, SAMPLE_RATE)
 
 
 def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> None:

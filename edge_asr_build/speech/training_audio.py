@@ -13,8 +13,7 @@ that it varies the way recorded speech does. A mix is drawn from:
   isolated     single words, digits and commands cut tight, as isolated-word recordings are;
   non-speech   silence and noise, so the adapted model keeps the reference's behaviour where nobody speaks.
 
-Every clip is then augmented: resampled speed (tempo and pitch), level, noise at 5-30 dB SNR (white, pink,
-brown or babble), room reverberation, an 8 kHz telephone band, and leading and trailing silence.
+Most clips are then augmented (`augment.MATCHING`; isolated words `augment.ISOLATED`).
 Held-out sets for model selection use voices and sentences the mix never has, and recorded speakers it
 never hears.
 """
@@ -22,18 +21,15 @@ never hears.
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from edge_asr.audio import SAMPLE_RATE, load_audio, resample
+from edge_asr.audio import SAMPLE_RATE, load_audio
+from edge_asr_build.speech.augment import ISOLATED, MATCHING, augment, non_speech
 from edge_asr_build.speech.sentences import dictation_sentences, general_sentences, short_phrases
-from edge_asr_build.speech.synth import synthesize
+from edge_asr_build.speech.synth import espeak, espeak_available, synthesize
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 # espeak-ng voices (language + variant). Training and held-out sets never share one.
@@ -96,25 +92,6 @@ class AudioMix:
 # --- synthesis --------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
-
-
-def espeak(text: str, voice: str, rate: int = 160, pitch: int = 50) -> np.ndarray:
-    """Speak `text` with espeak-ng (formant synthesis: voices unlike any neural TTS); 16 kHz float32."""
-    import soundfile as sf
-
-    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", f.name, text],
-            check=True,
-            capture_output=True,
-        )
-        audio, rate_hz = sf.read(f.name, dtype="float32")
-    return resample(audio, rate_hz, SAMPLE_RATE)
-
-
 def piper(text: str, rng: random.Random) -> np.ndarray:
 
     # piper's own prosody and voice noise (0.667 and 0.8 are its usual scales), at random rates
@@ -175,94 +152,6 @@ def recorded_files(corpus: Path, held_out: bool = False) -> list[tuple[Path, str
     return [] if held_out else [(p, None) for p in audio_files(corpus)]
 
 
-# --- augmentation -------------------------------------------------------------------------------------------------
-
-
-def _colored_noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
-    white = rng.standard_normal(n)
-    if color == "white":
-        return white
-    spectrum = np.fft.rfft(white)
-    f = np.maximum(np.fft.rfftfreq(n), 1.0 / n)
-    spectrum /= np.sqrt(f) if color == "pink" else f
-    noise = np.fft.irfft(spectrum, n)
-    return noise / (noise.std() + 1e-9)
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-9)
-
-
-def room_impulse_response(rng: np.random.Generator) -> np.ndarray:
-    """A simulated shoebox room (pyroomacoustics' image method) with random size, reverberation time and
-    source and microphone positions."""
-    import pyroomacoustics as pra
-
-    size = rng.uniform([3, 3, 2.4], [12, 10, 4])
-    rt60 = rng.uniform(0.15, 0.8)
-    while True:
-        try:
-            absorption, max_order = pra.inverse_sabine(rt60, size)
-            break
-        except ValueError:  # a large room cannot be that dry: the shortest time it allows is a little longer
-            rt60 *= 1.25
-    room = pra.ShoeBox(size, fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=min(max_order, 12))
-    room.add_source(rng.uniform(0.5, size - 0.5))
-    room.add_microphone(rng.uniform(0.5, size - 0.5))
-    room.compute_rir()
-    rir = np.asarray(room.rir[0][0], dtype=np.float32)
-    return rir / (np.abs(rir).max() + 1e-9)
-
-
-def augment(
-    audio: np.ndarray,
-    rng: np.random.Generator,
-    babble: list[np.ndarray] | None = None,
-    max_pad_s: float = 0.8,
-    band_share: float = 0.15,
-) -> np.ndarray:
-    """One random chain of the augmentations the module docstring lists; leading and trailing silence of up
-    to `max_pad_s` each, a telephone band for `band_share` of the clips."""
-    from scipy.signal import fftconvolve
-
-    x = audio.astype(np.float32)
-    if rng.random() < 0.5:  # speed: tempo and pitch together, as a tape played faster or slower
-        x = resample(x, SAMPLE_RATE, int(SAMPLE_RATE * rng.uniform(0.85, 1.15)))
-    if rng.random() < 0.3:
-        wet = fftconvolve(x, room_impulse_response(rng))[: len(x) + SAMPLE_RATE // 2]
-        x = (wet * (_rms(x) / _rms(wet))).astype(np.float32)
-    if rng.random() < band_share:  # telephone band
-        x = resample(resample(x, SAMPLE_RATE, 8000), 8000, SAMPLE_RATE)
-    lead, trail = (int(rng.uniform(0, max_pad_s) * SAMPLE_RATE) for _ in range(2))
-    x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(trail, np.float32)])
-    if rng.random() < 0.6:
-        snr = rng.uniform(5, 30)
-        if babble and rng.random() < 0.25:
-            other = babble[rng.integers(len(babble))]
-            noise = np.resize(other, len(x)).astype(np.float64)
-            noise /= _rms(noise)
-        else:
-            noise = _colored_noise(len(x), rng.choice(["white", "pink", "brown"]), rng)
-        x = x + noise * _rms(audio) * 10 ** (-snr / 20)
-    x = x * 10 ** (rng.uniform(-20, 3) / 20) / max(_rms(x) / 0.05, 1e-3)  # around -26 dBFS, then a random level
-    return np.clip(x, -1, 1).astype(np.float32)
-
-
-def non_speech(rng: np.random.Generator) -> np.ndarray:
-    """Digital silence, low hiss, hum or loud noise, 0.5 to 20 s."""
-    n = int(rng.uniform(0.5, 20) * SAMPLE_RATE)
-    kind = rng.choice(["silence", "hiss", "hum", "noise"])
-    if kind == "silence":
-        return np.zeros(n, np.float32)
-    if kind == "hum":
-        t = np.arange(n) / SAMPLE_RATE
-        x = sum(np.sin(2 * np.pi * 50 * k * t) / k for k in range(1, 6)) + 0.1 * rng.standard_normal(n)
-    else:
-        x = _colored_noise(n, rng.choice(["white", "pink", "brown"]), rng)
-    level = rng.uniform(-60, -30) if kind == "hiss" else rng.uniform(-40, -15)
-    return np.clip(x / _rms(x) * 10 ** (level / 20), -1, 1).astype(np.float32)
-
-
 # --- the mixes ----------------------------------------------------------------------------------------------------
 
 
@@ -314,7 +203,11 @@ def training_clips(mix: AudioMix, corpora: list[Path] = (), user_audio: list[Pat
     np_rng = np.random.default_rng(mix.seed)
     speech = [c.audio for c in clean]
     clips = [
-        Clip(augment(c.audio, np_rng, speech) if np_rng.random() < mix.augment_share else c.audio, c.kind, c.text)
+        Clip(
+            augment(c.audio, np_rng, MATCHING, speech) if np_rng.random() < mix.augment_share else c.audio,
+            c.kind,
+            c.text,
+        )
         for c in progress(clean, "augment")
     ]
     for _ in range(mix.long_windows):
@@ -349,7 +242,7 @@ def isolated_word_clips(mix: AudioMix, progress=None) -> list[Clip]:
         progress(short_phrases(mix.isolated_words, seed=200 + mix.seed), "synthesize isolated words")
     ):
         audio = cut_tight(_either_voice(i, text, rng))
-        clips.append(Clip(augment(audio, np_rng, max_pad_s=0.2, band_share=0.35), "isolated", text))
+        clips.append(Clip(augment(audio, np_rng, ISOLATED), "isolated", text))
     return clips
 
 
