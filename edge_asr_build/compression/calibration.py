@@ -3,9 +3,10 @@
 Two measurements on calibration audio (synthesized, varied, seeded: the same audio on every machine, so the
 factors it shapes are rebuilt everywhere to within float rounding, which `compress.factors_fingerprint` checks):
 
-  * `collect_moments`: the second moment E[x x^T] of the input of every linear layer, and of the decoder's
-    final state (the input of the output projection). Activation-aware factorization (`compress`) weights
-    each matrix's approximation error by it: directions the activations use are kept, unused ones cut.
+  * `collect_moments` (or `MomentRecorder`, on the reference pass itself): the second moment E[x x^T] of the
+    input of every linear layer, and of the decoder's final state (the input of the output projection).
+    Activation-aware factorization (`compress`) weights each matrix's approximation error by it:
+    directions the activations use are kept, unused ones cut.
   * `Distortion`: the reference model's next-token distributions on its own transcripts of the calibration
     clips, teacher-forced. `Distortion.of(model)` is the mean KL divergence from the reference to `model`
     over every position: the price of a cut, measured on the output instead of guessed from singular
@@ -15,6 +16,7 @@ factors it shapes are rebuilt everywhere to within float rounding, which `compre
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -98,6 +100,51 @@ class InputMoments:
         return torch.linalg.cholesky(m)
 
 
+class MomentRecorder:
+    """Records the input moments of every linear layer of `sides` (and the output of `FINAL_STATE`) while it is
+    `observing()`. What one clip recorded is added when the clip is kept (`commit`) and dropped if not
+    (`discard`), so a pass that makes reference items (`matching.data.reference_items(observer=...)`)
+    collects the moments of the items it keeps on the way, without a second forward pass."""
+
+    def __init__(self, model: Whisper, sides: tuple[str, ...] = ("encoder", "decoder")):
+        self.moments: dict[str, InputMoments] = {}
+        self._pending: list[tuple[str, Tensor]] = []  # (layer, input), in the order the hooks fired
+        self._on = False
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] in sides]
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers]
+        self._handles.append(model.get_submodule(FINAL_STATE).register_forward_hook(self._hook(FINAL_STATE, True)))
+
+    def _hook(self, name: str, output: bool = False):
+        def record(module, inputs, result):
+            if self._on:
+                self._pending.append((name, (result if output else inputs[0]).detach()))
+
+        return record
+
+    @contextmanager
+    def observing(self):
+        self._on = True
+        try:
+            yield
+        finally:
+            self._on = False
+
+    def commit(self) -> None:
+        for name, x in self._pending:
+            self.moments.setdefault(name, InputMoments.empty(x.shape[-1])).add(x)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+    def __enter__(self) -> MomentRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def collect_moments(
     model: Whisper,
@@ -109,31 +156,19 @@ def collect_moments(
     """{layer name: moments of its input} for every linear layer of `sides`, and `FINAL_STATE` for the
     decoder's final state, over `items` (each clip on a window of `frames`, its reference transcript
     teacher-forced)."""
-    moments: dict[str, InputMoments] = {}
-
-    def hook(name: str, output: bool = False):
-        def record(module, inputs, result):
-            x = result if output else inputs[0]
-            moments.setdefault(name, InputMoments.empty(x.shape[-1])).add(x)
-
-        return record
-
-    handles = [
-        m.register_forward_hook(hook(name))
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.split(".")[0] in sides
-    ]
-    handles.append(model.get_submodule(FINAL_STATE).register_forward_hook(hook(FINAL_STATE, output=True)))
     try:
         model.eval().to(device)
-        for item in items:
-            mel = padded(item.mel, frames)[None].to(device)
-            model.decoder.hidden_states(item.tokens[None].to(device), model.decoder.cross_kv(model.encoder(mel)))
+        with MomentRecorder(model, sides) as recorder:
+            for item in items:
+                with recorder.observing():
+                    mel = padded(item.mel, frames)[None].to(device)
+                    model.decoder.hidden_states(
+                        item.tokens[None].to(device), model.decoder.cross_kv(model.encoder(mel))
+                    )
+                recorder.commit()
     finally:
-        for h in handles:
-            h.remove()
         model.to("cpu")
-    return moments
+    return recorder.moments
 
 
 # --- output distortion --------------------------------------------------------------------------------------------

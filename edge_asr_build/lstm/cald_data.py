@@ -142,10 +142,8 @@ def conversion_sets(
     shared = ContextRecipe()
     loaded = load_whisper(run.source)
     sets_run = replace(run, work=None)
-    work, train_items, held_items = sets_run.reference_sets(
-        loaded, shared.mix, shared.held_out, shared.match.seed, shared.version
-    )
-    _, extra_items, _ = sets_run.reference_sets(loaded, extra_mix, shared.held_out, shared.match.seed, shared.version)
+    work, train_items, held_items = sets_run.reference_sets(loaded, shared.mix, shared.held_out, shared.match.seed)
+    _, extra_items, _ = sets_run.reference_sets(loaded, extra_mix, shared.held_out, shared.match.seed)
     step = run.step
     decoding = decoding_rules(loaded)
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_json))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,9 @@ from edge_asr_build.whisper.mel import mel_filters
 from edge_asr_build.whisper.model import Whisper
 
 MODES = ("plain", "prompt", "timestamps")
+# The version of the clip mixes and the reference items made of them, in every cache key: raised when
+# either changes meaning, so that no recipe trains on items made the old way.
+ITEMS_VERSION = 1
 
 
 @dataclass
@@ -96,16 +100,26 @@ def greedy(
 
 @torch.inference_mode()
 def reference_item(
-    reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain", previous: list[int] = ()
+    reference: Whisper, mel: Tensor, decoding: dict, mode: str = "plain", previous: list[int] = (), observer=None
 ) -> ReferenceItem | None:
-    """The reference's transcript and hidden states for one clip (its `clip_mel`) on its 30 s window."""
-    cross = reference.decoder.cross_kv(reference.encoder(padded(mel, N_FRAMES)[None]))
+    """The reference's transcript and hidden states for one clip (its `clip_mel`) on its 30 s window.
+
+    `observer` (`compression.calibration.MomentRecorder`) watches the encoder pass and the teacher-forced
+    pass (`observing()`, not greedy decoding), and is told whether the item is kept (`commit`, `discard`)."""
+    observing = observer.observing if observer else nullcontext
+    with observing():
+        cross = reference.decoder.cross_kv(reference.encoder(padded(mel, N_FRAMES)[None]))
     prompt = _decoding_prompt(decoding, mode, list(previous))
     label = greedy(reference, cross, prompt, decoding, timestamps=mode == "timestamps")
     if label is None:
+        if observer:
+            observer.discard()
         return None
     tokens = torch.tensor(prompt + label[:-1])  # the input; its last position predicts the end of text
-    states = torch.stack([s[0] for s in reference.decoder.hidden_states(tokens[None], cross)]).half()
+    with observing():
+        states = torch.stack([s[0] for s in reference.decoder.hidden_states(tokens[None], cross)]).half()
+    if observer:
+        observer.commit()
     return ReferenceItem(mel, tokens, states, mode)
 
 
@@ -119,10 +133,11 @@ def reference_items(
     seed: int = 0,
     mode_shares: dict[str, float] | None = None,
     progress=None,
+    observer=None,
 ) -> list[ReferenceItem]:
     """Reference items for `clips` (audio arrays, or their `clip_mel`s), each in a decoding mode drawn by
     `mode_shares`; "prompt" items get a previous-text prompt made of one of `texts` (tokenized by
-    `encode_text`)."""
+    `encode_text`). `observer`: see `reference_item`."""
     mode_shares = mode_shares or {"plain": 0.7, "prompt": 0.15, "timestamps": 0.15}
     rng = np.random.default_rng(seed)
     modes, shares = list(mode_shares), np.array(list(mode_shares.values()))
@@ -133,7 +148,7 @@ def reference_items(
         mode = str(rng.choice(modes, p=shares / shares.sum()))
         previous = encode_text(texts[rng.integers(len(texts))]) if mode == "prompt" and texts else []
         mel = clip if isinstance(clip, Tensor) else clip_mel(clip, mel_filters)
-        item = reference_item(reference, mel, decoding, mode, previous)
+        item = reference_item(reference, mel, decoding, mode, previous, observer)
         if item is not None:
             items.append(item)
     return items
@@ -214,14 +229,15 @@ def clips_dir(
     seed: int,
     corpora: list[Path] = (),
     user_audio: list[Path] = (),
-    version: int = 1,
 ) -> Path:
     """$EDGE_ASR_HOME/adapt/clips-KEY: the mixes' clip mels, shared by every reference model (KEY names the
     mixes and audio, not the model)."""
     from edge_asr.paths import home
 
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    return home() / "adapt" / f"clips-{items_key(mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)}"
+    return (
+        home() / "adapt" / f"clips-{items_key(mix.main_dict(), asdict(held_out_mix), audio_key, ITEMS_VERSION, seed)}"
+    )
 
 
 @dataclass
@@ -280,7 +296,6 @@ def reference_sets(
     user_audio: list[Path] = (),
     work: Path | None = None,
     prefix: str = "context",
-    version: int = 1,
     step: Callable[[str], None] = lambda message: None,
     train_limit: int | None = None,
 ) -> tuple[Path, list, list]:
@@ -292,10 +307,10 @@ def reference_sets(
     reference = loaded.model.eval()
     filters = mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels)
     audio_key = [str(Path(p).resolve()) for p in [*corpora, *user_audio]]
-    key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, version, seed)
+    key = items_key(loaded.source.get("sha256"), mix.main_dict(), asdict(held_out_mix), audio_key, ITEMS_VERSION, seed)
     work = Path(work or home() / "adapt" / f"{prefix}-{key}")
     work.mkdir(parents=True, exist_ok=True)
-    shared = clips_dir(mix, held_out_mix, seed, corpora, user_audio, version)
+    shared = clips_dir(mix, held_out_mix, seed, corpora, user_audio)
     shared.mkdir(parents=True, exist_ok=True)
     progress = lambda items, desc: tqdm(items, desc=desc, unit="clip")  # noqa: E731
     cached_items = ItemCache(

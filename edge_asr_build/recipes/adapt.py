@@ -86,7 +86,7 @@ def adapt_context(run: RecipeRun, recipe: ContextRecipe | None = None) -> dict:
     run.step(f"load {run.source}")
     loaded = load_whisper(run.source)
     started = time.time()
-    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed, recipe.version)
+    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed)
     prepared = time.time() - started
     run.step(f"match the reference ({match.steps} steps)")
     student = copy.deepcopy(loaded.model.eval())

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from edge_asr.bundle import sha256_file
 from edge_asr.errors import EdgeAsrError
 from edge_asr.frontend import N_FFT, N_FRAMES, SAMPLE_RATE
-from edge_asr_build.compression.calibration import CalibrationMix, Distortion, calibration_clips, collect_moments
+from edge_asr_build.compression.calibration import CalibrationMix, Distortion, MomentRecorder, calibration_clips
 from edge_asr_build.compression.compress import (
     FACTORS_TOLERANCE,
     CompressionReport,
@@ -54,7 +54,6 @@ from edge_asr_build.matching.engine import (
     trainable_parameters,
 )
 from edge_asr_build.matching.lora import apply_delta, delta_metadata
-from edge_asr_build.recipes.adapt import ContextRecipe
 from edge_asr_build.recipes.run import RecipeRun, recipe_metadata, write_delta
 from edge_asr_build.sources import load_whisper
 from edge_asr_build.speech.training_audio import AudioMix, HeldOutMix
@@ -114,22 +113,23 @@ def calibrate(
 
     step(f"synthesize {mix.sentences + mix.short_utterances} calibration clips")
     clips = calibration_clips(mix)
-    step("reference transcripts of the calibration clips")
     reference = loaded.model.eval()
-    items = reference_items(
-        reference,
-        clips,
-        mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels),
-        decoding_rules(loaded),
-        _encoder(loaded.tokenizer_json),
-        [],
-        mode_shares={"plain": 1.0},
-    )
-    if not parts:  # the clips and transcripts alone (layer pruning measures whole blocks, not inputs)
-        return Calibration(items, {})
-    step("input moments of every layer")
+    # The input moments of every layer are recorded on the reference pass itself; none for layer pruning,
+    # which measures whole blocks, not inputs.
     sides = tuple(sorted({"encoder" if p.startswith("encoder") else "decoder" for p in parts}))
-    return Calibration(items, collect_moments(reference, items, sides=sides))
+    step("reference transcripts" + (" and input moments" if parts else "") + " of the calibration clips")
+    with MomentRecorder(reference, sides) as recorder:
+        items = reference_items(
+            reference,
+            clips,
+            mel_filters(SAMPLE_RATE, N_FFT, reference.dims.n_mels),
+            decoding_rules(loaded),
+            _encoder(loaded.tokenizer_json),
+            [],
+            mode_shares={"plain": 1.0},
+            observer=recorder if parts else None,
+        )
+    return Calibration(items, recorder.moments)
 
 
 def measure_structure(
@@ -229,7 +229,7 @@ def recover_compact(run: RecipeRun, recipe: CompactRecipe | None = None, structu
     student = factored(loaded, structure, calibration)
     fingerprint, params_after = factors_fingerprint(student), student.parameter_count()
     # The adapt pass's reference sets, shared: the same mixes make the same cache key.
-    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed, ContextRecipe.version)
+    work, train, held_out = run.reference_sets(loaded, recipe.mix, recipe.held_out, match.seed)
     prepared = time.time() - started
     run.step(f"recover by reference matching ({match.steps} steps)")
     # named by what makes the factors (not by their last bits, which are this machine's)

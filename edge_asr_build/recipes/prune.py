@@ -38,7 +38,7 @@ from edge_asr.frontend import N_FRAMES
 from edge_asr.metrics import normalize, word_error_rate
 from edge_asr_build.compression.calibration import CalibrationMix, Distortion
 from edge_asr_build.compression.layers import importance_table, layer_importance, prune, prune_plan
-from edge_asr_build.matching.data import clips_dir, greedy, load_clip_mels, padded
+from edge_asr_build.matching.data import greedy, load_clip_mels, padded
 from edge_asr_build.matching.engine import MatchConfig, MatchResult, match_reference, trainable_parameters
 from edge_asr_build.matching.lora import apply_delta, delta_metadata
 from edge_asr_build.recipes.adapt import ContextRecipe, held_out_frames, training_frames
@@ -130,11 +130,9 @@ def recover_pruned(run: RecipeRun, recipe: PrunedRecipe | None = None) -> dict:
     student = prune(loaded.model, {"decoder": [p["index"] for p in plan]})
     params_after = student.parameter_count()  # before adapters are added
     work, train, held_out = run.reference_sets(
-        loaded, recipe.mix, recipe.held_out, match.seed, ContextRecipe.version, train_limit=recipe.train_clips
+        loaded, recipe.mix, recipe.held_out, match.seed, train_limit=recipe.train_clips
     )
-    audio = clips_dir(
-        recipe.mix, recipe.held_out, match.seed, list(run.corpora), list(run.user_audio), ContextRecipe.version
-    )
+    audio = run.clips(recipe.mix, recipe.held_out, match.seed)
     mels, texts = load_clip_mels(audio / "held-out-mels.safetensors")
     policy = ContextPolicy.auto()
     own = lambda frames: policy.frames(frames * 160)  # noqa: E731

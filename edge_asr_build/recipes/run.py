@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from edge_asr_build.matching.data import reference_sets
+from edge_asr_build.matching.data import clips_dir, reference_sets
 from edge_asr_build.matching.engine import MatchConfig, MatchResult
 from edge_asr_build.matching.lora import save_delta
 from edge_asr_build.sources import LoadedWhisper
@@ -53,11 +53,10 @@ class RecipeRun:
         mix: AudioMix,
         held_out: HeldOutMix,
         seed: int,
-        version: int,
         train_limit: int | None = None,
     ) -> tuple[Path, list, list]:
         """(work folder, training items, held-out items) of `loaded` as the reference: shared by every recipe
-        with the same mixes, audio and `version` (see `matching.data.reference_sets`)."""
+        with the same mixes and audio (see `matching.data.reference_sets`)."""
         return reference_sets(
             loaded,
             decoding_rules(loaded),
@@ -68,10 +67,13 @@ class RecipeRun:
             list(self.user_audio),
             self.work,
             "context",
-            version,
             self.step,
             train_limit=train_limit,
         )
+
+    def clips(self, mix: AudioMix, held_out: HeldOutMix, seed: int) -> Path:
+        """The folder of the mixes' clip mels that `reference_sets` made (`matching.data.clips_dir`)."""
+        return clips_dir(mix, held_out, seed, list(self.corpora), list(self.user_audio))
 
     def audio(self) -> dict:
         """The run's audio as a delta's metadata records it."""
