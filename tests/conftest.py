@@ -7,8 +7,12 @@ reads recorded data from outside the repository.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,22 +85,108 @@ def stream_wav(stream, tmp_path_factory):
     return path
 
 
-def _build(tmp_path_factory, precision: str):
-    from edge_asr_build.bundle.pipeline import build_whisper_bundle
+# -- the shared bundles: built once per run, in the background ------------------------------------------------
 
-    out = tmp_path_factory.mktemp("bundles") / f"tiny.en-{precision}"
-    build_whisper_bundle("tiny.en", out, precision, evaluate_on=0, formats=["onnx", "ort", "tflite"])
-    return out
+# In-process as the build step's API makes them: tiny.en, the 30 s model, with every format.
+BUILD_WHISPER = """
+import sys
+from edge_asr_build.bundle.pipeline import build_whisper_bundle
+build_whisper_bundle("tiny.en", sys.argv[1], sys.argv[2], evaluate_on=0, formats=["onnx", "ort", "tflite"])
+"""
+
+
+def _bundle_builds(root: Path) -> dict[str, tuple[Path, list[str]]]:
+    """Fixture name -> (bundle folder, the command that builds it), in the order the suite first needs them."""
+    int8, fp32, auto = root / "tiny.en-int8", root / "tiny.en-fp32", root / "tiny.en-auto-int8"
+    return {
+        "bundle_int8": (int8, [sys.executable, "-c", BUILD_WHISPER, str(int8), "int8"]),
+        # the default bundle as `edge-asr build` makes it with no model flags (tiny.en, the shipped
+        # dynamic-context delta, int8), with ONNX and TFLite models
+        "bundle_auto": (
+            auto,
+            [sys.executable, "-m", "edge_asr", "build", "--out", str(auto), "--eval", "0", "--formats", "onnx,tflite"],
+        ),  # fmt: skip
+        "bundle_fp32": (fp32, [sys.executable, "-c", BUILD_WHISPER, str(fp32), "fp32"]),
+    }
+
+
+class BackgroundBuilds:
+    """Builds the bundles this run's tests use, one after another in a thread of their own, from the moment
+    the tests are collected: the builds (minutes of export and conversion) overlap the tests that need no
+    bundle. A fixture waits for its own bundle; a failed build fails the tests that need it."""
+
+    def __init__(self, builds: dict[str, tuple[Path, list[str]]], env: dict):
+        self.builds, self.env = builds, env
+        self.done = {name: threading.Event() for name in builds}
+        self.failed: dict[str, str] = {}
+        self.process: subprocess.Popen | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for name, (_, command) in self.builds.items():
+            if self.stopped:
+                break
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            _, stderr = self.process.communicate()
+            if self.process.returncode != 0:
+                self.failed[name] = stderr[-3000:] or f"exit status {self.process.returncode}"
+            self.done[name].set()
+        for event in self.done.values():
+            event.set()
+
+    def wait(self, name: str) -> Path:
+        self.done[name].wait()
+        assert name not in self.failed, f"building {name} failed:\n{self.failed[name]}"
+        folder = self.builds[name][0]
+        assert (folder / "manifest.json").exists(), f"{name} was not built (the run stopped first)"
+        return folder
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        self.thread.join(timeout=30)
+
+
+_background: BackgroundBuilds | None = None
+
+
+def pytest_collection_finish(session):
+    """Start building the bundles the collected tests use, at $EDGE_ASR_THREADS=1: the tests keep the rest."""
+    global _background
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    if "transcriber_int8" in used:
+        used.add("bundle_int8")
+    root = Path(tempfile.mkdtemp(prefix="edge-asr-test-bundles-"))
+    builds = {name: build for name, build in _bundle_builds(root).items() if name in used}
+    if builds:
+        env = os.environ | {"EDGE_ASR_HOME": str(root / "home"), "EDGE_ASR_THREADS": "1"}
+        _background = BackgroundBuilds(builds, env)
+    session.config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
+def pytest_sessionfinish(session):
+    if _background is not None:
+        _background.stop()
 
 
 @pytest.fixture(scope="session")
-def bundle_int8(tmp_path_factory):
-    return _build(tmp_path_factory, "int8")
+def bundle_int8():
+    return _background.wait("bundle_int8")
 
 
 @pytest.fixture(scope="session")
-def bundle_fp32(tmp_path_factory):
-    return _build(tmp_path_factory, "fp32")
+def bundle_fp32():
+    return _background.wait("bundle_fp32")
+
+
+@pytest.fixture(scope="session")
+def bundle_auto():
+    return _background.wait("bundle_auto")
 
 
 @pytest.fixture(scope="session")

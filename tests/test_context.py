@@ -173,20 +173,6 @@ def test_full_context_reproduces_the_transcripts_from_before_context_policies(bu
         assert [normalize(t) for t in texts] == [normalize(t) for t in golden["transcripts"][backend]], (backend, texts)
 
 
-@pytest.fixture(scope="module")
-def bundle_auto(tmp_path_factory):
-    """The default bundle as `edge-asr build` makes it with no model flags (tiny.en, the shipped
-    dynamic-context delta, int8), with ONNX and TFLite models: one build serves every test here."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny.en-auto-int8"
-    command = [sys.executable, "-m", "edge_asr", "build", "--out", str(out), "--eval", "0", "--formats", "onnx,tflite"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stderr
-    return out
-
-
 def test_default_bundle_reproduces_its_golden_transcripts(bundle_auto):
     """The default model as users run it (default decoding and the runtime's memory and thread settings:
     fused encoder attention, no spinning pools, LiteRT's shared weight cache) against transcripts made when
