@@ -70,7 +70,7 @@ def test_int8_bundle_is_smaller_and_described(bundle_int8, bundle_fp32):
             < 0.35 * fp32.model_bytes(fmt)
             + ((bundle_int8 / "decoder.int8.rows.bin").stat().st_size if fmt == "onnx" else 0)
         )
-    assert m["source"]["format"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
+    assert m.raw["source"]["format"] == "ctranslate2" and len(m.raw["source"]["sha256"]) == 64
 
 
 @pytest.mark.parametrize("blockwise", [None, "MatMul$"])
