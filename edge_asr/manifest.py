@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import __version__
@@ -111,8 +111,7 @@ class TokenizerSection:
 
     @classmethod
     def from_dict(cls, tokenizer: dict) -> TokenizerSection:
-        known = ("type", "tokens", "special", "alphabet", "blank")
-        return cls(**{k: tokenizer[k] for k in known if k in tokenizer})
+        return cls(**_known_fields(cls, tokenizer))
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,7 @@ class DecodingSection:
 
     @classmethod
     def from_dict(cls, decoding: dict) -> DecodingSection:
-        known = ("guards", "hotword_bonus", "hotword_prompt", "grammar_threshold", "short_window_beam")
-        return cls(**{k: decoding[k] for k in known if k in decoding})
+        return cls(**_known_fields(cls, decoding))
 
 
 @dataclass(frozen=True)
@@ -161,6 +159,8 @@ class Manifest:
             frontend = FrontendSection.from_dict(data["frontend"])
             section = "tokenizer"
             tokenizer = TokenizerSection.from_dict(data["tokenizer"])
+            if tokenizer.type == "byte-level-bpe" and not tokenizer.tokens:
+                raise KeyError("tokens")
             section = "decoding"
             decoding = DecodingSection.from_dict(data.get("decoding", {}))
             section = "files"
@@ -188,6 +188,11 @@ class Manifest:
         """The files the manifest points to, each of which must have a checksum in `files`."""
         listed = {self.frontend.mel_filters}.union(*(self.model.files(f) for f in MODEL_FORMATS))
         return listed | ({self.tokenizer.tokens} if self.tokenizer.tokens else set())
+
+
+def _known_fields(section: type, data: dict) -> dict:
+    """The keys of `data` that are fields of `section`; keys a newer builder added are left to `raw`."""
+    return {f.name: data[f.name] for f in fields(section) if f.name in data}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

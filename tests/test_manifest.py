@@ -40,6 +40,7 @@ def test_manifests_from_before_the_typed_schema_load_with_their_defaults(bundle_
         (lambda m: m["frontend"].pop("n_mels"), "frontend"),
         (lambda m: m.update(files={"x.onnx": {"bytes": "many"}}), "files"),
         (lambda m: m.update(tokenizer=["byte-level-bpe"]), "tokenizer"),
+        (lambda m: m["tokenizer"].pop("tokens"), "tokenizer"),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_its_section(bundle_int8, tmp_path, damage, section):
