@@ -8,8 +8,9 @@ call: CompiledModel API only), and the LSTM graph has a one-step and a chunk sig
 Whisper runs on ai-edge-litert's CompiledModel API where it exists: its XNNPACK weight cache packs the
 weights a file's signatures share once, where the Interpreter API packs them again for every signature.
 A dynamic-context bundle has eight window lengths, so that is 114 MB loaded instead of 400
-(`benchmarks/memory.py`). tflite-runtime (armv7) has only the Interpreter API, which `InterpreterWhisper`
-serves.
+(`benchmarks/memory.py`); and the packed weights are kept on disk from one run to the next
+(`weight_cache`), so that a run maps them instead of packing them. tflite-runtime (armv7) has only the
+Interpreter API, which `InterpreterWhisper` serves.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError, EdgeAsrError
 from .threads import resolve_threads
+from .weight_cache import WeightCache
 
 CHUNK_PREFIX = "prefill_"  # decoder signatures that take a prompt several tokens at a time
 
@@ -180,14 +182,19 @@ class CompiledWhisper:
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import Options
 
-        options = lambda: Options(  # noqa: E731
-            hardware_accelerators=HardwareAccelerator.CPU,
-            cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=":memory:"),
-        )
+        def load(role: str):
+            path = bundle.file(role, "tflite")
+            cache = WeightCache(bundle.manifest.files[path.name].sha256)
+            options = Options(
+                hardware_accelerators=HardwareAccelerator.CPU,
+                cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=cache.path),
+            )
+            model = self._load(api, path, _environment(), options)
+            cache.keep()
+            return model
+
         with _stderr_silenced():  # LiteRT logs its accelerator discovery on the process' stderr
-            environment = _environment()
-            self.encoder = self._load(api, bundle.file("encoder", "tflite"), environment, options())
-            self.decoder = self._load(api, bundle.file("decoder", "tflite"), environment, options())
+            self.encoder, self.decoder = load("encoder"), load("decoder")
         self._encoders = {_window_frames(name): name for name in self.encoder.get_signature_list()}
         self._decoders, self._chunks = {}, {}  # audio positions -> step / prompt-chunk signature name
         for name in self.decoder.get_signature_list():
