@@ -133,6 +133,28 @@ def _slots(name: str, cache: np.ndarray, start: int, stop: int) -> np.ndarray:
     return cache[..., start:stop] if "_k_" in name else cache[..., start:stop, :]
 
 
+def _audio_class(classes: list[int], padded: bool, positions: int) -> int:
+    """The decoder signature's audio positions for a window of `positions`: its own length, or, in a decoder
+    whose signatures take `audio_positions`, the shortest class that holds it."""
+    if positions in classes:
+        return positions
+    if padded and positions <= max(classes):
+        return min(c for c in classes if c >= positions)
+    raise EdgeAsrError(f"this TFLite decoder takes {sorted(classes)} audio positions, not {positions}")
+
+
+def _padded_cross(name: str, value: np.ndarray, positions: int) -> np.ndarray:
+    """A window's cross-attention key (positions last) or value (positions second to last), zero-padded to
+    `positions`; the decoder masks the padding."""
+    axis = -1 if "_k_" in name else -2
+    pad = positions - value.shape[axis]
+    if pad == 0:
+        return np.ascontiguousarray(value, dtype=np.float32)
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (0, pad)
+    return np.pad(value.astype(np.float32, copy=False), widths)
+
+
 def whisper_model(bundle: Bundle, threads: int | None = None):
     """Whisper on LiteRT through the best API installed."""
     return (CompiledWhisper if compiled_model_api() else InterpreterWhisper)(bundle, threads)
@@ -202,6 +224,7 @@ class CompiledWhisper:
             (self._chunks if name.startswith(CHUNK_PREFIX) else self._decoders)[positions] = name
         first = next(name for name in self.decoder.get_signature_list() if not name.startswith(CHUNK_PREFIX))
         inputs = self.decoder.get_input_tensor_details(first)
+        self._padded = "audio_positions" in inputs  # decoders since audio classes (see `_audio_class`)
         self.n_layer = sum(name.startswith("self_k_") for name in inputs)
         self.cross_names = [f"cross_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
         self.cache_names = [f"self_{kind}_{i}" for i in range(self.n_layer) for kind in ("k", "v")]
@@ -251,18 +274,18 @@ class CompiledWhisper:
 
     def _feed(self, cross: list[np.ndarray]) -> None:
         """Write a window's cross-attention keys and values, and pick the decoder signature for its length."""
-        name = self._decoders.get(cross[1].shape[-2])
-        if name is None:
-            raise EdgeAsrError(
-                f"this TFLite decoder takes {sorted(self._decoders)} audio positions, not {cross[1].shape[-2]}"
-            )
+        positions = _audio_class(list(self._decoders), self._padded, cross[1].shape[-2])
+        name = self._decoders[positions]
         cross_buffers = {}
         for n, value in zip(self.cross_names, cross):
             cross_buffers[n] = self.decoder.create_input_buffer_by_name(name, n)
-            cross_buffers[n].write(np.ascontiguousarray(value, dtype=np.float32))
+            cross_buffers[n].write(_padded_cross(n, value, positions))
+        if self._padded:
+            cross_buffers["audio_positions"] = self.decoder.create_input_buffer_by_name(name, "audio_positions")
+            cross_buffers["audio_positions"].write(np.array([cross[1].shape[-2]], np.int32))
         self._step_io.bind(self.decoder, name, cross_buffers)
         if self._chunk_io is not None:  # the same cross-attention buffers serve both signatures: written once
-            self._chunk_io.bind(self.decoder, self._chunks.get(cross[1].shape[-2]), cross_buffers)
+            self._chunk_io.bind(self.decoder, self._chunks.get(positions), cross_buffers)
         self._fed_cross = cross
 
     def _run(self, io: _DecoderBuffers, tokens: list[int], position: int) -> None:
@@ -351,6 +374,7 @@ class InterpreterWhisper:
             if not name.startswith(CHUNK_PREFIX)
         ]
         self.decoders = {signature.n_audio: signature for signature in signatures}
+        self._padded = "audio_positions" in signatures[0].inputs
         self._allocated: set[int] = set()  # subgraphs get their tensors when a window first needs them
         first = signatures[0]
         self.n_layer = sum(name.startswith("self_k_") for name in first.inputs)
@@ -390,15 +414,15 @@ class InterpreterWhisper:
         """Logits (n_vocab,) after the last of `tokens`, and the number of slots filled after them."""
         wrapper = self._wrapper
         if cross is not self._fed_cross:
-            signature = self.decoders.get(cross[1].shape[-2])
-            if signature is None:
-                raise EdgeAsrError(
-                    f"this TFLite decoder takes {sorted(self.decoders)} audio positions, not {cross[1].shape[-2]}"
-                )
+            positions = _audio_class(list(self.decoders), self._padded, cross[1].shape[-2])
+            signature = self.decoders[positions]
             if signature.subgraph not in self._allocated:
                 self._allocate(signature)
             for name, value in zip(self.cross_names, cross):
-                wrapper.SetTensor(signature.inputs[name], value, signature.subgraph)
+                wrapper.SetTensor(signature.inputs[name], _padded_cross(name, value, positions), signature.subgraph)
+            if self._padded:
+                audio_positions = np.array([cross[1].shape[-2]], np.int32)
+                wrapper.SetTensor(signature.inputs["audio_positions"], audio_positions, signature.subgraph)
             self._signature, self._fed_cross = signature, cross
         signature = self._signature
         for token in tokens:

@@ -90,6 +90,38 @@ def test_a_prompt_in_chunks_computes_what_it_computes_token_by_token(bundle_fp32
     assert max(np.abs(a - b).max() for a, b in zip(by_token[2], in_chunks[2])) < 1e-3
 
 
+def test_a_window_shorter_than_its_audio_class_is_padded_and_masked(bundle_auto, speech, monkeypatch):
+    """The default bundle's decoder has signatures per audio class, not per window length: a 3 s window's
+    cross-attention inputs are padded to the 5 s class, and what the padding holds changes nothing. Both
+    LiteRT APIs read the class signatures alike."""
+    from edge_asr import tflite_backend
+
+    bundle = Bundle.load(bundle_auto)
+    model = tflite_backend.CompiledWhisper(bundle)
+    assert model._padded and sorted(model._decoders) == sorted(model._chunks) == [250, 600, 1500]
+    _, audio = speech[0]
+    cross = model.encode(window_features(audio[: 2 * 16000], bundle.mel_filters, 300))
+    assert cross[1].shape[-2] == 150
+    prompt = [50257, 50362]
+    zeros, _ = model.decode(prompt, model.empty_cache(), list(cross))
+
+    pad = tflite_backend._padded_cross
+    rng = np.random.default_rng(0)
+
+    def noise_padded(name, value, positions):
+        padded = pad(name, value, positions)
+        own = value.shape[-1 if "_k_" in name else -2]
+        tail = padded[..., own:] if "_k_" in name else padded[..., own:, :]
+        tail[...] = rng.normal(0, 10, tail.shape)
+        return padded
+
+    monkeypatch.setattr(tflite_backend, "_padded_cross", noise_padded)
+    noise, _ = model.decode(prompt, model.empty_cache(), list(cross))
+    assert np.abs(noise - zeros).max() < 1e-4
+    interpreted, _ = tflite_backend.InterpreterWhisper(bundle).decode(prompt, 0, list(cross))
+    assert np.abs(interpreted - zeros).max() < 1e-3 and interpreted.argmax() == zeros.argmax()
+
+
 def test_command_mode_reads_the_same_window_on_every_backend(fp32_backends, speech):
     """Command mode reads the no-speech probability without its prompt: on LiteRT, whose model keeps one
     cache, that read must not leave its token in the slot the prompt starts from."""

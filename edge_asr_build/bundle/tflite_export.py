@@ -3,16 +3,22 @@ tflite-runtime / ai-edge-litert on devices where ONNX Runtime has no wheel (armv
 
 TFLite wants static shapes, so the graphs differ from the ONNX ones in how they handle time:
 
-  whisper  One signature per window length the bundle's context policy uses (3000 frames alone for a 30 s
-           model); the signatures of a file share its weights.
+  whisper  The encoder has one signature per window length the bundle's context policy uses (3000 frames
+           alone for a 30 s model); the decoder one per audio class (`audio_classes`: a few lengths that the
+           windows' cross-attention inputs are padded to). The signatures of a file share its weights.
            encoder.tflite  "encode_<frames>": mel (1, n_mels, frames) -> cross_k_i, cross_v_i (as encoder.onnx)
-           decoder.tflite  "decode_<frames / 2>": one token at a time over a fixed-length self-attention cache:
+           decoder.tflite  "decode_<positions>": one token at a time over a fixed-length self-attention cache:
                token (1, 1) int32, position (1,) int32, self_k_i (1, H, qk, L), self_v_i (1, H, L, vo),
-               cross_k_i, cross_v_i (that window's)  ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
+               cross_k_i, cross_v_i (a window's, zero-padded to the class's positions), and where a class
+               holds shorter windows, audio_positions (1,) int32 (the window's own; later ones are masked)
+               ->  logits (1, n_vocab), k_i (1, H, qk, 1), v_i (1, H, 1, vo)
+           Every signature carries its own tensor tables and quantization parameters (0.9 MB for tiny.en's
+           decoder, all read at load) and, once run, its own arena: eight window lengths with a prompt-chunk
+           signature each made 16 decoder signatures, 65 MB resident after loading; three classes make 6.
            The graph returns only the new token's key and value; the runtime writes them into slot
            `position` of the cache it feeds back. Slots at or after `position` are masked, so unwritten
            slots never matter, and a step copies a few kilobytes instead of the whole cache.
-                           "prefill_<frames / 2>": the same for PROMPT_CHUNK tokens at once (token
+                           "prefill_<positions>": the same for PROMPT_CHUNK tokens at once (token
                (1, PROMPT_CHUNK), slots position…, each token seeing the slots up to its own; k_i and v_i
                for each), so that a prompt costs a run per chunk: a command grammar's 24-token prompt took
                106-185 ms a token at a time and 16-28 ms in chunks (LiteRT, 2 threads, a 1 s window).
@@ -38,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edge_asr.context import FRAMES_PER_SECOND
 from edge_asr_build.bundle.onnx_export import cache_names
 from edge_asr_build.compression.factors import FactoredTokenEmbedding
 from edge_asr_build.whisper.model import Whisper
@@ -48,6 +55,10 @@ MAX_TOKENS = 232
 # runs instead of a run per token.
 PROMPT_CHUNK = 8
 MASKED = -1e9  # not -inf: a fully masked row must stay finite, and every int8 kernel handles a finite value
+# The decoder's audio classes, in seconds: a window's cross-attention inputs are padded to the shortest class
+# that holds it. Three keep the padding cheap (a 3 s window attends over 5 s: 1.2 M more multiply-adds a token,
+# of about 30 M) and the signatures few.
+AUDIO_CLASSES_S = (5, 12, 30)
 
 
 class EncoderGraph(nn.Module):
@@ -65,15 +76,19 @@ class DecoderStepGraph(nn.Module):
     """`n_tokens` decoding steps at once over a fixed-length cache (1: a step; more: a chunk of a prompt);
     see the module docstring for the protocol."""
 
-    def __init__(self, model: Whisper, max_tokens: int = MAX_TOKENS, n_tokens: int = 1):
+    def __init__(self, model: Whisper, max_tokens: int = MAX_TOKENS, n_tokens: int = 1, padded: bool = False):
         super().__init__()
         self.decoder = model.decoder
-        self.max_tokens, self.n_tokens = max_tokens, n_tokens
+        self.max_tokens, self.n_tokens, self.padded = max_tokens, n_tokens, padded
         self.n_layer = len(model.decoder.blocks)
 
     def forward(self, token: Tensor, position: Tensor, *caches: Tensor) -> dict[str, Tensor]:
         n = 2 * self.n_layer
-        cache, cross = caches[:n], caches[n:]
+        cache, cross = caches[:n], caches[n : 2 * n]
+        cross_mask = None
+        if self.padded:  # the last input: the window's own audio positions; the padding after them is masked
+            audio_positions = caches[2 * n]
+            cross_mask = torch.where(torch.arange(cross[1].shape[-2]) < audio_positions, 0.0, MASKED)
         d = self.decoder
         positions = position + torch.arange(self.n_tokens)  # (n_tokens,)
         x = d.token_embedding.embed(token.long()) + d.positional_embedding.index_select(0, positions.long())[None]
@@ -87,7 +102,7 @@ class DecoderStepGraph(nn.Module):
             keys, values = self._written(written, k_t, v, cache[2 * i], cache[2 * i + 1])
             x = x + block.attn.attend(block.attn.project_query(h), keys, values, mask)
             c = block.cross_attn
-            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1])
+            x = x + c.attend(c.project_query(block.cross_attn_ln(x)), cross[2 * i], cross[2 * i + 1], cross_mask)
             x = x + block.mlp(block.mlp_ln(x))
             out[f"k_{i}"], out[f"v_{i}"] = k_t, v
         return {"logits": d.token_embedding.logits(d.ln(x[:, -1])), **out}
@@ -222,14 +237,26 @@ def encoder_signature(frames: int) -> str:
     return f"encode_{frames}"
 
 
-def chunk_signature(frames: int) -> str:
-    """The decoder signature that takes PROMPT_CHUNK tokens at once, for windows of `frames` mel frames."""
-    return f"prefill_{frames // 2}"
+def chunk_signature(positions: int) -> str:
+    """The decoder signature that takes PROMPT_CHUNK tokens at once, for windows of `positions` audio positions."""
+    return f"prefill_{positions}"
 
 
-def decoder_signature(frames: int) -> str:
-    """The decoder signature for windows of `frames` mel frames (frames / 2 audio positions)."""
-    return f"decode_{frames // 2}"
+def decoder_signature(positions: int) -> str:
+    """The decoder signature for windows of `positions` audio positions (mel frames / 2)."""
+    return f"decode_{positions}"
+
+
+def audio_classes(bucket_frames: list[int]) -> tuple[list[int], bool]:
+    """The decoder signatures' audio positions: per class of AUDIO_CLASSES_S, the longest window that fits
+    in it; and whether some window is shorter than its class (then every signature takes `audio_positions`).
+    The longest window is always a class, so every window has one."""
+    positions = sorted({frames // 2 for frames in bucket_frames})
+    per_second = FRAMES_PER_SECOND // 2
+    classes = sorted(
+        {max(p for p in positions if p <= s * per_second) for s in AUDIO_CLASSES_S if positions[0] <= s * per_second}
+    )
+    return classes, any(p not in classes for p in positions)
 
 
 def export_whisper_tflite(
@@ -237,10 +264,10 @@ def export_whisper_tflite(
 ) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
-    Both have one signature per window length in `bucket_frames` ("encode_<frames>", "decode_<frames / 2>", whose
-    cross-attention inputs are that window's), each file over one copy of the weights. The token embedding stays
-    (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output projection is then a FULLY_CONNECTED
-    op, which the quantizer stores as int8 per vocabulary row."""
+    The encoder has one signature per window length in `bucket_frames` ("encode_<frames>"), the decoder two
+    per audio class ("decode_<positions>", "prefill_<positions>"), each file over one copy of the weights. The
+    token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output projection is
+    then a FULLY_CONNECTED op, which the quantizer stores as int8 per vocabulary row."""
 
     model = copy.deepcopy(model).eval()
     if isinstance(model.decoder.token_embedding, FactoredTokenEmbedding):
@@ -249,13 +276,17 @@ def export_whisper_tflite(
     graph = Keywords(EncoderGraph(model), ["mel"])
     signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
     encoder = convert_signatures(signatures, out_dir / "encoder.tflite")
-    step, chunk = DecoderStepGraph(model, max_tokens), DecoderStepGraph(model, max_tokens, PROMPT_CHUNK)
+    classes, padded = audio_classes(list(bucket_frames))
+    step = DecoderStepGraph(model, max_tokens, padded=padded)
+    chunk = DecoderStepGraph(model, max_tokens, PROMPT_CHUNK, padded=padded)
     signatures = []
-    for frames in bucket_frames:
-        inputs = whisper_decoder_inputs(model, max_tokens, frames // 2)
-        signatures.append((decoder_signature(frames), Keywords(step, list(inputs)), inputs))
+    for positions in classes:
+        inputs = whisper_decoder_inputs(model, max_tokens, positions)
+        if padded:
+            inputs["audio_positions"] = torch.full((1,), positions, dtype=torch.int32)
+        signatures.append((decoder_signature(positions), Keywords(step, list(inputs)), inputs))
         chunk_inputs = {**inputs, "token": torch.zeros(1, PROMPT_CHUNK, dtype=torch.int32)}
-        signatures.append((chunk_signature(frames), Keywords(chunk, list(chunk_inputs)), chunk_inputs))
+        signatures.append((chunk_signature(positions), Keywords(chunk, list(chunk_inputs)), chunk_inputs))
     decoder = convert_signatures(signatures, out_dir / "decoder.tflite")
     return {"encoder": encoder, "decoder": decoder}
 
