@@ -352,9 +352,10 @@ class InterpreterWhisper:
     the cross-attention keys and values are written once per window. The cache being the interpreter's,
     it holds one decoding path at a time, which is what greedy decoding needs.
 
-    Both models have one signature per window length (bundles from before context policies have a single
-    "encode" / "decode" for 30 s windows). A window's length picks the encoder signature, and its cross
-    keys and values, the decoder signature. Each decoder signature is a subgraph with its own tensors,
+    The encoder has one signature per window length (bundles from before context policies have a single
+    "encode" / "decode" for 30 s windows), the decoder one per audio class (one per window length in
+    bundles from before classes). A window's length picks the encoder signature, and its cross keys and
+    values, padded to their class, the decoder signature. Each decoder signature is a subgraph with its own tensors,
     reached through the interpreter's wrapper, since LiteRT's public `tensor()` view and `invoke()` only
     serve the first subgraph."""
 
