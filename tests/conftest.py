@@ -155,24 +155,6 @@ class BackgroundBuilds:
 _background: BackgroundBuilds | None = None
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Modules that need no shared bundle first, then those that need the bundles in the order they are built,
-    and among those the ones with the most tests before their first wait (a module's own order kept): the
-    first tests run while the bundles build, instead of waiting for them."""
-    rank = {name: i + 1 for i, name in enumerate(_bundle_builds(Path(".")))}
-    rank["transcriber_int8"] = rank["bundle_int8"]
-    needs: dict[str, int] = {}
-    before_first_wait: dict[str, int] = {}
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        needed = max((rank[name] for name in getattr(item, "fixturenames", ()) if name in rank), default=0)
-        needs[module] = max(needs.get(module, 0), needed)
-        if needs[module] == 0:
-            before_first_wait[module] = before_first_wait.get(module, 0) + 1
-    module_of = lambda item: item.nodeid.split("::")[0]  # noqa: E731
-    items.sort(key=lambda item: (needs[module_of(item)], -before_first_wait.get(module_of(item), 0)))
-
-
 def pytest_collection_finish(session):
     """Start building the bundles the collected tests use, at $EDGE_ASR_THREADS=1: the tests keep the rest."""
     global _background
