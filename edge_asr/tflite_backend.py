@@ -128,9 +128,15 @@ def _read(buffer, shape) -> np.ndarray:
     return buffer.read(int(np.prod(shape)), np.float32).reshape(shape)
 
 
+def _positions_axis(name: str) -> int:
+    """The axis of a key or value tensor (self or cross) that runs over positions: keys are stored
+    transposed (positions last), values are not (positions second to last)."""
+    return -1 if "_k_" in name else -2
+
+
 def _slots(name: str, cache: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Cache slots start..stop of a self-attention key or value (keys are stored transposed: slots last)."""
-    return cache[..., start:stop] if "_k_" in name else cache[..., start:stop, :]
+    """Cache slots start..stop of a self-attention key or value."""
+    return cache[..., start:stop] if _positions_axis(name) == -1 else cache[..., start:stop, :]
 
 
 def _audio_class(classes: list[int], padded: bool, positions: int) -> int:
@@ -144,9 +150,8 @@ def _audio_class(classes: list[int], padded: bool, positions: int) -> int:
 
 
 def _padded_cross(name: str, value: np.ndarray, positions: int) -> np.ndarray:
-    """A window's cross-attention key (positions last) or value (positions second to last), zero-padded to
-    `positions`; the decoder masks the padding."""
-    axis = -1 if "_k_" in name else -2
+    """A window's cross-attention key or value, zero-padded to `positions`; the decoder masks the padding."""
+    axis = _positions_axis(name)
     pad = positions - value.shape[axis]
     if pad == 0:
         return np.ascontiguousarray(value, dtype=np.float32)
@@ -211,7 +216,11 @@ class CompiledWhisper:
                 hardware_accelerators=HardwareAccelerator.CPU,
                 cpu_options=CpuOptions(num_threads=resolve_threads(threads), xnnpack_weight_cache_path=cache.path),
             )
-            model = self._load(api, path, _environment(), options)
+            try:
+                model = self._load(api, path, _environment(), options)
+            except BundleError:
+                cache.discard()
+                raise
             cache.keep()
             return model
 
@@ -340,7 +349,7 @@ class CompiledWhisper:
             for rows, name in zip(new, self.cache_names):
                 rows.append(self._step_io.output(name.removeprefix("self_")))
         cache = [
-            np.concatenate([c, np.concatenate(rows)], axis=-1 if "_k_" in name else -2)  # keys: transposed
+            np.concatenate([c, np.concatenate(rows)], axis=_positions_axis(name))
             for name, c, rows in zip(self.cache_names, cache, new)
         ]
         return np.stack(logits), cache

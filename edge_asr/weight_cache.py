@@ -33,18 +33,22 @@ def _litert_version() -> str:
         return "unknown"
 
 
+def _sidecar(cache: Path) -> Path:
+    """The file that holds the cache's sha256, written once the cache is complete."""
+    return cache.with_suffix(".sha256")
+
+
 def _is_intact(cache: Path) -> bool:
-    sidecar = cache.with_suffix(".sha256")
     try:
-        return sidecar.read_text().strip() == sha256_file(cache)
+        return _sidecar(cache).read_text().strip() == sha256_file(cache)
     except OSError:
         return False
 
 
 class WeightCache:
     """Where one model's packed weights go: `path` for LiteRT's CPU options, then `keep()` once the model
-    has loaded (a new cache is packed under a name of this process' own and moved into place, so that two
-    processes starting at once never read each other's half-written file)."""
+    has loaded, or `discard()` if it failed to. A new cache is packed under a name of this process' own and
+    moved into place, so that two processes starting at once never read each other's half-written file."""
 
     def __init__(self, model_sha256: str):
         self.path, self._building = IN_MEMORY, None
@@ -68,12 +72,21 @@ class WeightCache:
         if self._building is None:
             return
         building, self._building = self._building, None
+        sidecar = _sidecar(self._cache)
+        pending = sidecar.with_name(f"{sidecar.name}.{os.getpid()}")
         try:
             digest = sha256_file(building)
             os.replace(building, self._cache)
-            sidecar = self._cache.with_suffix(".sha256")
-            sidecar.with_name(sidecar.name + f".{os.getpid()}").write_text(digest + "\n")
-            os.replace(sidecar.with_name(sidecar.name + f".{os.getpid()}"), sidecar)
+            pending.write_text(digest + "\n")
+            os.replace(pending, sidecar)
         except OSError:  # a full disk: this process keeps its mapping, the next one packs again
+            for leftover in (building, pending):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+    def discard(self) -> None:
+        """Remove what a load that failed may have begun packing."""
+        if self._building is not None:
             with contextlib.suppress(OSError):
-                building.unlink()
+                self._building.unlink()
+            self._building = None
