@@ -1,7 +1,15 @@
-"""Audio source for files: read, mix to mono, resample to the model's rate."""
+"""Audio source for files: read, mix to mono, resample to the model's rate.
+
+Float files may hold any number; a model trained on [-1, 1] turns samples far outside it into text
+(all samples at 1e30 read as "I"). So samples that are not finite refuse the file, and samples outside
+[-1, 1] are clipped, with one warning (an `AudioWarning`) when they go far outside: a float file scaled
+as 16-bit, or a gain gone wrong. A constant or clipped signal then carries no speech, and the guards give
+no text for it.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,14 +18,36 @@ import numpy as np
 from .errors import AudioError
 from .frontend import SAMPLE_RATE
 
+FAR_OUTSIDE = 2.0  # a peak past this is reported when clipped (6 dB over full scale)
+
+
+class AudioWarning(UserWarning):
+    """Audio that was read, but changed to be read: samples clipped into [-1, 1]."""
+
+
+def mono_in_range(audio: np.ndarray, label: str, warn: bool = True) -> np.ndarray:
+    """(frames, channels) float samples -> mono float32 in [-1, 1]; an AudioError if any is not finite.
+    `warn`: warn if clipping goes far (a stream warns once, not every block)."""
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{label}: contains non-finite samples (corrupt file?)")
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak > 1.0:
+        if peak > FAR_OUTSIDE and warn:
+            warnings.warn(
+                AudioWarning(f"{label}: samples reach {peak:.3g}, far outside [-1, 1]; clipped"), stacklevel=2
+            )
+        audio = np.clip(audio, -1.0, 1.0)
+    return audio.mean(axis=1, dtype=np.float32)
+
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
-    """Band-limited resampling with soxr (high quality, fast on small CPUs)."""
+    """Band-limited resampling with soxr (high quality, fast on small CPUs). Samples stay in [-1, 1]: a
+    band-limited copy of a clipped signal overshoots (to 1.57 on a fuzzed file)."""
     if rate == target:
         return np.ascontiguousarray(audio, dtype=np.float32)
     import soxr
 
-    return np.ascontiguousarray(soxr.resample(audio, rate, target), dtype=np.float32)
+    return np.clip(np.ascontiguousarray(soxr.resample(audio, rate, target), dtype=np.float32), -1.0, 1.0)
 
 
 def load_audio(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -44,10 +74,7 @@ def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{label}: not a readable audio file ({e})") from None
     if audio.shape[0] == 0:
         raise AudioError(f"{label}: contains no audio samples")
-    mono = audio.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise AudioError(f"{label}: contains non-finite samples (corrupt file?)")
-    return resample(mono, rate, target)
+    return resample(mono_in_range(audio, label), rate, target)
 
 
 class AudioFile:
@@ -85,14 +112,14 @@ class AudioFile:
 
             stream = soxr.ResampleStream(self.rate, self.target, 1, dtype="float32")
         frames = max(1, int(seconds * self.rate))
+        clipped = False
         try:
             with self._file as f:
                 f.seek(0)
                 for block in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
-                    mono = block.mean(axis=1)
-                    if not np.isfinite(mono).all():
-                        raise AudioError(f"{self.label}: contains non-finite samples (corrupt file?)")
-                    yield mono if stream is None else stream.resample_chunk(mono)
+                    mono = mono_in_range(block, self.label, warn=not clipped)
+                    clipped = clipped or float(np.abs(block).max()) > FAR_OUTSIDE
+                    yield mono if stream is None else np.clip(stream.resample_chunk(mono), -1.0, 1.0)
                 if stream is not None:
                     yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
         except sf.LibsndfileError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -438,8 +439,13 @@ def forwarded_commands() -> dict:
     return {ep.name: ep for ep in entry_points(group=FORWARDED)}
 
 
+def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edge-asr: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.showwarning = _warning_on_one_line  # e.g. audio.AudioWarning: clipped samples
     parser = build_parser()
     if argv and argv[0] not in parser.runtime_commands:
         forwarded = forwarded_commands()

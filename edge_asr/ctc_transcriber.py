@@ -17,6 +17,7 @@ from .backend import open_model
 from .bundle import Bundle
 from .ctc import WordBias, greedy_symbols, greedy_words, prefix_beam_search, symbols_to_text
 from .frontend import SAMPLE_RATE, LogMelStream
+from .manifest import conform_fields
 from .results import Segment, Transcript
 
 # Silence fed after the last sample: a unidirectional model emits a character a few frames after it
@@ -56,7 +57,9 @@ class CtcTranscriber:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.model = open_model(self.bundle, threads, backend)
         self.alphabet = self.bundle.manifest.tokenizer.alphabet
-        self.options = options or CtcOptions(**self.bundle.manifest.decoder.get("defaults", {}))
+        self.options = options or conform_fields(
+            CtcOptions, self.bundle.manifest.decoder.get("defaults", {}), "decoder.defaults"
+        )
         self.bias = WordBias(self.options.bias_words, self.options.bias) if self.options.bias_words else None
 
     def stream(self) -> "CtcStream":

@@ -15,3 +15,9 @@ class BundleError(EdgeAsrError):
     """A model bundle that is missing, incomplete, tampered with or of an unknown format."""
 
     exit_code = 3
+
+
+class InputError(EdgeAsrError):
+    """Text a user gave (hotwords, a prompt, a grammar, a configuration) that is unreadable or past a limit."""
+
+    exit_code = 2

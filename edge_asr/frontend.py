@@ -23,6 +23,15 @@ _HANN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.flo
 BLOCK_FRAMES = 256
 
 
+def in_range(audio: np.ndarray) -> np.ndarray:
+    """`audio` with every sample a number in [-1, 1]: what the model was trained on, and what keeps its
+    features finite. Sources clip already (`audio.mono_in_range`, with a warning); this guards arrays given
+    through the Python API, and costs two passes only when a sample is out of range."""
+    if audio.size and (not audio.max() <= 1.0 or not audio.min() >= -1.0):  # NaN fails both comparisons
+        audio = np.clip(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    return audio
+
+
 def power_spectrogram(frames: np.ndarray) -> np.ndarray:
     """|FFT|² of (T, N_FFT) frames after the Hann window: (201, T) float32."""
     spectrum = np.fft.rfft(frames * _HANN, axis=-1)
@@ -58,7 +67,7 @@ def window_features(audio: np.ndarray, mel_filters: np.ndarray, frames: int = N_
     frames beyond the audio are then zeros in the log-mel domain, as in openai-whisper's transcribe.
     """
     n_frames = len(audio) // HOP_LENGTH
-    return pad_or_trim(log_mel_spectrogram(audio, mel_filters, padding=N_FFT)[:, :n_frames], frames)
+    return pad_or_trim(log_mel_spectrogram(in_range(audio), mel_filters, padding=N_FFT)[:, :n_frames], frames)
 
 
 def pad_or_trim(mel: np.ndarray, length: int = N_FRAMES) -> np.ndarray:
@@ -93,7 +102,7 @@ class LogMelStream:
         self.pending = np.zeros(0, dtype=np.float32)
 
     def accept(self, samples: np.ndarray) -> np.ndarray:
-        audio = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
+        audio = np.concatenate([self.pending, in_range(samples.astype(np.float32, copy=False))])
         n = 0 if len(audio) < N_FFT else 1 + (len(audio) - N_FFT) // HOP_LENGTH
         self.pending = audio[n * HOP_LENGTH :]
         return frame_log_mel(audio[: (n - 1) * HOP_LENGTH + N_FFT] if n else audio[:0], self.mel_filters)

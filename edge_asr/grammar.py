@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .errors import EdgeAsrError
+from .errors import InputError
+from .limits import check_word, read_text_file
 
 UNKNOWN = "[unk]"
 DIGIT_WORDS = {
@@ -49,8 +50,8 @@ MAX_STATES = 200_000  # nested repetitions multiply: (((x){64}){64}){64} is refu
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
-class GrammarError(EdgeAsrError):
-    exit_code = 2
+class GrammarError(InputError):
+    pass
 
 
 def word_spellings(word: str) -> set[str]:
@@ -293,7 +294,7 @@ class _Parser:
         token = self.peek()
         self.pos += 1
         if token.kind == "literal":
-            words = _WORD.findall(_unescape(token.text[1:-1]).lower())
+            words = [check_word(w, self.source) for w in _WORD.findall(_unescape(token.text[1:-1]).lower())]
             return ("seq", [("word", w) for w in words])
         if token.kind == "chars":
             chars = _class_chars(token, self.source)
@@ -337,11 +338,7 @@ class Grammar:
     @classmethod
     def from_file(cls, path: str | Path) -> Grammar:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GrammarError(f"{path}: cannot read the grammar ({getattr(e, 'strerror', None) or e})") from None
-        return cls.from_text(text, path.stem, str(path))
+        return cls.from_text(read_text_file(path, "grammar"), path.stem, str(path))
 
     @classmethod
     def from_text(cls, text: str, name: str = "grammar", source: str = "<grammar>") -> Grammar:
@@ -362,7 +359,7 @@ def phrase_list(phrases: list[str], source: str = "<phrases>") -> WordAutomaton:
     rules = {"root": ("alt", [("ref", f"phrase{i}", None) for i in range(len(phrases))])}
     names = {}
     for i, phrase in enumerate(phrases):
-        words = text_words(phrase)
+        words = [check_word(w, source) for w in text_words(phrase)]
         if not words:
             raise GrammarError(f"{source}: phrase {phrase.strip()!r} has no words")
         rules[f"phrase{i}"] = ("seq", [("word", w) for w in words])

@@ -27,9 +27,10 @@ configuration override them.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
-from .manifest import Manifest
+from .errors import BundleError
+from .manifest import Manifest, ManifestError, conform_fields
 
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # A loop: a span of text tokens repeated back to back at least MIN_REPEATS times, covering at least
@@ -82,12 +83,10 @@ class Guards:
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "Guards":
         """The bundle's recorded thresholds; Whisper's defaults where it records none."""
-        section = manifest.decoding.guards
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in section.items() if k in known}
-        if "temperatures" in values:
-            values["temperatures"] = tuple(float(t) for t in values["temperatures"])
-        return cls(**values)
+        try:
+            return conform_fields(cls, manifest.decoding.guards, "decoding.guards")
+        except ManifestError as e:
+            raise BundleError(f"{manifest.name}: malformed manifest: {e}") from None
 
     def with_overrides(self, **values) -> "Guards":
         """These guards with every value that is not None replaced (flags, the daemon's configuration)."""

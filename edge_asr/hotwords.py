@@ -17,11 +17,10 @@ The LSTM-CTC path biases characters the same way (see `ctc.WordBias`).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeAsrError
+from .limits import check_hotwords, read_text_file
 
 # For Whisper bundles that record none; chosen on benchmarks/hotwords.py's tuning sets (see the README):
 # naming the words in the prompt found more of them than any logit bonus, with no insertions.
@@ -44,12 +43,9 @@ def read_word_list(words: str | None = None, path: str | None = None) -> list[st
     if words:
         found += [w.strip() for w in words.split(",") if w.strip()]
     for file in files:
-        try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgeAsrError(f"{file}: cannot read the word list ({getattr(e, 'strerror', None) or e})") from None
+        lines = read_text_file(file, "word list").splitlines()
         found += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-    return list(dict.fromkeys(found))
+    return check_hotwords(list(dict.fromkeys(found)), ", ".join(files) or "--hotwords")
 
 
 def letters_and_digits(text: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .limits import check_hotwords, check_prompt
+
 
 @dataclass
 class DecodingSettings:
@@ -19,3 +21,7 @@ class DecodingSettings:
     seed: int = 0  # of the guards' fallback sampling
     grammar: str | None = None  # Whisper: command mode, a grammar or phrase list file
     grammar_threshold: float | None = None  # its rejection threshold (None: the bundle's)
+
+    def __post_init__(self):
+        check_hotwords(self.hotwords)
+        check_prompt(self.prompt)

@@ -1,7 +1,8 @@
 """The typed manifest: what the build step writes reads back, older manifests load, and a malformed one is a
-one-line BundleError naming the section."""
+one-line BundleError naming the key."""
 
 import json
+import re
 
 import pytest
 
@@ -34,18 +35,23 @@ def test_manifests_from_before_the_typed_schema_load_with_their_defaults(bundle_
 
 
 @pytest.mark.parametrize(
-    "damage, section",
+    "damage, key",
     [
-        (lambda m: m.pop("model"), "model"),
-        (lambda m: m["frontend"].pop("n_mels"), "frontend"),
-        (lambda m: m.update(files={"x.onnx": {"bytes": "many"}}), "files"),
-        (lambda m: m.update(tokenizer=["byte-level-bpe"]), "tokenizer"),
-        (lambda m: m["tokenizer"].pop("tokens"), "tokenizer"),
+        (lambda m: m.pop("model"), "model is missing or null"),
+        (lambda m: m["frontend"].pop("n_mels"), "frontend.n_mels is missing or null"),
+        (lambda m: m.update(files={"x.onnx": {"bytes": "many"}}), "files.x.onnx.bytes must be int, not str"),
+        (lambda m: m.update(tokenizer=["byte-level-bpe"]), "tokenizer must be dict, not list"),
+        (lambda m: m["tokenizer"].pop("tokens"), "tokenizer.tokens must name a file inside the bundle's folder"),
+        (lambda m: m["model"]["dims"].pop("n_vocab"), "model.dims.n_vocab must be a positive integer"),
+        (lambda m: m["frontend"].update(sample_rate=8000), "frontend.sample_rate must be 16000, not 8000"),
+        (lambda m: m["frontend"]["context"].update(buckets_s=[0, 30]), "frontend.context.buckets_s must be"),
+        (lambda m: m["decoder"]["special_tokens"].update(eot=-1), "decoder.special_tokens holds token -1"),
+        (lambda m: m["files"].update({"../x": {"bytes": 1, "sha256": "0"}}), "files must name a file inside"),
     ],
 )
-def test_a_malformed_manifest_is_refused_naming_its_section(bundle_int8, tmp_path, damage, section):
+def test_a_malformed_manifest_is_refused_naming_its_key(bundle_int8, tmp_path, damage, key):
     raw = json.loads((bundle_int8 / "manifest.json").read_text())
     damage(raw)
-    with pytest.raises(BundleError, match=f"malformed manifest \\({section}:"):
+    with pytest.raises(BundleError, match=f"malformed manifest: {re.escape(key)}"):
         write_manifest(tmp_path, raw)
     assert not (tmp_path / "manifest.json").exists()  # a builder never writes what the runtime cannot read

@@ -10,6 +10,7 @@ transcripts as JSON. With an [mqtt] host, the JSONL file is also the spool an MQ
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 import tomllib
 
 from ..endpointer import Endpointer
-from ..errors import EdgeAsrError
+from ..errors import EdgeAsrError, InputError
+from ..limits import read_text_file
 from ..paths import bundle_dir
 from ..settings import DecodingSettings
 from ..sources import FileSource, MicrophoneSource
@@ -78,26 +80,70 @@ DEFAULTS = {
 }
 
 
+# The kind of every key whose default is unset (None); every other key is of its default's kind, and a
+# number (float) may be written as an integer.
+UNSET_KINDS = {
+    ("input", "device"): (str, int),
+    ("input", "rate"): int,
+    ("model", "bundle"): str,
+    ("model", "beam"): int,
+    ("decoding", "beam"): int,
+    ("decoding", "prompt"): str,
+    ("decoding", "hotword_bonus"): float,
+    ("decoding", "hotword_prompt"): bool,
+    ("decoding", "no_speech_threshold"): float,
+    ("decoding", "logprob_threshold"): float,
+    ("decoding", "compression_ratio_threshold"): float,
+    ("decoding", "vad_gate"): bool,
+    ("decoding", "grammar"): str,
+    ("decoding", "grammar_threshold"): float,
+    ("output", "jsonl"): str,
+    ("status", "listen"): (str, bool),  # false: no endpoint
+    ("mqtt", "host"): str,
+    ("mqtt", "port"): int,
+} | {("mqtt", k): str for k in ("ca_file", "cert_file", "key_file", "credentials", "device_id")}
+
+
 def load_config(path: str | Path) -> dict:
+    text = read_text_file(path, "configuration")
     try:
-        user = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EdgeAsrError(f"{path}: no such configuration file") from None
+        user = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise EdgeAsrError(f"{path}: not valid TOML ({e})") from None
+        raise InputError(f"{path}: not valid TOML ({e})") from None
     config = {}
     for section, defaults in DEFAULTS.items():
         given = user.get(section, {})
-        unknown = set(given) - set(defaults) if section != "grammars" else set()
-        if section == "grammars" and not all(isinstance(v, str) for v in given.values()):
-            raise EdgeAsrError(f'{path}: [grammars] maps names to grammar files, e.g. menu = "menu.gbnf"')
-        if unknown:
-            raise EdgeAsrError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+        if not isinstance(given, dict):
+            raise InputError(f"{path}: {section} must be a section, [{section}]")
+        if section == "grammars":
+            if not all(isinstance(v, str) for v in given.values()):
+                raise InputError(f'{path}: [grammars] maps names to grammar files, e.g. menu = "menu.gbnf"')
+        else:
+            unknown = set(given) - set(defaults)
+            if unknown:
+                raise InputError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+            for key, value in given.items():
+                kind = UNSET_KINDS.get((section, key)) or type(defaults[key])
+                if not _is_kind(value, kind):
+                    raise InputError(f"{path}: [{section}] {key} = {str(value)[:40]}: expected {_kind_name(kind)}")
         config[section] = defaults | given
     unknown_sections = set(user) - set(DEFAULTS)
     if unknown_sections:
-        raise EdgeAsrError(f"{path}: unknown section(s): {', '.join(sorted(unknown_sections))}")
+        raise InputError(f"{path}: unknown section(s): {', '.join(sorted(unknown_sections))}")
     return config
+
+
+def _is_kind(value, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    if isinstance(value, float) and float in kinds:
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return list in kinds and all(isinstance(v, str) for v in value)  # lists of words
+    return isinstance(value, kinds)
 
 
 def decoding_settings(config: dict) -> DecodingSettings:
@@ -129,21 +175,7 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
     from .broker import BrokerSettings
     from .publisher import MqttSettings
 
-    m = config["mqtt"]
-    kinds = {
-        "host": str,
-        "port": (int, type(None)),
-        "tls": bool,
-        "topic_prefix": str,
-        "qos": int,
-        "keepalive": int,
-        "counters_interval": (int, float),
-        "reconnect_max": (int, float),
-    }
-    kinds |= {k: (str, type(None)) for k in ("ca_file", "cert_file", "key_file", "credentials", "device_id")}
-    for key, kind in kinds.items():
-        if not isinstance(m[key], kind) or (isinstance(m[key], bool) and kind is not bool):
-            raise EdgeAsrError(f"[mqtt] {key} = {m[key]!r}: expected {_kind_name(kind)}")
+    m = config["mqtt"]  # of the right kinds (load_config)
     broker = BrokerSettings(
         host=m["host"],
         port=m["port"],
@@ -167,15 +199,12 @@ def mqtt_settings(config: dict, device_id: str, describe: dict):
 
 def _kind_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if kinds == (int, float):
-        return "a number"
-    return " or ".join(
-        {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "unset"}[k]
-        for k in kinds
-    )
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of words"}
+    return " or ".join(names[k] for k in kinds)
 
 
 MAX_REQUEST_BYTES = 4096  # a grammar request is a name; anything longer is not one
+REQUEST_TIMEOUT_S = 10.0
 
 
 class NoCommandMode(EdgeAsrError):
@@ -186,8 +215,15 @@ class UnknownGrammar(EdgeAsrError):
     """No grammar of that name in [grammars]."""
 
 
+def status_server(daemon: "Daemon", host: str, port: int) -> ThreadingHTTPServer:
+    """The status endpoint of `daemon` on host:port (0: any free port), not yet serving."""
+    return ThreadingHTTPServer((host, port), _status_handler(daemon))
+
+
 def _status_handler(daemon: "Daemon"):
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # a client that sends half a request does not hold its thread for good
+
         def do_GET(self):  # noqa: N802 (http.server's naming)
             self._reply(200 if self.path in ("/", "/status", "/health") else 404, daemon.status())
 
@@ -196,12 +232,12 @@ def _status_handler(daemon: "Daemon"):
                 return self._reply(404, {"error": 'POST /grammar {"name": …} is the only change accepted'})
             try:
                 size = int(self.headers.get("Content-Length") or 0)
-                if size > MAX_REQUEST_BYTES:
-                    raise ValueError(f"more than {MAX_REQUEST_BYTES} bytes")
+                if not 0 <= size <= MAX_REQUEST_BYTES:
+                    raise ValueError(f"Content-Length must be 0 to {MAX_REQUEST_BYTES} bytes")
                 request = json.loads(self.rfile.read(size) or b"{}")
                 if not isinstance(request, dict) or not isinstance(request.get("name"), (str, type(None))):
                     raise ValueError('expected {"name": "GRAMMAR"} or {"name": null}')
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python parses
                 return self._reply(400, {"error": f"not a grammar request: {e}"})
             try:
                 daemon.switch_grammar(request.get("name"))
@@ -326,8 +362,8 @@ class Daemon:
             return None
         host, _, port = listen.rpartition(":")
         try:
-            server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), _status_handler(self))
-        except (OSError, ValueError) as e:
+            server = status_server(self, host or "127.0.0.1", int(port))
+        except (OSError, ValueError, OverflowError) as e:
             raise EdgeAsrError(f"status endpoint {listen}: cannot listen ({e})") from None
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server

@@ -32,9 +32,11 @@ def log_files(path: Path) -> list[Path]:
 def line_seq(line: bytes) -> int | None:
     """The `seq` of one complete log line; None for a line that is not one of ours (or not whole)."""
     try:
-        return int(json.loads(line)["seq"])
-    except (ValueError, KeyError, TypeError):
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         return None
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if type(seq) is int else None
 
 
 def _tail(f, end: int | None = None) -> bytes:
@@ -113,10 +115,13 @@ class OffsetFile:
 
     def load(self) -> Position:
         try:
-            return Position(**json.loads(self.path.read_text(encoding="utf-8")))
+            position = Position(**json.loads(self.path.read_text(encoding="utf-8")))
+            if not all(type(v) is int for v in asdict(position).values()):
+                raise TypeError("not three integers")
+            return position
         except FileNotFoundError:
             return Position()
-        except (ValueError, TypeError) as e:  # a hand-edited or foreign file: start over, duplicates are marked
+        except (ValueError, TypeError, RecursionError) as e:  # hand-edited or foreign: start over, duplicates marked
             print(
                 f"edge-asr: {self.path}: unreadable offset ({e}); publishing the whole log again",
                 file=sys.stderr,
