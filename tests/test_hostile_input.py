@@ -1,0 +1,193 @@
+"""Hostile input, end to end through the CLI on the default bundle: a manifest that points outside its folder
+or has the wrong types, an endless hotword, absurd float samples. Each gives one line on stderr and a
+non-zero exit, or no text; and no file outside the bundle is opened."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edge_asr.bundle import Bundle
+from edge_asr.cli import main
+from edge_asr.errors import BundleError
+from edge_asr.manifest import file_records
+
+
+class Opened:
+    """The files this process opens while recording (an audit hook, which cannot be removed: one for all)."""
+
+    paths: list[str] | None = None
+
+    @classmethod
+    def hook(cls, event, args):
+        if cls.paths is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            cls.paths.append(os.path.realpath(os.fsdecode(args[0])))
+
+    def __enter__(self):
+        Opened.paths = []
+        return self
+
+    def __exit__(self, *exc):
+        self.paths, Opened.paths = Opened.paths, None
+
+
+sys.addaudithook(Opened.hook)
+
+
+def linked_copy(bundle: Path, folder: Path) -> Path:
+    """The bundle's files hard-linked into `folder` (copied where links fail): a bundle to damage cheaply."""
+    folder.mkdir()
+    for f in bundle.iterdir():
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copy(f, folder / f.name)
+    (folder / "manifest.json").unlink()
+    shutil.copy(bundle / "manifest.json", folder / "manifest.json")  # its own: the one file rewritten
+    return folder
+
+
+def edit_manifest(folder: Path, change) -> None:
+    raw = json.loads((folder / "manifest.json").read_text())
+    change(raw)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+
+
+def transcribe(capfd, bundle: Path, audio: Path, *flags: str) -> tuple[int, str, str]:
+    code = main(["transcribe", "--bundle", str(bundle), *flags, str(audio)])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def speech_wav(speech, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "speech.wav"
+    sf.write(path, speech[0][1], 16000)
+    return path
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute"])
+def test_a_manifest_naming_a_graph_outside_the_bundle_is_refused_before_it_is_opened(
+    bundle_auto, tmp_path, capfd, speech_wav, where
+):
+    bundle = linked_copy(bundle_auto, tmp_path / "bundle")
+    outside = tmp_path / "outside.onnx"  # a valid graph, with its true checksum: only its place is wrong
+    shutil.copy(bundle / "encoder.int8.onnx", outside)
+    name = "../outside.onnx" if where == "dotdot" else str(outside)
+
+    def point_outside(raw):
+        raw["model"]["graphs"]["encoder"] = name
+        raw["files"][name] = file_records(tmp_path, ["outside.onnx"])["outside.onnx"]
+
+    edit_manifest(bundle, point_outside)
+    with Opened() as opened:
+        code, out, err = transcribe(capfd, bundle, speech_wav)
+    assert code == 3 and out == "" and err.count("\n") == 1, err
+    assert "model.onnx.graphs.encoder must name a file inside the bundle's folder" in err
+    assert str(outside) not in opened.paths
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(bundle_auto, tmp_path, capfd, speech_wav):
+    bundle = linked_copy(bundle_auto, tmp_path / "bundle")
+    outside = tmp_path / "encoder.int8.onnx"  # the same bytes: its checksum matches
+    (bundle / "encoder.int8.onnx").rename(outside)
+    (bundle / "encoder.int8.onnx").symlink_to(outside)
+    with Opened() as opened:
+        code, out, err = transcribe(capfd, bundle, speech_wav)
+    assert code == 3 and out == "" and err.count("\n") == 1, err
+    assert "encoder.int8.onnx links outside the bundle's folder" in err
+    assert str(outside) not in opened.paths
+
+
+def test_a_graph_whose_tensors_live_outside_the_bundle_is_refused(tmp_path):
+    import onnx
+    from fuzz_targets import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    (bundle / "decoder.rows.bin").rename(tmp_path / "rows.bin")
+    graph = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    (entry,) = [e for e in graph.graph.initializer[0].external_data if e.key == "location"]
+    entry.value = "../rows.bin"
+    onnx.save(graph, str(bundle / "decoder.onnx"))
+    edit_manifest(bundle, lambda raw: raw["files"].update(file_records(bundle, ["decoder.onnx"])))
+    with Opened() as opened, pytest.raises(BundleError, match=r"decoder.onnx's external data must name a file inside"):
+        Bundle.load(bundle)
+    assert str(tmp_path / "rows.bin") not in opened.paths
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda raw: raw.update(decoding=None), "decoding is missing or null (expected dict)"),
+        (lambda raw: raw["model"]["dims"].update(n_text_ctx="448"), "model.dims.n_text_ctx must be int, not str"),
+        (lambda raw: raw["decoder"]["suppress_tokens"].append(60000), "decoder.suppress_tokens holds token 60000"),
+        (lambda raw: raw["decoding"]["guards"].update(temperatures="hot"), "decoding.guards.temperatures must be"),
+    ],
+)
+def test_a_manifest_of_the_wrong_types_is_one_line_naming_the_key(
+    bundle_auto, tmp_path, capfd, speech_wav, change, key
+):
+    bundle = linked_copy(bundle_auto, tmp_path / "bundle")
+    edit_manifest(bundle, change)
+    code, out, err = transcribe(capfd, bundle, speech_wav)
+    assert code == 3 and out == "" and err.count("\n") == 1 and key in err, err
+
+
+def test_a_100000_character_hotword_is_refused_at_once(bundle_auto, tmp_path, capfd, speech_wav):
+    words = tmp_path / "words.txt"
+    words.write_text("Kestrolix\n" + "a" * 100_000 + "\n")
+    for flags in (["--hotwords", "a" * 100_000], ["--hotwords-file", str(words)]):
+        start = time.perf_counter()
+        code, out, err = transcribe(capfd, bundle_auto, speech_wav, *flags)
+        assert time.perf_counter() - start < 1.0
+        assert code == 2 and out == "" and err.count("\n") == 1 and "100,000 characters; at most" in err, err
+
+
+def test_the_tokenizer_merges_a_long_word_in_n_log_n(bundle_auto):
+    """Rescanning every pair after each merge took 31 s for 20,000 characters and minutes for 100,000."""
+    tokenizer = Bundle.load(bundle_auto).tokenizer
+    assert tokenizer.encode(" hydraulic Kestrolix") == [34797, 509, 395, 3225, 844]  # unchanged merges
+    start = time.perf_counter()
+    ids = tokenizer.encode("ab" * 50_000)
+    assert tokenizer.decode(ids) == "ab" * 50_000 and time.perf_counter() - start < 10
+
+
+def test_absurd_float_samples_are_clipped_with_one_warning_and_give_no_text(bundle_auto, tmp_path, capfd):
+    path = tmp_path / "loud.wav"
+    sf.write(path, np.full(32000, 1e30, np.float32), 16000, subtype="FLOAT")
+    code, out, err = transcribe(capfd, bundle_auto, path)
+    lines = err.splitlines()
+    assert code == 0 and out.strip() == "", out  # once "I"
+    assert lines[0] == f"edge-asr: warning: {path}: samples reach 1e+30, far outside [-1, 1]; clipped"
+    assert len(lines) == 2 and "RTF" in lines[1] and "Warning" not in err
+
+
+def test_a_float_file_of_random_bytes_is_one_error_and_no_numeric_warning(bundle_auto, tmp_path, capfd):
+    path = tmp_path / "random.wav"
+    noise = np.frombuffer(np.random.default_rng(0).bytes(32000 * 4), np.float32)
+    sf.write(path, noise, 16000, subtype="FLOAT")
+    code, out, err = transcribe(capfd, bundle_auto, path)
+    assert code == 2 and out == "" and err == f"edge-asr: error: {path}: contains non-finite samples (corrupt file?)\n"
+
+
+def test_constant_and_clipped_signals_give_no_text(bundle_auto):
+    import edge_asr
+
+    recognizer = edge_asr.load(bundle_auto)
+    t = np.arange(32000) / 16000
+    signals = {
+        "constant": np.full(32000, 0.9, np.float32),
+        "full-scale constant": np.ones(32000, np.float32),
+        "clipped tone": np.clip(40 * np.sin(2 * np.pi * 440 * t), -1, 1).astype(np.float32),
+        "NaN and 1e30 through the API": np.where(t < 1, np.nan, 1e30).astype(np.float32),
+    }
+    for name, audio in signals.items():
+        assert recognizer.transcribe(audio).text.strip() == "", name
