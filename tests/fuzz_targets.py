@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_asr.audio import AudioWarning  # here, not in _Watch: an import inside a bundle load opens files
+
 TIME_BOUND_S = 5.0
 # Tokens that mean something to a parser, for mutations to insert (libFuzzer's -dict, in hypothesis too).
 DICTIONARY = [
@@ -67,8 +69,6 @@ class _Watch:
         elapsed = time.perf_counter() - self.start
         if kind is not None and not issubclass(kind, FuzzFailure) and not issubclass(kind, self.expected):
             raise FuzzFailure(f"{self.name}: {kind.__name__}: {error}") from error
-        from edge_asr.audio import AudioWarning
-
         noisy = [w for w in self.warnings if not issubclass(w.category, AudioWarning)]
         check(not noisy, f"{self.name}: a warning reached the console: {noisy[0].message if noisy else ''}")
         check(elapsed < TIME_BOUND_S, f"{self.name}: took {elapsed:.1f} s")
