@@ -12,6 +12,8 @@ result; never another exception, a console warning, a call past 5 s, or a file o
   text      any bytes as a hotwords file, a prompt and a grammar (the default bundle's tokenizer)
   spool     any bytes as the daemon's JSONL log and offset file, read as the MQTT publisher reads them
   status    any bytes sent to the daemon's HTTP status endpoint
+  nospeech  any bytes as the recipe of a signal without speech (noise, hum, tones, clicks, constants, the
+            bytes as samples; -70 dBFS to past full scale), transcribed by the default bundle: no text
 
 Each target runs in a process of its own: with atheris (coverage-guided libFuzzer over the Python code,
 starting from the targets' seeds and a dictionary of parser tokens) where it is installed, with hypothesis
@@ -35,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 sys.path[:0] = [str(ROOT), str(TESTS)]  # this checkout's code, not an installed copy
-TARGETS = ("audio", "manifest", "graph", "config", "text", "spool", "status")
+TARGETS = ("audio", "manifest", "graph", "config", "text", "spool", "status", "nospeech")
 
 
 def target_function(name: str, work: Path):
@@ -59,6 +61,12 @@ def target_function(name: str, work: Path):
         return t.text_seeds(), lambda data: t.user_text(data, tokenizer)
     if name == "spool":
         return t.spool_seeds(), lambda data: t.spool_log(data, work)
+    if name == "nospeech":
+        import edge_asr
+        from edge_asr.paths import bundle_dir
+
+        recognizer = edge_asr.load(bundle_dir(), threads=1)  # one core per target: two run at once
+        return [bytes([k]) * 40 for k in range(9)], lambda data: t.no_speech(data, recognizer)
     if name == "status":
         server = t.StatusServer.start()
         return t.http_seeds(), lambda data: t.status_request(data, server)
@@ -90,7 +98,6 @@ def run_atheris(name: str, seconds: int, out: Path) -> None:
 def run_hypothesis(name: str, seconds: int, out: Path) -> None:
     """Hypothesis on one target until `seconds` pass or it fails; prints the inputs tried as libFuzzer does."""
     from hypothesis import HealthCheck, given, settings
-
     from test_fuzz import inputs
 
     work = Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-"))

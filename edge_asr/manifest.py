@@ -43,6 +43,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BundleError
+from .frontend import SAMPLE_RATE
 
 FORMAT = "edge-asr-bundle"
 # 2: the TFLite decoder has "prefill_" signatures beside its "decode_" ones, which a runtime of format 1
@@ -236,7 +237,6 @@ class Manifest:
 
 # -- the schema check ------------------------------------------------------------------------------------------
 
-SAMPLE_RATE = 16000  # frontend.SAMPLE_RATE; repeated here because the frontend imports nothing of bundles
 WHISPER_DIMS = ("n_mels", "n_vocab", "n_text_ctx", "n_text_layer", "n_audio_ctx")
 FRONTEND_SIZES = ("sample_rate", "n_fft", "hop_length", "n_mels")
 # A file a bundle loads: one plain name in its folder (no separator, no "..", not hidden, not absolute).

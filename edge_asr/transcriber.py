@@ -131,6 +131,9 @@ class Transcriber:
             return []
         decoder = self.decoder_for(len(audio))
         window = decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
+        if self.guards.is_unvoiced(window.no_speech_prob, lambda: speech_seconds(audio)):
+            self.counters.no_speech += 1
+            return []
         if self.command:
             return self._command(decoder, window, offset, len(audio) / SAMPLE_RATE)
         rng = np.random.default_rng([self.seed, index])  # fallback sampling: the same audio, the same text
