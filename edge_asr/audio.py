@@ -19,6 +19,7 @@ from .errors import AudioError
 from .frontend import SAMPLE_RATE
 
 FAR_OUTSIDE = 2.0  # a peak past this is reported when clipped (6 dB over full scale)
+READ_FRAMES = 1 << 16  # frames per read of a whole file
 
 
 class AudioWarning(UserWarning):
@@ -63,18 +64,46 @@ def load_audio(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
 def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
     """`file` (a path or a binary file object, e.g. stdin read into BytesIO) to mono float32 at `target` Hz;
     errors name `label`."""
+    with open_sound(file, label) as f:
+        rate = f.samplerate
+        try:
+            blocks = list(mono_blocks(f, label, READ_FRAMES))
+            audio = np.concatenate(blocks) if blocks else None
+        except MemoryError:
+            raise AudioError(f"{label}: too long to read at once (stream it: `edge-asr listen --file`)") from None
+    if audio is None:
+        raise AudioError(f"{label}: contains no audio samples")
+    return resample(audio, rate, target)
+
+
+def open_sound(file, label: str):
+    """A libsndfile reader of `file`, or an AudioError naming `label`."""
     import soundfile as sf
 
     try:
-        audio, rate = sf.read(file, dtype="float32", always_2d=True)
+        return sf.SoundFile(file)
     except sf.LibsndfileError as e:
         reason = str(e).split(":", 1)[-1].strip() or "unreadable"
         raise AudioError(f"{label}: not a readable audio file ({reason})") from None
     except (RuntimeError, TypeError, ValueError) as e:
         raise AudioError(f"{label}: not a readable audio file ({e})") from None
-    if audio.shape[0] == 0:
-        raise AudioError(f"{label}: contains no audio samples")
-    return resample(mono_in_range(audio, label), rate, target)
+
+
+def mono_blocks(f, label: str, frames: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of `frames` samples from an open reader, until its data ends. The header's frame
+    count sizes nothing: a fuzzed WAV that claimed 68 billion frames once asked for 256 GiB at once."""
+    import soundfile as sf
+
+    clipped = False
+    while True:
+        try:
+            block = f.read(frames, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as e:
+            raise AudioError(f"{label}: not a readable audio file ({e})") from None
+        if not len(block):
+            return
+        yield mono_in_range(block, label, warn=not clipped)
+        clipped = clipped or float(np.abs(block).max()) > FAR_OUTSIDE
 
 
 class AudioFile:
@@ -82,21 +111,13 @@ class AudioFile:
     formats and checks as `load_audio`; resampled by soxr's streaming resampler."""
 
     def __init__(self, path: str | Path, target: int = SAMPLE_RATE):
-        import soundfile as sf
-
         path = Path(path)
         if not path.exists():
             raise AudioError(f"{path}: no such file")
         if path.is_dir():
             raise AudioError(f"{path}: is a directory, not an audio file")
         self.label, self.target = str(path), target
-        try:
-            self._file = sf.SoundFile(str(path))
-        except sf.LibsndfileError as e:
-            reason = str(e).split(":", 1)[-1].strip() or "unreadable"
-            raise AudioError(f"{path}: not a readable audio file ({reason})") from None
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise AudioError(f"{path}: not a readable audio file ({e})") from None
+        self._file = open_sound(str(path), self.label)
         if self._file.frames == 0:
             raise AudioError(f"{path}: contains no audio samples")
         self.rate = self._file.samplerate
@@ -104,23 +125,14 @@ class AudioFile:
 
     def blocks(self, seconds: float) -> Iterator[np.ndarray]:
         """Mono float32 blocks at the target rate, about `seconds` long each."""
-        import soundfile as sf
-
         stream = None
         if self.rate != self.target:
             import soxr
 
             stream = soxr.ResampleStream(self.rate, self.target, 1, dtype="float32")
-        frames = max(1, int(seconds * self.rate))
-        clipped = False
-        try:
-            with self._file as f:
-                f.seek(0)
-                for block in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
-                    mono = mono_in_range(block, self.label, warn=not clipped)
-                    clipped = clipped or float(np.abs(block).max()) > FAR_OUTSIDE
-                    yield mono if stream is None else np.clip(stream.resample_chunk(mono), -1.0, 1.0)
-                if stream is not None:
-                    yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
-        except sf.LibsndfileError as e:
-            raise AudioError(f"{self.label}: not a readable audio file ({e})") from None
+        with self._file as f:
+            f.seek(0)
+            for mono in mono_blocks(f, self.label, max(1, int(seconds * self.rate))):
+                yield mono if stream is None else np.clip(stream.resample_chunk(mono), -1.0, 1.0)
+            if stream is not None:
+                yield stream.resample_chunk(np.zeros(0, np.float32), last=True)

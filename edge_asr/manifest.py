@@ -87,6 +87,8 @@ class ModelSection:
             for name in names:
                 plain_file_name(name, f"model.graph_data.{role}")
         family = conform(model.get("family", "whisper"), str, "model.family")  # before LSTM models: all Whisper
+        if family not in FAMILY_TOKENIZERS:
+            raise ManifestError(f"model.family must be {' or '.join(FAMILY_TOKENIZERS)}, not {family[:40]!r}")
         dims = conform(model.get("dims"), dict[str, int] | None, "model.dims")
         if family == "whisper":
             for key in WHISPER_DIMS:
@@ -149,6 +151,8 @@ class TokenizerSection:
             plain_file_name(section.tokens, "tokenizer.tokens")
             if "eot" not in section.special:
                 raise ManifestError("tokenizer.special.eot is missing")
+        elif not section.alphabet or not 0 <= section.blank < len(section.alphabet):
+            raise ManifestError("tokenizer.alphabet must list the characters, with the blank's index inside it")
         return section
 
 
@@ -195,6 +199,11 @@ class Manifest:
             raise BundleError(f"{where}: bundle format {version} is newer than this runtime reads")
         try:
             model = ModelSection.from_dict(data.get("model"))
+            tokenizer = TokenizerSection.from_dict(data.get("tokenizer"))
+            if tokenizer.type != FAMILY_TOKENIZERS[model.family]:
+                raise ManifestError(
+                    f"tokenizer.type must be {FAMILY_TOKENIZERS[model.family]} for a {model.family} model"
+                )
             decoder = conform(data.get("decoder", {}), dict, "decoder")
             if model.family == "whisper":
                 check_whisper_decoder(decoder, model.dims["n_vocab"])
@@ -208,7 +217,7 @@ class Manifest:
                 format_version=version,
                 model=model,
                 frontend=FrontendSection.from_dict(data.get("frontend")),
-                tokenizer=TokenizerSection.from_dict(data.get("tokenizer")),
+                tokenizer=tokenizer,
                 decoder=decoder,
                 decoding=DecodingSection.from_dict(data.get("decoding", {})),
                 files={
@@ -237,6 +246,7 @@ class Manifest:
 
 # -- the schema check ------------------------------------------------------------------------------------------
 
+FAMILY_TOKENIZERS = {"whisper": "byte-level-bpe", "lstm-ctc": "characters"}
 WHISPER_DIMS = ("n_mels", "n_vocab", "n_text_ctx", "n_text_layer", "n_audio_ctx")
 FRONTEND_SIZES = ("sample_rate", "n_fft", "hop_length", "n_mels")
 # A file a bundle loads: one plain name in its folder (no separator, no "..", not hidden, not absolute).

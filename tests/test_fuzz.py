@@ -152,3 +152,21 @@ def tokenizer(bundle_int8):
     from edge_asr.bundle import Bundle
 
     return Bundle.load(bundle_int8).tokenizer
+
+
+# -- what fuzzing found, kept ------------------------------------------------------------------------------------
+
+
+def test_a_flac_header_claiming_68_billion_samples_is_read_as_what_it_holds():
+    """benchmarks/fuzz.py's audio target: libsndfile sized the read by the header, 256 GiB at once."""
+    import io
+
+    from edge_asr.audio import decode_audio
+    from edge_asr.errors import AudioError
+
+    flac = bytearray(targets.audio_seeds()[3])
+    flac[21] |= 0x0F  # STREAMINFO's 36-bit total sample count, all ones
+    flac[22:26] = b"\xff" * 4
+    with pytest.raises(AudioError, match="not a readable audio file"):
+        decode_audio(io.BytesIO(bytes(flac)), "lying.flac")
+    targets.audio_file(bytes(flac))

@@ -47,6 +47,9 @@ def test_manifests_from_before_the_typed_schema_load_with_their_defaults(bundle_
         (lambda m: m["frontend"]["context"].update(buckets_s=[0, 30]), "frontend.context.buckets_s must be"),
         (lambda m: m["decoder"]["special_tokens"].update(eot=-1), "decoder.special_tokens holds token -1"),
         (lambda m: m["files"].update({"../x": {"bytes": 1, "sha256": "0"}}), "files must name a file inside"),
+        # found by fuzzing: a Whisper bundle without a byte-level tokenizer failed at its first decode
+        (lambda m: m["tokenizer"].update(type="byte-level-bpm"), "tokenizer.type must be byte-level-bpe"),
+        (lambda m: m["model"].update(family="wav2vec"), "model.family must be whisper or lstm-ctc"),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_its_key(bundle_int8, tmp_path, damage, key):
