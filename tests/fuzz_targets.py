@@ -79,7 +79,8 @@ class _Watch:
 
 
 def audio_seeds() -> list[bytes]:
-    """Short files in the formats libsndfile writes: WAV (16-bit, float, 8-bit), FLAC, OGG, AIFF, AU."""
+    """Short files in every format libsndfile writes (WAV, FLAC, OGG, MP3, AIFF, CAF, RF64, W64 …, each in its
+    default encoding), and WAV, AIFF and AU in a few more (float, stereo, 8-bit, 24-bit, µ-law)."""
     import soundfile as sf
 
     t = np.arange(1600) / 8000
@@ -94,7 +95,7 @@ def audio_seeds() -> list[bytes]:
         ("OGG", "VORBIS", tone),
         ("AIFF", "PCM_24", stereo),
         ("AU", "ULAW", tone),
-    ]:
+    ] + [(fmt, sf.default_subtype(fmt), tone) for fmt in sf.available_formats() if sf.default_subtype(fmt)]:
         buffer = io.BytesIO()
         sf.write(buffer, audio, 8000, format=fmt, subtype=subtype)
         seeds.append(buffer.getvalue())
