@@ -147,6 +147,19 @@ def test_the_status_endpoint_answers_malformed_http_and_keeps_serving():
         server.stop()
 
 
+def test_no_text_from_signals_without_speech(bundle_auto):
+    import edge_asr
+
+    recognizer = edge_asr.load(bundle_auto)
+
+    @fuzz(20)
+    @given(data=st.binary(min_size=1, max_size=40))
+    def run(data):
+        targets.no_speech(data, recognizer)
+
+    run()
+
+
 @pytest.fixture(scope="module")
 def tokenizer(bundle_int8):
     from edge_asr.bundle import Bundle
