@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import noise_signals
 import numpy as np
 
 from edge_asr.audio import AudioWarning  # here, not in _Watch: an import inside a bundle load opens files
@@ -115,47 +116,9 @@ def audio_file(data: bytes) -> None:
         check(peak <= 1.0, f"audio: samples reach {peak:.3g}, outside [-1, 1]")
 
 
-def non_speech(data: bytes) -> np.ndarray:
-    """Audio without speech, chosen by the bytes: noise (white, pink), hum, tones, a square wave, clicks, a
-    constant, or the bytes themselves as 16-bit samples; 0.3 to 8 s, from -70 dBFS to far past full scale,
-    sometimes clipped."""
-    import noise_signals as ns
-
-    rng = np.random.default_rng(list(data[:32]) or [0])
-    seconds = 0.3 + 7.7 * rng.random()
-    n = int(seconds * 16000)
-    t = np.arange(n) / 16000
-    kind = data[0] % 9 if data else 0
-    if kind == 0:
-        x = ns.white(seconds, -30, int(rng.integers(1 << 30)))
-    elif kind == 1:
-        x = ns.pink(seconds, -30, int(rng.integers(1 << 30)))
-    elif kind == 2:
-        x = ns.hum(seconds, -30, base=float(rng.choice([50.0, 60.0])))
-    elif kind == 3:
-        x = sum(np.sin(2 * np.pi * f * t + rng.random() * 6) for f in rng.uniform(40, 7000, int(rng.integers(1, 4))))
-    elif kind == 4:
-        x = np.sign(np.sin(2 * np.pi * rng.uniform(20, 4000) * t))
-    elif kind == 5:
-        x = np.zeros(n)
-        x[rng.integers(0, n, int(rng.integers(1, 20)))] = rng.choice([-1.0, 1.0], 1)
-    elif kind == 6:
-        x = np.full(n, rng.uniform(-1, 1))
-    elif kind == 7:
-        x = np.frombuffer((data * (2 * n // max(len(data), 1) + 1))[: 2 * n], np.int16) / 32768.0
-    else:
-        x = np.zeros(n)
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if n else 0.0
-    if kind not in (5, 6, 8) and rms > 0:
-        x = x * (10 ** (rng.uniform(-70, 20) / 20) / rms)
-    if rng.random() < 0.3:
-        x = np.clip(x, -1, 1)
-    return x.astype(np.float32)
-
-
 def no_speech(data: bytes, recognizer) -> None:
     """Any bytes as the recipe of a signal without speech: `recognizer` must give no text for it."""
-    audio = non_speech(data)
+    audio = noise_signals.from_bytes(data)
     with _Watch("no speech", ()):
         text = recognizer.transcribe(audio).text.strip()
     check(text == "", f"no speech: {len(audio) / 16000:.1f} s of signal {data[:1].hex()} read as {text[:80]!r}")

@@ -52,6 +52,42 @@ def music(seconds=10.0, dbfs=-20, bpm=120):
     return at_dbfs(x, dbfs)
 
 
+def from_bytes(data: bytes) -> np.ndarray:
+    """Audio without speech, chosen by the bytes: noise (white, pink), hum, tones, a square wave, clicks, a
+    constant, or the bytes themselves as 16-bit samples; 0.3 to 8 s, from -70 dBFS to far past full scale,
+    sometimes clipped."""
+    rng = np.random.default_rng(list(data[:32]) or [0])
+    seconds = 0.3 + 7.7 * rng.random()
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    kind = data[0] % 9 if data else 0
+    if kind == 0:
+        x = white(seconds, -30, int(rng.integers(1 << 30)))
+    elif kind == 1:
+        x = pink(seconds, -30, int(rng.integers(1 << 30)))
+    elif kind == 2:
+        x = hum(seconds, -30, base=float(rng.choice([50.0, 60.0])))
+    elif kind == 3:
+        x = sum(np.sin(2 * np.pi * f * t + rng.random() * 6) for f in rng.uniform(40, 7000, int(rng.integers(1, 4))))
+    elif kind == 4:
+        x = np.sign(np.sin(2 * np.pi * rng.uniform(20, 4000) * t))
+    elif kind == 5:
+        x = np.zeros(n)
+        x[rng.integers(0, n, int(rng.integers(1, 20)))] = rng.choice([-1.0, 1.0], 1)
+    elif kind == 6:
+        x = np.full(n, rng.uniform(-1, 1))
+    elif kind == 7:
+        x = np.frombuffer((data * (2 * n // max(len(data), 1) + 1))[: 2 * n], np.int16) / 32768.0
+    else:
+        x = np.zeros(n)
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if n else 0.0
+    if kind not in (5, 6, 8) and rms > 0:
+        x = x * (10 ** (rng.uniform(-70, 20) / 20) / rms)
+    if rng.random() < 0.3:
+        x = np.clip(x, -1, 1)
+    return x.astype(np.float32)
+
+
 # What issue 14 names: no text may come from any of these.
 CASES = {
     "silence-1s": lambda: silence(1),

@@ -194,16 +194,17 @@ def test_constant_and_clipped_signals_give_no_text(bundle_auto):
 
 
 def test_steady_tones_the_model_reads_as_words_give_no_text(bundle_auto):
-    """Found by fuzzing (the `nospeech` target): a mix of steady tones that tiny.en reads as "Okay." with a
-    no-speech probability of 0.69, under the 0.7 gate. The energy detector finds no speech in it at all."""
-    from fuzz_targets import non_speech
+    """Found by fuzzing (the `nospeech` target, `noise_signals.from_bytes`): a mix of steady tones that
+    tiny.en reads as "Okay." with a no-speech probability of 0.69, under the 0.7 gate. The energy detector
+    finds no speech in it at all."""
+    from noise_signals import from_bytes
 
     import edge_asr
     from edge_asr.guards import Guards
     from edge_asr.transcriber import Transcriber
     from edge_asr.vad import speech_seconds
 
-    tones = non_speech(bytes([3]) + np.random.default_rng(98).bytes(39))
+    tones = from_bytes(bytes([3]) + np.random.default_rng(98).bytes(39))
     assert speech_seconds(tones) == 0
     assert edge_asr.load(bundle_auto).transcribe(tones).text == ""
     without = Transcriber(bundle_auto, guards=Guards(unvoiced_no_speech_threshold=1.0))
