@@ -318,11 +318,15 @@ class _Parser:
             if token.text in ("?", "*", "+"):
                 lo, hi = {"?": (0, 1), "*": (0, None), "+": (1, None)}[token.text]
             else:
-                bounds = token.text[1:-1].replace(" ", "").split(",")
-                lo = int(bounds[0])
-                hi = lo if len(bounds) == 1 else (int(bounds[1]) if bounds[1] else None)
-                if (hi is not None and hi < lo) or max(lo, hi or 0) > MAX_REPEAT:
-                    raise self.error(f"repetition {token.text} must have m <= n <= {MAX_REPEAT}", token)
+                # split() drops every kind of space (\s matched "\x1e" in a fuzzed grammar); a bound of more than
+                # four digits is past MAX_REPEAT whatever it says, and int() refuses 4,300 digits
+                bounds = "".join(token.text[1:-1].split()).split(",")
+                too_long = any(len(b) > 4 for b in bounds)
+                lo = 0 if too_long else int(bounds[0])
+                hi = lo if len(bounds) == 1 else (int(bounds[1]) if bounds[1] and not too_long else None)
+                if too_long or (hi is not None and hi < lo) or max(lo, hi or 0) > MAX_REPEAT:
+                    shown = token.text if len(token.text) <= 16 else token.text[:12] + "…}"
+                    raise self.error(f"repetition {shown} must have m <= n <= {MAX_REPEAT}", token)
             item = ("repeat", item, lo, hi)
         return item
 

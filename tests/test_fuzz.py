@@ -183,3 +183,19 @@ def test_a_flac_header_claiming_68_billion_samples_is_read_as_what_it_holds():
     with pytest.raises(AudioError, match="not a readable audio file"):
         decode_audio(io.BytesIO(bytes(flac)), "lying.flac")
     targets.audio_file(bytes(flac))
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'root ::= "part number" [0-9]{3\x1e\x1e}\n',  # \s matched the record separator; int() did not
+        'root ::= "a"{' + "9" * 5000 + "}\n",  # int() refuses 4,300 digits
+    ],
+)
+def test_a_grammar_repetition_with_odd_spaces_or_endless_digits_parses_or_is_one_error(grammar):
+    from edge_asr.grammar import Grammar, GrammarError
+
+    try:
+        Grammar.from_text(grammar)
+    except GrammarError as e:
+        assert len(str(e)) < 200 and "\n" not in str(e)
