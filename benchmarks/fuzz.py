@@ -128,9 +128,12 @@ def fuzz_one(name: str, seconds: int, engine: str, out: Path) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--seconds", str(seconds), "--engine", engine,
                "--out", str(out)]  # fmt: skip
     start = time.monotonic()
-    run = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 600)
-    log = run.stdout + run.stderr
-    (out / f"{name}.log").write_text(log)
+    log_path = out / f"{name}.log"
+    with open(log_path, "wb") as log_file:  # not held here: a child forked from a large parent inherits its peak RSS
+        run = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, timeout=seconds + 600)
+    with open(log_path, "rb") as log_file:
+        log_file.seek(max(0, log_file.seek(0, 2) - (1 << 20)))  # libFuzzer's statistics are at the end
+        log = log_file.read().decode("utf-8", errors="replace")
     executed = re.findall(r"stat::number_of_executed_units: (\d+)", log)
     failure = re.search(r"(FuzzFailure: .*|ERROR: libFuzzer: .*|Uncaught Python exception: .*)", log)
     return {

@@ -5,12 +5,22 @@ Float files may hold any number; a model trained on [-1, 1] turns samples far ou
 [-1, 1] are clipped, with one warning (an `AudioWarning`) when they go far outside: a float file scaled
 as 16-bit, or a gain gone wrong. A constant or clipped signal then carries no speech, and the guards give
 no text for it.
+
+Corrupt files also make the C decoders talk: libsndfile's SDS reader printf()s "Error A : 00" to stdout,
+mpg123 writes its resync notes to stderr, and a file object that libsndfile seeks before its start raised
+inside a C callback, which Python prints as a traceback. A whole-file read keeps all of that off the
+console, which is for transcripts and one-line errors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import io
+import os
+import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +74,9 @@ def load_audio(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
 def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
     """`file` (a path or a binary file object, e.g. stdin read into BytesIO) to mono float32 at `target` Hz;
     errors name `label`."""
-    with open_sound(file, label) as f:
+    if not isinstance(file, str):
+        file = _ClampedSeeks(file.read())
+    with native_output_discarded(), open_sound(file, label) as f:
         rate = f.samplerate
         try:
             blocks = list(mono_blocks(f, label, READ_FRAMES))
@@ -74,6 +86,44 @@ def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
     if audio is None:
         raise AudioError(f"{label}: contains no audio samples")
     return resample(audio, rate, target)
+
+
+class _ClampedSeeks(io.BytesIO):
+    """Bytes for libsndfile to read, where a seek before the start goes to the start instead of raising in a
+    C callback (the position libsndfile is told then, 0, is the one it was told before)."""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return super().seek(offset, whence)
+        except ValueError:
+            return super().seek(0)
+
+
+@contextmanager
+def native_output_discarded():
+    """What C libraries write to file descriptors 1 and 2 meanwhile goes nowhere. Process-wide, so only for
+    whole-file reads, while nothing else prints (not for streams: the daemon prints transcripts meanwhile)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        _flush_c_stdio()  # C's stdout is buffered: flushed now, what it holds goes to /dev/null too
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not seen on Linux, macOS or Android)
+        pass
 
 
 def open_sound(file, label: str):

@@ -53,7 +53,8 @@ def check(condition: bool, message: str) -> None:
 
 
 class _Watch:
-    """Runs one input: any exception but `expected` is a failure, and so is a warning or a slow call."""
+    """Runs one input: any exception but `expected` is a failure, and so is a warning, an exception Python
+    would print from a callback ("Exception ignored in …"), or a slow call."""
 
     def __init__(self, name: str, expected: tuple[type, ...]):
         self.name, self.expected = name, expected
@@ -63,11 +64,16 @@ class _Watch:
         self.caught = warnings.catch_warnings(record=True)
         self.warnings = self.caught.__enter__()
         warnings.simplefilter("always")
+        self.unraisable, self.hook = [], sys.unraisablehook
+        sys.unraisablehook = self.unraisable.append
         return self
 
     def __exit__(self, kind, error, traceback):
         self.caught.__exit__(None, None, None)
+        sys.unraisablehook = self.hook
         elapsed = time.perf_counter() - self.start
+        if self.unraisable:
+            raise FuzzFailure(f"{self.name}: printed an exception from a callback: {self.unraisable[0].exc_value!r}")
         if kind is not None and not issubclass(kind, FuzzFailure) and not issubclass(kind, self.expected):
             raise FuzzFailure(f"{self.name}: {kind.__name__}: {error}") from error
         noisy = [w for w in self.warnings if not issubclass(w.category, AudioWarning)]
@@ -108,12 +114,35 @@ def audio_file(data: bytes) -> None:
     from edge_asr.audio import decode_audio
     from edge_asr.errors import AudioError
 
-    with _Watch("audio", (AudioError,)):
+    with _Watch("audio", (AudioError,)), _Console() as console:
         audio = decode_audio(io.BytesIO(data), "fuzz.wav")
         check(audio.dtype == np.float32 and audio.ndim == 1, f"audio: {audio.dtype} {audio.shape}")
         check(bool(np.isfinite(audio).all()), "audio: non-finite samples came through")
         peak = float(np.abs(audio).max(initial=0))
         check(peak <= 1.0, f"audio: samples reach {peak:.3g}, outside [-1, 1]")
+    check(not console.text, f"audio: the decoders printed {console.text[:80]!r}")
+
+
+class _Console:
+    """What reaches file descriptors 1 and 2 meanwhile (what a user's console would show), in `text`."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.file.seek(0)
+        self.text = self.file.read().decode("utf-8", errors="replace")
+        self.file.close()
 
 
 def no_speech(data: bytes, recognizer) -> None:

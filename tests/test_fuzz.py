@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import fuzz_targets as targets
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,3 +200,21 @@ def test_a_grammar_repetition_with_odd_spaces_or_endless_digits_parses_or_is_one
         Grammar.from_text(grammar)
     except GrammarError as e:
         assert len(str(e)) < 200 and "\n" not in str(e)
+
+
+def test_corrupt_sds_and_mp3_files_print_nothing_on_the_console():
+    """benchmarks/fuzz.py's audio target: libsndfile's SDS reader printf()s "Error A : 00" to stdout and
+    mpg123 its resync notes to stderr; and seeking stdin's bytes before their start raised inside a C callback,
+    which Python printed as a traceback."""
+    import io
+
+    import soundfile as sf
+
+    tone = (0.3 * np.sin(np.arange(3000) / 5)).astype(np.float32)
+    for fmt, step in (("SDS", 7), ("MP3", 13)):
+        buffer = io.BytesIO()
+        sf.write(buffer, tone, 8000, format=fmt)
+        data = bytearray(buffer.getvalue())
+        for i in range(40, len(data), step):
+            data[i] ^= 0x55
+        targets.audio_file(bytes(data))
