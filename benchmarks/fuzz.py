@@ -135,14 +135,16 @@ def fuzz_one(name: str, seconds: int, engine: str, out: Path) -> dict:
         log_file.seek(max(0, log_file.seek(0, 2) - (1 << 20)))  # libFuzzer's statistics are at the end
         log = log_file.read().decode("utf-8", errors="replace")
     executed = re.findall(r"stat::number_of_executed_units: (\d+)", log)
-    failure = re.search(r"(FuzzFailure: .*|ERROR: libFuzzer: .*|Uncaught Python exception: .*)", log)
+    failure = re.search(r"(FuzzFailure: .*|ERROR: libFuzzer: .*|Uncaught Python exception: ===\n.*)", log)
     return {
         "target": name,
         "engine": engine,
         "seconds": round(time.monotonic() - start),
         "inputs": int(executed[-1]) if executed else None,
         "failures": 0 if run.returncode == 0 else 1,
-        "first failure": failure.group(1)[:200] if failure else (None if run.returncode == 0 else log[-200:]),
+        "first failure": failure.group(1).split("\n")[-1][:200]
+        if failure
+        else (None if run.returncode == 0 else log[-200:]),
     }
 
 

@@ -90,11 +90,8 @@ def is_word_list(grammar: Grammar) -> bool:
     of 2 or more symbols, nor a menu)."""
     automaton = grammar.automaton
     first = automaton.closure([automaton.start])
-    alone = {
-        word
-        for state, word, after in automaton.words
-        if state in first and automaton.accept in automaton.closure([after])
-    }
+    ending = automaton.ending()  # one pass, not a closure per word: a fuzzed grammar of 116,737 states took minutes
+    alone = {word for state, word, after in automaton.words if state in first and after in ending}
     return all(word in alone for _, word, _ in automaton.words)
 
 

@@ -125,6 +125,13 @@ class WordAutomaton:
         """`states` and every state their empty edges reach."""
         return reachable(self.empty_from, states)
 
+    def ending(self) -> set[int]:
+        """The states whose empty edges reach the accepting state: where a phrase may end."""
+        back: dict[int, list[int]] = {}
+        for a, b in self.empty:
+            back.setdefault(b, []).append(a)
+        return reachable(back, [self.accept])
+
     def reaching_accept(self) -> set[int]:
         """The states from which the accepting state can be reached, over edges of either kind."""
         back: dict[int, list[int]] = {}
@@ -317,6 +324,10 @@ class _Parser:
             self.pos += 1
             if token.text in ("?", "*", "+"):
                 lo, hi = {"?": (0, 1), "*": (0, None), "+": (1, None)}[token.text]
+                if item[0] == "repeat" and item[2] in (0, 1) and item[3] in (1, None):
+                    # x?+, x+*, x++ …: one operator (at least once if both say so, at most once if both
+                    # do), not a copy of the automaton per operator: "[a-z]?+++++++++++" had 116,737 states
+                    item, lo, hi = item[1], item[2] * lo, (1 if item[3] == hi == 1 else None)
             else:
                 # split() drops every kind of space (\s matched "\x1e" in a fuzzed grammar); a bound of more than
                 # four digits is past MAX_REPEAT whatever it says, and int() refuses 4,300 digits

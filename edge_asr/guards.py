@@ -20,6 +20,8 @@ with thresholds chosen on held-out data:
   as "Okay." or "I'm sorry." (23 of 300, no-speech 0.52-0.70, energy speech 0 s); on 162 held-out speech
   clips (150 tight telephone-band digits, 12 sentences) no-speech was at most 0.59 and the detector found at
   least 0.16 s of speech in every one;
+- a result of **punctuation alone** (". ." from a few clicks, found by fuzzing) is no speech either: it
+  says no word, so no transcript loses one;
 - a result **needs fallback** when its text compresses too well (`compression_ratio_threshold`: a loop)
   or when the decoder was cut out of a loop; it is then decoded again by seeded sampling at the next
   temperature. Whisper also falls back when the tokens are merely improbable; on the held-out sets that

@@ -140,8 +140,8 @@ class Transcriber:
         decoded = self._decode_guarded(decoder, window, rng)
         if self.plain_decoder and (decoded is None or not mentions(decoded[1], self.decoder.options.vocabulary)):
             decoded = self._decode_guarded(self.plain_decoder, self.plain_decoder.prefill(cross=window.cross), rng)
-        if decoded is None:
-            self.counters.no_speech += 1
+        if decoded is None or (self.guards.enabled and not any(c.isalnum() for c in decoded[1])):
+            self.counters.no_speech += 1  # punctuation alone (". ." from clicks) says no word
             return []
         return self._segments(*decoded, offset, len(audio) / SAMPLE_RATE)
 
