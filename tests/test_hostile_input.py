@@ -209,3 +209,17 @@ def test_steady_tones_the_model_reads_as_words_give_no_text(bundle_auto):
     assert edge_asr.load(bundle_auto).transcribe(tones).text == ""
     without = Transcriber(bundle_auto, guards=Guards(unvoiced_no_speech_threshold=1.0))
     assert without.transcribe(tones).text.strip()  # what the guard is for
+
+
+def test_a_transcript_of_punctuation_alone_is_no_speech(bundle_auto):
+    """Found by fuzzing: a few isolated clicks (noise_signals.from_bytes, kind 5) read as ". ."."""
+    from noise_signals import from_bytes
+
+    import edge_asr
+    from edge_asr.guards import Guards
+    from edge_asr.transcriber import Transcriber
+
+    clicks = from_bytes(bytes.fromhex("0505050505050505050505050505050505053b050505"))
+    without = Transcriber(bundle_auto, guards=Guards.off()).transcribe(clicks).text.strip()
+    assert without and not any(c.isalnum() for c in without)  # what the guard is for
+    assert edge_asr.load(bundle_auto).transcribe(clicks).text == ""
