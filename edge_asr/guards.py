@@ -15,11 +15,11 @@ with thresholds chosen on held-out data:
   synthesized non-speech (silence, white and pink noise, hum, music): speech scored at most 0.68 and
   non-speech at least 0.86. Whisper's 0.6 dropped a held-out sentence (0.61, -1.003);
 - a window is also **no speech** when `<|nospeech|>` exceeds `unvoiced_no_speech_threshold` (0.5) and the
-  energy detector finds no speech in it at all (`vad.speech_seconds`: no frame 12 dB above the window's
-  quietest). Both are evidence of another kind. Fuzzing found steady mixtures of tones that the model reads
-  as "Okay." or "I'm sorry." (23 of 300, no-speech 0.52-0.70, energy speech 0 s); on 162 held-out speech
-  clips (150 tight telephone-band digits, 12 sentences) no-speech was at most 0.59 and the detector found at
-  least 0.16 s of speech in every one;
+  energy detector finds under 0.06 s of speech in it (`vad.speech_seconds`: frames 12 dB above the window's
+  quietest, clicks not counted). Both are evidence of another kind. Fuzzing found steady mixtures of tones
+  (23 of 300) and isolated clicks (2 of 150) that the model reads as "Okay." or "I'm sorry." (no-speech
+  0.52-0.70); on 162 held-out speech clips (150 tight telephone-band digits, 12 sentences) no-speech was at
+  most 0.59 and the detector found at least 0.16 s of speech in every one;
 - a result of **punctuation alone** (". ." from a few clicks, found by fuzzing) is no speech either: it
   says no word, so no transcript loses one;
 - a result **needs fallback** when its text compresses too well (`compression_ratio_threshold`: a loop)
@@ -113,9 +113,9 @@ class Guards:
             or (no_speech_prob > self.no_speech_threshold and avg_logprob < self.logprob_threshold)
         )
 
-    def is_unvoiced(self, no_speech_prob: float, speech_seconds) -> bool:
-        """`speech_seconds()`: what the energy detector finds, asked only when the model is unsure."""
-        return self.enabled and no_speech_prob > self.unvoiced_no_speech_threshold and speech_seconds() == 0
+    def is_unvoiced(self, no_speech_prob: float, unvoiced) -> bool:
+        """`unvoiced()`: whether the energy detector finds no speech, asked only when the model is unsure."""
+        return self.enabled and no_speech_prob > self.unvoiced_no_speech_threshold and unvoiced()
 
     def needs_fallback(self, avg_logprob: float, ratio: float, looped: bool) -> bool:
         improbable = self.fallback_logprob_threshold is not None and avg_logprob < self.fallback_logprob_threshold

@@ -131,7 +131,7 @@ class Transcriber:
             return []
         decoder = self.decoder_for(len(audio))
         window = decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
-        if self.guards.is_unvoiced(window.no_speech_prob, lambda: speech_seconds(audio)):
+        if self.guards.is_unvoiced(window.no_speech_prob, lambda: speech_seconds(audio) < MIN_SPEECH_SECONDS):
             self.counters.no_speech += 1
             return []
         if self.command:

@@ -8,6 +8,9 @@ from .errors import EdgeAsrError
 from .frontend import SAMPLE_RATE
 
 FRAME_SAMPLES = 512  # Silero's window at 16 kHz; the energy detector uses the same frames
+# A frame whose 8 loudest samples hold this share of its energy is clicks, not speech: isolated impulses hold
+# all of it; in the speech frames of 162 held-out clips the share had a median of 0.13 and was at most 0.945.
+CLICK_SHARE = 0.99
 
 
 class EnergyVad:
@@ -76,8 +79,11 @@ def speech_seconds(audio: np.ndarray, detector="energy", margin_db: float = 12.0
         return 0.0
     frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
     if detector == "energy":
-        db = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
-        speech = db > max(floor_db, float(db.min()) + margin_db)
+        energy = np.square(frames, dtype=np.float64)
+        db = 10 * np.log10(energy.mean(axis=1) + 1e-10)
+        loudest = np.partition(energy, -8, axis=1)[:, -8:].sum(axis=1)
+        clicks = loudest > CLICK_SHARE * energy.sum(axis=1)
+        speech = (db > max(floor_db, float(db.min()) + margin_db)) & ~clicks
     else:
         detector.reset()
         speech = np.array([detector(frame) for frame in frames])

@@ -211,6 +211,19 @@ def test_steady_tones_the_model_reads_as_words_give_no_text(bundle_auto):
     assert without.transcribe(tones).text.strip()  # what the guard is for
 
 
+def test_isolated_clicks_give_no_text(bundle_auto):
+    """Found by fuzzing: 17 single-sample clicks in 1.6 s read as "I'm sorry." (no-speech 0.67), and the energy
+    detector counted 0.4 s of speech; a frame whose 8 loudest samples hold 99% of its energy is clicks."""
+    from noise_signals import from_bytes
+
+    import edge_asr
+    from edge_asr.vad import speech_seconds
+
+    clicks = from_bytes(bytes([5]) + np.random.default_rng(35).bytes(30))
+    assert np.count_nonzero(clicks) == 17 and speech_seconds(clicks) == 0
+    assert edge_asr.load(bundle_auto).transcribe(clicks).text == ""
+
+
 def test_a_transcript_of_punctuation_alone_is_no_speech(bundle_auto):
     """Found by fuzzing: a few isolated clicks (noise_signals.from_bytes, kind 5) read as ". ."."""
     from noise_signals import from_bytes
