@@ -460,14 +460,15 @@ def test_tls_with_client_certificate_and_password(tmp_path, tls_broker, capsys):
 def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
     from edge_asr.service.daemon import load_config
 
+    # what the file says wrongly is input (exit 2); what the daemon cannot do with it, 1
     cases = {
-        '[mqtt]\nhost = "127.0.0.1"\nbroker_url = "x"\n': "broker_url",
-        '[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': "spool",
+        '[mqtt]\nhost = "127.0.0.1"\nbroker_url = "x"\n': ("broker_url", 2),
+        '[output]\njsonl = ""\nstdout = true\n[mqtt]\nhost = "127.0.0.1"\n': ("spool", 1),
         f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\ntls = true\n'
-        f'ca_file = "{tmp_path / "missing.crt"}"\n': "no such file",
-        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': "integer",
+        f'ca_file = "{tmp_path / "missing.crt"}"\n': ("no such file", 1),
+        f'[output]\njsonl = "{tmp_path / "o.jsonl"}"\n[mqtt]\nhost = "127.0.0.1"\nport = "1883"\n': ("integer", 2),
     }
-    for text, expected in cases.items():
+    for text, (expected, code) in cases.items():
         config = tmp_path / "c.toml"
         config.write_text(f'[input]\nsource = "{stream_wav}"\n[model]\nbundle = "{bundle_int8}"\n' + text)
         out = subprocess.run(
@@ -476,7 +477,7 @@ def test_mqtt_config_errors_are_one_line(tmp_path, stream_wav, bundle_int8):
             text=True,
             timeout=120,
         )
-        assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and expected in out.stderr, out.stderr
+        assert out.returncode == code and out.stderr.strip().count("\n") == 0 and expected in out.stderr, out.stderr
     with pytest.raises(EdgeAsrError, match="unknown key"):
         config.write_text("[mqtt]\nretain = true\n")
         load_config(config)

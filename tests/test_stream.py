@@ -170,7 +170,7 @@ def test_config_errors_are_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "edge_asr", "daemon", "--config", str(config)], capture_output=True, text=True
     )
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "min_silence_ms" in out.stderr
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "min_silence_ms" in out.stderr
 
 
 def test_missing_microphone_is_one_line(bundle_int8):
