@@ -52,13 +52,12 @@ def mono_in_range(audio: np.ndarray, label: str, warn: bool = True) -> np.ndarra
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
-    """Band-limited resampling with soxr (high quality, fast on small CPUs). Samples stay in [-1, 1]: a
-    band-limited copy of a clipped signal overshoots (to 1.57 on a fuzzed file)."""
+    """Band-limited resampling with soxr (high quality, fast on small CPUs)."""
     if rate == target:
         return np.ascontiguousarray(audio, dtype=np.float32)
     import soxr
 
-    return np.clip(np.ascontiguousarray(soxr.resample(audio, rate, target), dtype=np.float32), -1.0, 1.0)
+    return np.ascontiguousarray(soxr.resample(audio, rate, target), dtype=np.float32)
 
 
 def load_audio(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -85,7 +84,8 @@ def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
             raise AudioError(f"{label}: too long to read at once (stream it: `edge-asr listen --file`)") from None
     if audio is None:
         raise AudioError(f"{label}: contains no audio samples")
-    return resample(audio, rate, target)
+    # in [-1, 1] after resampling too: a band-limited copy of a clipped signal overshoots (1.57 on a fuzzed file)
+    return np.clip(resample(audio, rate, target), -1.0, 1.0)
 
 
 class _ClampedSeeks(io.BytesIO):
