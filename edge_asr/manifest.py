@@ -151,6 +151,8 @@ class TokenizerSection:
             plain_file_name(section.tokens, "tokenizer.tokens")
             if "eot" not in section.special:
                 raise ManifestError("tokenizer.special.eot is missing")
+        elif section.type != "characters":
+            raise ManifestError(f"tokenizer.type must be byte-level-bpe or characters, not {section.type[:40]!r}")
         elif not section.alphabet or not 0 <= section.blank < len(section.alphabet):
             raise ManifestError("tokenizer.alphabet must list the characters, with the blank's index inside it")
         return section
