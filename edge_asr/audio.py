@@ -84,8 +84,10 @@ def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
             raise AudioError(f"{label}: too long to read at once (stream it: `edge-asr listen --file`)") from None
     if audio is None:
         raise AudioError(f"{label}: contains no audio samples")
-    # in [-1, 1] after resampling too: a band-limited copy of a clipped signal overshoots (1.57 on a fuzzed file)
-    return np.clip(resample(audio, rate, target), -1.0, 1.0)
+    # in [-1, 1] after resampling too: a band-limited copy of a clipped signal overshoots (1.57 on a fuzzed file);
+    # in place, as a long file's samples are the largest array a transcription holds
+    audio = resample(audio, rate, target)
+    return np.clip(audio, -1.0, 1.0, out=audio)
 
 
 class _ClampedSeeks(io.BytesIO):
