@@ -208,21 +208,28 @@ def make_bundle(folder: Path) -> Path:
     return folder
 
 
-class _Opens:
-    """The files a process opens, recorded while `recording` (an audit hook cannot be removed: one for all)."""
+class OpenedFiles:
+    """The files this process opens inside the `with`, resolved, in `paths`. An audit hook cannot be removed, so
+    one is installed for all and records only while a `with` is open."""
 
-    recording: list | None = None
+    _recording: list | None = None
+    _installed = False
 
-    @classmethod
-    def install(cls) -> None:
-        if not getattr(cls, "_installed", False):
-            sys.addaudithook(cls._hook)
-            cls._installed = True
+    def __enter__(self) -> OpenedFiles:
+        if not OpenedFiles._installed:
+            sys.addaudithook(OpenedFiles._hook)
+            OpenedFiles._installed = True
+        OpenedFiles._recording = self.paths = []
+        return self
 
-    @classmethod
-    def _hook(cls, event: str, args: tuple) -> None:
-        if cls.recording is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            cls.recording.append(os.fsdecode(args[0]))
+    def __exit__(self, *exc) -> None:
+        OpenedFiles._recording = None
+
+    @staticmethod
+    def _hook(event: str, args: tuple) -> None:
+        recording = OpenedFiles._recording
+        if recording is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            recording.append(os.path.realpath(os.fsdecode(args[0])))
 
 
 def _load_bundle(folder: Path) -> None:
@@ -235,22 +242,17 @@ def _load_bundle(folder: Path) -> None:
     from edge_asr.settings import DecodingSettings
     from edge_asr.transcriber import ShortWindowBeam
 
-    _Opens.install()
     inside = folder.resolve()
-    _Opens.recording = []
-    try:
-        with _Watch("bundle", (BundleError,)):
-            bundle = Bundle.load(folder)
-            manifest = bundle.manifest
-            Guards.from_manifest(manifest)
-            ContextPolicy.from_manifest(manifest).frames(16000)
-            if bundle.family == "whisper":
-                suppression_masks(dict(manifest.decoder, n_vocab=manifest.model.dims["n_vocab"]))
-                ShortWindowBeam.recommended(bundle, DecodingSettings())
-                bundle.tokenizer.decode(list(range(min(len(bundle.tokenizer.tokens), 400))))
-    finally:
-        opened, _Opens.recording = _Opens.recording, None
-    outside = [p for p in opened if inside not in Path(p).resolve().parents]
+    with OpenedFiles() as opened, _Watch("bundle", (BundleError,)):
+        bundle = Bundle.load(folder)
+        manifest = bundle.manifest
+        Guards.from_manifest(manifest)
+        ContextPolicy.from_manifest(manifest).frames(16000)
+        if bundle.family == "whisper":
+            suppression_masks(dict(manifest.decoder, n_vocab=manifest.model.dims["n_vocab"]))
+            ShortWindowBeam.recommended(bundle, DecodingSettings())
+            bundle.tokenizer.decode(list(range(min(len(bundle.tokenizer.tokens), 400))))
+    outside = [p for p in opened.paths if inside not in Path(p).parents]
     check(not outside, f"bundle: opened {outside[0] if outside else ''}, outside the bundle")
 
 

@@ -7,39 +7,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from fuzz_targets import OpenedFiles
 
 from edge_asr.bundle import Bundle
 from edge_asr.cli import main
 from edge_asr.errors import BundleError
 from edge_asr.manifest import file_records
-
-
-class Opened:
-    """The files this process opens while recording (an audit hook, which cannot be removed: one for all)."""
-
-    paths: list[str] | None = None
-
-    @classmethod
-    def hook(cls, event, args):
-        if cls.paths is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            cls.paths.append(os.path.realpath(os.fsdecode(args[0])))
-
-    def __enter__(self):
-        Opened.paths = []
-        return self
-
-    def __exit__(self, *exc):
-        self.paths, Opened.paths = Opened.paths, None
-
-
-sys.addaudithook(Opened.hook)
 
 
 def linked_copy(bundle: Path, folder: Path) -> Path:
@@ -88,7 +67,7 @@ def test_a_manifest_naming_a_graph_outside_the_bundle_is_refused_before_it_is_op
         raw["files"][name] = file_records(tmp_path, ["outside.onnx"])["outside.onnx"]
 
     edit_manifest(bundle, point_outside)
-    with Opened() as opened:
+    with OpenedFiles() as opened:
         code, out, err = transcribe(capfd, bundle, speech_wav)
     assert code == 3 and out == "" and err.count("\n") == 1, err
     assert "model.onnx.graphs.encoder must name a file inside the bundle's folder" in err
@@ -100,7 +79,7 @@ def test_a_symlink_out_of_the_bundle_is_refused(bundle_auto, tmp_path, capfd, sp
     outside = tmp_path / "encoder.int8.onnx"  # the same bytes: its checksum matches
     (bundle / "encoder.int8.onnx").rename(outside)
     (bundle / "encoder.int8.onnx").symlink_to(outside)
-    with Opened() as opened:
+    with OpenedFiles() as opened:
         code, out, err = transcribe(capfd, bundle, speech_wav)
     assert code == 3 and out == "" and err.count("\n") == 1, err
     assert "encoder.int8.onnx links outside the bundle's folder" in err
@@ -118,7 +97,10 @@ def test_a_graph_whose_tensors_live_outside_the_bundle_is_refused(tmp_path):
     entry.value = "../rows.bin"
     onnx.save(graph, str(bundle / "decoder.onnx"))
     edit_manifest(bundle, lambda raw: raw["files"].update(file_records(bundle, ["decoder.onnx"])))
-    with Opened() as opened, pytest.raises(BundleError, match=r"decoder.onnx's external data must name a file inside"):
+    with (
+        OpenedFiles() as opened,
+        pytest.raises(BundleError, match=r"decoder.onnx's external data must name a file inside"),
+    ):
         Bundle.load(bundle)
     assert str(tmp_path / "rows.bin") not in opened.paths
 
