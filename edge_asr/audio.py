@@ -36,9 +36,9 @@ class AudioWarning(UserWarning):
     """Audio that was read, but changed to be read: samples clipped into [-1, 1]."""
 
 
-def mono_in_range(audio: np.ndarray, label: str, warn: bool = True) -> np.ndarray:
-    """(frames, channels) float samples -> mono float32 in [-1, 1]; an AudioError if any is not finite.
-    `warn`: warn if clipping goes far (a stream warns once, not every block)."""
+def mono_in_range(audio: np.ndarray, label: str, warn: bool = True) -> tuple[np.ndarray, bool]:
+    """(frames, channels) float samples -> (mono float32 in [-1, 1], whether they went far outside); an
+    AudioError if any is not finite. `warn`: warn if they went far (a stream warns once, not every block)."""
     if not np.isfinite(audio).all():
         raise AudioError(f"{label}: contains non-finite samples (corrupt file?)")
     peak = float(np.abs(audio).max()) if audio.size else 0.0
@@ -48,7 +48,7 @@ def mono_in_range(audio: np.ndarray, label: str, warn: bool = True) -> np.ndarra
                 AudioWarning(f"{label}: samples reach {peak:.3g}, far outside [-1, 1]; clipped"), stacklevel=2
             )
         audio = np.clip(audio, -1.0, 1.0)
-    return audio.mean(axis=1, dtype=np.float32)
+    return audio.mean(axis=1, dtype=np.float32), peak > FAR_OUTSIDE
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -75,13 +75,17 @@ def decode_audio(file, label: str, target: int = SAMPLE_RATE) -> np.ndarray:
     errors name `label`."""
     if not isinstance(file, str):
         file = _ClampedSeeks(file.read())
-    with native_output_discarded(), open_sound(file, label) as f:
+    # Warnings are held while the console is discarded and given out after it is back.
+    with warnings.catch_warnings(record=True) as held, native_output_discarded(), open_sound(file, label) as f:
+        warnings.simplefilter("always", AudioWarning)
         rate = f.samplerate
         try:
             blocks = list(mono_blocks(f, label, READ_FRAMES))
             audio = np.concatenate(blocks) if blocks else None
         except MemoryError:
             raise AudioError(f"{label}: too long to read at once (stream it: `edge-asr listen --file`)") from None
+    for warning in held:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if audio is None:
         raise AudioError(f"{label}: contains no audio samples")
     # in [-1, 1] after resampling too: a band-limited copy of a clipped signal overshoots (1.57 on a fuzzed file);
@@ -154,8 +158,9 @@ def mono_blocks(f, label: str, frames: int) -> Iterator[np.ndarray]:
             raise AudioError(f"{label}: not a readable audio file ({e})") from None
         if not len(block):
             return
-        yield mono_in_range(block, label, warn=not clipped)
-        clipped = clipped or float(np.abs(block).max()) > FAR_OUTSIDE
+        mono, far = mono_in_range(block, label, warn=not clipped)
+        clipped = clipped or far
+        yield mono
 
 
 class AudioFile:
