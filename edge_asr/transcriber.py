@@ -33,7 +33,7 @@ from .hotwords import DEFAULT_WHISPER_BONUS, DEFAULT_WHISPER_PROMPT, TokenBias, 
 from .results import Segment, Transcript
 from .segmenter import split_at_pauses
 from .settings import DecodingSettings
-from .vad import make_vad, speech_seconds
+from .vad import make_vad, spectral_variation_db, speech_seconds
 
 MIN_SPEECH_SECONDS = 0.06  # the voice activity gate passes a window with two speech frames (a tight digit has few)
 
@@ -131,7 +131,11 @@ class Transcriber:
             return []
         decoder = self.decoder_for(len(audio))
         window = decoder.prefill(window_features(audio, self.bundle.mel_filters, self.context.frames(len(audio))))
-        if self.guards.is_unvoiced(window.no_speech_prob, lambda: speech_seconds(audio) < MIN_SPEECH_SECONDS):
+        if self.guards.is_unvoiced(
+            window.no_speech_prob,
+            lambda: speech_seconds(audio) < MIN_SPEECH_SECONDS,
+            lambda: spectral_variation_db(audio),
+        ):
             self.counters.no_speech += 1
             return []
         if self.command:

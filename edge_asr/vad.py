@@ -88,3 +88,19 @@ def speech_seconds(audio: np.ndarray, detector="energy", margin_db: float = 12.0
         detector.reset()
         speech = np.array([detector(frame) for frame in frames])
     return float(speech.sum()) * FRAME_SAMPLES / SAMPLE_RATE
+
+
+def spectral_variation_db(audio: np.ndarray, bands: int = 24, span_db: float = 40.0) -> float:
+    """How much a window's spectrum changes over time, in dB: each band's standard deviation over the
+    window's frames, at its 90th percentile over the bands that carry the signal (within `span_db` of the
+    loudest). A tone, a hum or any periodic buzz stays near 0 dB, however loud or clipped, where the energy
+    detector sees only a steady level; speech moves its formants and pauses between words."""
+    n = len(audio) // FRAME_SAMPLES
+    if n < 2:
+        return 0.0
+    frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES).astype(np.float64) * np.hanning(FRAME_SAMPLES)
+    power = np.square(np.abs(np.fft.rfft(frames, axis=1)))
+    edges = np.unique(np.geomspace(4, FRAME_SAMPLES // 2, bands + 1).astype(int))  # about a third of an octave
+    db = 10 * np.log10(np.add.reduceat(power, edges[:-1], axis=1) + 1e-12)
+    carrying = db.max(axis=0) > db.max() - span_db
+    return float(np.percentile(db[:, carrying].std(axis=0), 90))
