@@ -12,9 +12,10 @@ class AudioError(EdgeAsrError):
 
 
 class BundleError(EdgeAsrError):
-    """A model bundle that is missing, incomplete, tampered with or of an unknown format."""
+    """A model bundle that is missing, incomplete, tampered with or of an unknown format: bad input, like a
+    corrupt audio file."""
 
-    exit_code = 3
+    exit_code = 2
 
 
 class InputError(EdgeAsrError):

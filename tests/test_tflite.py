@@ -221,4 +221,4 @@ def test_a_bundle_without_tflite_models_says_how_to_get_them(tmp_path, bundle_in
         capture_output=True,
         text=True,
     )
-    assert run.returncode == 3 and run.stderr.count("\n") == 1 and "--formats tflite" in run.stderr
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--formats tflite" in run.stderr
