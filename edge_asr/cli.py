@@ -21,6 +21,7 @@ from .backend import BACKENDS
 from .commands import DEFAULT_REJECTION_THRESHOLD
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
+from .service.wyoming import DEFAULT_URI as DEFAULT_WYOMING_URI
 from .threads import resolve_threads
 from .writers import WRITERS, short_clock
 
@@ -170,6 +171,14 @@ def cmd_daemon(args) -> int:
     from .service.daemon import Daemon, load_config
 
     return Daemon(load_config(args.config)).run()
+
+
+def cmd_wyoming(args) -> int:
+    from .service.wyoming import parse_uri, serve
+
+    parse_uri(args.uri)  # before the model loads: a typo costs no wait
+    recognizer = _transcriber(args)
+    return serve(args.uri, recognizer, recognizer.bundle.manifest.name)
 
 
 def cmd_collect(args) -> int:
@@ -391,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("daemon", help="run as a service: TOML config, JSONL output, status endpoint")
     p.add_argument("--config", required=True, help="TOML file (example: edge_asr_deploy/edge-asr.toml)")
     p.set_defaults(func=cmd_daemon)
+
+    p = with_bundle(
+        sub.add_parser("wyoming", help="serve the Wyoming protocol (Home Assistant's Assist, Rhasspy); needs [wyoming]")
+    )
+    p.add_argument(
+        "--uri", default=DEFAULT_WYOMING_URI, help=f"tcp://HOST:PORT or unix://PATH (default {DEFAULT_WYOMING_URI})"
+    )
+    p.set_defaults(func=cmd_wyoming)
 
     p = sub.add_parser(
         "collect",

@@ -243,6 +243,17 @@ def teacher_clips(encoder, count=6, seed=0):
 def run_cli_without_torch(args: list[str], also_block: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`edge-asr ARGS` in a process where importing torch, librosa or the build step (and `also_block`)
     fails, and which fails if any heavy module got imported all the same: the runtime must need none of them."""
+    script = _script_without_torch(args, also_block)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def start_cli_without_torch(args: list[str]) -> subprocess.Popen:
+    """The same as `run_cli_without_torch`, for a command that serves until stopped: stderr piped."""
+    script = _script_without_torch(args, ())
+    return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+
+
+def _script_without_torch(args: list[str], also_block: tuple[str, ...]) -> str:
     blocked = ("torch", "librosa", "edge_asr_build", *also_block)
     script = f"""
 import sys, importlib.abc
@@ -256,4 +267,4 @@ code = main({args!r})
 assert not any(m.split('.')[0] in ('torch', 'librosa') for m in sys.modules), 'heavy module imported'
 sys.exit(code)
 """
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return script
