@@ -4,6 +4,7 @@
 #
 #   ./install.sh                      into /opt/edge-asr (root), or --prefix=DIR (any user, e.g. Termux)
 #   sudo ./install.sh --service       also the daemon: user edge-asr, /etc/edge-asr/edge-asr.toml, systemd unit
+#   sudo ./install.sh --wyoming       also the Wyoming server for Home Assistant (port 10300), systemd unit
 #
 # Needs python3 {{PYTHON_VERSION}} with venv (Debian / Raspberry Pi OS: apt install python3 python3-venv).
 set -eu
@@ -12,11 +13,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PREFIX=/opt/edge-asr
 PYTHON=${PYTHON:-python3}
 SERVICE=no
+WYOMING=no
 for arg in "$@"; do
     case $arg in
         --prefix=*) PREFIX=${arg#--prefix=} ;;
         --service) SERVICE=yes ;;
-        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --wyoming) WYOMING=yes ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -57,5 +60,13 @@ if [ "$SERVICE" = yes ]; then
     install -m 644 "$HERE/systemd/edge-asr.service" /etc/systemd/system/edge-asr.service
     systemctl daemon-reload && systemctl enable --now edge-asr
     echo "daemon running: systemctl status edge-asr; transcripts in /var/lib/edge-asr/transcripts.jsonl"
+fi
+if [ "$WYOMING" = yes ]; then
+    [ "$(id -u)" = 0 ] || fail "--wyoming needs root"
+    id edge-asr >/dev/null 2>&1 || useradd --system --home /var/lib/edge-asr --groups audio edge-asr
+    ln -sf "$PREFIX/bin/edge-asr" /usr/local/bin/edge-asr
+    sed "s|@PREFIX@|$PREFIX|g" "$HERE/systemd/edge-asr-wyoming.service" > /etc/systemd/system/edge-asr-wyoming.service
+    systemctl daemon-reload && systemctl enable --now edge-asr-wyoming
+    echo "Wyoming server running on port 10300: systemctl status edge-asr-wyoming"
 fi
 echo "installed; try: $PREFIX/bin/edge-asr transcribe --bundle $PREFIX/bundle $PREFIX/testset/*.wav"

@@ -8,6 +8,7 @@ edge-asr-<version>-<bundle>-<target>/
   testset/              synthesized utterances + refs.tsv, and expected.json: the text this machine
                         gets for each of them on each backend, which a device must reproduce
   config/edge-asr.toml  daemon configuration;  systemd/edge-asr.service  its unit
+  systemd/edge-asr-wyoming.service  the Wyoming server's unit (Home Assistant)
   ARCHIVE.json          target, Python, bundle, backends, and the sha256 of every file
 """
 
@@ -33,7 +34,8 @@ from edge_asr.manifest import Manifest, sha256_file, write_manifest
 from .targets import Target
 
 HERE = Path(__file__).resolve().parent
-RUNTIME_EXTRAS = ("tflite", "mqtt")  # LiteRT where ONNX Runtime has no wheel; paho-mqtt for [mqtt]
+# LiteRT where ONNX Runtime has no wheel; paho-mqtt for [mqtt]; wyoming for `edge-asr wyoming`
+RUNTIME_EXTRAS = ("tflite", "mqtt", "wyoming")
 
 
 def project_root(source: Path | None) -> Path:
@@ -281,7 +283,8 @@ def build_archive(
         (root / "config").mkdir()
         (root / "config" / "edge-asr.toml").write_text(device_config(formats[0]))
         (root / "systemd").mkdir()
-        shutil.copy2(HERE / "edge-asr.service", root / "systemd" / "edge-asr.service")
+        for unit in ("edge-asr.service", "edge-asr-wyoming.service"):
+            shutil.copy2(HERE / unit, root / "systemd" / unit)
         install = root / "install.sh"
         install.write_text(_render((HERE / "install.sh").read_text(), PYTHON_VERSION=python, TARGET=target.name))
         install.chmod(0o755)

@@ -32,7 +32,7 @@ def test_dependencies_are_chosen_for_the_target_not_this_machine(wheel):
     names = lambda reqs: {r.split(">")[0].split("=")[0].split("<")[0] for r in reqs}  # noqa: E731
     arm64 = names(target_requirements(wheel, target("linux-aarch64"), "3.11"))
     armv7 = names(target_requirements(wheel, target("linux-armv7"), "3.11"))
-    assert {"numpy", "onnxruntime", "ai-edge-litert", "soxr", "soundfile", "paho-mqtt"} <= arm64
+    assert {"numpy", "onnxruntime", "ai-edge-litert", "soxr", "soundfile", "paho-mqtt", "wyoming"} <= arm64
     assert "tflite-runtime" not in arm64
     assert "onnxruntime" not in armv7 and "ai-edge-litert" not in armv7 and "tflite-runtime" in armv7
     assert "torch" not in arm64 | armv7  # the build step's dependencies never reach a device
@@ -97,7 +97,8 @@ def test_archive_installs_offline_and_reproduces_this_machines_texts(bundle_int8
     listed = subprocess.run(
         [str(prefix / "venv" / "bin" / "python"), "-m", "pip", "list"], capture_output=True, text=True
     )
-    assert "onnxruntime" in listed.stdout and "torch" not in listed.stdout
+    assert "onnxruntime" in listed.stdout and "wyoming" in listed.stdout and "torch" not in listed.stdout
+    assert (root / "systemd" / "edge-asr-wyoming.service").is_file()
     wrong = subprocess.run([str(root / "install.sh"), "--bogus"], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
 
