@@ -8,9 +8,10 @@ and optional punctuation after the last. Mixed case is not a spelling: allowed, 
 such as "suPERVISOR" that the model finds improbable, which cost the right phrase its confidence.
 
 A token may continue the text when its characters walk the character automaton without falling off it.
-Every token of the vocabulary is tried that way at once, through a trie of the token strings walked beside
-the automaton: a branch ends where either does, so a state costs as many steps as there are token
-prefixes it allows, not a pass over 51,864 tokens. The automaton is determinized lazily (sets of
+Every token of the vocabulary is tried that way at once, through the token strings sorted (the tokens that
+begin with a prefix are one run, found by bisection) walked beside the automaton: a branch ends where
+either does, so a state costs as many steps as there are token prefixes it allows, not a pass over
+51,864 tokens. The automaton is determinized lazily (sets of
 character states), and each state's allowed tokens are computed once and kept: a grammar is compiled once
 per bundle, and a state is paid for the first time a decode reaches it. End-of-text is allowed only where
 a phrase may end.
@@ -18,6 +19,7 @@ a phrase may end.
 
 from __future__ import annotations
 
+import bisect
 import re
 import weakref
 
@@ -159,34 +161,33 @@ class SpokenForms:
         return ("after", self.accept) in states or ("end",) in states
 
 
-class TokenTrie:
-    """A vocabulary's text tokens that are printable ASCII, as a character trie: `children[node]` maps a
-    character to the next node (node 0 is the empty prefix), `ends[node]` the tokens spelled to there."""
+class TokenSpellings:
+    """A vocabulary's text tokens that are printable ASCII, sorted by spelling (GPT-2's Ġ as a space), so that
+    the tokens beginning with a prefix are one run of the list, found by bisection; `ids[i]` is the token
+    spelled `spellings[i]`. (A trie of dicts, one per prefix, held 30 MB for Whisper's 50k tokens.)"""
 
     def __init__(self, tokens: list[str], eot: int):
-        self.children: list[dict[str, int]] = [{}]
-        self.ends: dict[int, list[int]] = {}
-        for token, spelled in enumerate(tokens[:eot]):
-            if not _ASCII_TOKEN.fullmatch(spelled):
-                continue
-            node = 0
-            for c in spelled.replace("Ġ", " "):
-                following = self.children[node]
-                if c not in following:
-                    following[c] = len(self.children)
-                    self.children.append({})
-                node = following[c]
-            self.ends.setdefault(node, []).append(token)
+        spelled = sorted(
+            (text.replace("Ġ", " "), token) for token, text in enumerate(tokens[:eot]) if _ASCII_TOKEN.fullmatch(text)
+        )
+        self.spellings = [text for text, _ in spelled]
+        self.ids = np.array([token for _, token in spelled], dtype=np.int64)
+
+    def run(self, prefix: str, lo: int, hi: int) -> tuple[int, int]:
+        """The run of spellings within [lo, hi) that begin with `prefix`."""
+        lo = bisect.bisect_left(self.spellings, prefix, lo, hi)
+        return lo, bisect.bisect_left(self.spellings, prefix + _AFTER_ASCII, lo, hi)
 
 
-_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_AFTER_ASCII = "\x7f"  # sorts after every printable ASCII character
+_SPELLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def token_trie(tokenizer) -> TokenTrie:
-    """The trie of a tokenizer's tokens, built once per tokenizer (every grammar of a bundle shares it)."""
-    if tokenizer not in _TRIES:
-        _TRIES[tokenizer] = TokenTrie(tokenizer.tokens, tokenizer.eot)
-    return _TRIES[tokenizer]
+def token_spellings(tokenizer) -> TokenSpellings:
+    """A tokenizer's sorted spellings, made once per tokenizer (every grammar of a bundle shares them)."""
+    if tokenizer not in _SPELLINGS:
+        _SPELLINGS[tokenizer] = TokenSpellings(tokenizer.tokens, tokenizer.eot)
+    return _SPELLINGS[tokenizer]
 
 
 class TokenGrammar:
@@ -198,7 +199,7 @@ class TokenGrammar:
     def __init__(self, grammar: Grammar, tokenizer):
         self.grammar = grammar
         self.eot = tokenizer.eot
-        self.trie = token_trie(tokenizer)
+        self.vocabulary = token_spellings(tokenizer)
         self.forms = SpokenForms(grammar)
         self._ids: dict[frozenset, int] = {}
         self._sets: list[frozenset] = []
@@ -232,21 +233,26 @@ class TokenGrammar:
         """(ids of the tokens that may come next, sorted; {token: state after it})."""
         if state not in self._allowed:
             following: dict[int, int] = {}
-            children, ends = self.trie.children, self.trie.ends
-            todo = [(0, state)]
-            while todo:  # the trie and the automaton side by side: a branch ends where either does
-                node, at = todo.pop()
-                kids, chars = children[node], self._next_chars(at)
-                for c in chars if len(chars) < len(kids) else kids:
-                    child = kids.get(c)
-                    if child is None or c not in chars:
-                        continue
+            spellings, ids = self.vocabulary.spellings, self.vocabulary.ids
+            todo = [("", 0, len(spellings), state)]
+            while todo:  # the spellings and the automaton side by side: a branch ends where either does
+                prefix, lo, hi, at = todo.pop()
+                chars, n = self._next_chars(at), len(prefix)
+                if hi - lo < len(chars):  # fewer tokens here than characters allowed: try only theirs
+                    chars = {text[n] for text in spellings[lo:hi] if len(text) > n} & chars
+                for c in chars:
                     after = self._step(at, c)
                     if after is None:
                         continue
-                    for token in ends.get(child, ()):
-                        following[token] = after
-                    todo.append((child, after))
+                    longer = prefix + c
+                    start, stop = self.vocabulary.run(longer, lo, hi)
+                    if start == stop:
+                        continue
+                    exact = start
+                    while exact < stop and spellings[exact] == longer:  # tokens spelled just so (first in the run)
+                        following[int(ids[exact])] = after
+                        exact += 1
+                    todo.append((longer, start, stop, after))
             tokens = sorted(following) + ([self.eot] if self.accepts(state) else [])
             self._allowed[state] = (np.asarray(tokens, dtype=np.int64), following)
         return self._allowed[state]
