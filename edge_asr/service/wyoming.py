@@ -18,6 +18,7 @@ and writes them. A client sends `describe` (answered with `info`), or `transcrib
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
 import time
@@ -152,6 +153,14 @@ class WyomingServer:
         )
         return Info(asr=[program])
 
+    def check_request(self, data: dict) -> None:
+        """A `transcribe` event's model and language, if it names them, must be this server's."""
+        name, language = data.get("name"), data.get("language")
+        if name is not None and name != self.model_name:
+            raise InputError(f"transcribe: no model {str(name)[:80]!r}; this server has {self.model_name}")
+        if language is not None and language not in LANGUAGES:
+            raise InputError(f"transcribe: language {str(language)[:20]!r}; this model transcribes {LANGUAGES}")
+
     async def transcribe(self, audio: np.ndarray) -> str:
         async with self.decoding:
             result = await asyncio.to_thread(self.recognizer.transcribe, audio)
@@ -163,11 +172,7 @@ class WyomingServer:
 def handler_class():
     """The connection handler, built on `wyoming.server.AsyncEventHandler`; made on first use, so that the
     runtime imports the `wyoming` package only when it serves Wyoming."""
-    from wyoming.asr import Transcribe, Transcript
-    from wyoming.audio import AudioChunk, AudioStart, AudioStop
-    from wyoming.error import Error
     from wyoming.event import async_read_event
-    from wyoming.info import Describe
     from wyoming.server import AsyncEventHandler
 
     class Handler(AsyncEventHandler):
@@ -178,10 +183,9 @@ def handler_class():
 
         async def run(self) -> None:
             """Events until the client leaves, one is malformed or past the bound, or the server stops."""
-            server = self.server
-            server.clients += 1
+            self.server.clients += 1
             try:
-                if server.clients > MAX_CLIENTS:
+                if self.server.clients > MAX_CLIENTS:
                     await self.refuse(f"{MAX_CLIENTS} clients are connected; try again later", "busy")
                     return
                 self._is_running = True
@@ -189,63 +193,57 @@ def handler_class():
                     try:
                         event = await asyncio.wait_for(async_read_event(_BoundedReader(self.reader)), IDLE_SECONDS)
                     except asyncio.TimeoutError:
-                        await self.refuse(f"no event in {IDLE_SECONDS:g} s", "idle")
-                        return
+                        return await self.refuse(f"no event in {IDLE_SECONDS:g} s", "idle")
                     except OversizeEvent as e:
-                        await self.refuse(str(e), "oversize")
-                        return
+                        return await self.refuse(str(e), "oversize")
                     except (AttributeError, KeyError, TypeError) as e:  # JSON that is not an event
-                        await self.refuse(f"malformed event ({type(e).__name__})", "malformed")
-                        return
+                        return await self.refuse(f"malformed event ({type(e).__name__})", "malformed")
                     if event is None or not await self.handle_event(event):
                         return
             except (ConnectionError, asyncio.IncompleteReadError):
                 return  # the client left mid-event or mid-utterance: its audio is dropped
             finally:
-                server.clients -= 1
+                self.server.clients -= 1
                 self.writer.close()
 
         async def refuse(self, text: str, code: str) -> None:
-            try:
+            from wyoming.error import Error
+
+            with contextlib.suppress(ConnectionError):
                 await self.write_event(Error(text=text, code=code).event())
-            except ConnectionError:
-                pass
 
         async def handle_event(self, event) -> bool:
             try:
-                return await self._handle(event)
+                await answer(self, event)
             except EdgeAsrError as e:  # bad input (one line, as the CLI gives it); the connection is kept
                 self.utterance = None
                 await self.refuse(str(e), "bad-input" if isinstance(e, InputError) else "failed")
-                return True
-
-        async def _handle(self, event) -> bool:
-            if Describe.is_type(event.type):
-                await self.write_event(self.server.info().event())
-            elif Transcribe.is_type(event.type):
-                self.check_request(event.data)
-            elif AudioStart.is_type(event.type):
-                self.utterance = Utterance.start(event.data)
-            elif AudioChunk.is_type(event.type):
-                if self.utterance is None:
-                    raise InputError("audio-chunk before audio-start")
-                self.utterance.add(event.payload or b"")
-            elif AudioStop.is_type(event.type):
-                if self.utterance is None:
-                    raise InputError("audio-stop before audio-start")
-                audio, self.utterance = self.utterance.audio(), None
-                text = await self.server.transcribe(audio)
-                await self.write_event(Transcript(text=text, language=LANGUAGES[0]).event())
             return True
 
-        def check_request(self, data: dict) -> None:
-            name, language = data.get("name"), data.get("language")
-            if name is not None and name != self.server.model_name:
-                raise InputError(f"transcribe: no model {str(name)[:80]!r}; this server has {self.server.model_name}")
-            if language is not None and language not in LANGUAGES:
-                raise InputError(f"transcribe: language {str(language)[:20]!r}; this model transcribes {LANGUAGES}")
-
     return Handler
+
+
+async def answer(handler, event) -> None:
+    """What one event asks of a connection: info, a request checked, audio kept, or the transcript."""
+    from wyoming.asr import Transcribe, Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.info import Describe
+
+    if Describe.is_type(event.type):
+        await handler.write_event(handler.server.info().event())
+    elif Transcribe.is_type(event.type):
+        handler.server.check_request(event.data)
+    elif AudioStart.is_type(event.type):
+        handler.utterance = Utterance.start(event.data)
+    elif AudioChunk.is_type(event.type) or AudioStop.is_type(event.type):
+        if handler.utterance is None:
+            raise InputError(f"{event.type} before audio-start")
+        if AudioChunk.is_type(event.type):
+            handler.utterance.add(event.payload or b"")
+            return
+        audio, handler.utterance = handler.utterance.audio(), None
+        text = await handler.server.transcribe(audio)
+        await handler.write_event(Transcript(text=text, language=LANGUAGES[0]).event())
 
 
 def parse_uri(uri: str) -> str:
