@@ -102,7 +102,11 @@ def audio_seeds() -> list[bytes]:
         ("OGG", "VORBIS", tone),
         ("AIFF", "PCM_24", stereo),
         ("AU", "ULAW", tone),
-    ] + [(fmt, sf.default_subtype(fmt), tone) for fmt in sf.available_formats() if sf.default_subtype(fmt)]:
+    ] + [
+        (fmt, sf.default_subtype(fmt), tone)
+        for fmt in sf.available_formats()
+        if sf.default_subtype(fmt) and fmt != "SD2"  # SD2 writes a resource fork, "._" in the working folder
+    ]:
         buffer = io.BytesIO()
         sf.write(buffer, audio, 8000, format=fmt, subtype=subtype)
         seeds.append(buffer.getvalue())
