@@ -7,8 +7,8 @@ and writes them. A client sends `describe` (answered with `info`), or `transcrib
 
 - Audio of any rate, sample width (1-4 bytes) and channel count is converted to 16 kHz mono floats.
 - Several clients may be connected at once, each holding its own utterance (at most
-  `MAX_UTTERANCE_SECONDS`); decoding runs one utterance at a time, so that memory is that of one window,
-  whatever the number of clients. Utterances wait their turn in the order their audio stopped.
+  `MAX_UTTERANCE_SECONDS`); one thread decodes, one utterance at a time, so that memory is that of one
+  window, whatever the number of clients. Utterances wait their turn in the order their audio stopped.
 - Bad input gets an `error` event, and the server goes on serving: an event past `MAX_EVENT_BYTES` or a
   malformed one also closes its connection (its framing can no longer be trusted), as does a connection
   idle for `IDLE_SECONDS`; audio before `audio-start`, an unknown model or language, an audio format out
@@ -18,6 +18,7 @@ and writes them. A client sends `describe` (answered with `info`), or `transcrib
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import sys
@@ -125,7 +126,9 @@ class WyomingServer:
     def __init__(self, recognizer, model_name: str):
         self.recognizer = recognizer
         self.model_name = model_name
-        self.decoding = asyncio.Lock()  # one utterance decodes at a time
+        # One thread decodes, one utterance at a time, in the order their audio stopped: memory is that of one
+        # window, and the C heap one arena's (a pool of threads would each grow an arena of their own).
+        self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-asr-decode")
         self.clients = 0
         self.served = 0
 
@@ -162,8 +165,7 @@ class WyomingServer:
             raise InputError(f"transcribe: language {str(language)[:20]!r}; this model transcribes {LANGUAGES}")
 
     async def transcribe(self, audio: np.ndarray) -> str:
-        async with self.decoding:
-            result = await asyncio.to_thread(self.recognizer.transcribe, audio)
+        result = await asyncio.get_running_loop().run_in_executor(self.decoder, self.recognizer.transcribe, audio)
         self.served += 1
         return result.text.strip()
 
