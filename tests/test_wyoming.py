@@ -180,6 +180,14 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, clips):
         await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
         await client.write_event(AudioStop().event())  # no audio at all
         replies.append(await client.read_event())
+        # 61 s of audio: one error when it passes 60 s, the rest of it dropped quietly, then served again
+        await client.write_event(AudioStart(rate=8000, width=1, channels=1).event())
+        for _ in range(61):
+            await client.write_event(AudioChunk(rate=8000, width=1, channels=1, audio=b"\x80" * 8000).event())
+        await client.write_event(AudioStop().event())
+        replies.append(await client.read_event())
+        await client.write_event(Describe().event())
+        replies.append(await client.read_event())
         await client.disconnect()
         # a client that leaves mid-utterance
         client = await connect(server)
@@ -189,8 +197,8 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, clips):
         return replies
 
     replies = asyncio.run(on_one_connection())
-    assert [r.type for r in replies] == ["error"] * 4 + ["transcript"] * 2, replies
-    assert replies[5].data["text"] == ""
+    assert [r.type for r in replies] == ["error"] * 4 + ["transcript"] * 2 + ["error", "info"], replies
+    assert replies[5].data["text"] == "" and "longer than 60 s" in replies[6].data["text"]
     assert "before audio-start" in replies[0].data["text"] and "no-such-model" in replies[1].data["text"]
     assert normalize(replies[4].data["text"]) == normalize(GOLDEN["transcripts"]["onnx"][4])
     assert normalize(transcribe(server, clips[3]).data["text"]) == normalize(GOLDEN["transcripts"]["onnx"][3])

@@ -121,7 +121,7 @@ class Utterance:
 
 
 class WyomingServer:
-    """One recognizer behind a Wyoming server: `handler` makes each connection's event handler."""
+    """One recognizer behind a Wyoming server, shared by every connection's handler (`handler_class`)."""
 
     def __init__(self, recognizer, model_name: str):
         self.recognizer = recognizer
@@ -182,6 +182,7 @@ def handler_class():
             super().__init__(reader, writer)
             self.server = server
             self.utterance: Utterance | None = None
+            self.discarding = False  # the rest of a refused utterance, up to its audio-stop: dropped quietly
 
         async def run(self) -> None:
             """Events until the client leaves, one is malformed or past the bound, or the server stops."""
@@ -218,6 +219,7 @@ def handler_class():
             try:
                 await answer(self, event)
             except EdgeAsrError as e:  # bad input (one line, as the CLI gives it); the connection is kept
+                self.discarding = self.utterance is not None
                 self.utterance = None
                 await self.refuse(str(e), "bad-input" if isinstance(e, InputError) else "failed")
             return True
@@ -236,8 +238,12 @@ async def answer(handler, event) -> None:
     elif Transcribe.is_type(event.type):
         handler.server.check_request(event.data)
     elif AudioStart.is_type(event.type):
+        handler.discarding = False
         handler.utterance = Utterance.start(event.data)
     elif AudioChunk.is_type(event.type) or AudioStop.is_type(event.type):
+        if handler.discarding:  # its error was sent when it was refused
+            handler.discarding = not AudioStop.is_type(event.type)
+            return
         if handler.utterance is None:
             raise InputError(f"{event.type} before audio-start")
         if AudioChunk.is_type(event.type):
