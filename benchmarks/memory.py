@@ -28,10 +28,10 @@ from edge_asr.frontend import SAMPLE_RATE  # noqa: E402
 STAGES = ("interpreter", "imports", "model loaded", "first window", "stream")
 
 
-def rss() -> tuple[float, float]:
-    """(VmRSS, VmHWM) of this process in MB."""
+def rss(pid: int | str = "self") -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process (default: this one) in MB."""
     values = {}
-    with open("/proc/self/status") as status:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             key, _, rest = line.partition(":")
             if key in ("VmRSS", "VmHWM"):

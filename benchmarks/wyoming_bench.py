@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import commands  # noqa: E402  (the command sets' voices and synthesis)
+import memory  # noqa: E402  (RSS of a process)
 
 VOICES = commands.EVAL_VOICES[:3]
 HOME = [
@@ -155,10 +156,7 @@ def wait_ready(port: int, process: subprocess.Popen, seconds: float = 300) -> No
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory.rss(pid)[1]
 
 
 def run_server(label: str, command: list[str], port: int, clips: list[tuple[str, bytes]]) -> dict:
@@ -179,10 +177,7 @@ def run_server(label: str, command: list[str], port: int, clips: list[tuple[str,
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory.rss(pid)[0]
 
 
 def soak(command: list[str], port: int, clips: list[tuple[str, bytes]], requests: int, clients: int = 4) -> dict:
