@@ -11,6 +11,8 @@ from __future__ import annotations
 import heapq
 import re
 
+import numpy as np
+
 # GPT-2's pattern (`regex` syntax): ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' for letters, numbers, the rest.
 # The standard library has no \p{…}; these classes are the same sets written with \w, \d and _ (a device
 # install need not carry the `regex` package). Numbers are decimal digits: '²' or 'Ⅻ' would split otherwise.
@@ -43,7 +45,7 @@ class Tokenizer:
         self.special = special
         self.eot = special["eot"]
         self.timestamp_begin = special.get("timestamp_begin", len(tokens))
-        self._ids: dict[str, int] | None = None  # built on first encode: decoding alone never needs it
+        self._ids: TokenIds | None = None  # built on first encode: decoding alone never needs it
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids; special tokens (id >= eot) are dropped, invalid UTF-8 is replaced."""
@@ -56,7 +58,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special tokens), as Whisper's tokenizer gives them."""
         if self._ids is None:
-            self._ids = {t: i for i, t in enumerate(self.tokens[: self.eot])}
+            self._ids = TokenIds(self.tokens, self.eot)
         ids = []
         for piece in _PIECES.findall(text):
             ids += self._merge("".join(_CHAR_OF_BYTE[b] for b in piece.encode("utf-8")))
@@ -92,4 +94,27 @@ class Tokenizer:
             if before[i] >= 0:
                 push(before[i])
             push(i)
-        return [self._ids[p] for p in parts if p]
+        return [self._ids.get(p) for p in parts if p]  # every single byte's character is a token
+
+
+class TokenIds:
+    """Token string -> id, without a dict: a dict of Whisper's 50k text tokens held 3.4 MB, which command
+    mode's peak could not spare. The strings' hashes sorted, and the ids in that order, hold 0.6 MB; a
+    lookup is a bisection, then a comparison of the strings (hashes may collide)."""
+
+    def __init__(self, tokens: list[str], count: int):
+        """The first `count` of `tokens` (the text tokens; the list is kept, not copied)."""
+        hashes = np.fromiter((hash(tokens[i]) for i in range(count)), dtype=np.int64, count=count)
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._ids = hashes[order], order.astype(np.int32)
+        self._tokens = tokens
+
+    def get(self, text: str) -> int | None:
+        key = hash(text)
+        i = int(np.searchsorted(self._hashes, key))
+        while i < len(self._hashes) and self._hashes[i] == key:
+            token = int(self._ids[i])
+            if self._tokens[token] == text:
+                return token
+            i += 1
+        return None
