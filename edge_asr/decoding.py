@@ -202,12 +202,14 @@ class WindowDecoder:
         probe = None
         if self.no_speech is not None and self.options.grammar is not None and len(self.head) > 1:
             probe, _ = self.model.decode([self.sot], self.model.empty_cache(), cross)
-        logits, cache = self.model.decode(self.head, self.model.empty_cache(), cross)
+        # With the probe read, nothing is read after the head: head and task go in as one run.
+        head = self.head + self.task if probe is not None else self.head
+        logits, cache = self.model.decode(head, self.model.empty_cache(), cross)
         no_speech_prob = 0.0
         if self.no_speech is not None:
             probe = logits if probe is None else probe
             no_speech_prob = float(np.exp(log_softmax(probe.astype(np.float32))[self.no_speech]))
-        if self.task:
+        if self.task and len(head) == len(self.head):
             logits, cache = self.model.decode(self.task, cache, cross)
         return Prefilled(cross, logits, cache, len(self.head) + len(self.task), no_speech_prob)
 
@@ -280,13 +282,15 @@ class WindowDecoder:
             logprobs = log_softmax(np.stack([self.rules.apply(row, seq) for row, (seq, *_) in zip(logits, beams)]))
             candidates = []
             for i, (seq, score, gap) in enumerate(beams):
-                choices = logprobs[i] if grammar is None else self._allowed_only(logprobs[i], seq)
-                top = np.argpartition(-choices, size)[: size + 1]
-                best = float(logprobs[i].max())
+                row = logprobs[i]
+                if grammar is None:
+                    top = np.argpartition(-row, size)[: size + 1]
+                else:  # the best of the few dozen tokens the grammar allows, not a pass over the vocabulary
+                    allowed = grammar.allowed_after(seq)
+                    top = allowed[np.argsort(-row[allowed], kind="stable")[: size + 1]]
+                best = float(row.max())
                 candidates += [
-                    (score + float(logprobs[i, t]), i, int(t), gap + float(logprobs[i, t]) - best)
-                    for t in top
-                    if choices[t] > -np.inf
+                    (score + float(row[t]), i, int(t), gap + float(row[t]) - best) for t in top if row[t] > -np.inf
                 ]
             candidates.sort(key=lambda c: -c[0])
             kept, sources = [], []
