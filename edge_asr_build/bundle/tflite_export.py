@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from edge_asr.context import FRAMES_PER_SECOND
 from edge_asr_build.bundle.onnx_export import cache_names
 from edge_asr_build.compression.factors import FactoredTokenEmbedding
+from edge_asr_build.compression.quantize import write_in_pieces
 from edge_asr_build.whisper.model import Whisper
 
 # Decoder cache slots: the prompt plus openai-whisper's sample_len (224 new tokens), rounded up.
@@ -316,5 +317,5 @@ def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:
             q = quantizer.Quantizer(str(source))
             q.load_quantization_recipe(recipe.dynamic_wi4c_afp32())
             result = q.quantize()
-        Path(target).write_bytes(result.quantized_model)
+        write_in_pieces(Path(target), result.quantized_model)
     return Path(target)
