@@ -21,9 +21,12 @@ from .backend import BACKENDS
 from .commands import DEFAULT_REJECTION_THRESHOLD
 from .errors import EdgeAsrError
 from .paths import DEFAULT_BUNDLE, bundle_dir
-from .service.wyoming import DEFAULT_URI as DEFAULT_WYOMING_URI
 from .threads import resolve_threads
 from .writers import WRITERS, short_clock
+
+# Wyoming's usual port. Named here, not imported from service.wyoming: that module brings asyncio (3-4 MB of
+# RSS) into every command.
+DEFAULT_WYOMING_URI = "tcp://0.0.0.0:10300"
 
 
 def decoding_settings(args):

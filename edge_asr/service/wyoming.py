@@ -33,7 +33,6 @@ from ..audio import resample
 from ..errors import EdgeAsrError, InputError
 from ..frontend import SAMPLE_RATE
 
-DEFAULT_URI = "tcp://0.0.0.0:10300"
 LANGUAGES = ["en"]  # every bundle the build step makes transcribes English (multilingual ones with <|en|>)
 MAX_EVENT_BYTES = 1 << 20  # an event's JSON data or payload; Home Assistant sends chunks of 2,048 bytes
 MAX_UTTERANCE_SECONDS = 60.0  # a voice command is seconds long; this bounds the memory a client holds
