@@ -203,13 +203,15 @@ class WindowDecoder:
         if self.no_speech is not None and self.options.grammar is not None and len(self.head) > 1:
             probe, _ = self.model.decode([self.sot], self.model.empty_cache(), cross)
         # With the probe read, nothing is read after the head: head and task go in as one run.
-        head = self.head + self.task if probe is not None else self.head
-        logits, cache = self.model.decode(head, self.model.empty_cache(), cross)
+        together = probe is not None
+        logits, cache = self.model.decode(
+            self.head + self.task if together else self.head, self.model.empty_cache(), cross
+        )
         no_speech_prob = 0.0
         if self.no_speech is not None:
             probe = logits if probe is None else probe
             no_speech_prob = float(np.exp(log_softmax(probe.astype(np.float32))[self.no_speech]))
-        if self.task and len(head) == len(self.head):
+        if self.task and not together:
             logits, cache = self.model.decode(self.task, cache, cross)
         return Prefilled(cross, logits, cache, len(self.head) + len(self.task), no_speech_prob)
 
