@@ -2,10 +2,13 @@
 
 The word automaton (`grammar.WordAutomaton`) becomes a character automaton in the spellings Whisper writes:
 each word in each of its spellings (`grammar.word_spellings`) in lower case, capitalized or in capitals
-("start", "Start", "START"), words joined by a space, optionally after punctuation (", " ". "), digits
-back to back and a digit beside a single letter ("452", "B73X"), an optional space before the first word
-and optional punctuation after the last. Mixed case is not a spelling: allowed, it let decoding wander into pieces
-such as "suPERVISOR" that the model finds improbable, which cost the right phrase its confidence.
+("start", "Start", "START"), words joined by a space, optionally after punctuation (", " ". "), an
+optional space before the first word and optional punctuation after the last. One-character words may
+also be written the ways Whisper writes a spelled code: digits back to back and a digit beside a single
+letter ("452", "B73X"), or joined by hyphens ("K-2-D-E-G"). Letters do not run together: "and" or "FAR"
+is a word, not a spelled a-n-d (allowed, capital runs let "FAR" through for a spoken "4, X"). Mixed case
+is not a spelling: allowed, it let decoding wander into pieces such as "suPERVISOR" that the model finds
+improbable, which cost the right phrase its confidence.
 
 A token may continue the text when its characters walk the character automaton without falling off it.
 Every token of the vocabulary is tried that way at once, through the token strings sorted (the tokens that
@@ -31,6 +34,9 @@ from .grammar import Grammar, word_spellings
 
 _SEPARATOR_PUNCTUATION = ",.;:!?"
 _FINAL_PUNCTUATION = ".!?,"
+_DIGITS, _LETTERS = "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# After a one-character word of each kind, the characters that may follow at once as the next one.
+_JOINED = {"digit": _DIGITS + _LETTERS, "letter": _DIGITS}
 _ASCII_TOKEN = re.compile(r"[Ġ!-~]+")  # GPT-2's byte alphabet: printable ASCII as itself, the space as Ġ
 
 
@@ -39,9 +45,10 @@ class SpokenForms:
 
     Its states are tuples over the word automaton's states q: ("start",); ("before", q), where a word may
     begin; ("in", q, spelling, i), i characters into a spelling of a word that leads to q; ("after", q),
-    just after a word; ("digit", q) and ("letter", q), just after a one-character word, where a digit may
-    follow at once, and after a digit also a letter ("452", "B73X", not "and" as a spelled a-n-d);
-    ("punct", q), after punctuation between words; ("end",), after the final punctuation.
+    just after a word; ("digit", q) and ("letter", q), just after a one-character word, where the next one
+    may follow at once: after a digit any, after a letter a digit ("452", "B73X"); ("hyphen", q),
+    after a hyphen that joins one-character words ("K-2"); ("punct", q), after punctuation between words;
+    ("end",), after the final punctuation.
     Nothing is built ahead: a grammar of 1,000 phrases has tens of thousands of such states, and a decode
     visits a few dozen."""
 
@@ -61,6 +68,7 @@ class SpokenForms:
         }
         self._closures: dict[int, tuple[int, ...]] = {}
         self._starts: dict[int, dict[str, list[tuple[int, str]]]] = {}
+        self._singles: dict[int, dict[str, list[int]]] = {}
         self.start = self.closure([("start",), ("before", words.start)])
 
     def _word_closure(self, q: int) -> tuple[int, ...]:
@@ -74,11 +82,11 @@ class SpokenForms:
         done = set()
         for state in states:
             kind = state[0]
-            if kind in ("before", "after", "digit", "letter"):
+            if kind in _JOINED or kind in ("before", "after", "hyphen"):
                 # Only the word states where something can happen are kept: where a word starts, or the end.
                 reached = [q for q in self._word_closure(state[1]) if q in self.words_from or q == self.accept]
                 done.update((kind, q) for q in reached if kind == "after" or q in self.words_from)
-                if kind in ("digit", "letter"):
+                if kind in _JOINED:
                     done.update(("after", q) for q in reached)
             else:
                 done.add(state)
@@ -93,14 +101,14 @@ class SpokenForms:
         if kind == "in":
             _, b, spelling, i = state
             return [self._spelled(b, spelling, i + 1)] if spelling[i] == c else []
-        if kind in ("digit", "letter"):
-            if kind == "letter" and not c.isdigit():
+        if kind in _JOINED:
+            if c == "-":
+                return [("hyphen", state[1])] if self._one_character_firsts(state[1]) else []
+            if c not in _JOINED[kind]:
                 return []
-            return [
-                self._spelled(b, spelling, 1)
-                for b, spelling in self._first_chars(state[1]).get(c, ())
-                if len(spelling) == 1
-            ]
+            return [self._spelled(b, c, 1) for b in self._one_character_firsts(state[1]).get(c, ())]
+        if kind == "hyphen":
+            return [self._spelled(b, c, 1) for b in self._one_character_firsts(state[1]).get(c, ())]
         if kind == "after":
             q, found = state[1], []
             if q in self.words_from:
@@ -125,6 +133,16 @@ class SpokenForms:
             self._starts[q] = index
         return self._starts[q]
 
+    def _one_character_firsts(self, q: int) -> dict[str, list[int]]:
+        """{character: [state after it, …]} of the one-character words (digits, letters) from word state q."""
+        if q not in self._singles:
+            self._singles[q] = {
+                c: after
+                for c, ends in self._first_chars(q).items()
+                if (after := [b for b, spelling in ends if len(spelling) == 1])
+            }
+        return self._singles[q]
+
     @staticmethod
     def _spelled(b: int, spelling: str, i: int) -> tuple:
         if i < len(spelling):
@@ -144,12 +162,13 @@ class SpokenForms:
                 chars.add(" ")
             elif kind == "before":
                 chars.update(self._first_chars(state[1]))
-            elif kind in ("digit", "letter"):
-                chars.update(
-                    c
-                    for c, ends in self._first_chars(state[1]).items()
-                    if (kind == "digit" or c.isdigit()) and any(len(spelling) == 1 for _, spelling in ends)
-                )
+            elif kind in _JOINED:
+                firsts = self._one_character_firsts(state[1])
+                chars.update(c for c in firsts if c in _JOINED[kind])
+                if firsts:
+                    chars.add("-")
+            elif kind == "hyphen":
+                chars.update(self._one_character_firsts(state[1]))
             elif kind == "in":
                 chars.add(state[2][state[3]])
             elif kind == "after":

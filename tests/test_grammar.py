@@ -63,6 +63,31 @@ def test_token_automaton_accepts_exactly_the_grammars_phrases_in_whispers_spelli
         assert not accepted(outside), outside
 
 
+def test_a_spelled_code_may_be_written_as_whisper_writes_codes(tokenizer):
+    """One-character words may be joined by hyphens or written back to back where a digit is beside them;
+    lower-case letters never run together into a word."""
+    from edge_asr.constraint import TokenGrammar
+
+    grammar = Grammar.from_file(EXAMPLES / "codes.gbnf")
+    automaton = TokenGrammar(grammar, tokenizer)
+
+    def accepted(text: str) -> bool:
+        state = automaton.state_after(tokenizer.encode(text))
+        return state is not None and automaton.accepts(state)
+
+    for spelling, phrase in [
+        (" K-2-D-E-G.", "k 2 d e g"),
+        (" B73X", "b 7 3 x"),
+        (" F4-3", "f 4 3"),
+        (" 3, 0, x, j.", "3 0 x j"),
+        (" b 7 3 x", "b 7 3 x"),
+    ]:
+        assert accepted(spelling), spelling
+        assert grammar.phrase_of(spelling) == (phrase, "root"), spelling
+    for outside in (" and", " AND", " K-", " K--2", " -K-2", " K 2-", " b7 3 x 9 9 9 9 9"):
+        assert not accepted(outside), outside
+
+
 def test_masking_never_allows_a_token_outside_the_grammar(tokenizer):
     """Random walks through the allowed tokens always end in a phrase, and every token they pass was allowed."""
     from edge_asr.constraint import TokenGrammar
