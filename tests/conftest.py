@@ -6,6 +6,7 @@ reads recorded data from outside the repository.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -16,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The suite's two workers (pytest-xdist, pyproject's addopts) share the cores: OpenMP threads that spin while
+# they wait took the cores from the other worker's (a 15 s test took 190 s); passive threads sleep instead.
+# Set before torch is imported, here and in every process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SENTENCES = [
     "Replace the hydraulic filter on press number four before the night shift.",
@@ -111,9 +117,11 @@ def _bundle_builds(root: Path) -> dict[str, tuple[Path, list[str]]]:
 
 
 class BackgroundBuilds:
-    """Builds the bundles this run's tests use, one after another in a thread of their own, from the moment
-    the tests are collected: the builds (minutes of export and conversion) overlap the tests that need no
-    bundle. A fixture waits for its own bundle; a failed build fails the tests that need it."""
+    """Builds the bundles this run's tests use, in a thread of their own, from the moment the tests are
+    collected: the builds (minutes of export and conversion) overlap the tests that need no bundle. The
+    suite's workers (pytest-xdist) share one folder of bundles: each bundle is built by the worker that
+    takes its lock first, while the other builds the next one or waits for it. A fixture waits for its own
+    bundle; a failed build fails the tests that need it, in every worker."""
 
     def __init__(self, builds: dict[str, tuple[Path, list[str]]], env: dict):
         self.builds, self.env = builds, env
@@ -125,18 +133,36 @@ class BackgroundBuilds:
         self.thread.start()
 
     def _run(self) -> None:
-        for name, (_, command) in self.builds.items():
-            if self.stopped:
-                break
-            self.process = subprocess.Popen(
-                command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-            _, stderr = self.process.communicate()
-            if self.process.returncode != 0:
-                self.failed[name] = stderr[-3000:] or f"exit status {self.process.returncode}"
-            self.done[name].set()
+        # First the bundles no other worker is building; then, waiting for their locks, the rest: a bundle
+        # whose builder stopped first (its worker ran out of tests) is built here.
+        waiting = [name for name in self.builds if not self._build(name, wait=False)]
+        for name in waiting:
+            self._build(name, wait=True)
         for event in self.done.values():
             event.set()
+
+    def _build(self, name: str, wait: bool) -> bool:
+        """Build `name` unless it is built or failed already; False if another worker holds its lock."""
+        folder, command = self.builds[name]
+        failure = folder.with_name(folder.name + ".failed")
+        with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return False
+            if not (folder / "manifest.json").exists() and not failure.exists() and not self.stopped:
+                shutil.rmtree(folder, ignore_errors=True)  # what a stopped builder left
+                env = self.env | {"EDGE_ASR_HOME": str(folder.with_name(folder.name + ".home"))}  # one each
+                self.process = subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+                _, stderr = self.process.communicate()
+                if self.process.returncode != 0 and not self.stopped:
+                    failure.write_text(stderr[-3000:] or f"exit status {self.process.returncode}")
+            if failure.exists():
+                self.failed[name] = failure.read_text()
+        self.done[name].set()
+        return True
 
     def wait(self, name: str) -> Path:
         self.done[name].wait()
@@ -153,6 +179,23 @@ class BackgroundBuilds:
 
 
 _background: BackgroundBuilds | None = None
+BUNDLES = pytest.StashKey[Path]()
+
+
+def pytest_configure(config):
+    """The run's folder of shared bundles: made by the main process, handed to the workers."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        config.stash[BUNDLES] = Path(workerinput["edge_asr_bundles"])
+        return
+    root = Path(tempfile.mkdtemp(prefix="edge-asr-test-bundles-"))
+    config.stash[BUNDLES] = root
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["edge_asr_bundles"] = str(node.config.stash[BUNDLES])
 
 
 def pytest_collection_finish(session):
@@ -161,12 +204,11 @@ def pytest_collection_finish(session):
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     if "transcriber_int8" in used:
         used.add("bundle_int8")
-    root = Path(tempfile.mkdtemp(prefix="edge-asr-test-bundles-"))
+    root = session.config.stash[BUNDLES]
     builds = {name: build for name, build in _bundle_builds(root).items() if name in used}
     if builds:
-        env = os.environ | {"EDGE_ASR_HOME": str(root / "home"), "EDGE_ASR_THREADS": "1"}
+        env = os.environ | {"EDGE_ASR_THREADS": "1"}
         _background = BackgroundBuilds(builds, env)
-    session.config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
 
 
 def pytest_sessionfinish(session):
