@@ -135,11 +135,13 @@ class BackgroundBuilds:
     def _run(self) -> None:
         # First the bundles no other worker is building; then, waiting for their locks, the rest: a bundle
         # whose builder stopped first (its worker ran out of tests) is built here.
-        waiting = [name for name in self.builds if not self._build(name, wait=False)]
-        for name in waiting:
-            self._build(name, wait=True)
-        for event in self.done.values():
-            event.set()
+        try:
+            waiting = [name for name in self.builds if not self._build(name, wait=False)]
+            for name in waiting:
+                self._build(name, wait=True)
+        finally:  # a build that could not even start (a lock file, a process) fails its tests, not hangs them
+            for event in self.done.values():
+                event.set()
 
     def _build(self, name: str, wait: bool) -> bool:
         """Build `name` unless it is built or failed already; False if another worker holds its lock."""
