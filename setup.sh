@@ -15,11 +15,18 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip="./.venv/bin/python -m pip --disable-pip-version-check -q"
+# pip compiles every installed module to bytecode one file at a time; compileall below does it on every core
+# (a fresh setup on 2 cores: 2 min 15 s and 2 min 16 s -> 1 min 27 s and 1 min 56 s). The bytecode must be here: where
+# PYTHONDONTWRITEBYTECODE is set, nothing is compiled later and every import would compile its source again.
+install="$pip install --no-compile"
 # torch first and pinned: the local CPU build. Left to the resolver, torch comes with GBs of CUDA.
-$pip install "torch==2.13.0"
-$pip install ".[dev]"
+$install "torch==2.13.0"
+$install ".[dev]"
 # openai-whisper is the reference the tests hold the frontend and model against. Its declared
 # dependencies include triton (GPU kernels, unused here), so it is installed without them and its
 # import-time needs are named explicitly.
-$pip install numba tiktoken more-itertools
-$pip install --no-deps "openai-whisper==20250625"
+$install numba tiktoken more-itertools
+$install --no-deps "openai-whisper==20250625"
+# Only what is missing or stale is compiled again. Some packages ship files that are not Python 3 (templates,
+# old tests); pip skips those in silence too.
+./.venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null || true
