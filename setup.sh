@@ -15,9 +15,9 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip="./.venv/bin/python -m pip --disable-pip-version-check -q"
-# pip compiles every installed module to bytecode one file at a time; compileall below does it on every core
-# (a fresh setup on 2 cores: 2 min 15 s and 2 min 16 s -> 1 min 27 s and 1 min 56 s). The bytecode must be here: where
-# PYTHONDONTWRITEBYTECODE is set, nothing is compiled later and every import would compile its source again.
+# pip compiles every installed module to bytecode one file at a time; compileall below does it on every
+# core (a fresh setup on 2 cores: 2 min 15 s and 2 min 16 s -> 1 min 27 s and 1 min 56 s). The bytecode must
+# be written here: where PYTHONDONTWRITEBYTECODE is set, every import would compile its source again.
 install="$pip install --no-compile"
 # torch first and pinned: the local CPU build. Left to the resolver, torch comes with GBs of CUDA.
 $install "torch==2.13.0"
