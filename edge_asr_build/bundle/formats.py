@@ -61,9 +61,10 @@ def add_ort(graphs: dict[str, Path], staged: Path) -> dict:
     }
 
 
-def add_whisper_tflite(model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,)) -> dict:
-
-    floats = export_whisper_tflite(model, work, bucket_frames=list(bucket_frames))
+def add_whisper_tflite(
+    model, staged: Path, work: Path, precision: str, bucket_frames: list[int] = (3000,), jobs: int = 1
+) -> dict:
+    floats = export_whisper_tflite(model, work, bucket_frames=list(bucket_frames), jobs=jobs)
     graphs = {}
     for role, path in floats.items():
         target = staged / f"{role}.{precision}.tflite"

@@ -59,7 +59,8 @@ def build_whisper_bundle(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
-    torch.set_num_threads(resolve_threads(threads))
+    threads = resolve_threads(threads)
+    torch.set_num_threads(threads)
     context = context or ContextPolicy.full()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,9 @@ def build_whisper_bundle(
             sections["ort"] = add_ort(graphs, staged)
         if "tflite" in formats:
             step(f"export encoder and decoder to TFLite ({precision})")
-            sections["tflite"] = add_whisper_tflite(loaded.model, staged, work, precision, context.bucket_frames)
+            sections["tflite"] = add_whisper_tflite(
+                loaded.model, staged, work, precision, context.bucket_frames, jobs=threads
+            )
         step("package bundle")
         extra = {"adaptation": adaptation} if adaptation else None
         written = write_bundle(loaded, graphs, staged, precision, name, extra=extra, formats=sections, context=context)

@@ -34,10 +34,12 @@ import contextlib
 import copy
 import io
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -261,23 +263,45 @@ def audio_classes(bucket_frames: list[int]) -> tuple[list[int], bool]:
 
 
 def export_whisper_tflite(
-    model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS, bucket_frames: list[int] = (3000,)
+    model: Whisper, out_dir: Path, max_tokens: int = MAX_TOKENS, bucket_frames: list[int] = (3000,), jobs: int = 1
 ) -> dict[str, Path]:
     """encoder.tflite and decoder.tflite (float32) in `out_dir`.
 
     The encoder has one signature per window length in `bucket_frames` ("encode_<frames>"), the decoder two
     per audio class ("decode_<positions>", "prefill_<positions>"), each file over one copy of the weights. The
     token embedding stays (n_vocab, n_state), unlike the ONNX graphs' transposed copy: the output projection is
-    then a FULLY_CONNECTED op, which the quantizer stores as int8 per vocabulary row."""
+    then a FULLY_CONNECTED op, which the quantizer stores as int8 per vocabulary row.
+
+    With `jobs` > 1 the encoder is converted in a process of its own while this one converts the decoder: the
+    converter runs on one core, and the two files share nothing. The default bundle's eight encoder and six
+    decoder signatures take about a minute each."""
 
     model = copy.deepcopy(model).eval()
     if isinstance(model.decoder.token_embedding, FactoredTokenEmbedding):
         model.decoder.token_embedding = RowsFactoredEmbedding(model.decoder.token_embedding)
     out_dir = Path(out_dir)
+    encoder_args = (model, list(bucket_frames), out_dir / "encoder.tflite")
+    if jobs > 1:
+        spawn = multiprocessing.get_context("spawn")  # not fork: this process's OpenMP threads do not survive one
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            encoder = pool.submit(encoder_tflite, *encoder_args)
+            decoder = decoder_tflite(model, max_tokens, list(bucket_frames), out_dir / "decoder.tflite")
+            return {"encoder": encoder.result(), "decoder": decoder}
+    encoder = encoder_tflite(*encoder_args)
+    return {
+        "encoder": encoder,
+        "decoder": decoder_tflite(model, max_tokens, list(bucket_frames), out_dir / "decoder.tflite"),
+    }
+
+
+def encoder_tflite(model: Whisper, bucket_frames: list[int], path: Path) -> Path:
     graph = Keywords(EncoderGraph(model), ["mel"])
     signatures = [(encoder_signature(f), graph, {"mel": torch.zeros(1, model.dims.n_mels, f)}) for f in bucket_frames]
-    encoder = convert_signatures(signatures, out_dir / "encoder.tflite")
-    classes, padded = audio_classes(list(bucket_frames))
+    return convert_signatures(signatures, path)
+
+
+def decoder_tflite(model: Whisper, max_tokens: int, bucket_frames: list[int], path: Path) -> Path:
+    classes, padded = audio_classes(bucket_frames)
     step = DecoderStepGraph(model, max_tokens, padded=padded)
     chunk = DecoderStepGraph(model, max_tokens, PROMPT_CHUNK, padded=padded)
     signatures = []
@@ -288,8 +312,7 @@ def export_whisper_tflite(
         signatures.append((decoder_signature(positions), Keywords(step, list(inputs)), inputs))
         chunk_inputs = {**inputs, "token": torch.zeros(1, PROMPT_CHUNK, dtype=torch.int32)}
         signatures.append((chunk_signature(positions), Keywords(chunk, list(chunk_inputs)), chunk_inputs))
-    decoder = convert_signatures(signatures, out_dir / "decoder.tflite")
-    return {"encoder": encoder, "decoder": decoder}
+    return convert_signatures(signatures, path)
 
 
 def quantize_tflite_int8(source: Path, target: Path, bits: int = 8) -> Path:
