@@ -281,17 +281,14 @@ def export_whisper_tflite(
         model.decoder.token_embedding = RowsFactoredEmbedding(model.decoder.token_embedding)
     out_dir = Path(out_dir)
     encoder_args = (model, list(bucket_frames), out_dir / "encoder.tflite")
+    decoder_args = (model, max_tokens, list(bucket_frames), out_dir / "decoder.tflite")
     if jobs > 1:
         spawn = multiprocessing.get_context("spawn")  # not fork: this process's OpenMP threads do not survive one
         with ProcessPoolExecutor(1, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             encoder = pool.submit(encoder_tflite, *encoder_args)
-            decoder = decoder_tflite(model, max_tokens, list(bucket_frames), out_dir / "decoder.tflite")
+            decoder = decoder_tflite(*decoder_args)
             return {"encoder": encoder.result(), "decoder": decoder}
-    encoder = encoder_tflite(*encoder_args)
-    return {
-        "encoder": encoder,
-        "decoder": decoder_tflite(model, max_tokens, list(bucket_frames), out_dir / "decoder.tflite"),
-    }
+    return {"encoder": encoder_tflite(*encoder_args), "decoder": decoder_tflite(*decoder_args)}
 
 
 def encoder_tflite(model: Whisper, bucket_frames: list[int], path: Path) -> Path:
